@@ -1,0 +1,44 @@
+"""Where proxies and workloads are: the runtime's half of render's input.
+
+The intent says what should exist; the topology says where each instance actually listens and which
+instances are ready to take traffic. Local runtime and Kubernetes runtime both produce this value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """One workload instance and the Envoy beside it."""
+
+    node_id: str
+    namespace: str
+    service: str
+    version: str
+    workload: str
+    address: str
+    """Loopback address of the cluster this instance runs in."""
+    inbound_port: int
+    """Sidecar listener that callers reach (the instance's endpoint in the mesh)."""
+    outbound_port: int
+    """Sidecar listener the workload uses as its HTTP proxy."""
+    app_port: int
+    """Where the workload itself listens."""
+
+
+@dataclass(frozen=True)
+class Gateway:
+    node_id: str
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ClusterTopology:
+    cluster: str
+    ingress: Gateway | None = None
+    sidecars: tuple[Sidecar, ...] = ()
+    ready: frozenset[str] = field(default_factory=frozenset)
+    """Node ids of sidecars whose instance may receive traffic (app up, sidecar configured)."""

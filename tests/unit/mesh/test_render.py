@@ -1,0 +1,82 @@
+"""Golden tests for render: intent YAML in, expected xDS JSON out. `UPDATE_GOLDEN=1` rewrites them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mesh.render import cluster_name, duration, render
+from mesh.snapshot import CLUSTER, ENDPOINT, ROUTE
+from mesh.topology import ClusterTopology, Gateway, Sidecar
+from reconciler.load import load, read_worktree
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def topology() -> ClusterTopology:
+    def sc(ns: str, svc: str, ver: str, i: int, base: int) -> Sidecar:
+        return Sidecar(node_id=f"east/{ns}/{svc}-{ver}-{i}", namespace=ns, service=svc, version=ver,
+                       workload=f"{svc}-{ver}", address="127.0.1.1", inbound_port=base,
+                       outbound_port=base + 1, app_port=base + 2)
+
+    sidecars = (sc("shop", "frontend", "v1", 0, 20000), sc("shop", "reviews", "v1", 0, 20010),
+                sc("shop", "reviews", "v1", 1, 20020), sc("shop", "reviews", "v2", 0, 20030))
+    ready = frozenset(s.node_id for s in sidecars if not s.node_id.endswith("v1-1"))
+    return ClusterTopology(cluster="east", ingress=Gateway("east/ingress", "127.0.1.1", 18080),
+                           sidecars=sidecars, ready=ready)
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in GOLDEN.iterdir() if p.is_dir()))
+def test_golden(case: str) -> None:
+    loaded = load(read_worktree(GOLDEN / case))
+    assert loaded.intent is not None, loaded.problems
+    snaps = render(intent=loaded.intent, topology=topology(), revision="r1")
+    for snap in snaps.values():
+        snap.consistent()
+    got = {node: snap.to_json() for node, snap in sorted(snaps.items())}
+    expected_path = GOLDEN / case / "xds.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        expected_path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    assert got == json.loads(expected_path.read_text())
+
+
+def test_render_is_deterministic_and_versions_track_content() -> None:
+    loaded = load(read_worktree(GOLDEN / "template"))
+    assert loaded.intent is not None
+    a = render(intent=loaded.intent, topology=topology(), revision="r1")
+    b = render(intent=loaded.intent, topology=topology(), revision="r2")
+    assert {n: s.versions for n, s in a.items()} == {n: dict(s.versions) for n, s in b.items()}
+
+    # One instance becoming ready changes endpoints, and nothing else.
+    topo = topology()
+    more = ClusterTopology(cluster="east", ingress=topo.ingress, sidecars=topo.sidecars,
+                           ready=topo.ready | {"east/shop/reviews-v1-1"})
+    c = render(intent=loaded.intent, topology=more, revision="r1")
+    for node in a:
+        changed = {t for t in a[node].versions if a[node].versions[t] != c[node].versions[t]}
+        assert changed == {ENDPOINT}, (node, changed)
+    eds = c["east/ingress"].items(ENDPOINT)[cluster_name("shop", "reviews", "v1")]
+    assert len(eds["endpoints"][0]["lb_endpoints"]) == 2
+
+
+def test_weights_and_unready_instances() -> None:
+    loaded = load(read_worktree(GOLDEN / "matches"))
+    assert loaded.intent is not None
+    snap = render(intent=loaded.intent, topology=topology())["east/ingress"]
+    vhost = next(v for v in snap.items(ROUTE)["ingress"]["virtual_hosts"] if v["name"] == "reviews.shop")
+    default = next(r for r in vhost["routes"] if r["name"] == "default")
+    # A zero weight is dropped (Envoy rejects all-zero splits and needs no empty cluster).
+    assert default["route"]["weighted_clusters"]["clusters"] == [
+        {"name": "outbound|reviews.shop|v1", "weight": 75}, {"name": "outbound|reviews.shop|v2", "weight": 25}]
+    assert [r["name"] for r in vhost["routes"]] == ["testers-0", "testers-1", "exact", "regex", "default"]
+    # Services in other namespaces get clusters too; their endpoint sets may be empty.
+    assert cluster_name("data", "ratings") in snap.items(CLUSTER)
+    assert snap.items(ENDPOINT)[cluster_name("data", "ratings")]["endpoints"] == []
+
+
+@pytest.mark.parametrize(("ms", "text"), [(2000, "2s"), (250, "0.250s"), (1500, "1.500s"), (0, "0s")])
+def test_duration(ms: int, text: str) -> None:
+    assert duration(ms) == text
