@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -32,7 +32,14 @@ Resource = Mapping[str, Any]
 
 def canonical(value: Any) -> bytes:
     """Deterministic JSON bytes: sorted keys, no whitespace. The basis of every version."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=_plain).encode()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def digest(value: Any) -> str:
@@ -64,14 +71,14 @@ class Snapshot:
     @staticmethod
     def of(
         *,
-        listeners: list[Resource] = (),  # type: ignore[assignment]
-        routes: list[Resource] = (),  # type: ignore[assignment]
-        clusters: list[Resource] = (),  # type: ignore[assignment]
-        endpoints: list[Resource] = (),  # type: ignore[assignment]
-        secrets: list[Resource] = (),  # type: ignore[assignment]
+        listeners: Sequence[Resource] = (),
+        routes: Sequence[Resource] = (),
+        clusters: Sequence[Resource] = (),
+        endpoints: Sequence[Resource] = (),
+        secrets: Sequence[Resource] = (),
         revision: str = "",
     ) -> Snapshot:
-        def by_name(items: list[Resource], key: str = "name") -> dict[str, Resource]:
+        def by_name(items: Sequence[Resource], key: str = "name") -> dict[str, Resource]:
             out: dict[str, Resource] = {}
             for item in items:
                 name = item[key]

@@ -1,0 +1,230 @@
+"""The ADS server: State-of-the-World xDS over one gRPC stream per proxy (grpc.aio).
+
+`_StreamState` holds the protocol (what to answer, what to ignore, what to record); the servicer only
+moves DiscoveryRequests in and DiscoveryResponses out, so the protocol is testable without gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+from mesh import xds
+from mesh.cache import SnapshotCache
+from mesh.snapshot import PUSH_ORDER, WILDCARD_TYPES, Snapshot
+
+log = logging.getLogger(__name__)
+
+#: What an unknown node is answered with: every type empty, so Envoy finishes initialising at once
+#: (otherwise it waits ~30 s for the initial fetch) and is pushed the real snapshot when it arrives.
+EMPTY = Snapshot.of()
+
+DiscoveryRequest = Any  # envoy.service.discovery.v3.DiscoveryRequest (the generated modules are untyped)
+DiscoveryResponse = Any
+
+
+class ProtocolError(ValueError):
+    """The proxy broke the protocol in a way that ends the stream."""
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """What the stream last sent for one type: the type's version and the names it answered for."""
+
+    version: str
+    names: frozenset[str]
+    nonce: str
+
+
+class _StreamState:
+    """SotW protocol state of one ADS stream.
+
+    Feed it every request (`on_request`) and call `pending()` when the cache wakes it; both return the
+    responses to send, in make-before-break order. It registers itself with the cache as a `Watch`.
+    """
+
+    def __init__(self, cache: SnapshotCache, *, wake: Callable[[], None] | None = None) -> None:
+        self._cache = cache
+        self._wake = wake
+        self.node_id: str | None = None
+        self._names: dict[str, frozenset[str]] = {}
+        """Subscribed types -> requested names (empty for wildcard types)."""
+        self._sent: dict[str, _Sent] = {}
+        self._nonce = 0
+
+    # --- the cache's Watch protocol ---
+
+    def wants(self, snapshot: Snapshot) -> bool:
+        return any(
+            (sent := self._sent.get(t)) is None or sent.version != snapshot.version(t) for t in self._names
+        )
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake()
+
+    # --- the protocol ---
+
+    def on_request(self, request: DiscoveryRequest) -> list[DiscoveryResponse]:
+        """Record what `request` says (ACK, NACK, subscription) and return what must be answered."""
+        if self.node_id is None:
+            node_id = str(request.node.id)
+            if not node_id:
+                raise ProtocolError("the first DiscoveryRequest of a stream must carry node.id")
+            self.node_id = node_id
+            self._cache.watch(node_id, self)
+        type_url = str(request.type_url)
+        if type_url not in PUSH_ORDER:
+            log.info("node %s asked for unsupported type %s; ignored", self.node_id, type_url)
+            return []
+        nonce = str(request.response_nonce)
+        sent = self._sent.get(type_url)
+        if nonce:
+            if sent is None or nonce != sent.nonce:
+                return []  # stale: answers a response we have since superseded; a newer request follows
+            if request.HasField("error_detail"):
+                self._cache.rejected(
+                    self.node_id, type_url, version=sent.version, message=str(request.error_detail.message)
+                )
+            else:
+                self._cache.applied(self.node_id, type_url, str(request.version_info))
+        else:
+            # A new subscription. A proxy reconnecting after a control-plane restart says what it holds.
+            self._cache.applied(self.node_id, type_url, str(request.version_info))
+            self._sent.pop(type_url, None)
+        if type_url in WILDCARD_TYPES:
+            self._names[type_url] = frozenset()
+        elif request.resource_names:
+            self._names[type_url] = frozenset(request.resource_names)
+        else:
+            # Named types with no names: the proxy no longer wants any; there is nothing to answer.
+            self._names.pop(type_url, None)
+            self._sent.pop(type_url, None)
+        return self.pending()
+
+    def pending(self) -> list[DiscoveryResponse]:
+        """Responses for every subscribed type whose version or requested names differ from what was sent.
+
+        An ACK or NACK leaves both unchanged, so it is not answered; a NACKed version is not resent."""
+        if self.node_id is None:
+            return []
+        snapshot = self._cache.get(self.node_id) or EMPTY
+        out = []
+        for type_url in PUSH_ORDER:
+            names = self._names.get(type_url)
+            if names is None:
+                continue
+            version = snapshot.version(type_url)
+            sent = self._sent.get(type_url)
+            if sent is not None and sent.version == version and sent.names == names:
+                continue
+            out.append(self._response(snapshot, type_url, names))
+        return out
+
+    def close(self) -> None:
+        if self.node_id is not None:
+            self._cache.unwatch(self.node_id, self)
+
+    def _response(self, snapshot: Snapshot, type_url: str, names: frozenset[str]) -> DiscoveryResponse:
+        items = snapshot.items(type_url)
+        chosen = items.values() if type_url in WILDCARD_TYPES else [items[n] for n in items if n in names]
+        self._nonce += 1
+        nonce = str(self._nonce)
+        version = snapshot.version(type_url)
+        self._sent[type_url] = _Sent(version=version, names=names, nonce=nonce)
+        response = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce)
+        response.resources.extend(xds.to_any(type_url, r) for r in chosen)
+        return response
+
+
+_WAKE = object()
+_EOF = object()
+
+
+class _AdsServicer:
+    """gRPC glue: requests and cache wake-ups in, responses out. No protocol decisions here."""
+
+    def __init__(self, cache: SnapshotCache) -> None:
+        self._cache = cache
+
+    async def StreamAggregatedResources(self, request_iterator: Any, context: Any) -> None:
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        state = _StreamState(self._cache, wake=lambda: queue.put_nowait(_WAKE))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    queue.put_nowait(request)
+            except Exception as exc:  # the peer went away mid-read; the stream ends either way
+                log.debug("ADS stream read ended: %r", exc)
+            finally:
+                queue.put_nowait(_EOF)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await queue.get()
+                if item is _EOF:
+                    break
+                try:
+                    responses = state.pending() if item is _WAKE else state.on_request(item)
+                except ProtocolError as exc:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                    return
+                except ValueError as exc:  # a resource that does not pack: validation should have caught it
+                    log.error("cannot serve node %s: %s", state.node_id, exc)
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, f"lockgate cannot serve this snapshot: {exc}"
+                    )
+                    return
+                for response in responses:
+                    await context.write(response)
+        finally:
+            reader.cancel()
+            state.close()
+
+    async def DeltaAggregatedResources(self, request_iterator: Any, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "lockgate serves State-of-the-World xDS only")
+
+
+class AdsServer:
+    """An ADS gRPC server over a SnapshotCache, bound to one address (plaintext: loopback only)."""
+
+    def __init__(self, cache: SnapshotCache, *, host: str, port: int = 0) -> None:
+        self._cache = cache
+        self._host = host
+        self._port = port
+        self._server: Any = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        """Bind and serve; return the bound port (useful with port 0)."""
+        if self._server is not None:
+            raise RuntimeError("AdsServer already started")
+        self._cache.bind(asyncio.get_running_loop())
+        server = grpc.aio.server(
+            options=[
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ]
+        )
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_AdsServicer(self._cache), server)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        port = int(server.add_insecure_port(f"{host}:{self._port}"))
+        if port == 0:
+            raise OSError(f"cannot bind the ADS server to {self._host}:{self._port}")
+        await server.start()
+        self._server, self.port = server, port
+        return port
+
+    async def stop(self, grace: float = 0.5) -> None:
+        """Stop accepting streams and end open ones after `grace` seconds."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace)
