@@ -189,8 +189,9 @@ def _message(error: Any, model: type[BaseModel]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         name = str(loc[-1])
-        close = difflib.get_close_matches(name, _known_fields(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        allowed = _fields_at(model, loc[:-1])
+        close = difflib.get_close_matches(name, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed here: {', '.join(allowed)}"
         return f"{_dotted(loc)}: unknown field {name!r}{hint}"
     if kind == "missing":
         return f"{_dotted(loc)}: required field is missing"
@@ -199,26 +200,33 @@ def _message(error: Any, model: type[BaseModel]) -> str:
     return f"{_dotted(loc)}: {msg}" if loc else msg
 
 
-def _known_fields() -> list[str]:
-    names: set[str] = set()
-    todo: list[type[BaseModel]] = list(KINDS.values())
-    done: set[type[BaseModel]] = set()
-    while todo:
-        cls = todo.pop()
-        if cls in done:
-            continue
-        done.add(cls)
-        for name, info in cls.model_fields.items():
-            names.add(info.alias or name)
-            for arg in _model_args(info.annotation):
-                todo.append(arg)
-    return sorted(names)
+def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
+    """The field names (as written in YAML) of the model found at `loc` inside `model`."""
+    current: Any = model
+    for part in loc:
+        current = _optional(current)
+        origin = getattr(current, "__origin__", None)
+        if origin in (list, tuple, dict):
+            current = current.__args__[-1]  # list element or dict value
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            info = next((f for n, f in current.model_fields.items() if (f.alias or n) == part), None)
+            if info is None:
+                return []
+            current = info.annotation
+        else:
+            return []
+    current = _optional(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [f.alias or n for n, f in current.model_fields.items()]
+    return []
 
 
-def _model_args(annotation: Any) -> list[type[BaseModel]]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for a in getattr(annotation, "__args__", ()) for m in _model_args(a)]
+def _optional(annotation: Any) -> Any:
+    """`X | None` -> X (when X is the only model in the union)."""
+    if getattr(annotation, "__origin__", None) in (list, tuple, dict):
+        return annotation
+    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
 
 
 def _dotted(loc: Loc) -> str:

@@ -1,0 +1,183 @@
+"""Drive lockgate the way a user does: `lockgate init`, `lockgate up` in the background, `git commit`,
+requests at the ingress. Shared by the e2e tests and the benchmarks.
+
+Every process is started here and stopped here by PID, on success and on failure alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "dev", "GIT_AUTHOR_EMAIL": "dev@example.org",
+           "GIT_COMMITTER_NAME": "dev", "GIT_COMMITTER_EMAIL": "dev@example.org"}
+
+
+def lockgate(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the CLI of this installation as a user would."""
+    return subprocess.run([sys.executable, "-m", "reconciler.cli", *args], capture_output=True, text=True,
+                          check=check, cwd=cwd, timeout=60)
+
+
+def git(repo: Path, *args: str) -> str:
+    out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                         env={**os.environ, **GIT_ENV}, timeout=30)
+    return out.stdout.strip()
+
+
+def commit_file(repo: Path, path: str, text: str, message: str) -> str:
+    (repo / path).parent.mkdir(parents=True, exist_ok=True)
+    (repo / path).write_text(text)
+    git(repo, "add", path)
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            last = check()
+            if last:
+                return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+class Up:
+    """`lockgate up` as a background process, with helpers to read its status and send traffic."""
+
+    def __init__(self, *, repo: Path, state_dir: Path, extra: tuple[str, ...] = ()) -> None:
+        self.repo, self.state_dir = repo, state_dir
+        self.log = state_dir.parent / f"{state_dir.name}-up.log"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "reconciler.cli", "up", "--repo", str(repo), "--state-dir", str(state_dir),
+             *extra],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        self.child_pids: set[int] = set()
+
+    def status(self) -> dict[str, Any]:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"lockgate up exited with {self.proc.returncode}; log:\n{self.log.read_text()}")
+        out = lockgate("status", "--json", "--state-dir", str(self.state_dir))
+        status: dict[str, Any] = json.loads(out.stdout)
+        for c in status["clusters"]:
+            self.child_pids |= {p["pid"] for p in c["proxies"] if p.get("pid")}
+        self.child_pids |= {w["pid"] for w in status.get("workloads", []) if w.get("pid")}
+        return status
+
+    def converged(self, revision: str) -> dict[str, Any] | None:
+        """Status once `revision` is applied, every proxy ACKed it and every workload is ready."""
+        st = self.status()
+        ok = (st["revision"]["applied"] == revision and st["clusters"]
+              and all(c["convergedRevision"] == revision for c in st["clusters"])
+              and all(w["ready"] for w in st["workloads"]))
+        return st if ok else None
+
+    def wait_converged(self, revision: str, timeout: float = 60.0) -> dict[str, Any]:
+        result: dict[str, Any] = wait_for(f"revision {revision[:12]} converged", lambda: self.converged(revision),
+                                          timeout=timeout, interval=0.05)
+        return result
+
+    def ingress(self, cluster: int = 0) -> tuple[str, int]:
+        host, port = self.status()["clusters"][cluster]["ingress"].rsplit(":", 1)
+        return host, int(port)
+
+    def stop(self) -> None:
+        """SIGINT (as Ctrl-C), then SIGKILL; then make sure no child it reported survives."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.status()
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and alive(self.child_pids):
+            time.sleep(0.05)
+        for pid in alive(self.child_pids):  # only ever PIDs lockgate reported as its own children
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pids: set[int]) -> set[int]:
+    out = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if state != "Z":
+            out.add(pid)
+    return out
+
+
+@contextlib.contextmanager
+def running(*, repo: Path, state_dir: Path, extra: tuple[str, ...] = ()) -> Iterator[Up]:
+    up = Up(repo=repo, state_dir=state_dir, extra=extra)
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+class Client:
+    """Keep-alive HTTP/1.1 client for the ingress."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = 5.0) -> None:
+        self.address, self.timeout = address, timeout
+        self.conn = http.client.HTTPConnection(*address, timeout=timeout)
+
+    def get(self, host: str, path: str = "/", headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        for attempt in (0, 1):
+            try:
+                self.conn.request("GET", path, headers={"Host": host, **(headers or {})})
+                resp = self.conn.getresponse()
+                body = resp.read()
+                break
+            except (ConnectionError, http.client.HTTPException):
+                self.conn.close()
+                self.conn = http.client.HTTPConnection(*self.address, timeout=self.timeout)
+                if attempt:
+                    raise
+        try:
+            return resp.status, json.loads(body)
+        except ValueError:
+            return resp.status, body.decode(errors="replace")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def reviews_version(body: Any) -> str | None:
+    """The reviews version that answered a frontend request (frontend embeds its upstream's answer)."""
+    try:
+        return str(body["upstreams"][0]["body"]["version"])
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def split(client: Client, host: str, n: int) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        status, body = client.get(host)
+        seen[reviews_version(body) if status == 200 else f"HTTP {status}"] += 1
+    return seen

@@ -1,0 +1,151 @@
+"""The `lockgate` command line. Imports are lazy so `lockgate demo-app` starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "repo-template"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lockgate", description="GitOps for a service mesh on real Envoy.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", help="new intent repository from the template (git init + first commit)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--branch", default="main")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("validate", help="validate intent: exit 0, or 1 with `path:line: message` on stderr")
+    p.add_argument("dir", type=Path, nargs="?", default=Path("."))
+    p.add_argument("--rev", help="validate this commit instead of the working tree")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("up", help="run the mesh locally (foreground; Ctrl-C stops everything)")
+    p.add_argument("--repo", required=True, help="path or URL (file://, https://) of the intent repository")
+    p.add_argument("--branch", help="branch to follow (default: the repository's HEAD branch)")
+    p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+    p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between fetches of a remote")
+    p.add_argument("--envoy-log-level", default="warning")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("status", help="applied revision, clusters, proxies and their ACKed versions")
+    p.add_argument("--json", action="store_true", help="the documented JSON contract")
+    p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+    p.set_defaults(func=cmd_status)
+
+    from reconciler import demo_app
+
+    p = sub.add_parser("demo-app", help="the demo workload: a small fast HTTP service")
+    demo_app.add_arguments(p)
+    p.set_defaults(func=demo_app.run)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    code: int = args.func(args)
+    return code
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from reconciler.gitsource import GitError, init_repo
+
+    try:
+        sha = init_repo(args.dir, template=TEMPLATE, branch=args.branch)
+    except GitError as exc:
+        print(f"lockgate init: {exc}", file=sys.stderr)
+        return 1
+    print(f"initialised {args.dir} at {sha[:12]} from the template; next: lockgate up --repo {args.dir}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from reconciler.gitsource import GitError, Pygit2Source
+    from reconciler.load import load, read_worktree
+
+    if not args.dir.is_dir():
+        print(f"{args.dir}:0: not a directory; give the intent repository's path", file=sys.stderr)
+        return 1
+    try:
+        if args.rev:
+            source = Pygit2Source.open(str(args.dir))
+            files = source.read_tree(source.resolve(args.rev))
+        else:
+            files = read_worktree(args.dir)
+    except GitError as exc:
+        print(f"{args.dir}:0: {exc}", file=sys.stderr)
+        return 1
+    loaded = load(files)
+    for problem in loaded.problems:
+        print(problem, file=sys.stderr)
+    if not loaded.ok:
+        print(f"invalid: {len(loaded.problems)} error(s)", file=sys.stderr)
+        return 1
+    kinds: dict[str, int] = {}
+    for r in loaded.resources:
+        kinds[r.kind] = kinds.get(r.kind, 0) + 1
+    print("valid: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from reconciler.gitsource import GitError
+    from reconciler.up import UpConfig, run_up
+
+    config = UpConfig(repo=args.repo, branch=args.branch, state_dir=args.state_dir,
+                      poll_interval=args.poll_interval, envoy_log_level=args.envoy_log_level)
+    try:
+        return asyncio.run(run_up(config))
+    except GitError as exc:
+        print(f"lockgate up: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from reconciler.state import STATUS_FILE, pid_alive, read_json
+
+    path = args.state_dir / STATUS_FILE
+    try:
+        status: dict[str, Any] = read_json(path)
+    except FileNotFoundError:
+        print(f"lockgate status: no {path}; is `lockgate up` running with --state-dir {args.state_dir}?",
+              file=sys.stderr)
+        return 1
+    status["lockgate"]["running"] = pid_alive(status["lockgate"].get("pid"))
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    rev = status["revision"]
+    running = "running" if status["lockgate"]["running"] else "not running"
+    print(f"lockgate {running} (repo {status['lockgate']['repo']})")
+    print(f"head     {_short(rev['head'])}")
+    print(f"applied  {_short(rev['applied'])}")
+    if rev.get("lastError"):
+        print(f"failed   {_short(rev.get('failed'))}: {len(rev['lastError'])} error(s), still serving applied:")
+        for line in rev["lastError"]:
+            print(f"  {line}")
+    for c in status["clusters"]:
+        conv = _short(c.get("convergedRevision")) if c.get("convergedRevision") else "not yet"
+        print(f"cluster {c['name']}: ingress http://{c['ingress']}  applied {_short(c['appliedRevision'])}"
+              f"  converged {conv}")
+        for p in c["proxies"]:
+            nack = f"  NACK: {p['nack']}" if p.get("nack") else ""
+            print(f"  {p['kind']:8} {p['id']:40} acked {p.get('ackedRevision') and _short(p['ackedRevision'])}"
+                  f" {p.get('state', '')}{nack}")
+    return 0
+
+
+def _short(sha: str | None) -> str:
+    return sha[:12] if sha else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

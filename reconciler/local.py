@@ -1,0 +1,263 @@
+"""LocalRuntime: every cluster's gateway, sidecars and workloads as processes on this machine.
+
+Each cluster lives on its own loopback address (127.0.K.1). An instance is ready for traffic only when
+its app accepts connections and its sidecar has taken its configuration, so render never sends traffic
+to something that would refuse it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh.envoy import bootstrap, envoy_argv, wait_ready
+from mesh.intent import Intent, Workload
+from mesh.snapshot import digest
+from mesh.topology import ClusterTopology, Gateway, Sidecar
+from reconciler.supervisor import Supervised, child_env, stop_all
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT = 60.0
+
+
+def cluster_address(index: int) -> str:
+    """The loopback address of the index-th cluster (0-based): 127.0.1.1, 127.0.2.1, ..."""
+    return f"127.0.{index + 1}.1"
+
+
+def free_port(address: str, taken: set[int] | None = None) -> int:
+    """A port nobody listens on at `address` now (and not handed out by us before)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+            port = int(s.getsockname()[1])
+        if taken is None or port not in taken:
+            if taken is not None:
+                taken.add(port)
+            return port
+    raise RuntimeError(f"no free port on {address}")
+
+
+def port_is_free(address: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def resolve_command(argv: list[str]) -> list[str]:
+    """`lockgate ...` runs this very installation, whether or not it is on PATH."""
+    if argv and argv[0] == "lockgate":
+        return [sys.executable, "-m", "reconciler.cli", *argv[1:]]
+    return argv
+
+
+@dataclass
+class _Instance:
+    fingerprint: str
+    sidecar: Sidecar
+    cluster: str
+    admin_port: int
+    app: Supervised
+    envoy: Supervised
+    ready: bool = False
+    probe: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Cluster:
+    name: str
+    address: str
+    xds_port: int
+    ingress: Gateway
+    admin_port: int
+    envoy: Supervised
+
+
+@dataclass
+class LocalRuntime:
+    state_dir: Path
+    on_change: Callable[[], None]
+    """Called whenever the topology changes (an instance became ready or stopped being ready)."""
+    envoy_log_level: str = "warning"
+    _clusters: dict[str, _Cluster] = field(default_factory=dict)
+    _instances: dict[tuple[str, str, str, int], _Instance] = field(default_factory=dict)
+    _ports: set[int] = field(default_factory=set)
+
+    # --- clusters -------------------------------------------------------------------------------------
+
+    async def add_cluster(self, *, name: str, address: str, xds_port: int, ingress_port: int | None) -> Gateway:
+        """Start the cluster's ingress gateway. `ingress_port` is reused if still free (stable URLs)."""
+        if name in self._clusters:
+            return self._clusters[name].ingress
+        if ingress_port is None or not port_is_free(address, ingress_port):
+            ingress_port = free_port(address, self._ports)
+        self._ports.add(ingress_port)
+        admin = free_port(address, self._ports)
+        node_id = f"{name}/ingress"
+        envoy = self._envoy(node_id=node_id, cluster=name, address=address, xds_port=xds_port, admin_port=admin)
+        gw = Gateway(node_id=node_id, address=address, port=ingress_port)
+        self._clusters[name] = _Cluster(name, address, xds_port, gw, admin, envoy)
+        await envoy.start()
+        return gw
+
+    def _envoy(self, *, node_id: str, cluster: str, address: str, xds_port: int, admin_port: int) -> Supervised:
+        slug = node_id.replace("/", "_")
+        cfg = self.state_dir / "envoy" / f"{slug}.json"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(json.dumps(bootstrap(node_id=node_id, cluster=cluster, xds_host=address,
+                                            xds_port=xds_port, admin_host=address, admin_port=admin_port),
+                                  indent=1))
+        argv = envoy_argv(config_path=cfg, log_level=self.envoy_log_level)
+        return Supervised(name=f"envoy {node_id}", argv=argv, env=child_env({}),
+                          log_path=self.state_dir / "logs" / f"envoy-{slug}.log")
+
+    # --- workloads ------------------------------------------------------------------------------------
+
+    async def apply(self, intent: Intent) -> None:
+        """Make the running instances match the intent's Workloads: start new ones, stop removed ones."""
+        desired: dict[tuple[str, str, str, int], tuple[Workload, str]] = {}
+        for (ns, name), w in sorted(intent.workloads.items()):
+            fp = digest(w.spec.model_dump(mode="json"))
+            for cluster in w.spec.clusters:
+                if cluster not in self._clusters:
+                    continue
+                for i in range(w.spec.replicas):
+                    desired[(cluster, ns, name, i)] = (w, fp)
+        gone = [k for k, inst in self._instances.items() if k not in desired or desired[k][1] != inst.fingerprint]
+        for key in gone:
+            await self._stop_instance(self._instances.pop(key))
+        if gone:
+            self.on_change()
+        started = [self._start_instance(key, w, fp) for key, (w, fp) in desired.items() if key not in self._instances]
+        await asyncio.gather(*started)
+
+    async def _start_instance(self, key: tuple[str, str, str, int], w: Workload, fp: str) -> None:
+        cluster, ns, name, i = key
+        c = self._clusters[cluster]
+        node_id = f"{cluster}/{ns}/{name}-{i}"
+        sc = Sidecar(
+            node_id=node_id, namespace=ns, service=w.spec.service, version=w.spec.version, workload=name,
+            address=c.address, inbound_port=free_port(c.address, self._ports),
+            outbound_port=free_port(c.address, self._ports), app_port=free_port(c.address, self._ports),
+        )
+        admin = free_port(c.address, self._ports)
+        env = child_env({
+            **w.spec.env,
+            "HOST": sc.address, "PORT": str(sc.app_port),
+            "LOCKGATE_SERVICE": sc.service, "LOCKGATE_VERSION": sc.version, "LOCKGATE_CLUSTER": cluster,
+            "LOCKGATE_NAMESPACE": ns, "LOCKGATE_INSTANCE": f"{name}-{i}",
+            "HTTP_PROXY": f"http://{sc.address}:{sc.outbound_port}",
+            "http_proxy": f"http://{sc.address}:{sc.outbound_port}",
+        })
+        slug = node_id.replace("/", "_")
+        app = Supervised(name=f"workload {node_id}", argv=resolve_command(list(w.spec.command)), env=env,
+                         log_path=self.state_dir / "logs" / f"app-{slug}.log")
+        envoy = self._envoy(node_id=node_id, cluster=cluster, address=c.address, xds_port=c.xds_port,
+                            admin_port=admin)
+        inst = _Instance(fingerprint=fp, sidecar=sc, cluster=cluster, admin_port=admin, app=app, envoy=envoy)
+        app.on_exit = envoy.on_exit = lambda _s: self._unready(inst)
+        app.on_start = envoy.on_start = lambda _s: self._probe(inst)
+        self._instances[key] = inst
+        await envoy.start()
+        await app.start()
+
+    def _unready(self, inst: _Instance) -> None:
+        if inst.ready:
+            inst.ready = False
+            self.on_change()
+
+    def _probe(self, inst: _Instance) -> None:
+        if inst.probe is not None:
+            inst.probe.cancel()
+        inst.probe = asyncio.create_task(self._wait_ready(inst), name=f"probe {inst.sidecar.node_id}")
+
+    async def _wait_ready(self, inst: _Instance) -> None:
+        sc = inst.sidecar
+        try:
+            await asyncio.wait_for(asyncio.gather(
+                _wait_tcp(sc.address, sc.app_port), wait_ready(sc.address, inst.admin_port, timeout=READY_TIMEOUT)
+            ), READY_TIMEOUT)
+        except (TimeoutError, OSError) as exc:
+            log.warning("%s is not ready after %.0fs: %s (logs in %s)", sc.node_id, READY_TIMEOUT, exc,
+                        self.state_dir / "logs")
+            return
+        if inst.app.pid is not None and inst.envoy.pid is not None and not inst.ready:
+            inst.ready = True
+            self.on_change()
+
+    async def _stop_instance(self, inst: _Instance) -> None:
+        inst.ready = False
+        if inst.probe is not None:
+            inst.probe.cancel()
+        await stop_all([inst.app, inst.envoy])
+        for port in (inst.sidecar.inbound_port, inst.sidecar.outbound_port, inst.sidecar.app_port,
+                     inst.admin_port):
+            self._ports.discard(port)
+
+    # --- what render and status read ------------------------------------------------------------------
+
+    def topology(self, cluster: str) -> ClusterTopology:
+        c = self._clusters.get(cluster)
+        mine = [inst for inst in self._instances.values() if inst.cluster == cluster]
+        return ClusterTopology(
+            cluster=cluster,
+            ingress=c.ingress if c else None,
+            sidecars=tuple(sorted((inst.sidecar for inst in mine), key=lambda s: s.node_id)),
+            ready=frozenset(inst.sidecar.node_id for inst in mine if inst.ready),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """Processes, for the status file."""
+        proxies: dict[str, dict[str, Any]] = {}
+        workloads = []
+        for c in self._clusters.values():
+            proxies[c.ingress.node_id] = {"pid": c.envoy.info.pid, "state": c.envoy.info.state,
+                                          "restarts": c.envoy.info.restarts,
+                                          "admin": f"{c.address}:{c.admin_port}"}
+        for inst in self._instances.values():
+            sc = inst.sidecar
+            proxies[sc.node_id] = {"pid": inst.envoy.info.pid, "state": inst.envoy.info.state,
+                                   "restarts": inst.envoy.info.restarts,
+                                   "admin": f"{sc.address}:{inst.admin_port}"}
+            workloads.append({
+                "id": sc.node_id, "cluster": inst.cluster, "namespace": sc.namespace, "service": sc.service,
+                "version": sc.version, "workload": sc.workload, "pid": inst.app.info.pid,
+                "state": inst.app.info.state, "restarts": inst.app.info.restarts, "ready": inst.ready,
+                "address": f"{sc.address}:{sc.app_port}", "endpoint": f"{sc.address}:{sc.inbound_port}",
+                "httpProxy": f"http://{sc.address}:{sc.outbound_port}",
+            })
+        return {"proxies": proxies, "workloads": workloads}
+
+    async def close(self) -> None:
+        """Stop every process this runtime started: workloads first, then their sidecars, then gateways."""
+        for inst in self._instances.values():
+            if inst.probe is not None:
+                inst.probe.cancel()
+        await stop_all([inst.app for inst in self._instances.values()])
+        await stop_all([inst.envoy for inst in self._instances.values()]
+                       + [c.envoy for c in self._clusters.values()])
+        self._instances.clear()
+
+
+async def _wait_tcp(address: str, port: int, interval: float = 0.025) -> None:
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(address, port)
+        except OSError:
+            await asyncio.sleep(interval)
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return

@@ -1,0 +1,243 @@
+"""`lockgate up`: watch the repo, apply every valid revision to every cluster, supervise the processes.
+
+The loop is "detect, then act": a new head is loaded and validated as a whole; only a valid revision
+reaches the runtime and the control planes. An invalid one is recorded with its errors and changes
+nothing that serves traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mesh.cache import SnapshotCache
+from mesh.intent import Intent
+from mesh.render import render
+from mesh.server import AdsServer
+from reconciler.gitsource import GitError, Pygit2Source
+from reconciler.load import load
+from reconciler.local import LocalRuntime, cluster_address
+from reconciler.state import STATUS_FILE, read_json, write_json
+
+log = logging.getLogger("lockgate")
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    repo: str
+    """A local path or a URL (file://, https://) of the intent repository."""
+    state_dir: Path
+    branch: str | None = None
+    poll_interval: float = 5.0
+    """Seconds between fetches of a remote repository (a local one is watched, not polled)."""
+    envoy_log_level: str = "warning"
+
+
+@dataclass
+class _Plane:
+    """One cluster's control plane: a snapshot cache served over ADS on the cluster's address."""
+
+    name: str
+    address: str
+    cache: SnapshotCache
+    server: AdsServer
+    port: int
+    ingress: str = ""
+    applied: str | None = None
+
+
+@dataclass
+class Reconciler:
+    config: UpConfig
+    source: Pygit2Source
+    planes: dict[str, _Plane] = field(default_factory=dict)
+    runtime: LocalRuntime = field(init=False)
+    intent: Intent | None = None
+    head: str | None = None
+    applied: str | None = None
+    failed: str | None = None
+    last_error: list[str] = field(default_factory=list)
+    announced: bool = False
+    _push_pending: bool = False
+    _status_handle: asyncio.TimerHandle | None = None
+    _previous: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.runtime = LocalRuntime(state_dir=self.config.state_dir, on_change=self.schedule_push,
+                                    envoy_log_level=self.config.envoy_log_level)
+        with contextlib.suppress(OSError, ValueError):
+            self._previous = read_json(self.config.state_dir / STATUS_FILE)
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        watcher = asyncio.create_task(self._watch())
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                watcher.result()  # surface the error
+        finally:
+            for t in (watcher, stopper):
+                t.cancel()
+            await asyncio.gather(watcher, stopper, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        async for sha in self.source.watch(poll_interval=self.config.poll_interval):
+            await self.apply_revision(sha)
+
+    async def apply_revision(self, sha: str) -> None:
+        t0 = time.monotonic()
+        self.head = sha
+        try:
+            files = self.source.read_tree(sha)
+        except GitError as exc:
+            self._fail(sha, [f".:0: {exc}"])
+            return
+        loaded = load(files)
+        if not loaded.ok or loaded.intent is None:
+            self._fail(sha, [str(p) for p in loaded.problems])
+            return
+        intent = loaded.intent
+        for i, c in enumerate(intent.mesh.spec.clusters):
+            if c.name not in self.planes:
+                await self._add_plane(c.name, cluster_address(i))
+        self.intent = intent
+        self.applied, self.failed, self.last_error = sha, None, []
+        await self.runtime.apply(intent)
+        self.push()
+        log.info("applied %s in %.1f ms", sha[:12], (time.monotonic() - t0) * 1000)
+        self.write_status()
+        if not self.announced:
+            self.announced = True
+            self._announce(intent)
+
+    def _fail(self, sha: str, errors: list[str]) -> None:
+        self.failed, self.last_error = sha, errors
+        log.error("revision %s is invalid; still serving %s:\n  %s", sha[:12],
+                  (self.applied or "nothing")[:12], "\n  ".join(errors))
+        self.write_status()
+
+    async def _add_plane(self, name: str, address: str) -> None:
+        cache = SnapshotCache()
+        server = AdsServer(cache, host=address, port=0)
+        port = await server.start()
+        plane = _Plane(name=name, address=address, cache=cache, server=server, port=port)
+        self.planes[name] = plane
+        cache.subscribe(lambda _status: self.write_status())
+        old = {c["name"]: c for c in self._previous.get("clusters", [])}.get(name, {})
+        old_port = int(old["ingress"].rsplit(":", 1)[1]) if old.get("ingress") else None
+        gw = await self.runtime.add_cluster(name=name, address=address, xds_port=port, ingress_port=old_port)
+        plane.ingress = f"{gw.address}:{gw.port}"
+
+    # --- pushing -----------------------------------------------------------------------------------
+
+    def schedule_push(self) -> None:
+        """Coalesce bursts of topology changes into one render."""
+        if not self._push_pending:
+            self._push_pending = True
+            asyncio.get_running_loop().call_soon(self.push)
+
+    def push(self) -> None:
+        self._push_pending = False
+        if self.intent is None or self.applied is None:
+            return
+        for plane in self.planes.values():
+            topo = self.runtime.topology(plane.name)
+            snapshots = render(intent=self.intent, topology=topo, revision=self.applied)
+            for node_id, snap in snapshots.items():
+                snap.consistent()
+                plane.cache.set(node_id, snap)
+            for node_id in set(plane.cache.nodes()) - set(snapshots):
+                plane.cache.clear(node_id)
+            plane.applied = self.applied
+        self.write_status()
+
+    # --- status ------------------------------------------------------------------------------------
+
+    def write_status(self) -> None:
+        """Debounced: many ACKs in a burst give one write."""
+        if self._status_handle is None:
+            self._status_handle = asyncio.get_running_loop().call_later(0.05, self._write_status_now)
+
+    def _write_status_now(self) -> None:
+        self._status_handle = None
+        write_json(self.config.state_dir / STATUS_FILE, self.status())
+
+    def status(self) -> dict[str, Any]:
+        procs = self.runtime.describe()
+        clusters = []
+        for plane in self.planes.values():
+            statuses = plane.cache.status()
+            proxies = []
+            for node_id, st in sorted(statuses.items()):
+                extra = procs["proxies"].get(node_id, {})
+                proxies.append({
+                    "id": node_id,
+                    "kind": "ingress" if node_id.endswith("/ingress") else "sidecar",
+                    "ackedVersion": st.acked_version,
+                    "ackedRevision": st.acked_revision,
+                    "nack": st.nack,
+                    "connected": st.connected,
+                    **extra,
+                })
+            converged = bool(proxies) and all(p["ackedRevision"] == plane.applied for p in proxies)
+            clusters.append({
+                "name": plane.name,
+                "ingress": plane.ingress,
+                "controlPlane": f"{plane.address}:{plane.port}",
+                "appliedRevision": plane.applied,
+                "convergedRevision": plane.applied if converged else None,
+                "proxies": proxies,
+            })
+        return {
+            "revision": {"head": self.head, "applied": self.applied, "failed": self.failed,
+                         "lastError": self.last_error},
+            "clusters": clusters,
+            "workloads": procs["workloads"],
+            "lockgate": {"pid": os.getpid(), "repo": self.config.repo, "branch": self.source.branch,
+                         "stateDir": str(self.config.state_dir.resolve()), "updatedAt": time.time()},
+        }
+
+    def _announce(self, intent: Intent) -> None:
+        hosts = sorted({h for r in intent.routes.values() for h in r.spec.hosts})
+        for plane in self.planes.values():
+            print(f"lockgate: cluster {plane.name}: ingress http://{plane.ingress}", flush=True)
+            for host in hosts:
+                print(f"  try: curl -H 'Host: {host}' http://{plane.ingress}/", flush=True)
+        print("lockgate: watching for commits; Ctrl-C stops every process lockgate started", flush=True)
+
+    async def close(self) -> None:
+        await self.runtime.close()
+        for plane in self.planes.values():
+            await plane.server.stop(0.2)
+        if self._status_handle is not None:
+            self._status_handle.cancel()
+            self._status_handle = None
+        status = self.status()
+        status["lockgate"]["pid"] = None
+        write_json(self.config.state_dir / STATUS_FILE, status)
+
+
+async def run_up(config: UpConfig) -> int:
+    """Foreground: returns when SIGINT/SIGTERM arrives, after stopping every process it started."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    source = Pygit2Source.open(config.repo, branch=config.branch, cache_dir=config.state_dir / "git")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    rec = Reconciler(config=config, source=source)
+    try:
+        await rec.run(stop)
+    finally:
+        await rec.close()
+        log.info("stopped every process lockgate started")
+    return 0
