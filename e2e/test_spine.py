@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.harness import Client, alive, commit_file, git, lockgate, running, split
+from e2e.harness import Client, alive, commit_file, git, lockgate, running, split, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -62,7 +62,6 @@ def test_commit_changes_what_envoy_serves(tmp_path: Path) -> None:
             s = up.status()
             return s if s["revision"]["failed"] == third else None
 
-        from e2e.harness import wait_for
         st = wait_for("the broken revision to be reported", failed, timeout=10)
         assert st["revision"]["head"] == third
         assert st["revision"]["applied"] == second

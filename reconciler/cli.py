@@ -35,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--envoy-log-level", default="warning")
     p.set_defaults(func=cmd_up)
 
+    p = sub.add_parser("demo", help="the one-command tour: a mesh on real Envoys and four commits")
+    p.add_argument("--dir", type=Path, help="where to put the demo repo and state (default: a temp dir)")
+    p.add_argument("--keep-running", action="store_true", help="leave the mesh up after the tour")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("status", help="applied revision, clusters, proxies and their ACKed versions")
     p.add_argument("--json", action="store_true", help="the documented JSON contract")
     p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
@@ -47,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=demo_app.run)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    quiet = args.func is cmd_demo  # the tour prints what matters itself
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     code: int = args.func(args)
     return code
@@ -107,6 +113,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     except GitError as exc:
         print(f"lockgate up: {exc}", file=sys.stderr)
         return 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from reconciler.demo import run_demo
+
+    if args.dir is not None and args.dir.exists() and any(args.dir.iterdir()):
+        print(f"lockgate demo: {args.dir} is not empty; give a new directory", file=sys.stderr)
+        return 1
+    return asyncio.run(run_demo(workdir=args.dir, keep_running=args.keep_running))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

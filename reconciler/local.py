@@ -178,16 +178,16 @@ class LocalRuntime:
             self.on_change()
 
     def _probe(self, inst: _Instance) -> None:
-        if inst.probe is not None:
-            inst.probe.cancel()
+        if inst.probe is not None and not inst.probe.done():
+            return  # the running probe waits for both the app and its sidecar anyway
         inst.probe = asyncio.create_task(self._wait_ready(inst), name=f"probe {inst.sidecar.node_id}")
 
     async def _wait_ready(self, inst: _Instance) -> None:
         sc = inst.sidecar
         try:
-            await asyncio.wait_for(asyncio.gather(
-                _wait_tcp(sc.address, sc.app_port), wait_ready(sc.address, inst.admin_port, timeout=READY_TIMEOUT)
-            ), READY_TIMEOUT)
+            async with asyncio.timeout(READY_TIMEOUT):
+                await _wait_tcp(sc.address, sc.app_port)
+                await wait_ready(sc.address, inst.admin_port, timeout=READY_TIMEOUT)
         except (TimeoutError, OSError) as exc:
             log.warning("%s is not ready after %.0fs: %s (logs in %s)", sc.node_id, READY_TIMEOUT, exc,
                         self.state_dir / "logs")

@@ -226,14 +226,19 @@ class Reconciler:
         write_json(self.config.state_dir / STATUS_FILE, status)
 
 
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM end the run gracefully: every child is stopped before we exit."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
 async def run_up(config: UpConfig) -> int:
     """Foreground: returns when SIGINT/SIGTERM arrives, after stopping every process it started."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
     source = Pygit2Source.open(config.repo, branch=config.branch, cache_dir=config.state_dir / "git")
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    install_stop_signals(stop)
     rec = Reconciler(config=config, source=source)
     try:
         await rec.run(stop)

@@ -1,0 +1,71 @@
+"""Supervision: crashed workloads and Envoys come back, and nothing outlives lockgate, even SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from e2e.harness import Client, Up, alive, commit_file, git, lockgate, running, split, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_crashed_workload_and_sidecar_are_restarted_and_reported(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    lockgate("init", str(repo))
+    with running(repo=repo, state_dir=tmp_path / "state") as up:
+        st = up.wait_converged(git(repo, "rev-parse", "HEAD"))
+        client = Client(up.ingress())
+        assert split(client, "shop.example.com", 20) == {"v1": 20}
+
+        # Kill the only reviews-v2 workload: it is restarted, and its endpoint comes back.
+        v2 = next(w for w in st["workloads"] if w["version"] == "v2")
+        os.kill(v2["pid"], signal.SIGKILL)
+
+        def restarted() -> dict[str, object] | None:
+            s = up.status()
+            w = next(w for w in s["workloads"] if w["id"] == v2["id"])
+            return w if w["restarts"] >= 1 and w["ready"] and w["pid"] != v2["pid"] else None
+
+        wait_for("the workload to be restarted", restarted, timeout=20)
+
+        # Kill a sidecar Envoy: status reports it, and it is restarted and re-ACKs the applied revision.
+        proxies = up.status()["clusters"][0]["proxies"]
+        side = next(p for p in proxies if p["id"] == v2["id"])
+        os.kill(side["pid"], signal.SIGKILL)
+
+        def envoy_back() -> dict[str, object] | None:
+            s = up.status()
+            p = next(p for p in s["clusters"][0]["proxies"] if p["id"] == v2["id"])
+            ok = p["restarts"] >= 1 and p["state"] == "running" and p["ackedRevision"] == s["revision"]["applied"]
+            return p if ok and p["connected"] else None
+
+        wait_for("the sidecar to be restarted and re-configured", envoy_back, timeout=20)
+        up.wait_converged(up.status()["revision"]["applied"], timeout=20)
+
+        # Traffic to v2 works again end to end (commit routes everything to v2 via the reviews host).
+        routes = (repo / "routes.yaml").read_text()
+        routes = routes.replace("weight: 100\n        - version: v2\n          weight: 0",
+                                "weight: 0\n        - version: v2\n          weight: 100")
+        up.wait_converged(commit_file(repo, "routes.yaml", routes, "all to v2"), timeout=10)
+        seen = split(client, "shop.example.com", 40)
+        assert seen == {"v2": 40}, seen
+        client.close()
+
+
+def test_sigkill_of_lockgate_takes_its_children_along(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    lockgate("init", str(repo))
+    up = Up(repo=repo, state_dir=tmp_path / "state")
+    try:
+        up.wait_converged(git(repo, "rev-parse", "HEAD"))
+        children = set(up.child_pids)
+        assert len(children) == 9
+        up.proc.kill()  # SIGKILL: no chance to clean up; the kernel's parent-death signal does it
+        up.proc.wait()
+        wait_for("every child to exit", lambda: not alive(children), timeout=15)
+    finally:
+        up.stop()
