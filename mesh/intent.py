@@ -8,7 +8,7 @@ snake_case in Python.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -164,7 +164,9 @@ class RouteSpec(Model):
 # --- Envelopes --------------------------------------------------------------------------------------
 
 
-class _Resource(Model):
+class ResourceBase(Model):
+    """The envelope every kind shares; kinds of higher layers (policies, rollouts) subclass it too."""
+
     api_version: Literal["lockgate.io/v1alpha1"]
     metadata: Metadata
 
@@ -174,33 +176,36 @@ class _Resource(Model):
         return (kind, self.metadata.namespace, self.metadata.name)
 
 
-class Mesh(_Resource):
+class Mesh(ResourceBase):
     kind: Literal["Mesh"]
     spec: MeshSpec
 
 
-class Service(_Resource):
+class Service(ResourceBase):
     kind: Literal["Service"]
     spec: ServiceSpec
 
 
-class Workload(_Resource):
+class Workload(ResourceBase):
     kind: Literal["Workload"]
     spec: WorkloadSpec
 
 
-class Route(_Resource):
+class Route(ResourceBase):
     kind: Literal["Route"]
     spec: RouteSpec
 
 
 Resource = Mesh | Service | Workload | Route
-KINDS: dict[str, type[Mesh] | type[Service] | type[Workload] | type[Route]] = {
+KINDS: dict[str, type[ResourceBase]] = {
     "Mesh": Mesh,
     "Service": Service,
     "Workload": Workload,
     "Route": Route,
 }
+
+
+R = TypeVar("R", bound=ResourceBase)
 
 
 class Intent(BaseModel):
@@ -214,11 +219,18 @@ class Intent(BaseModel):
     workloads: dict[tuple[str, str], Workload]
     routes: dict[tuple[str, str], Route]
     """(namespace, service) -> the one Route governing that service."""
+    resources: tuple[Any, ...] = ()
+    """Every valid resource of the revision, including kinds of higher layers, in file order."""
+
+    def of_kind(self, cls: type[R]) -> list[R]:
+        """All resources of one kind (e.g. a policy kind this package does not know)."""
+        return [r for r in self.resources if isinstance(r, cls)]
 
     @staticmethod
     def from_resources(resources: list[Any]) -> Intent:
         mesh = next(r for r in resources if isinstance(r, Mesh))
         return Intent(
+            resources=tuple(resources),
             mesh=mesh,
             services={(r.metadata.namespace, r.metadata.name): r for r in resources if isinstance(r, Service)},
             workloads={

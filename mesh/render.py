@@ -6,39 +6,106 @@ versions meaningful and golden tests possible.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from mesh.intent import HTTPMatch, HTTPRule, Intent, Route, Service, StringMatch, parse_duration_ms
+from mesh.intent import Destination, HTTPMatch, HTTPRule, Intent, Route, Service, StringMatch, parse_duration_ms
 from mesh.snapshot import HCM, Snapshot
-from mesh.topology import ClusterTopology, Sidecar
+from mesh.topology import ClusterTopology, Gateway, Sidecar
+
+Proxy = Sidecar | Gateway
+Weights = Mapping[tuple[str, str], Sequence[Destination]]
+"""(namespace, service) -> destinations that replace the Route's default rule (owned by a rollout)."""
+
+
+class Extension:
+    """Hooks through which higher layers (policies, multicluster) shape what render produces.
+
+    Each hook gets one resource as rendered so far and returns it (changed or not); this base class
+    changes nothing. Hooks must be pure, like render itself.
+    """
+
+    def listener(self, proxy: Proxy, listener: dict[str, Any]) -> dict[str, Any]:
+        return listener
+
+    def cluster(self, proxy: Proxy, cluster: dict[str, Any]) -> dict[str, Any]:
+        return cluster
+
+    def route(self, proxy: Proxy, *, namespace: str, service: str, rule: str,
+              route: dict[str, Any]) -> dict[str, Any]:
+        return route
+
+    def secrets(self, proxy: Proxy) -> list[dict[str, Any]]:
+        return []
+
+
 
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 ADS = {"ads": {}, "resource_api_version": "V3"}
 NOT_FOUND_BODY = "lockgate: no route for this host\n"
 
 
-def render(*, intent: Intent, topology: ClusterTopology, revision: str = "") -> dict[str, Snapshot]:
-    """Every proxy of one cluster -> its snapshot. Proxies absent from the topology get nothing."""
+@dataclass(frozen=True)
+class _Ctx:
+    intent: Intent
+    weights: Weights
+    extensions: Sequence[Extension]
+    proxy: Proxy
+
+    def listener(self, res: dict[str, Any]) -> dict[str, Any]:
+        for ext in self.extensions:
+            res = ext.listener(self.proxy, res)
+        return res
+
+    def cluster(self, res: dict[str, Any]) -> dict[str, Any]:
+        for ext in self.extensions:
+            res = ext.cluster(self.proxy, res)
+        return res
+
+    def route(self, res: dict[str, Any], *, namespace: str, service: str, rule: str) -> dict[str, Any]:
+        for ext in self.extensions:
+            res = ext.route(self.proxy, namespace=namespace, service=service, rule=rule, route=res)
+        return res
+
+    def secrets(self) -> list[dict[str, Any]]:
+        return [s for ext in self.extensions for s in ext.secrets(self.proxy)]
+
+
+def render(
+    *,
+    intent: Intent,
+    topology: ClusterTopology,
+    revision: str = "",
+    weights: Weights | None = None,
+    extensions: Sequence[Extension] = (),
+) -> dict[str, Snapshot]:
+    """Every proxy of one cluster -> its snapshot. Proxies absent from the topology get nothing.
+
+    `weights` overrides the default rule of the services a rollout governs; `extensions` let higher
+    layers add filters, transport sockets and secrets."""
     clusters, endpoints = _outbound_clusters(intent, topology)
     out: dict[str, Snapshot] = {}
-    if topology.ingress is not None:
-        gw = topology.ingress
-        out[gw.node_id] = Snapshot.of(
-            listeners=[_listener("ingress", gw.address, gw.port, ingress=True)],
-            routes=[_route_config("ingress", _ingress_vhosts(intent))],
-            clusters=clusters,
+    proxies: list[Proxy] = [*([topology.ingress] if topology.ingress else []), *topology.sidecars]
+    for proxy in proxies:
+        ctx = _Ctx(intent=intent, weights=weights or {}, extensions=extensions, proxy=proxy)
+        if isinstance(proxy, Gateway):
+            listeners = [_listener("ingress", proxy.address, proxy.port, ingress=True)]
+            routes = [_route_config("ingress", _ingress_vhosts(ctx))]
+            own_clusters = clusters
+        else:
+            listeners = [
+                _listener("inbound", proxy.address, proxy.inbound_port, ingress=False),
+                _listener("outbound", proxy.address, proxy.outbound_port, ingress=False, proxy=True),
+            ]
+            routes = [_inbound_routes(), _route_config("outbound", _mesh_vhosts(ctx, proxy))]
+            own_clusters = [*clusters, _inbound_cluster(proxy)]
+        out[proxy.node_id] = Snapshot.of(
+            listeners=[ctx.listener(x) for x in listeners],
+            routes=routes,
+            clusters=[ctx.cluster(c) for c in own_clusters],
             endpoints=endpoints,
-            revision=revision,
-        )
-    for sc in topology.sidecars:
-        out[sc.node_id] = Snapshot.of(
-            listeners=[
-                _listener("inbound", sc.address, sc.inbound_port, ingress=False),
-                _listener("outbound", sc.address, sc.outbound_port, ingress=False, proxy=True),
-            ],
-            routes=[_inbound_routes(), _route_config("outbound", _mesh_vhosts(intent, sc))],
-            clusters=[*clusters, _inbound_cluster(sc)],
-            endpoints=endpoints,
+            secrets=ctx.secrets(),
             revision=revision,
         )
     return out
@@ -101,42 +168,54 @@ def _inbound_routes() -> dict[str, Any]:
     }
 
 
-def _ingress_vhosts(intent: Intent) -> list[dict[str, Any]]:
+def _ingress_vhosts(ctx: _Ctx) -> list[dict[str, Any]]:
     vhosts = []
-    for (ns, svc), route in sorted(intent.routes.items()):
+    for (ns, svc), route in sorted(ctx.intent.routes.items()):
         if route.spec.hosts:
             domains = sorted({d for h in route.spec.hosts for d in (h, f"{h}:*")})
-            vhosts.append({"name": f"{svc}.{ns}", "domains": domains, "routes": _routes(route, ns, svc)})
+            vhosts.append({"name": f"{svc}.{ns}", "domains": domains, "routes": _routes(ctx, route, ns, svc)})
     return vhosts
 
 
-def _mesh_vhosts(intent: Intent, me: Sidecar) -> list[dict[str, Any]]:
+def _mesh_vhosts(ctx: _Ctx, me: Sidecar) -> list[dict[str, Any]]:
     """One virtual host per Service, addressed as `svc.ns` (and `svc` inside its own namespace)."""
     vhosts = []
-    for (ns, svc), service in sorted(intent.services.items()):
+    for (ns, svc), service in sorted(ctx.intent.services.items()):
         names = [f"{svc}.{ns}"] + ([svc] if ns == me.namespace else [])
         domains = sorted({d for n in names for d in (n, f"{n}:*")})
-        route = intent.routes.get((ns, svc))
-        routes = _routes(route, ns, svc) if route else _default_routes(service)
+        route = ctx.intent.routes.get((ns, svc))
+        routes = _routes(ctx, route, ns, svc) if route else _default_routes(ctx, service)
         vhosts.append({"name": f"{svc}.{ns}", "domains": domains, "routes": routes})
     return vhosts
 
 
-def _default_routes(service: Service) -> list[dict[str, Any]]:
+def _default_routes(ctx: _Ctx, service: Service) -> list[dict[str, Any]]:
     """No Route: every version's instances share the traffic, as in Istio without a VirtualService."""
-    cluster = cluster_name(service.metadata.namespace, service.metadata.name)
-    return [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": cluster}}]
+    ns, svc = service.metadata.namespace, service.metadata.name
+    override = ctx.weights.get((ns, svc))
+    action = _action(HTTPRule(route=list(override)), ns, svc) if override else {"cluster": cluster_name(ns, svc)}
+    entry = {"name": "default", "match": {"prefix": "/"}, "route": action}
+    return [ctx.route(entry, namespace=ns, service=svc, rule="default")]
 
 
-def _routes(route: Route, ns: str, svc: str) -> list[dict[str, Any]]:
+def default_rule_index(route: Route) -> int | None:
+    """The rule a rollout's weights replace: the first rule without match conditions."""
+    return next((i for i, rule in enumerate(route.spec.http) if not rule.match), None)
+
+
+def _routes(ctx: _Ctx, route: Route, ns: str, svc: str) -> list[dict[str, Any]]:
     out = []
+    override = ctx.weights.get((ns, svc))
+    default = default_rule_index(route) if override else None
     for i, rule in enumerate(route.spec.http):
+        if i == default and override:
+            rule = rule.model_copy(update={"route": list(override)})
         action = _action(rule, ns, svc)
         name = rule.name or f"rule-{i}"
         for j, match in enumerate(rule.match or [HTTPMatch()]):
             entry: dict[str, Any] = {"match": _match(match), "route": action}
             entry["name"] = name if len(rule.match) <= 1 else f"{name}-{j}"
-            out.append(entry)
+            out.append(ctx.route(entry, namespace=ns, service=svc, rule=name))
     return out
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import re2
 
-from mesh.intent import Mesh, Resource, Route, Service, StringMatch, Workload
+from mesh.intent import Mesh, ResourceBase, Route, Service, StringMatch, Workload
 
 Loc = tuple[str | int, ...]
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -28,14 +28,15 @@ class Finding:
     message: str
 
 
-def validate(resources: Sequence[Resource]) -> list[Finding]:
-    """Every cross-resource problem at once, in resource order."""
+def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
+    """Every cross-resource problem of the mesh kinds at once, in resource order. Other kinds are
+    only checked for duplicate names here; their own layer validates the rest."""
     out: list[Finding] = []
     seen: dict[tuple[str, str, str], int] = {}
     for i, r in enumerate(resources):
         if r.key in seen:
             out.append(Finding(i, ("metadata", "name"),
-                               f"duplicate {r.kind} {r.metadata.namespace}/{r.metadata.name} "
+                               f"duplicate {r.key[0]} {r.metadata.namespace}/{r.metadata.name} "
                                f"(first defined as resource #{seen[r.key] + 1}); rename or remove one"))
         else:
             seen[r.key] = i
@@ -166,7 +167,7 @@ def _check_route(i: int, r: Route, services: dict[tuple[str, str], Service]) -> 
     return out
 
 
-def _check_route_conflicts(resources: Sequence[Resource]) -> list[Finding]:
+def _check_route_conflicts(resources: Sequence[ResourceBase]) -> list[Finding]:
     """One Route per service, one owner per ingress host: otherwise which rule wins is ambiguous."""
     out: list[Finding] = []
     owner: dict[tuple[str, str], Route] = {}

@@ -95,7 +95,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     kinds: dict[str, int] = {}
     for r in loaded.resources:
-        kinds[r.kind] = kinds.get(r.kind, 0) + 1
+        kinds[r.key[0]] = kinds.get(r.key[0], 0) + 1
     print("valid: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     return 0
 

@@ -16,8 +16,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from mesh.intent import API_VERSION, KINDS, Intent, Resource
-from mesh.validate import Loc, validate
+from mesh.intent import API_VERSION, Intent, ResourceBase
+from mesh.validate import Loc
+from reconciler.kinds import KINDS, VALIDATORS
 
 YAML_SUFFIXES = (".yaml", ".yml")
 
@@ -50,7 +51,7 @@ class _Doc:
 @dataclass
 class Loaded:
     intent: Intent | None
-    resources: list[Resource] = field(default_factory=list)
+    resources: list[ResourceBase] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -85,7 +86,7 @@ def load(files: Mapping[str, bytes]) -> Loaded:
         docs += parsed
         problems += errs
 
-    resources: list[Resource] = []
+    resources: list[ResourceBase] = []
     origin: list[_Doc] = []
     for doc in docs:
         res, errs = _to_resource(doc)
@@ -94,7 +95,8 @@ def load(files: Mapping[str, bytes]) -> Loaded:
             resources.append(res)
             origin.append(doc)
 
-    for f in validate(resources):
+    findings = [f for check in VALIDATORS for f in check(resources)]
+    for f in findings:
         if f.index < 0:
             problems.append(Problem(".", 0, f.message))
         else:
@@ -162,7 +164,7 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Probl
 # --- models ---------------------------------------------------------------------------------------------
 
 
-def _to_resource(doc: _Doc) -> tuple[Resource | None, list[Problem]]:
+def _to_resource(doc: _Doc) -> tuple[ResourceBase | None, list[Problem]]:
     def at(loc: Loc, message: str) -> Problem:
         return Problem(doc.path, doc.line_of(loc), message)
 

@@ -80,3 +80,44 @@ def test_weights_and_unready_instances() -> None:
 @pytest.mark.parametrize(("ms", "text"), [(2000, "2s"), (250, "0.250s"), (1500, "1.500s"), (0, "0s")])
 def test_duration(ms: int, text: str) -> None:
     assert duration(ms) == text
+
+
+def test_rollout_weights_replace_the_default_rule_only() -> None:
+    from mesh.intent import Destination
+
+    loaded = load(read_worktree(GOLDEN / "matches"))
+    assert loaded.intent is not None
+    weights = {("shop", "reviews"): [Destination(version="v1", weight=90), Destination(version="v3", weight=10)]}
+    snap = render(intent=loaded.intent, topology=topology(), weights=weights)["east/ingress"]
+    vhost = next(v for v in snap.items(ROUTE)["ingress"]["virtual_hosts"] if v["name"] == "reviews.shop")
+    by_name = {r["name"]: r["route"] for r in vhost["routes"]}
+    assert by_name["default"]["weighted_clusters"]["clusters"] == [
+        {"name": "outbound|reviews.shop|v1", "weight": 90}, {"name": "outbound|reviews.shop|v3", "weight": 10}]
+    assert by_name["default"]["timeout"] == "2s"  # the rest of the rule stays
+    assert by_name["exact"] == {"cluster": "outbound|reviews.shop|v1"}  # rules with matches stay
+    # A service without a Route gets the override as its only rule.
+    weights = {("data", "ratings"): [Destination(version="v1", weight=100)]}
+    side = render(intent=loaded.intent, topology=topology(), weights=weights)["east/shop/frontend-v1-0"]
+    vh = next(v for v in side.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "ratings.data")
+    assert vh["routes"][0]["route"] == {"cluster": "outbound|ratings.data|v1"}
+
+
+def test_extensions_see_every_resource_and_add_secrets() -> None:
+    from typing import Any
+
+    from mesh.render import Extension, Proxy
+    from mesh.snapshot import LISTENER, SECRET
+
+    class Tag(Extension):
+        def listener(self, proxy: Proxy, listener: dict[str, Any]) -> dict[str, Any]:
+            return {**listener, "per_connection_buffer_limit_bytes": 1024}
+
+        def secrets(self, proxy: Proxy) -> list[dict[str, Any]]:
+            return [{"name": f"cert-{proxy.node_id}"}]
+
+    loaded = load(read_worktree(GOLDEN / "template"))
+    assert loaded.intent is not None
+    snaps = render(intent=loaded.intent, topology=topology(), extensions=[Tag()])
+    for node, snap in snaps.items():
+        assert all(x["per_connection_buffer_limit_bytes"] == 1024 for x in snap.items(LISTENER).values())
+        assert list(snap.items(SECRET)) == [f"cert-{node}"]
