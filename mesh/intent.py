@@ -71,10 +71,16 @@ class MeshCluster(Model):
     """region/zone/subzone, for locality-aware routing."""
 
 
+class MeshMTLS(Model):
+    mode: Literal["STRICT", "PERMISSIVE"] = "PERMISSIVE"
+    """Mesh-wide default for what sidecars accept; sidecars always originate mTLS to each other."""
+
+
 class MeshSpec(Model):
     trust_domain: str = Field(pattern=r"^[a-z0-9.-]+$")
     """SPIFFE trust domain shared by every cluster (spiffe://<trustDomain>/ns/..)."""
     clusters: list[MeshCluster] = Field(min_length=1)
+    mtls: MeshMTLS = Field(default_factory=MeshMTLS)
 
 
 # --- Service ----------------------------------------------------------------------------------------
@@ -103,6 +109,8 @@ class WorkloadSpec(Model):
     command: list[str] = Field(min_length=1)
     """argv of one instance; the local runtime passes HOST and PORT to listen on."""
     env: dict[str, str] = Field(default_factory=dict)
+    service_account: Name | None = None
+    """Identity in the SPIFFE id (spiffe://<td>/ns/<ns>/sa/<serviceAccount>); defaults to the service name."""
 
 
 # --- Route ------------------------------------------------------------------------------------------
@@ -148,7 +156,8 @@ class HTTPRule(Model):
     name: Name | None = None
     match: list[HTTPMatch] = Field(default_factory=list)
     """Any match selects the rule; no match list means every request."""
-    route: list[Destination] = Field(min_length=1)
+    route: list[Destination] = Field(default_factory=list)
+    """Weighted destinations; may be left out only in the default rule of a service a Rollout governs."""
     timeout: Duration | None = None
     retries: Retries | None = None
 
@@ -169,6 +178,10 @@ class ResourceBase(Model):
 
     api_version: Literal["lockgate.io/v1alpha1"]
     metadata: Metadata
+
+    def governs(self) -> tuple[str, str] | None:
+        """(namespace, service) whose default-rule weights this resource owns (a Rollout does)."""
+        return None
 
     @property
     def key(self) -> tuple[str, str, str]:

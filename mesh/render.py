@@ -222,7 +222,9 @@ def _routes(ctx: _Ctx, route: Route, ns: str, svc: str) -> list[dict[str, Any]]:
 def _action(rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
     live = [d for d in rule.route if d.weight > 0]
     action: dict[str, Any]
-    if len(live) == 1:
+    if not live:  # a rollout-governed rule before the rollout state exists: every version shares
+        action = {"cluster": cluster_name(ns, svc)}
+    elif len(live) == 1:
         action = {"cluster": cluster_name(ns, svc, live[0].version)}
     else:
         action = {"weighted_clusters": {"clusters": [

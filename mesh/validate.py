@@ -26,6 +26,8 @@ class Finding:
     loc: Loc
     """Field path inside the resource, as in the YAML (camelCase names, list indexes)."""
     message: str
+    warning: bool = False
+    """A warning is reported but does not make the revision invalid."""
 
 
 def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
@@ -56,13 +58,14 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
             cluster_names.add(c.name)
 
     services = {(r.metadata.namespace, r.metadata.name): r for r in resources if isinstance(r, Service)}
+    governed = {key for r in resources if (key := r.governs()) is not None}
     for i, r in enumerate(resources):
         if isinstance(r, Service):
             out += _check_service(i, r)
         elif isinstance(r, Workload):
             out += _check_workload(i, r, services, cluster_names, bool(meshes))
         elif isinstance(r, Route):
-            out += _check_route(i, r, services)
+            out += _check_route(i, r, services, governed=(r.metadata.namespace, r.spec.service) in governed)
     out += _check_route_conflicts(resources)
     return out
 
@@ -130,7 +133,7 @@ def _check_string_match(m: StringMatch, loc: Loc, i: int) -> list[Finding]:
     return []
 
 
-def _check_route(i: int, r: Route, services: dict[tuple[str, str], Service]) -> list[Finding]:
+def _check_route(i: int, r: Route, services: dict[tuple[str, str], Service], *, governed: bool) -> list[Finding]:
     out: list[Finding] = []
     ns = r.metadata.namespace
     svc = services.get((ns, r.spec.service))
@@ -143,10 +146,18 @@ def _check_route(i: int, r: Route, services: dict[tuple[str, str], Service]) -> 
     for j in _dupes([rule.name for rule in r.spec.http if rule.name is not None]):
         named = [k for k, rule in enumerate(r.spec.http) if rule.name is not None]
         out.append(Finding(i, ("spec", "http", named[j], "name"), "duplicate rule name"))
+    default = next((k for k, rule in enumerate(r.spec.http) if not rule.match), None)
     for k, rule in enumerate(r.spec.http):
         base: Loc = ("spec", "http", k)
         total = sum(d.weight for d in rule.route)
-        if total != 100:
+        if governed and k == default:
+            if rule.route:
+                out.append(Finding(i, (*base, "route"), "a Rollout owns this rule's weights; the weights "
+                                   "written here are ignored (leave `route` out)", warning=True))
+        elif not rule.route:
+            out.append(Finding(i, (*base, "route"), "at least one destination is required (only the default "
+                               "rule of a service governed by a Rollout may leave `route` out)"))
+        elif total != 100:
             weights = " + ".join(str(d.weight) for d in rule.route)
             out.append(Finding(i, (*base, "route"), f"weights must sum to 100, got {weights} = {total}"))
         for j in _dupes([d.version for d in rule.route]):

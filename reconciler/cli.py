@@ -88,7 +88,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.dir}:0: {exc}", file=sys.stderr)
         return 1
     loaded = load(files)
-    for problem in loaded.problems:
+    for problem in sorted([*loaded.problems, *loaded.warnings]):
         print(problem, file=sys.stderr)
     if not loaded.ok:
         print(f"invalid: {len(loaded.problems)} error(s)", file=sys.stderr)

@@ -53,6 +53,8 @@ class Loaded:
     intent: Intent | None
     resources: list[ResourceBase] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+    """Reported (`path:line: warning: ...`) but they do not make the revision invalid."""
 
     @property
     def ok(self) -> bool:
@@ -95,17 +97,20 @@ def load(files: Mapping[str, bytes]) -> Loaded:
             resources.append(res)
             origin.append(doc)
 
-    findings = [f for check in VALIDATORS for f in check(resources)]
-    for f in findings:
+    warnings: list[Problem] = []
+    for f in (f for check in VALIDATORS for f in check(resources)):
         if f.index < 0:
-            problems.append(Problem(".", 0, f.message))
+            found = Problem(".", 0, f.message)
         else:
             doc = origin[f.index]
-            problems.append(Problem(doc.path, doc.line_of(f.loc), f"{_dotted(f.loc)}: {f.message}"
-                                    if f.loc else f.message))
+            found = Problem(doc.path, doc.line_of(f.loc), f"{_dotted(f.loc)}: {f.message}" if f.loc else f.message)
+        if f.warning:
+            warnings.append(Problem(found.path, found.line, f"warning: {found.message}"))
+        else:
+            problems.append(found)
     if problems:
-        return Loaded(intent=None, resources=resources, problems=sorted(set(problems)))
-    return Loaded(intent=Intent.from_resources(resources), resources=resources)
+        return Loaded(intent=None, resources=resources, problems=sorted(set(problems)), warnings=sorted(warnings))
+    return Loaded(intent=Intent.from_resources(resources), resources=resources, warnings=sorted(warnings))
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------------
