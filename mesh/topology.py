@@ -6,7 +6,12 @@ instances are ready to take traffic. Local runtime and Kubernetes runtime both p
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mesh.intent import Intent
 
 
 @dataclass(frozen=True)
@@ -42,3 +47,25 @@ class ClusterTopology:
     sidecars: tuple[Sidecar, ...] = ()
     ready: frozenset[str] = field(default_factory=frozenset)
     """Node ids of sidecars whose instance may receive traffic (app up, sidecar configured)."""
+
+
+def planned_topology(intent: Intent, cluster: str, *, address: str = "127.0.0.1", base_port: int = 20000
+                     ) -> ClusterTopology:
+    """The topology the intent asks for, every instance ready, with made-up ports.
+
+    What plan and preflight checks render against: deterministic, so two revisions differ only where
+    their intent does."""
+    sidecars = []
+    for (ns, name), w in sorted(intent.workloads.items()):
+        if cluster not in w.spec.clusters:
+            continue
+        for i in range(w.spec.replicas):
+            node_id = f"{cluster}/{ns}/{name}-{i}"
+            # Ports from the node id, so adding one instance does not renumber the others.
+            port = base_port + (zlib.crc32(node_id.encode()) % 10_000) * 3
+            sidecars.append(Sidecar(
+                node_id=node_id, namespace=ns, service=w.spec.service, version=w.spec.version,
+                workload=name, address=address, inbound_port=port, outbound_port=port + 1, app_port=port + 2))
+    return ClusterTopology(
+        cluster=cluster, ingress=Gateway(node_id=f"{cluster}/ingress", address=address, port=base_port - 1),
+        sidecars=tuple(sidecars), ready=frozenset(s.node_id for s in sidecars))

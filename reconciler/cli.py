@@ -27,6 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rev", help="validate this commit instead of the working tree")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("plan", help="what applying a revision would change in each cluster")
+    p.add_argument("--repo", type=Path, default=Path("."), help="the intent repository (a local path)")
+    p.add_argument("--rev", default="HEAD", help="the revision to plan (default: the branch tip)")
+    p.add_argument("--worktree", action="store_true", help="plan the working tree instead of a commit")
+    p.add_argument("--from", dest="base", help="compare with this revision (default: what `up` applied, "
+                   "from --state-dir; else nothing)")
+    p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("up", help="run the mesh locally (foreground; Ctrl-C stops everything)")
     p.add_argument("--repo", required=True, help="path or URL (file://, https://) of the intent repository")
     p.add_argument("--branch", help="branch to follow (default: the repository's HEAD branch)")
@@ -97,6 +107,40 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for r in loaded.resources:
         kinds[r.key[0]] = kinds.get(r.key[0], 0) + 1
     print("valid: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from reconciler.gitsource import GitError, Pygit2Source
+    from reconciler.load import load, read_worktree
+    from reconciler.plan import plan, render_text, to_json
+    from reconciler.state import STATUS_FILE, read_json
+
+    try:
+        source = Pygit2Source.open(str(args.repo))
+        new_sha = "worktree" if args.worktree else source.resolve(args.rev)
+        new = load(read_worktree(args.repo) if args.worktree else source.read_tree(new_sha))
+        base = args.base
+        if base is None:
+            try:
+                base = read_json(args.state_dir / STATUS_FILE)["revision"]["applied"]
+            except (OSError, ValueError, KeyError):
+                base = None
+        base = source.resolve(base) if base else None
+        old = load(source.read_tree(base)) if base else None
+    except GitError as exc:
+        print(f"{args.repo}:0: {exc}", file=sys.stderr)
+        return 1
+    if new.intent is None:
+        for problem in new.problems:
+            print(problem, file=sys.stderr)
+        print(f"invalid: {len(new.problems)} error(s); nothing would be applied", file=sys.stderr)
+        return 1
+    plans = plan(old=old.intent if old else None, new=new.intent)
+    if args.json:
+        print(json.dumps(to_json(plans, old=base, new=new_sha), indent=2))
+    else:
+        print(render_text(plans, old=base, new=new_sha))
     return 0
 
 
