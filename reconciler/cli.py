@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="validate intent: exit 0, or 1 with `path:line: message` on stderr")
     p.add_argument("dir", type=Path, nargs="?", default=Path("."))
     p.add_argument("--rev", help="validate this commit instead of the working tree")
+    p.add_argument("--no-envoy", action="store_true",
+                   help="skip asking Envoy itself (`envoy --mode validate`) to check the rendered config")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="what applying a revision would change in each cluster")
@@ -98,6 +100,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.dir}:0: {exc}", file=sys.stderr)
         return 1
     loaded = load(files)
+    if loaded.intent is not None and not args.no_envoy:
+        import asyncio
+
+        from reconciler.envoycheck import check_with_envoy, locate
+
+        loaded.problems += locate(asyncio.run(check_with_envoy(loaded.intent)), loaded)
     for problem in sorted([*loaded.problems, *loaded.warnings]):
         print(problem, file=sys.stderr)
     if not loaded.ok:

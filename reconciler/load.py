@@ -55,6 +55,15 @@ class Loaded:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
     """Reported (`path:line: warning: ...`) but they do not make the revision invalid."""
+    origins: list[_Doc] = field(default_factory=list, repr=False)
+    """Where each of `resources` was written (same order)."""
+
+    def where(self, resource: ResourceBase, loc: Loc = ()) -> tuple[str, int]:
+        """File and line of a field of a loaded resource."""
+        for r, doc in zip(self.resources, self.origins, strict=True):
+            if r is resource:
+                return doc.path, doc.line_of(loc)
+        return ".", 0
 
     @property
     def ok(self) -> bool:
@@ -109,8 +118,10 @@ def load(files: Mapping[str, bytes]) -> Loaded:
         else:
             problems.append(found)
     if problems:
-        return Loaded(intent=None, resources=resources, problems=sorted(set(problems)), warnings=sorted(warnings))
-    return Loaded(intent=Intent.from_resources(resources), resources=resources, warnings=sorted(warnings))
+        return Loaded(intent=None, resources=resources, problems=sorted(set(problems)), warnings=sorted(warnings),
+                      origins=origin)
+    return Loaded(intent=Intent.from_resources(resources), resources=resources, warnings=sorted(warnings),
+                  origins=origin)
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------------
