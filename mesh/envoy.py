@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -178,4 +179,6 @@ async def validate_config(config: dict[str, Any], *, workdir: Path, timeout: flo
     text = out.decode(errors="replace").strip()
     lines = [ln for ln in text.splitlines() if ln.strip()]
     message = next((ln for ln in lines if "error initializing configuration" in ln), lines[-1] if lines else text)
-    return message.split("': ", 1)[-1].strip() if "error initializing configuration" in message else message
+    message = message.split("': ", 1)[-1] if "error initializing configuration" in message else message
+    # protobuf appends a randomised marker (goo.gle/debugproto, goo.gle/debugstr) to discourage parsing.
+    return re.sub(r"\s*goo\.gle/debug\w+", "", message).strip()

@@ -133,13 +133,15 @@ class _StreamState:
 
     def _response(self, snapshot: Snapshot, type_url: str, names: frozenset[str]) -> DiscoveryResponse:
         items = snapshot.items(type_url)
-        chosen = items.values() if type_url in WILDCARD_TYPES else [items[n] for n in items if n in names]
+        digests = snapshot.digests[type_url]
+        chosen = list(items) if type_url in WILDCARD_TYPES else [n for n in items if n in names]
         self._nonce += 1
         nonce = str(self._nonce)
         version = snapshot.version(type_url)
         self._sent[type_url] = _Sent(version=version, names=names, nonce=nonce)
         response = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce)
-        response.resources.extend(xds.to_any(type_url, r) for r in chosen)
+        response.resources.extend(
+            xds.to_any(type_url, items[n], content_digest=digests[n]) for n in chosen)
         return response
 
 

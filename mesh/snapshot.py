@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -46,6 +47,33 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical(value)).hexdigest()[:16]
 
 
+class _DigestMemo:
+    """Digests of resource objects, by identity. Render shares one dict between every proxy that needs
+    the same resource (1000 clusters x 100 sidecars are 1000 objects), so each is serialised once.
+
+    Holding a reference to each object keeps its id from being reused while it is remembered; resources
+    are never mutated after render, which is what makes identity a valid key."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: OrderedDict[int, tuple[Any, str]] = OrderedDict()
+        self._maxsize = maxsize
+
+    def __call__(self, value: Any) -> str:
+        key = id(value)
+        hit = self._items.get(key)
+        if hit is not None and hit[0] is value:
+            self._items.move_to_end(key)
+            return hit[1]
+        d = digest(value)
+        self._items[key] = (value, d)
+        if len(self._items) > self._maxsize:
+            self._items.popitem(last=False)
+        return d
+
+
+resource_digest = _DigestMemo(maxsize=200_000)
+
+
 class InconsistentSnapshot(ValueError):
     """A listener or cluster names a route configuration or endpoint set the snapshot does not hold."""
 
@@ -58,15 +86,20 @@ class Snapshot:
     revision: str = ""
     """The Git revision this snapshot was rendered from (a label, not part of any version)."""
     versions: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    digests: Mapping[str, Mapping[str, str]] = field(init=False, repr=False, compare=False)
+    """Per resource: type URL -> name -> digest of its content (what the ADS server's caches key on)."""
 
     def __post_init__(self) -> None:
         frozen = MappingProxyType(
             {t: MappingProxyType(dict(sorted(self.resources.get(t, {}).items()))) for t in PUSH_ORDER}
         )
+        digests = MappingProxyType({
+            t: MappingProxyType({name: resource_digest(r) for name, r in frozen[t].items()}) for t in PUSH_ORDER
+        })
         object.__setattr__(self, "resources", frozen)
-        object.__setattr__(
-            self, "versions", MappingProxyType({t: digest(dict(frozen[t])) for t in PUSH_ORDER})
-        )
+        object.__setattr__(self, "digests", digests)
+        # A type's version: the hash of its (name, content digest) pairs, so it changes iff any resource does.
+        object.__setattr__(self, "versions", MappingProxyType({t: digest(dict(digests[t])) for t in PUSH_ORDER}))
 
     @staticmethod
     def of(

@@ -107,9 +107,11 @@ def _label(type_url: str, resource: Resource) -> str:
     return f"{short} {name!r}"
 
 
-def to_any(type_url: str, resource: Resource) -> any_pb2.Any:
-    """Pack one JSON resource. Unchanged resources come from the LRU; treat the result as read-only."""
-    key = (type_url, digest(_plain(resource)))
+def to_any(type_url: str, resource: Resource, *, content_digest: str | None = None) -> any_pb2.Any:
+    """Pack one JSON resource. Unchanged resources come from the LRU; treat the result as read-only.
+
+    Pass the resource's digest when known (Snapshot.digests) to skip serialising it again."""
+    key = (type_url, content_digest or digest(_plain(resource)))
     packed = _cache.get(key)
     if packed is None:
         packed = any_pb2.Any()

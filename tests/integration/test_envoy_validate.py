@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from mesh.render import Extension, Proxy
 from reconciler.envoycheck import check_with_envoy, locate
 from reconciler.load import load, read_worktree
 
 pytestmark = pytest.mark.integration
 TEMPLATE = Path(__file__).resolve().parents[2] / "repo-template"
 
-# Valid RE2 (our own check passes it), but larger than Envoy's default max program size (100).
-BIG_REGEX = """\
-  http:
-    - name: big
-      match: [{uri: {regex: "/(a|b|c|d){300}x{300}"}}]
-      route: [{version: v2}]
-    - name: default"""
+
+
+class BreakOneCluster(Extension):
+    """Stands for any rendering Envoy refuses that our own checks let through."""
+
+    def cluster(self, proxy: Proxy, cluster: dict[str, Any]) -> dict[str, Any]:
+        if cluster["name"] == "outbound|reviews.shop|v2":
+            return {**cluster, "connect_timeout": "-1s"}
+        return cluster
 
 
 def test_template_passes_envoy_itself() -> None:
@@ -28,17 +32,12 @@ def test_template_passes_envoy_itself() -> None:
     assert asyncio.run(check_with_envoy(loaded.intent)) == []
 
 
-def test_envoy_rejection_is_located_at_the_rule() -> None:
-    files = read_worktree(TEMPLATE)
-    routes = files["routes.yaml"].decode()
-    marker = "  hosts: [reviews.example.com]\n  http:\n    - name: default"
-    assert marker in routes
-    files["routes.yaml"] = routes.replace(marker, "  hosts: [reviews.example.com]\n" + BIG_REGEX).encode()
-    loaded = load(files)
-    assert loaded.intent is not None, loaded.problems  # our own checks accept it...
-    rejections = asyncio.run(check_with_envoy(loaded.intent))
-    assert {r.kind for r in rejections} == {"route"}
-    assert {r.name.split(" > ", 1)[1] for r in rejections} == {"reviews.shop > big"}
-    [problem] = locate(rejections, loaded)  # ...Envoy does not, and the error names the rule's line
-    assert (problem.path, problem.line) == ("routes.yaml", 24)
-    assert "RE2 program size" in problem.message and "'reviews.shop > big'" in problem.message
+def test_envoy_rejection_is_narrowed_to_the_resource_and_located() -> None:
+    loaded = load(read_worktree(TEMPLATE))
+    assert loaded.intent is not None
+    rejections = asyncio.run(check_with_envoy(loaded.intent, extensions=[BreakOneCluster()]))
+    assert {(r.kind, r.name) for r in rejections} == {("cluster", "outbound|reviews.shop|v2")}
+    assert all("duration" in r.message.lower() for r in rejections), rejections
+    [problem] = locate(rejections, loaded)  # one culprit, though every proxy has the cluster
+    assert (problem.path, problem.line) == ("services.yaml", 17)  # the reviews Service's spec
+    assert problem.message.startswith("Envoy would reject cluster 'outbound|reviews.shop|v2': ")
