@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
 
 from mesh import xds
 from mesh.cache import SnapshotCache
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 EMPTY = Snapshot.of()
 
 DiscoveryRequest = Any  # envoy.service.discovery.v3.DiscoveryRequest (the generated modules are untyped)
-DiscoveryResponse = Any
+DiscoveryResponse = Any  # what tests and callers receive: our `Response`
 
 
 class ProtocolError(ValueError):
@@ -139,10 +140,49 @@ class _StreamState:
         nonce = str(self._nonce)
         version = snapshot.version(type_url)
         self._sent[type_url] = _Sent(version=version, names=names, nonce=nonce)
-        response = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce)
-        response.resources.extend(
-            xds.to_any(type_url, items[n], content_digest=digests[n]) for n in chosen)
-        return response
+        parts = [xds.to_any_bytes(type_url, items[n], content_digest=digests[n]) for n in chosen]
+        return Response(type_url=type_url, version_info=version, nonce=nonce, parts=parts)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: tag, varint length, bytes."""
+    out = bytearray([(number << 3) | 2])
+    n = len(payload)
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + payload
+
+
+@dataclass(frozen=True)
+class Response:
+    """A DiscoveryResponse whose resources are already serialised `Any`s.
+
+    Serialising is a byte join of cached pieces (DiscoveryResponse: version_info = 1, resources = 2,
+    type_url = 4, nonce = 5), so sending one big configuration to a hundred proxies costs a hundred
+    memcpys rather than a hundred proto builds."""
+
+    type_url: str
+    version_info: str
+    nonce: str
+    parts: list[bytes]
+
+    def SerializeToString(self) -> bytes:  # the protobuf spelling, so gRPC can treat it alike
+        return b"".join([_field(1, self.version_info.encode()), *(_field(2, p) for p in self.parts),
+                         _field(4, self.type_url.encode()), _field(5, self.nonce.encode())])
+
+    @property
+    def resources(self) -> list[Any]:
+        """The resources as `Any` messages (for tests and logs; the wire path never builds these)."""
+        return [any_pb2.Any.FromString(p) for p in self.parts]
+
+
+_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
+def _serialize(response: Any) -> bytes:
+    return bytes(response.SerializeToString())
 
 
 _WAKE = object()
@@ -216,7 +256,17 @@ class AdsServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ]
         )
-        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(_AdsServicer(self._cache), server)
+        servicer = _AdsServicer(self._cache)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                servicer.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=_serialize),
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                servicer.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=_serialize),
+        }),))
         host = f"[{self._host}]" if ":" in self._host else self._host
         port = int(server.add_insecure_port(f"{host}:{self._port}"))
         if port == 0:

@@ -44,12 +44,12 @@ class _AnyCache:
 
     def __init__(self, maxsize: int) -> None:
         self._maxsize = maxsize
-        self._items: OrderedDict[tuple[str, str], any_pb2.Any] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], bytes] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple[str, str]) -> any_pb2.Any | None:
+    def get(self, key: tuple[str, str]) -> bytes | None:
         with self._lock:
             found = self._items.get(key)
             if found is None:
@@ -59,7 +59,7 @@ class _AnyCache:
             self.hits += 1
             return found
 
-    def put(self, key: tuple[str, str], value: any_pb2.Any) -> None:
+    def put(self, key: tuple[str, str], value: bytes) -> None:
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
@@ -72,7 +72,7 @@ class _AnyCache:
             self.hits = self.misses = 0
 
 
-_cache = _AnyCache(maxsize=8192)
+_cache = _AnyCache(maxsize=65536)
 
 
 def message_class(type_url: str) -> type[Message]:
@@ -107,17 +107,24 @@ def _label(type_url: str, resource: Resource) -> str:
     return f"{short} {name!r}"
 
 
-def to_any(type_url: str, resource: Resource, *, content_digest: str | None = None) -> any_pb2.Any:
-    """Pack one JSON resource. Unchanged resources come from the LRU; treat the result as read-only.
+def to_any_bytes(type_url: str, resource: Resource, *, content_digest: str | None = None) -> bytes:
+    """One JSON resource as a serialised `google.protobuf.Any`, memoised by content digest.
 
-    Pass the resource's digest when known (Snapshot.digests) to skip serialising it again."""
+    The ADS server assembles responses from these bytes, so a resource shared by a hundred proxies is
+    converted and serialised once. Pass the digest when known (Snapshot.digests) to skip re-hashing."""
     key = (type_url, content_digest or digest(_plain(resource)))
     packed = _cache.get(key)
     if packed is None:
-        packed = any_pb2.Any()
-        packed.Pack(_parse(type_url, resource))
+        holder = any_pb2.Any()
+        holder.Pack(_parse(type_url, resource))
+        packed = holder.SerializeToString(deterministic=True)
         _cache.put(key, packed)
     return packed
+
+
+def to_any(type_url: str, resource: Resource, *, content_digest: str | None = None) -> any_pb2.Any:
+    """Pack one JSON resource (a fresh message each call; the serialised form is what is cached)."""
+    return any_pb2.Any.FromString(to_any_bytes(type_url, resource, content_digest=content_digest))
 
 
 def check(type_url: str, resource: Resource) -> None:

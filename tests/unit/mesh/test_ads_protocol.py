@@ -425,7 +425,8 @@ def test_set_threadsafe_needs_a_loop() -> None:
 
 def test_to_any_is_memoised_and_check_names_the_bad_resource() -> None:
     r = route("web", {"v1": 100})
-    assert xds.to_any(ROUTE, r) is xds.to_any(ROUTE, dict(r))
+    assert xds.to_any_bytes(ROUTE, r) is xds.to_any_bytes(ROUTE, dict(r))  # converted once, by content
+    assert xds.to_any(ROUTE, r) == xds.to_any(ROUTE, dict(r))
     bad = {"name": "web", "virtual_hosts": [{"name": "all", "domians": ["*"]}]}
     with pytest.raises(ValueError, match=r"RouteConfiguration 'web'.*domians"):
         xds.check(ROUTE, bad)
@@ -444,3 +445,17 @@ def test_bootstrap_parses_as_envoy_bootstrap() -> None:
     assert msg.static_resources.clusters[0].typed_extension_protocol_options
     argv = envoy_argv(config_path=Path("/tmp/x.json"))
     assert "--disable-hot-restart" in argv and argv[argv.index("--concurrency") + 1] == "1"
+
+
+def test_response_wire_bytes_are_what_protobuf_would_send() -> None:
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from mesh.server import Response
+
+    big = "x" * 300  # long enough for a multi-byte varint length
+    snap = Snapshot.of(clusters=[{"name": f"c{i}-{big}", "type": "STATIC", "connect_timeout": "1s"} for i in range(3)])
+    parts = [xds.to_any_bytes(CLUSTER, r) for r in snap.items(CLUSTER).values()]
+    ours = Response(type_url=CLUSTER, version_info=snap.version(CLUSTER), nonce="7", parts=parts)
+    theirs = discovery_pb2.DiscoveryResponse(version_info=snap.version(CLUSTER), type_url=CLUSTER, nonce="7")
+    theirs.resources.extend(xds.to_any(CLUSTER, r) for r in snap.items(CLUSTER).values())
+    assert discovery_pb2.DiscoveryResponse.FromString(ours.SerializeToString()) == theirs
