@@ -31,6 +31,8 @@ demo: install
 
 bench: install
 	$(PY) bench/propagation.py
+	$(PY) bench/dataplane.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) .lockgate *.egg-info
