@@ -181,3 +181,51 @@ def split(client: Client, host: str, n: int) -> Counter[str]:
         status, body = client.get(host)
         seen[reviews_version(body) if status == 200 else f"HTTP {status}"] += 1
     return seen
+
+
+# --- helpers for traffic-management scenarios (e2e/test_traffic.py) -----------------------------------
+
+
+def envoy_stats(admin: str, contains: str = "") -> dict[str, int]:
+    """Counters and gauges from an Envoy admin `/stats` (`host:port`), optionally only names containing
+    `contains` (matched here, not by Envoy's regex filter, so `|` in cluster names needs no escaping)."""
+    host, port = admin.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", "/stats")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        name, sep, value = line.rpartition(": ")
+        if sep and contains in name and value.strip().isdigit():
+            out[name] = int(value)
+    return out
+
+
+def proxy_admin(status: dict[str, Any], *, service: str | None = None, version: str | None = None) -> str:
+    """Admin address of the ingress (no service given) or of the first instance of service/version."""
+    proxies = {p["id"]: p for c in status["clusters"] for p in c["proxies"]}
+    if service is None:
+        return str(next(p["admin"] for p in proxies.values() if p["kind"] == "ingress"))
+    wid = next(w["id"] for w in status["workloads"]
+               if w["service"] == service and (version is None or w["version"] == version))
+    return str(proxies[wid]["admin"])
+
+
+def request(address: tuple[str, int], host: str, path: str = "/", headers: dict[str, str] | None = None,
+            timeout: float = 5.0) -> tuple[int, dict[str, str], Any]:
+    """One GET on a fresh connection: (status, lower-cased headers, JSON body or text)."""
+    conn = http.client.HTTPConnection(*address, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host, **(headers or {})})
+        resp = conn.getresponse()
+        body = resp.read()
+        head = {k.lower(): v for k, v in resp.getheaders()}
+    finally:
+        conn.close()
+    try:
+        return resp.status, head, json.loads(body)
+    except ValueError:
+        return resp.status, head, body.decode(errors="replace")

@@ -8,13 +8,17 @@ snake_case in Python.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    field_validator,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -33,12 +37,26 @@ def parse_duration_ms(text: str) -> int:
     return round(float(m.group(1)) * _UNIT_MS[m.group(2)])
 
 
+MAX_DURATION_MS = 86_400_000
+"""A day: longer is a typo (`2h` for `2s`) rather than an intent, and nothing here needs it."""
+
+
 def _check_duration(text: str) -> str:
-    parse_duration_ms(text)
+    if parse_duration_ms(text) > MAX_DURATION_MS:
+        raise ValueError(f"duration {text!r} is out of range: at most 24h")
+    return text
+
+
+def _check_positive(text: str) -> str:
+    if parse_duration_ms(text) < 1:
+        raise ValueError(f"duration {text!r} is out of range: at least 1ms (Envoy rejects zero here)")
     return text
 
 
 Duration = Annotated[str, AfterValidator(_check_duration)]
+"""0 to 24h."""
+PositiveDuration = Annotated[str, AfterValidator(_check_duration), AfterValidator(_check_positive)]
+"""1ms to 24h."""
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
 
 
@@ -111,6 +129,9 @@ class WorkloadSpec(Model):
     env: dict[str, str] = Field(default_factory=dict)
     service_account: Name | None = None
     """Identity in the SPIFFE id (spiffe://<td>/ns/<ns>/sa/<serviceAccount>); defaults to the service name."""
+    egress: list[str] | None = None
+    """Services this workload calls (`svc` in its namespace, or `svc.ns`); its sidecar gets only their
+    routes and clusters. Absent: every service."""
 
 
 # --- Route ------------------------------------------------------------------------------------------
@@ -131,14 +152,57 @@ class StringMatch(Model):
         return self
 
 
+class PresenceMatch(Model):
+    """A header or query parameter condition: a StringMatch, or `present: true` (any value, even empty)."""
+
+    exact: str | None = None
+    prefix: str | None = None
+    regex: str | None = None
+    present: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PresenceMatch:
+        given = [k for k in ("exact", "prefix", "regex", "present") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of exact, prefix, regex, present (got {', '.join(given) or 'none'})")
+        if self.present is False:
+            raise ValueError("present: false is not supported; write `present: true`, or leave the condition out")
+        return self
+
+
+Method = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"]
+
+
 class HTTPMatch(Model):
     """All conditions of one match must hold."""
 
     uri: StringMatch | None = None
-    headers: dict[str, StringMatch] = Field(default_factory=dict)
-    method: Literal["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"] | None = (
-        None
-    )
+    headers: dict[str, PresenceMatch] = Field(default_factory=dict)
+    """Header name -> condition; names are case-insensitive."""
+    query_params: dict[str, PresenceMatch] = Field(default_factory=dict)
+    """Query parameter name -> condition (on the decoded value)."""
+    method: Method | None = None
+
+
+def _unwrap(key: str) -> Callable[[Any], Any]:
+    """Accept Istio's wrapped form too (`percentage: {value: 10}`, `body: {string: ..}`)."""
+
+    def unwrap(value: Any) -> Any:
+        if isinstance(value, dict) and set(value) == {key}:
+            return value[key]
+        return value
+
+    return unwrap
+
+
+def _check_percentage(value: float) -> float:
+    if not 0.0 <= value <= 100.0:  # also rejects NaN
+        raise ValueError(f"percentage must be between 0 and 100, got {value:g}")
+    return value
+
+
+Percentage = Annotated[float, BeforeValidator(_unwrap("value")), AfterValidator(_check_percentage)]
+"""0-100, as a number or Istio's `{value: N}`; fractions are kept to 1/10000 of a percent."""
 
 
 class Destination(Model):
@@ -146,10 +210,108 @@ class Destination(Model):
     weight: int = Field(default=100, ge=0, le=100)
 
 
+class RetryBackoff(Model):
+    base_interval: PositiveDuration
+    """First retry waits a random time up to this, doubling per retry (Envoy's exponential backoff)."""
+    max_interval: PositiveDuration | None = None
+    """Cap on the wait; at least baseInterval (Envoy's default: 10 x baseInterval)."""
+
+
 class Retries(Model):
     attempts: int = Field(ge=0, le=10)
+    """Retries after the first try (Envoy's num_retries)."""
     per_try_timeout: Duration | None = None
     retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,5xx"
+    """Comma-separated Envoy retry conditions; a bare status code (`503`) retries on that status."""
+    backoff: RetryBackoff | None = None
+
+
+class FaultDelay(Model):
+    percentage: Percentage
+    """Required: Istio reads a missing percentage as 0 (never), which is rarely what was meant."""
+    fixed_delay: PositiveDuration
+
+
+class FaultAbort(Model):
+    percentage: Percentage
+    http_status: int = Field(ge=200, le=599)
+
+
+class Fault(Model):
+    """Injected by the proxy that routes the request, before it reaches any destination."""
+
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+    @model_validator(mode="after")
+    def _some(self) -> Fault:
+        if self.delay is None and self.abort is None:
+            raise ValueError("give delay, abort or both")
+        return self
+
+
+class Mirror(Model):
+    """Copies of the requests go to this version too; its answers are dropped."""
+
+    version: Name
+    percentage: Percentage = 100.0
+
+
+class Rewrite(Model):
+    uri: str | None = None
+    """Replaces the matched path prefix (the whole path for exact and regex matches)."""
+    authority: str | None = None
+    """Replaces the Host header."""
+
+    @model_validator(mode="after")
+    def _some(self) -> Rewrite:
+        if self.uri is None and self.authority is None:
+            raise ValueError("give uri, authority or both")
+        return self
+
+
+REDIRECT_CODES = {301: "MOVED_PERMANENTLY", 302: "FOUND", 303: "SEE_OTHER", 307: "TEMPORARY_REDIRECT",
+                  308: "PERMANENT_REDIRECT"}
+
+
+class Redirect(Model):
+    uri: str | None = None
+    """Replaces the path (the query is kept unless this one has its own)."""
+    authority: str | None = None
+    redirect_code: int = Field(default=301, validation_alias=AliasChoices("redirectCode", "responseCode"))
+    """Istio's name; `responseCode` is accepted too."""
+
+    @field_validator("redirect_code")
+    @classmethod
+    def _code(cls, code: int) -> int:
+        if code not in REDIRECT_CODES:
+            raise ValueError(f"must be one of {', '.join(map(str, REDIRECT_CODES))}, got {code}")
+        return code
+
+    @model_validator(mode="after")
+    def _some(self) -> Redirect:
+        if self.uri is None and self.authority is None:
+            raise ValueError("give uri, authority or both")
+        return self
+
+
+class DirectResponse(Model):
+    status: int = Field(ge=200, le=599)
+    body: Annotated[str | None, BeforeValidator(_unwrap("string"))] = None
+    """Inline text, or Istio's `{string: ..}`."""
+
+
+class HeaderOperations(Model):
+    set: dict[str, str] = Field(default_factory=dict)
+    """Overwrite (or add) these headers."""
+    add: dict[str, str] = Field(default_factory=dict)
+    """Append a value, keeping any existing one."""
+    remove: list[str] = Field(default_factory=list)
+
+
+class Headers(Model):
+    request: HeaderOperations | None = None
+    response: HeaderOperations | None = None
 
 
 class HTTPRule(Model):
@@ -158,8 +320,17 @@ class HTTPRule(Model):
     """Any match selects the rule; no match list means every request."""
     route: list[Destination] = Field(default_factory=list)
     """Weighted destinations; may be left out only in the default rule of a service a Rollout governs."""
+    redirect: Redirect | None = None
+    """Answer with a redirect instead of routing (instead of `route`)."""
+    direct_response: DirectResponse | None = None
+    """Answer directly instead of routing (instead of `route`)."""
     timeout: Duration | None = None
+    """Whole request, retries included; 0s disables."""
     retries: Retries | None = None
+    fault: Fault | None = None
+    mirror: Mirror | None = None
+    rewrite: Rewrite | None = None
+    headers: Headers | None = None
 
 
 class RouteSpec(Model):
@@ -168,6 +339,102 @@ class RouteSpec(Model):
     """Host names exposed at each cluster's ingress gateway."""
     http: list[HTTPRule] = Field(min_length=1)
     """Rules in order: the first rule whose match holds wins."""
+
+
+# --- TrafficPolicy ----------------------------------------------------------------------------------
+
+
+class HTTPCookie(Model):
+    name: str = Field(min_length=1)
+    ttl: Duration | None = None
+    """When set, the proxy sets the cookie if the request lacks it (0s: a session cookie)."""
+    path: str | None = None
+
+
+class ConsistentHash(Model):
+    """Exactly one hash key; requests with the same key go to the same instance (ring hash)."""
+
+    http_header_name: str | None = None
+    http_cookie: HTTPCookie | None = None
+    http_query_parameter_name: str | None = None
+    use_source_ip: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ConsistentHash:
+        keys = ("http_header_name", "http_cookie", "http_query_parameter_name", "use_source_ip")
+        given = [to_camel(k) for k in keys if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of httpHeaderName, httpCookie, httpQueryParameterName, "
+                             f"useSourceIp (got {', '.join(given) or 'none'})")
+        return self
+
+
+class LoadBalancer(Model):
+    simple: Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"] | None = None
+    consistent_hash: ConsistentHash | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> LoadBalancer:
+        if (self.simple is None) == (self.consistent_hash is None):
+            raise ValueError("give exactly one of simple, consistentHash")
+        return self
+
+
+class TCPSettings(Model):
+    max_connections: int | None = Field(default=None, ge=1)
+    connect_timeout: PositiveDuration | None = None
+
+
+class HTTPSettings(Model):
+    http1_max_pending_requests: int | None = Field(default=None, ge=1)
+    """Requests waiting for a connection; beyond it the proxy answers 503 (x-envoy-overloaded)."""
+    http2_max_requests: int | None = Field(default=None, ge=1)
+    """Requests in flight to the destination (any protocol)."""
+    max_requests_per_connection: int | None = Field(default=None, ge=1)
+    max_retries: int | None = Field(default=None, ge=0)
+    """Retries in flight to the destination at once."""
+
+
+class ConnectionPool(Model):
+    tcp: TCPSettings | None = None
+    http: HTTPSettings | None = None
+
+
+class OutlierDetection(Model):
+    consecutive_5xx_errors: int | None = Field(default=None, ge=0, alias="consecutive5xxErrors")
+    """Eject an instance after this many 5xx answers in a row (0 disables)."""
+    interval: PositiveDuration | None = None
+    """Time between ejection sweeps."""
+    base_ejection_time: PositiveDuration | None = None
+    """An ejection lasts this times the number of times the instance was ejected."""
+    max_ejection_percent: int | None = Field(default=None, ge=0, le=100)
+
+
+class PolicySettings(Model):
+    """What a DestinationRule's trafficPolicy holds; a version's settings replace the service's per field."""
+
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+
+
+class VersionPolicy(PolicySettings):
+    version: Name
+
+
+class TrafficPolicySpec(PolicySettings):
+    service: Name
+    versions: list[VersionPolicy] = Field(default_factory=list)
+
+    def settings(self, version: str | None) -> PolicySettings:
+        """The service's settings with one version's overrides (each of the three fields replaced whole)."""
+        base = PolicySettings(load_balancer=self.load_balancer, connection_pool=self.connection_pool,
+                              outlier_detection=self.outlier_detection)
+        over = next((v for v in self.versions if v.version == version), None)
+        if over is None:
+            return base
+        changes = {k: getattr(over, k) for k in PolicySettings.model_fields if getattr(over, k) is not None}
+        return base.model_copy(update=changes)
 
 
 # --- Envelopes --------------------------------------------------------------------------------------
@@ -209,12 +476,18 @@ class Route(ResourceBase):
     spec: RouteSpec
 
 
-Resource = Mesh | Service | Workload | Route
+class TrafficPolicy(ResourceBase):
+    kind: Literal["TrafficPolicy"]
+    spec: TrafficPolicySpec
+
+
+Resource = Mesh | Service | Workload | Route | TrafficPolicy
 KINDS: dict[str, type[ResourceBase]] = {
     "Mesh": Mesh,
     "Service": Service,
     "Workload": Workload,
     "Route": Route,
+    "TrafficPolicy": TrafficPolicy,
 }
 
 
@@ -232,6 +505,8 @@ class Intent(BaseModel):
     workloads: dict[tuple[str, str], Workload]
     routes: dict[tuple[str, str], Route]
     """(namespace, service) -> the one Route governing that service."""
+    traffic_policies: dict[tuple[str, str], TrafficPolicy] = Field(default_factory=dict)
+    """(namespace, service) -> the one TrafficPolicy of that service."""
     resources: tuple[Any, ...] = ()
     """Every valid resource of the revision, including kinds of higher layers, in file order."""
 
@@ -250,4 +525,7 @@ class Intent(BaseModel):
                 (r.metadata.namespace, r.metadata.name): r for r in resources if isinstance(r, Workload)
             },
             routes={(r.metadata.namespace, r.spec.service): r for r in resources if isinstance(r, Route)},
+            traffic_policies={
+                (r.metadata.namespace, r.spec.service): r for r in resources if isinstance(r, TrafficPolicy)
+            },
         )

@@ -7,10 +7,25 @@ versions meaningful and golden tests possible.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from mesh.intent import Destination, HTTPMatch, HTTPRule, Intent, Route, Service, StringMatch, parse_duration_ms
+from mesh.intent import (
+    REDIRECT_CODES,
+    Destination,
+    Fault,
+    HeaderOperations,
+    HTTPMatch,
+    HTTPRule,
+    Intent,
+    PolicySettings,
+    PresenceMatch,
+    Retries,
+    Route,
+    Service,
+    StringMatch,
+    parse_duration_ms,
+)
 from mesh.snapshot import HCM, Snapshot
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 
@@ -42,8 +57,25 @@ class Extension:
 
 
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+FAULT_FILTER = "envoy.filters.http.fault"
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 ADS = {"ads": {}, "resource_api_version": "V3"}
 NOT_FOUND_BODY = "lockgate: no route for this host\n"
+
+
+@dataclass
+class _Shared:
+    """What every proxy of one render shares: route entries per service, virtual hosts and route
+    configurations. Sharing objects is what makes a big mesh cheap: each is built, hashed and
+    serialised once, however many proxies carry it (per-resource digests are memoised by identity)."""
+
+    intent: Intent
+    weights: Weights
+    routes: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    vhosts: dict[tuple[str, str, bool], dict[str, Any]] = field(default_factory=dict)
+    faults: dict[tuple[str, str], bool] = field(default_factory=dict)
+    configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -52,6 +84,7 @@ class _Ctx:
     weights: Weights
     extensions: Sequence[Extension]
     proxy: Proxy
+    shared: _Shared
 
     def listener(self, res: dict[str, Any]) -> dict[str, Any]:
         for ext in self.extensions:
@@ -84,22 +117,31 @@ def render(
 
     `weights` overrides the default rule of the services a rollout governs; `extensions` let higher
     layers add filters, transport sockets and secrets."""
-    clusters, endpoints = _outbound_clusters(intent, topology)
+    by_service = _outbound_clusters(intent, topology)
+    shared = _Shared(intent=intent, weights=weights or {})
+    inbound_routes = _inbound_routes()
     out: dict[str, Snapshot] = {}
     proxies: list[Proxy] = [*([topology.ingress] if topology.ingress else []), *topology.sidecars]
     for proxy in proxies:
-        ctx = _Ctx(intent=intent, weights=weights or {}, extensions=extensions, proxy=proxy)
+        ctx = _Ctx(intent=intent, weights=shared.weights, extensions=extensions, proxy=proxy, shared=shared)
         if isinstance(proxy, Gateway):
-            listeners = [_listener("ingress", proxy.address, proxy.port, ingress=True)]
+            exposed = [key for key, r in intent.routes.items() if r.spec.hosts]
+            listeners = [_listener("ingress", proxy.address, proxy.port, ingress=True,
+                                   fault=_any_fault(shared, exposed))]
             routes = [_route_config("ingress", _ingress_vhosts(ctx))]
-            own_clusters = clusters
+            reach = list(by_service)  # the ingress may route to any service (hosts, and their mirrors)
+            own_clusters = [c for key in reach for c in by_service[key][0]]
         else:
+            allowed = egress(intent, proxy)
+            reach = [key for key in by_service if allowed is None or key in allowed]
             listeners = [
                 _listener("inbound", proxy.address, proxy.inbound_port, ingress=False),
-                _listener("outbound", proxy.address, proxy.outbound_port, ingress=False, proxy=True),
+                _listener("outbound", proxy.address, proxy.outbound_port, ingress=False, proxy=True,
+                          fault=_any_fault(shared, reach)),
             ]
-            routes = [_inbound_routes(), _route_config("outbound", _mesh_vhosts(ctx, proxy))]
-            own_clusters = [*clusters, _inbound_cluster(proxy)]
+            routes = [inbound_routes, _outbound_config(ctx, proxy, reach)]
+            own_clusters = [*(c for key in reach for c in by_service[key][0]), _inbound_cluster(proxy)]
+        endpoints = [e for key in reach for e in by_service[key][1]]
         out[proxy.node_id] = Snapshot.of(
             listeners=[ctx.listener(x) for x in listeners],
             routes=routes,
@@ -122,16 +164,57 @@ def duration(ms: int) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms // 1000}.{ms % 1000:03d}s"
 
 
+def _duration(text: str) -> str:
+    return duration(parse_duration_ms(text))
+
+
+def egress(intent: Intent, sidecar: Sidecar) -> frozenset[tuple[str, str]] | None:
+    """(namespace, service) pairs a sidecar's workload may call; None when its Workload does not say."""
+    workload = intent.workloads.get((sidecar.namespace, sidecar.workload))
+    if workload is None or workload.spec.egress is None:
+        return None
+    return frozenset(egress_key(name, sidecar.namespace) for name in workload.spec.egress)
+
+
+def egress_key(name: str, namespace: str) -> tuple[str, str]:
+    """`svc` (in the workload's own namespace) or `svc.ns` -> (ns, svc)."""
+    svc, _, ns = name.partition(".")
+    return (ns or namespace, svc)
+
+
+def fractional(percentage: float) -> dict[str, Any]:
+    """0-100 -> Envoy FractionalPercent: per hundred when whole, else per million (1/10000 of a percent)."""
+    if percentage == int(percentage):
+        return {"numerator": int(percentage), "denominator": "HUNDRED"}
+    return {"numerator": round(percentage * 10_000), "denominator": "MILLION"}
+
+
 # --- listeners and route configurations -------------------------------------------------------------
 
 
-def _listener(name: str, address: str, port: int, *, ingress: bool, proxy: bool = False) -> dict[str, Any]:
+def _any_fault(shared: _Shared, services: Sequence[tuple[str, str]]) -> bool:
+    """Does any rule of these services inject faults (memoised per service for the render)?"""
+    def has(key: tuple[str, str]) -> bool:
+        found = shared.faults.get(key)
+        if found is None:
+            r = shared.intent.routes.get(key)
+            found = shared.faults[key] = r is not None and any(rule.fault is not None for rule in r.spec.http)
+        return found
+
+    return any(has(key) for key in services)
+
+
+def _listener(name: str, address: str, port: int, *, ingress: bool, proxy: bool = False, fault: bool = False
+              ) -> dict[str, Any]:
+    router = {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
     hcm: dict[str, Any] = {
         "@type": HCM,
         "stat_prefix": name,
         "codec_type": "AUTO",
         "rds": {"route_config_name": name, "config_source": ADS},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}],
+        # The fault filter only where a route this listener serves injects faults: a filter in the
+        # chain costs every request, faults or not.
+        "http_filters": [{"name": FAULT_FILTER, "typed_config": {"@type": FAULT}}, router] if fault else [router],
     }
     if ingress:
         hcm["use_remote_address"] = True
@@ -177,25 +260,65 @@ def _ingress_vhosts(ctx: _Ctx) -> list[dict[str, Any]]:
     return vhosts
 
 
-def _mesh_vhosts(ctx: _Ctx, me: Sidecar) -> list[dict[str, Any]]:
-    """One virtual host per Service, addressed as `svc.ns` (and `svc` inside its own namespace)."""
+def _outbound_config(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The sidecar's outbound route configuration; one shared object for every sidecar of the same
+    namespace and egress whose extensions leave the routes alone."""
+    key = (me.namespace, tuple(sorted(reach)))
+    vhosts, shared = _mesh_vhosts(ctx, me, key[1])
+    if not shared:
+        return _route_config("outbound", vhosts)
+    config = ctx.shared.configs.get(key)
+    if config is None:
+        config = ctx.shared.configs[key] = _route_config("outbound", vhosts)
+    return config
+
+
+def _mesh_vhosts(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> tuple[list[dict[str, Any]], bool]:
+    """One virtual host per Service it may call, addressed as `svc.ns` (and `svc` inside its own namespace).
+
+    Also says whether every virtual host is the shared one (no extension changed a route for this proxy)."""
     vhosts = []
-    for (ns, svc), service in sorted(ctx.intent.services.items()):
-        names = [f"{svc}.{ns}"] + ([svc] if ns == me.namespace else [])
-        domains = sorted({d for n in names for d in (n, f"{n}:*")})
+    all_shared = True
+    hooked = any(type(ext).route is not Extension.route for ext in ctx.extensions)
+    for ns, svc in reach:
+        local = ns == me.namespace
+        base = _service_routes(ctx, ns, svc)
+        routes = ([ctx.route(entry, namespace=ns, service=svc, rule=rule) for rule, entry in base] if hooked
+                  else [entry for _, entry in base])
+        memo_key = (ns, svc, local)
+        if not hooked or all(a is b for a, (_, b) in zip(routes, base, strict=True)):
+            vhost = ctx.shared.vhosts.get(memo_key)
+            if vhost is None:
+                vhost = ctx.shared.vhosts[memo_key] = _vhost(ns, svc, local, routes)
+        else:
+            all_shared = False
+            vhost = _vhost(ns, svc, local, routes)
+        vhosts.append(vhost)
+    return vhosts, all_shared
+
+
+def _vhost(ns: str, svc: str, local: bool, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    names = [f"{svc}.{ns}"] + ([svc] if local else [])
+    return {"name": f"{svc}.{ns}", "domains": sorted({d for n in names for d in (n, f"{n}:*")}), "routes": routes}
+
+
+def _service_routes(ctx: _Ctx, ns: str, svc: str) -> list[tuple[str, dict[str, Any]]]:
+    """(rule name, route entry) of one service, before extensions: built once per render."""
+    found = ctx.shared.routes.get((ns, svc))
+    if found is None:
         route = ctx.intent.routes.get((ns, svc))
-        routes = _routes(ctx, route, ns, svc) if route else _default_routes(ctx, service)
-        vhosts.append({"name": f"{svc}.{ns}", "domains": domains, "routes": routes})
-    return vhosts
+        found = _base_routes(ctx, route, ns, svc) if route else _default_base(ctx, ctx.intent.services[(ns, svc)])
+        ctx.shared.routes[(ns, svc)] = found
+    return found
 
 
-def _default_routes(ctx: _Ctx, service: Service) -> list[dict[str, Any]]:
+def _default_base(ctx: _Ctx, service: Service) -> list[tuple[str, dict[str, Any]]]:
     """No Route: every version's instances share the traffic, as in Istio without a VirtualService."""
     ns, svc = service.metadata.namespace, service.metadata.name
     override = ctx.weights.get((ns, svc))
-    action = _action(HTTPRule(route=list(override)), ns, svc) if override else {"cluster": cluster_name(ns, svc)}
-    entry = {"name": "default", "match": {"prefix": "/"}, "route": action}
-    return [ctx.route(entry, namespace=ns, service=svc, rule="default")]
+    entry = {"name": "default", "match": {"prefix": "/"},
+             "route": _action(ctx, HTTPRule(route=list(override or [])), ns, svc)}
+    return [("default", entry)]
 
 
 def default_rule_index(route: Route) -> int | None:
@@ -204,22 +327,51 @@ def default_rule_index(route: Route) -> int | None:
 
 
 def _routes(ctx: _Ctx, route: Route, ns: str, svc: str) -> list[dict[str, Any]]:
+    return [ctx.route(entry, namespace=ns, service=svc, rule=rule) for rule, entry in _service_routes(ctx, ns, svc)]
+
+
+def _base_routes(ctx: _Ctx, route: Route, ns: str, svc: str) -> list[tuple[str, dict[str, Any]]]:
     out = []
     override = ctx.weights.get((ns, svc))
     default = default_rule_index(route) if override else None
     for i, rule in enumerate(route.spec.http):
         if i == default and override:
             rule = rule.model_copy(update={"route": list(override)})
-        action = _action(rule, ns, svc)
+        body = _rule_body(ctx, rule, ns, svc)
         name = rule.name or f"rule-{i}"
         for j, match in enumerate(rule.match or [HTTPMatch()]):
-            entry: dict[str, Any] = {"match": _match(match), "route": action}
+            entry: dict[str, Any] = {"match": _match(match), **body}
             entry["name"] = name if len(rule.match) <= 1 else f"{name}-{j}"
-            out.append(ctx.route(entry, namespace=ns, service=svc, rule=name))
+            out.append((name, entry))
     return out
 
 
-def _action(rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
+def _rule_body(ctx: _Ctx, rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
+    """Everything of a route entry but its name and match: the action, header edits, the fault."""
+    body: dict[str, Any]
+    if rule.redirect is not None:
+        r = rule.redirect
+        body = {"redirect": {
+            **({"path_redirect": r.uri} if r.uri is not None else {}),
+            **({"host_redirect": r.authority} if r.authority is not None else {}),
+            "response_code": REDIRECT_CODES[r.redirect_code],
+        }}
+    elif rule.direct_response is not None:
+        d = rule.direct_response
+        body = {"direct_response": {"status": d.status,
+                                    **({"body": {"inline_string": d.body}} if d.body is not None else {})}}
+    else:
+        body = {"route": _action(ctx, rule, ns, svc)}
+    if rule.headers is not None:
+        for side, ops in (("request", rule.headers.request), ("response", rule.headers.response)):
+            if ops is not None:
+                body.update(_header_operations(side, ops))
+    if rule.fault is not None:
+        body["typed_per_filter_config"] = {FAULT_FILTER: _fault(rule.fault)}
+    return body
+
+
+def _action(ctx: _Ctx, rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
     live = [d for d in rule.route if d.weight > 0]
     action: dict[str, Any]
     if not live:  # a rollout-governed rule before the rollout state exists: every version shares
@@ -229,22 +381,110 @@ def _action(rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
     else:
         action = {"weighted_clusters": {"clusters": [
             {"name": cluster_name(ns, svc, d.version), "weight": d.weight} for d in live]}}
+    if rule.rewrite is not None:
+        if rule.rewrite.uri is not None:
+            action["prefix_rewrite"] = rule.rewrite.uri
+        if rule.rewrite.authority is not None:
+            action["host_rewrite_literal"] = rule.rewrite.authority
     if rule.timeout is not None:
-        action["timeout"] = duration(parse_duration_ms(rule.timeout))
+        action["timeout"] = _duration(rule.timeout)
     if rule.retries is not None:
-        policy: dict[str, Any] = {"retry_on": rule.retries.retry_on, "num_retries": rule.retries.attempts}
-        if rule.retries.per_try_timeout is not None:
-            policy["per_try_timeout"] = duration(parse_duration_ms(rule.retries.per_try_timeout))
-        action["retry_policy"] = policy
+        action["retry_policy"] = _retry_policy(rule.retries)
+    if rule.mirror is not None:
+        mirror: dict[str, Any] = {"cluster": cluster_name(ns, svc, rule.mirror.version)}
+        if rule.mirror.percentage < 100:
+            mirror["runtime_fraction"] = {"default_value": fractional(rule.mirror.percentage)}
+        action["request_mirror_policies"] = [mirror]
+    if hashes := _hash_policies(ctx, ns, svc, [d.version for d in live] or [None]):
+        action["hash_policy"] = hashes
     return action
 
 
-def _string_match(m: StringMatch) -> dict[str, Any]:
+def _retry_policy(retries: Retries) -> dict[str, Any]:
+    """Istio's retryOn: Envoy conditions, plus bare status codes (-> retriable-status-codes)."""
+    tokens = [t.strip() for t in retries.retry_on.split(",") if t.strip()]
+    codes = [int(t) for t in tokens if t.isdigit()]
+    conditions = [t for t in tokens if not t.isdigit()]
+    if codes and "retriable-status-codes" not in conditions:
+        conditions.append("retriable-status-codes")
+    policy: dict[str, Any] = {"retry_on": ",".join(conditions), "num_retries": retries.attempts}
+    if codes:
+        policy["retriable_status_codes"] = codes
+    if retries.per_try_timeout is not None:
+        policy["per_try_timeout"] = _duration(retries.per_try_timeout)
+    if retries.backoff is not None:
+        backoff = {"base_interval": _duration(retries.backoff.base_interval)}
+        if retries.backoff.max_interval is not None:
+            backoff["max_interval"] = _duration(retries.backoff.max_interval)
+        policy["retry_back_off"] = backoff
+    return policy
+
+
+def _fault(fault: Fault) -> dict[str, Any]:
+    out: dict[str, Any] = {"@type": FAULT}
+    if fault.delay is not None:
+        out["delay"] = {"fixed_delay": _duration(fault.delay.fixed_delay),
+                        "percentage": fractional(fault.delay.percentage)}
+    if fault.abort is not None:
+        out["abort"] = {"http_status": fault.abort.http_status, "percentage": fractional(fault.abort.percentage)}
+    return out
+
+
+def _header_operations(side: str, ops: HeaderOperations) -> dict[str, Any]:
+    """`set` overwrites, `add` appends; names lower-cased as Envoy stores them."""
+    add = [{"header": {"key": k.lower(), "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+           for k, v in sorted(ops.set.items())]
+    add += [{"header": {"key": k.lower(), "value": v}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
+            for k, v in sorted(ops.add.items())]
+    out: dict[str, Any] = {}
+    if add:
+        out[f"{side}_headers_to_add"] = add
+    if ops.remove:
+        out[f"{side}_headers_to_remove"] = [h.lower() for h in ops.remove]
+    return out
+
+
+def _policy(intent: Intent, ns: str, svc: str, version: str | None) -> PolicySettings | None:
+    tp = intent.traffic_policies.get((ns, svc))
+    return tp.spec.settings(version) if tp is not None else None
+
+
+def _hash_policies(ctx: _Ctx, ns: str, svc: str, versions: Sequence[str | None]) -> list[dict[str, Any]]:
+    """The hash keys of the ring-hash clusters a route sends to (a route carries them, not the cluster)."""
+    out: list[dict[str, Any]] = []
+    for version in versions:
+        settings = _policy(ctx.intent, ns, svc, version)
+        ch = settings.load_balancer.consistent_hash if settings and settings.load_balancer else None
+        if ch is None:
+            continue
+        policy: dict[str, Any]
+        if ch.http_header_name is not None:
+            policy = {"header": {"header_name": ch.http_header_name.lower()}}
+        elif ch.http_cookie is not None:
+            policy = {"cookie": {
+                "name": ch.http_cookie.name,
+                **({"ttl": _duration(ch.http_cookie.ttl)} if ch.http_cookie.ttl is not None else {}),
+                **({"path": ch.http_cookie.path} if ch.http_cookie.path is not None else {}),
+            }}
+        elif ch.http_query_parameter_name is not None:
+            policy = {"query_parameter": {"name": ch.http_query_parameter_name}}
+        else:
+            policy = {"connection_properties": {"source_ip": True}}
+        if policy not in out:
+            out.append(policy)
+    return out
+
+
+def _string_match(m: StringMatch | PresenceMatch) -> dict[str, Any]:
     if m.exact is not None:
         return {"exact": m.exact}
     if m.prefix is not None:
         return {"prefix": m.prefix}
     return {"safe_regex": {"regex": m.regex}}
+
+
+def _condition(name: str, m: PresenceMatch) -> dict[str, Any]:
+    return {"name": name, "present_match": True} if m.present else {"name": name, "string_match": _string_match(m)}
 
 
 def _match(m: HTTPMatch) -> dict[str, Any]:
@@ -255,12 +495,13 @@ def _match(m: HTTPMatch) -> dict[str, Any]:
         out = {"path": m.uri.exact}
     else:
         out = {"safe_regex": {"regex": m.uri.regex}}
-    headers = [{"name": name.lower(), "string_match": _string_match(sm)}
-               for name, sm in sorted(m.headers.items())]
+    headers = [_condition(name.lower(), hm) for name, hm in sorted(m.headers.items(), key=lambda x: x[0].lower())]
     if m.method is not None:
         headers.append({"name": ":method", "string_match": {"exact": m.method}})
     if headers:
         out["headers"] = headers
+    if m.query_params:
+        out["query_parameters"] = [_condition(name, qm) for name, qm in sorted(m.query_params.items())]
     return out
 
 
@@ -269,28 +510,79 @@ def _match(m: HTTPMatch) -> dict[str, Any]:
 
 def _outbound_clusters(
     intent: Intent, topology: ClusterTopology
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """An EDS cluster per service and per (service, version), with this cluster's ready instances."""
-    clusters, endpoints = [], []
+) -> dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Per service: an EDS cluster for the service and one per version, with this cluster's ready
+    instances. Grouped so that a sidecar's egress list can pick whole services."""
+    out: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+    ready: dict[tuple[str, str], list[Sidecar]] = {}
+    for sc in topology.sidecars:
+        if sc.node_id in topology.ready:
+            ready.setdefault((sc.namespace, sc.service), []).append(sc)
     for (ns, svc), service in sorted(intent.services.items()):
+        clusters, endpoints = [], []
         for version in [None, *service.spec.versions]:
             name = cluster_name(ns, svc, version)
-            clusters.append({
+            cluster: dict[str, Any] = {
                 "name": name,
                 "type": "EDS",
                 "connect_timeout": "1s",
                 "eds_cluster_config": {"service_name": name, "eds_config": ADS},
-            })
-            members = sorted(
-                (sc.address, sc.inbound_port)
-                for sc in topology.sidecars
-                if sc.namespace == ns and sc.service == svc and (version is None or sc.version == version)
-                and sc.node_id in topology.ready
-            )
+            }
+            settings = _policy(intent, ns, svc, version)
+            if settings is not None:
+                cluster.update(_cluster_policy(settings))
+            clusters.append(cluster)
+            members = sorted((sc.address, sc.inbound_port) for sc in ready.get((ns, svc), ())
+                             if version is None or sc.version == version)
             lb = [{"endpoint": {"address": {"socket_address": {"address": a, "port_value": p}}}}
                   for a, p in members]
             endpoints.append({"cluster_name": name, "endpoints": [{"lb_endpoints": lb}] if lb else []})
-    return clusters, endpoints
+        out[(ns, svc)] = (clusters, endpoints)
+    return out
+
+
+def _cluster_policy(p: PolicySettings) -> dict[str, Any]:
+    """DestinationRule semantics on one EDS cluster: balancing, circuit breaking, outlier ejection."""
+    out: dict[str, Any] = {}
+    if p.load_balancer is not None:
+        out["lb_policy"] = "RING_HASH" if p.load_balancer.consistent_hash else p.load_balancer.simple
+    pool = p.connection_pool
+    if pool is not None:
+        thresholds: dict[str, Any] = {}
+        if pool.tcp is not None:
+            if pool.tcp.connect_timeout is not None:
+                out["connect_timeout"] = _duration(pool.tcp.connect_timeout)
+            if pool.tcp.max_connections is not None:
+                thresholds["max_connections"] = pool.tcp.max_connections
+        if pool.http is not None:
+            h = pool.http
+            for key, value in (("max_pending_requests", h.http1_max_pending_requests),
+                               ("max_requests", h.http2_max_requests), ("max_retries", h.max_retries)):
+                if value is not None:
+                    thresholds[key] = value
+            if h.max_requests_per_connection is not None:
+                out["typed_extension_protocol_options"] = {HTTP_OPTIONS: {
+                    "@type": f"type.googleapis.com/{HTTP_OPTIONS}",
+                    "common_http_protocol_options": {"max_requests_per_connection": h.max_requests_per_connection},
+                    "explicit_http_config": {"http_protocol_options": {}},  # HTTP/1.1, as without the option
+                }}
+        if thresholds:
+            out["circuit_breakers"] = {"thresholds": [thresholds]}
+    od = p.outlier_detection
+    if od is not None:
+        # As Istio: only the consecutive-5xx rule ejects; Envoy's success-rate rule is switched off.
+        detection: dict[str, Any] = {"enforcing_success_rate": 0}
+        if od.consecutive_5xx_errors is not None:
+            detection["consecutive_5xx"] = od.consecutive_5xx_errors
+            detection["enforcing_consecutive_5xx"] = 100 if od.consecutive_5xx_errors > 0 else 0
+        if od.interval is not None:
+            detection["interval"] = _duration(od.interval)
+        if od.base_ejection_time is not None:
+            detection["base_ejection_time"] = _duration(od.base_ejection_time)
+        if od.max_ejection_percent is not None:
+            detection["max_ejection_percent"] = od.max_ejection_percent
+        out["outlier_detection"] = detection
+    return out
 
 
 def _inbound_cluster(sc: Sidecar) -> dict[str, Any]:

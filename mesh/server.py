@@ -144,17 +144,6 @@ class _StreamState:
         return Response(type_url=type_url, version_info=version, nonce=nonce, parts=parts)
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    """One length-delimited protobuf field: tag, varint length, bytes."""
-    out = bytearray([(number << 3) | 2])
-    n = len(payload)
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out) + payload
-
-
 @dataclass(frozen=True)
 class Response:
     """A DiscoveryResponse whose resources are already serialised `Any`s.
@@ -169,8 +158,8 @@ class Response:
     parts: list[bytes]
 
     def SerializeToString(self) -> bytes:  # the protobuf spelling, so gRPC can treat it alike
-        return b"".join([_field(1, self.version_info.encode()), *(_field(2, p) for p in self.parts),
-                         _field(4, self.type_url.encode()), _field(5, self.nonce.encode())])
+        return b"".join([xds.field_bytes(1, self.version_info.encode()), *(xds.field_bytes(2, p) for p in self.parts),
+                         xds.field_bytes(4, self.type_url.encode()), xds.field_bytes(5, self.nonce.encode())])
 
     @property
     def resources(self) -> list[Any]:

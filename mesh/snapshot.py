@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -47,27 +46,31 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical(value)).hexdigest()[:16]
 
 
+def _pairs_digest(pairs: Mapping[str, str]) -> str:
+    text = "\n".join(f"{name}\0{d}" for name, d in pairs.items())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class _DigestMemo:
     """Digests of resource objects, by identity. Render shares one dict between every proxy that needs
     the same resource (1000 clusters x 100 sidecars are 1000 objects), so each is serialised once.
 
     Holding a reference to each object keeps its id from being reused while it is remembered; resources
-    are never mutated after render, which is what makes identity a valid key."""
+    are never mutated after render, which is what makes identity a valid key. When full, it starts over
+    (cheaper than LRU bookkeeping on a path taken hundreds of thousands of times per render)."""
 
     def __init__(self, maxsize: int) -> None:
-        self._items: OrderedDict[int, tuple[Any, str]] = OrderedDict()
+        self._items: dict[int, tuple[Any, str]] = {}
         self._maxsize = maxsize
 
     def __call__(self, value: Any) -> str:
-        key = id(value)
-        hit = self._items.get(key)
+        hit = self._items.get(id(value))
         if hit is not None and hit[0] is value:
-            self._items.move_to_end(key)
             return hit[1]
         d = digest(value)
-        self._items[key] = (value, d)
-        if len(self._items) > self._maxsize:
-            self._items.popitem(last=False)
+        if len(self._items) >= self._maxsize:
+            self._items.clear()
+        self._items[id(value)] = (value, d)
         return d
 
 
@@ -99,7 +102,7 @@ class Snapshot:
         object.__setattr__(self, "resources", frozen)
         object.__setattr__(self, "digests", digests)
         # A type's version: the hash of its (name, content digest) pairs, so it changes iff any resource does.
-        object.__setattr__(self, "versions", MappingProxyType({t: digest(dict(digests[t])) for t in PUSH_ORDER}))
+        object.__setattr__(self, "versions", MappingProxyType({t: _pairs_digest(digests[t]) for t in PUSH_ORDER}))
 
     @staticmethod
     def of(

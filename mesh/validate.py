@@ -6,16 +6,41 @@ Pure: takes parsed resources, returns findings that point at a resource and a fi
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import re2
+from pydantic.alias_generators import to_camel
 
-from mesh.intent import Mesh, ResourceBase, Route, Service, StringMatch, Workload
+from mesh.intent import (
+    DNS_LABEL,
+    HeaderOperations,
+    HTTPRule,
+    Mesh,
+    PolicySettings,
+    PresenceMatch,
+    ResourceBase,
+    Retries,
+    Route,
+    Service,
+    StringMatch,
+    TrafficPolicy,
+    Workload,
+    parse_duration_ms,
+)
 
 Loc = tuple[str | int, ...]
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_EGRESS = re.compile(DNS_LABEL[:-1] + r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)?$")
+RE2_MAX_PROGRAM_SIZE = 100
+"""Envoy refuses a regex whose compiled RE2 program is larger (its default error-level threshold)."""
+RETRY_ON = ("5xx", "gateway-error", "reset", "reset-before-request", "connect-failure", "envoy-ratelimited",
+            "retriable-4xx", "refused-stream", "retriable-status-codes", "retriable-headers",
+            "http3-post-connect-failure", "cancelled", "deadline-exceeded", "internal", "resource-exhausted",
+            "unavailable")
+"""Envoy's HTTP and gRPC retry conditions; it silently ignores any other word, so a typo never retries."""
 _HOST = re.compile(r"^(\*|(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)(:\d{1,5})?$")
 
 
@@ -66,7 +91,10 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
             out += _check_workload(i, r, services, cluster_names, bool(meshes))
         elif isinstance(r, Route):
             out += _check_route(i, r, services, governed=(r.metadata.namespace, r.spec.service) in governed)
+        elif isinstance(r, TrafficPolicy):
+            out += _check_traffic_policy(i, r, services)
     out += _check_route_conflicts(resources)
+    out += _check_policy_conflicts(resources)
     return out
 
 
@@ -113,24 +141,147 @@ def _check_workload(
             if c not in clusters:
                 out.append(Finding(i, ("spec", "clusters", j),
                                    f"unknown cluster {c!r} (Mesh clusters: {', '.join(sorted(clusters))})"))
+    egress = w.spec.egress or []
+    for j, name in enumerate(egress):
+        loc: Loc = ("spec", "egress", j)
+        if not _EGRESS.match(name):
+            out.append(Finding(i, loc, f"invalid egress {name!r}: write a service name (in namespace {ns!r}) "
+                                       "or service.namespace"))
+            continue
+        svc_name, _, svc_ns = name.partition(".")
+        if (svc_ns or ns, svc_name) not in services:
+            out.append(Finding(i, loc, _unknown_service(svc_ns or ns, svc_name, services)))
+    for j in _dupes([n if "." in n else f"{n}.{ns}" for n in egress]):
+        out.append(Finding(i, ("spec", "egress", j), f"service {egress[j]!r} listed twice"))
     return out
 
 
 def _check_regex(pattern: str) -> str | None:
+    options = re2.Options()
+    options.log_errors = False  # the error comes back in the exception; RE2's own stderr log is noise
     try:
-        re2.compile(pattern)
+        compiled = re2.compile(pattern, options)
     except Exception as exc:  # re2.error carries RE2's own message, sometimes as bytes
         reason = exc.args[0] if exc.args else exc
         if isinstance(reason, bytes):
             reason = reason.decode(errors="replace")
         return f"invalid regex {pattern!r} (RE2 syntax, as Envoy uses): {reason}"
+    if compiled.programsize > RE2_MAX_PROGRAM_SIZE:
+        return (f"regex {pattern!r} is too complex for Envoy: RE2 program size {compiled.programsize} > "
+                f"{RE2_MAX_PROGRAM_SIZE}; simplify it (e.g. bound repetitions less)")
     return None
 
 
-def _check_string_match(m: StringMatch, loc: Loc, i: int) -> list[Finding]:
+def _check_string_match(m: StringMatch | PresenceMatch, loc: Loc, i: int) -> list[Finding]:
     if m.regex is not None and (msg := _check_regex(m.regex)):
         return [Finding(i, (*loc, "regex"), msg)]
     return []
+
+
+def _check_header_name(name: str, loc: Loc, i: int) -> list[Finding]:
+    if not _HEADER_NAME.match(name):
+        return [Finding(i, loc, f"invalid header name {name!r}")]
+    return []
+
+
+def _check_header_operations(ops: HeaderOperations, loc: Loc, i: int, *, request: bool) -> list[Finding]:
+    """Names must be tokens; Envoy refuses to touch pseudo-headers and Host (on either side)."""
+    out: list[Finding] = []
+    named: list[tuple[Loc, str]] = [((*loc, op, k), k) for op in ("set", "add") for k in getattr(ops, op)]
+    named += [((*loc, "remove", j), k) for j, k in enumerate(ops.remove)]
+    for where, name in named:
+        if name.lower() == "host":
+            hint = "; use rewrite.authority" if request else ""
+            out.append(Finding(i, where, f"Envoy refuses to set or remove the Host header here{hint}"))
+        else:
+            out += _check_header_name(name, where, i)
+    for op in ("set", "add"):
+        for k, v in getattr(ops, op).items():
+            if any(c in v for c in "\r\n\0"):
+                out.append(Finding(i, (*loc, op, k), f"header value of {k!r} contains a line break or NUL"))
+    return out
+
+
+def _check_retries(r: Retries, timeout: str | None, loc: Loc, i: int) -> list[Finding]:
+    out: list[Finding] = []
+    tokens = [t.strip() for t in r.retry_on.split(",")]
+    if not any(tokens):
+        out.append(Finding(i, (*loc, "retryOn"), "retryOn is empty: nothing would ever be retried"))
+    for t in tokens:
+        if t.isdigit():
+            if not 100 <= int(t) <= 599:
+                out.append(Finding(i, (*loc, "retryOn"), f"{t} is not an HTTP status code"))
+        elif t not in RETRY_ON:
+            close = difflib.get_close_matches(t, RETRY_ON, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(RETRY_ON)}, or a status code"
+            out.append(Finding(i, (*loc, "retryOn"), f"unknown retry condition {t!r} ({hint})"))
+    b = r.backoff
+    if b is not None and b.max_interval is not None \
+            and parse_duration_ms(b.max_interval) < parse_duration_ms(b.base_interval):
+        out.append(Finding(i, (*loc, "backoff", "maxInterval"),
+                           f"maxInterval {b.max_interval} is shorter than baseInterval {b.base_interval}"))
+    if r.per_try_timeout is not None and timeout is not None and parse_duration_ms(timeout) > 0 \
+            and parse_duration_ms(r.per_try_timeout) > parse_duration_ms(timeout):
+        out.append(Finding(i, (*loc, "perTryTimeout"),
+                           f"perTryTimeout {r.per_try_timeout} exceeds the rule's timeout {timeout}: "
+                           "no retry can happen", warning=True))
+    return out
+
+
+def _check_rule(i: int, rule: HTTPRule, base: Loc, svc: Service | None, *, governed_default: bool) -> list[Finding]:
+    """One rule on its own: its kind of answer, what goes with it, and what Envoy would refuse."""
+    out: list[Finding] = []
+    answers = [k for k in ("route", "redirect", "direct_response")
+               if (rule.route if k == "route" else getattr(rule, k) is not None)]
+    if governed_default and answers and answers != ["route"]:
+        out.append(Finding(i, (*base, to_camel(answers[-1])),
+                           "a Rollout owns this rule's destinations: it must route, not redirect or answer"))
+    elif len(answers) > 1:
+        out.append(Finding(i, (*base, to_camel(answers[1])),
+                           f"a rule has exactly one of route, redirect, directResponse (got "
+                           f"{', '.join(map(to_camel, answers))})"))
+    if (rule.redirect is not None or rule.direct_response is not None) and not governed_default:
+        for field in ("timeout", "retries", "mirror", "rewrite"):
+            if getattr(rule, field) is not None:
+                out.append(Finding(i, (*base, field), f"{field} applies only to a rule that routes (has `route`)"))
+    if rule.redirect is not None:
+        if rule.redirect.uri is not None and not rule.redirect.uri.startswith("/"):
+            out.append(Finding(i, (*base, "redirect", "uri"), "redirect uri must start with '/'"))
+        if rule.redirect.authority is not None and not _HOST.match(rule.redirect.authority):
+            out.append(Finding(i, (*base, "redirect", "authority"),
+                               f"invalid authority {rule.redirect.authority!r}: use a host name, optionally :port"))
+    if rule.rewrite is not None:
+        if rule.rewrite.uri is not None and not rule.rewrite.uri.startswith("/"):
+            out.append(Finding(i, (*base, "rewrite", "uri"), "rewrite uri must start with '/'"))
+        if rule.rewrite.authority is not None and not _HOST.match(rule.rewrite.authority):
+            out.append(Finding(i, (*base, "rewrite", "authority"),
+                               f"invalid authority {rule.rewrite.authority!r}: use a host name, optionally :port"))
+    if rule.retries is not None:
+        out += _check_retries(rule.retries, rule.timeout, (*base, "retries"), i)
+    if rule.mirror is not None and svc is not None and rule.mirror.version not in svc.spec.versions:
+        out.append(Finding(i, (*base, "mirror", "version"),
+                           f"service {svc.metadata.name!r} has no version {rule.mirror.version!r} "
+                           f"(declared: {', '.join(svc.spec.versions)})"))
+    if rule.headers is not None:
+        for side in ("request", "response"):
+            if (ops := getattr(rule.headers, side)) is not None:
+                out += _check_header_operations(ops, (*base, "headers", side), i, request=side == "request")
+    for j, m in enumerate(rule.match):
+        if m.uri is not None:
+            out += _check_string_match(m.uri, (*base, "match", j, "uri"), i)
+            for kind in ("exact", "prefix"):
+                value = getattr(m.uri, kind)
+                if value is not None and not value.startswith("/"):
+                    out.append(Finding(i, (*base, "match", j, "uri", kind),
+                                       f"uri {kind} {value!r} never matches: paths start with '/'"))
+        for name, hm in m.headers.items():
+            out += _check_header_name(name, (*base, "match", j, "headers", name), i)
+            out += _check_string_match(hm, (*base, "match", j, "headers", name), i)
+        for name, qm in m.query_params.items():
+            if not name:
+                out.append(Finding(i, (*base, "match", j, "queryParams"), "empty query parameter name"))
+            out += _check_string_match(qm, (*base, "match", j, "queryParams", name), i)
+    return out
 
 
 def _check_route(i: int, r: Route, services: dict[tuple[str, str], Service], *, governed: bool) -> list[Finding]:
@@ -154,9 +305,12 @@ def _check_route(i: int, r: Route, services: dict[tuple[str, str], Service], *, 
             if rule.route:
                 out.append(Finding(i, (*base, "route"), "a Rollout owns this rule's weights; the weights "
                                    "written here are ignored (leave `route` out)", warning=True))
+        elif rule.redirect is not None or rule.direct_response is not None:
+            pass  # checked with the rest of the rule
         elif not rule.route:
             out.append(Finding(i, (*base, "route"), "at least one destination is required (only the default "
-                               "rule of a service governed by a Rollout may leave `route` out)"))
+                               "rule of a service governed by a Rollout may leave `route` out; or answer with "
+                               "redirect or directResponse)"))
         elif total != 100:
             weights = " + ".join(str(d.weight) for d in rule.route)
             out.append(Finding(i, (*base, "route"), f"weights must sum to 100, got {weights} = {total}"))
@@ -168,13 +322,59 @@ def _check_route(i: int, r: Route, services: dict[tuple[str, str], Service], *, 
                     out.append(Finding(i, (*base, "route", j, "version"),
                                        f"service {r.spec.service!r} has no version {d.version!r} "
                                        f"(declared: {', '.join(svc.spec.versions)})"))
-        for j, m in enumerate(rule.match):
-            if m.uri is not None:
-                out += _check_string_match(m.uri, (*base, "match", j, "uri"), i)
-            for name, hm in m.headers.items():
-                if not _HEADER_NAME.match(name):
-                    out.append(Finding(i, (*base, "match", j, "headers", name), f"invalid header name {name!r}"))
-                out += _check_string_match(hm, (*base, "match", j, "headers", name), i)
+        out += _check_rule(i, rule, base, svc, governed_default=governed and k == default)
+    return out
+
+
+def _check_settings(i: int, p: PolicySettings, base: Loc) -> list[Finding]:
+    out: list[Finding] = []
+    ch = p.load_balancer.consistent_hash if p.load_balancer else None
+    loc: Loc = (*base, "loadBalancer", "consistentHash")
+    if ch is not None and ch.http_header_name is not None:
+        out += _check_header_name(ch.http_header_name, (*loc, "httpHeaderName"), i)
+    if ch is not None and ch.http_cookie is not None and not _HEADER_NAME.match(ch.http_cookie.name):
+        out.append(Finding(i, (*loc, "httpCookie", "name"), f"invalid cookie name {ch.http_cookie.name!r}"))
+    if ch is not None and ch.http_query_parameter_name == "":
+        out.append(Finding(i, (*loc, "httpQueryParameterName"), "empty query parameter name"))
+    if p.load_balancer is None and p.connection_pool is None and p.outlier_detection is None:
+        out.append(Finding(i, base, "sets nothing: give loadBalancer, connectionPool or "
+                                                  "outlierDetection", warning=True))
+    return out
+
+
+def _check_traffic_policy(i: int, tp: TrafficPolicy, services: dict[tuple[str, str], Service]) -> list[Finding]:
+    out: list[Finding] = []
+    ns = tp.metadata.namespace
+    svc = services.get((ns, tp.spec.service))
+    if svc is None:
+        out.append(Finding(i, ("spec", "service"), _unknown_service(ns, tp.spec.service, services)))
+    sets_own = any(getattr(tp.spec, f) is not None for f in PolicySettings.model_fields)
+    if sets_own or not tp.spec.versions:  # a policy for some versions only need not set the service's
+        out += _check_settings(i, tp.spec, ("spec",))
+    for j, v in enumerate(tp.spec.versions):
+        if svc is not None and v.version not in svc.spec.versions:
+            out.append(Finding(i, ("spec", "versions", j, "version"),
+                               f"service {tp.spec.service!r} has no version {v.version!r} "
+                               f"(declared: {', '.join(svc.spec.versions)})"))
+        out += _check_settings(i, v, ("spec", "versions", j))
+    for j in _dupes([v.version for v in tp.spec.versions]):
+        out.append(Finding(i, ("spec", "versions", j, "version"), "version listed twice"))
+    return out
+
+
+def _check_policy_conflicts(resources: Sequence[ResourceBase]) -> list[Finding]:
+    """One TrafficPolicy per service, as one DestinationRule per host: two would leave the winner unclear."""
+    out: list[Finding] = []
+    owner: dict[tuple[str, str], TrafficPolicy] = {}
+    for i, r in enumerate(resources):
+        if not isinstance(r, TrafficPolicy):
+            continue
+        key = (r.metadata.namespace, r.spec.service)
+        if (first := owner.get(key)) is not None and first.key != r.key:
+            out.append(Finding(i, ("spec", "service"),
+                               f"service {key[1]!r} already has TrafficPolicy {first.metadata.name!r}; "
+                               "merge them into one"))
+        owner.setdefault(key, r)
     return out
 
 

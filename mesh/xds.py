@@ -16,7 +16,7 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2  # noqa: F401
 from envoy.config.endpoint.v3 import endpoint_pb2  # noqa: F401
 from envoy.config.listener.v3 import listener_pb2  # noqa: F401
-from envoy.config.route.v3 import route_pb2  # noqa: F401
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2  # noqa: F401
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401
@@ -34,7 +34,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from mesh.snapshot import Resource, digest
+from mesh.snapshot import Resource, digest, resource_digest
 
 _PREFIX = "type.googleapis.com/"
 
@@ -111,15 +111,57 @@ def to_any_bytes(type_url: str, resource: Resource, *, content_digest: str | Non
     """One JSON resource as a serialised `google.protobuf.Any`, memoised by content digest.
 
     The ADS server assembles responses from these bytes, so a resource shared by a hundred proxies is
-    converted and serialised once. Pass the digest when known (Snapshot.digests) to skip re-hashing."""
+    converted and serialised once. Pass the digest when known (Snapshot.digests) to skip re-hashing.
+    Route configurations are assembled from per-virtual-host pieces, so changing one service's routes
+    re-parses that service's virtual host only, not a thousand others."""
     key = (type_url, content_digest or digest(_plain(resource)))
     packed = _cache.get(key)
     if packed is None:
-        holder = any_pb2.Any()
-        holder.Pack(_parse(type_url, resource))
-        packed = holder.SerializeToString(deterministic=True)
+        if type_url == _ROUTE and resource.get("virtual_hosts"):
+            value = _route_config_bytes(resource)
+        else:
+            value = _parse(type_url, resource).SerializeToString(deterministic=True)
+        packed = field_bytes(1, type_url.encode()) + field_bytes(2, value)  # Any: type_url = 1, value = 2
         _cache.put(key, packed)
     return packed
+
+
+def field_bytes(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: tag, varint length, payload. Concatenated fields of a
+    message are that message (the wire format allows any field order and repeats)."""
+    out = bytearray([(number << 3) | 2])
+    n = len(payload)
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out) + payload
+
+
+_ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+_VHOSTS_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["virtual_hosts"].number
+_vhost_cache = _AnyCache(maxsize=65536)
+
+
+def _route_config_bytes(config: Resource) -> bytes:
+    head = _parse(_ROUTE, {k: v for k, v in config.items() if k != "virtual_hosts"}).SerializeToString(
+        deterministic=True)
+    parts = []
+    for vhost in config["virtual_hosts"]:
+        key = ("vhost", resource_digest(vhost))
+        piece = _vhost_cache.get(key)
+        if piece is None:
+            msg = route_components_pb2.VirtualHost()
+            try:
+                json_format.ParseDict(_plain(vhost), msg)
+            except json_format.ParseError as exc:
+                detail = str(exc).split("\n Available Fields", 1)[0]
+                raise ValueError(f"RouteConfiguration {config.get('name')!r} virtual host "
+                                 f"{vhost.get('name')!r}: {detail}") from None
+            piece = msg.SerializeToString(deterministic=True)
+            _vhost_cache.put(key, piece)
+        parts.append(field_bytes(_VHOSTS_FIELD, piece))
+    return head + b"".join(parts)
 
 
 def to_any(type_url: str, resource: Resource, *, content_digest: str | None = None) -> any_pb2.Any:

@@ -459,3 +459,15 @@ def test_response_wire_bytes_are_what_protobuf_would_send() -> None:
     theirs = discovery_pb2.DiscoveryResponse(version_info=snap.version(CLUSTER), type_url=CLUSTER, nonce="7")
     theirs.resources.extend(xds.to_any(CLUSTER, r) for r in snap.items(CLUSTER).values())
     assert discovery_pb2.DiscoveryResponse.FromString(ours.SerializeToString()) == theirs
+
+
+def test_route_config_assembled_from_virtual_hosts_equals_protobufs_own() -> None:
+    r = route("web", {"v1": 60, "v2": 40})
+    other = {"name": "other", "domains": ["other"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "v1"}}]}
+    r = {**r, "virtual_hosts": [*r["virtual_hosts"], other]}
+    ours = xds.to_any(ROUTE, r)
+    msg = route_pb2.RouteConfiguration()
+    json_format.ParseDict(r, msg)
+    assert route_pb2.RouteConfiguration.FromString(ours.value) == msg
+    with pytest.raises(ValueError, match=r"virtual host 'other'.*domians"):
+        xds.to_any(ROUTE, {"name": "x", "virtual_hosts": [{"name": "other", "domians": ["*"]}]})

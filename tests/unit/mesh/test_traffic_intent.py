@@ -1,0 +1,197 @@
+"""Route and TrafficPolicy semantics beyond the golden files: Istio's spellings, warnings, override
+merging, egress scoping and the checks that need more than one file (tests/invalid/ has one defect per file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from mesh.intent import Destination, ResourceBase, Route, TrafficPolicy
+from mesh.render import egress_key, fractional, render
+from mesh.snapshot import CLUSTER, ENDPOINT, ROUTE
+from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.validate import validate
+from reconciler.load import load, read_worktree
+
+TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def topology() -> ClusterTopology:
+    """The golden files' topology (test_render.py): frontend v1, reviews v1 x2 (one unready), reviews v2."""
+    def sc(svc: str, ver: str, i: int, base: int) -> Sidecar:
+        return Sidecar(node_id=f"east/shop/{svc}-{ver}-{i}", namespace="shop", service=svc, version=ver,
+                       workload=f"{svc}-{ver}", address="127.0.1.1", inbound_port=base,
+                       outbound_port=base + 1, app_port=base + 2)
+
+    sidecars = (sc("frontend", "v1", 0, 20000), sc("reviews", "v1", 0, 20010), sc("reviews", "v1", 1, 20020),
+                sc("reviews", "v2", 0, 20030))
+    ready = frozenset(s.node_id for s in sidecars if not s.node_id.endswith("v1-1"))
+    return ClusterTopology(cluster="east", ingress=Gateway("east/ingress", "127.0.1.1", 18080),
+                           sidecars=sidecars, ready=ready)
+
+ROUTE_HEAD = """\
+apiVersion: lockgate.io/v1alpha1
+kind: Route
+metadata: {name: reviews, namespace: shop}
+spec:
+  service: reviews
+  hosts: [reviews.example.com]
+  http:
+"""
+
+
+def with_routes(rules: str, extra: str = "") -> dict[str, bytes]:
+    files = read_worktree(TEMPLATE)
+    frontend = (TEMPLATE / "routes.yaml").read_text().split("---")[0]
+    files["routes.yaml"] = (frontend + "---\n" + ROUTE_HEAD + rules + extra).encode()
+    return files
+
+
+def test_istio_spellings_are_accepted() -> None:
+    loaded = load(with_routes("""\
+    - match: [{uri: {exact: /old}}]
+      redirect: {uri: /new, responseCode: 307}
+    - match: [{uri: {exact: /x}}]
+      fault: {abort: {percentage: {value: 0.5}, httpStatus: 503}}
+      directResponse: {status: 200, body: {string: ok}}
+    - route: [{version: v1}]
+"""))
+    assert loaded.ok, loaded.problems
+    assert loaded.intent is not None
+    rules = loaded.intent.routes[("shop", "reviews")].spec.http
+    assert rules[0].redirect is not None and rules[0].redirect.redirect_code == 307
+    assert rules[1].fault is not None and rules[1].fault.abort is not None
+    assert rules[1].fault.abort.percentage == 0.5
+    assert rules[1].direct_response is not None and rules[1].direct_response.body == "ok"
+
+
+def test_per_try_timeout_longer_than_the_timeout_is_a_warning() -> None:
+    loaded = load(with_routes("""\
+    - timeout: 1s
+      retries: {attempts: 2, perTryTimeout: 2s}
+      route: [{version: v1}]
+"""))
+    assert loaded.ok
+    assert [str(w) for w in loaded.warnings] == [
+        "routes.yaml:23: warning: spec.http[0].retries.perTryTimeout: perTryTimeout 2s exceeds the rule's "
+        "timeout 1s: no retry can happen"]
+
+
+def test_every_error_of_a_rule_at_once() -> None:
+    errors = [str(p) for p in load(with_routes("""\
+    - match: [{uri: {regex: "(?=x)"}, headers: {"bad header": {present: true}}}]
+      redirect: {uri: /elsewhere}
+      rewrite: {uri: /x}
+      route: [{version: v1}]
+    - route: [{version: v1}]
+""")).problems]
+    assert errors == [
+        "routes.yaml:22: spec.http[0].match[0].headers.bad header: invalid header name 'bad header'",
+        "routes.yaml:22: spec.http[0].match[0].uri.regex: invalid regex '(?=x)' (RE2 syntax, as Envoy uses): "
+        "invalid perl operator: (?=",
+        "routes.yaml:23: spec.http[0].redirect: a rule has exactly one of route, redirect, directResponse "
+        "(got route, redirect)",
+        "routes.yaml:24: spec.http[0].rewrite: rewrite applies only to a rule that routes (has `route`)",
+    ]
+
+
+class FakeRollout(ResourceBase):
+    """Stands in for the rollouts layer's kind: it governs reviews' default rule."""
+
+    kind: Literal["FakeRollout"]
+    spec: dict[str, Any]
+
+    def governs(self) -> tuple[str, str] | None:
+        return ("shop", "reviews")
+
+
+def test_a_rollout_governed_default_rule_must_route() -> None:
+    loaded = load(with_routes("""\
+    - redirect: {uri: /elsewhere}
+"""))
+    resources = [*loaded.resources, FakeRollout.model_validate(
+        {"apiVersion": "lockgate.io/v1alpha1", "kind": "FakeRollout", "metadata": {"name": "r", "namespace": "shop"},
+         "spec": {}})]
+    found = [(f.loc, f.message) for f in validate(resources) if not f.warning]
+    assert found == [(("spec", "http", 0, "redirect"),
+                      "a Rollout owns this rule's destinations: it must route, not redirect or answer")]
+
+
+def test_version_overrides_replace_whole_fields() -> None:
+    tp = TrafficPolicy.model_validate({
+        "apiVersion": "lockgate.io/v1alpha1", "kind": "TrafficPolicy", "metadata": {"name": "p"},
+        "spec": {"service": "reviews", "loadBalancer": {"simple": "RANDOM"},
+                 "connectionPool": {"tcp": {"maxConnections": 5}, "http": {"maxRetries": 1}},
+                 "versions": [{"version": "v2", "connectionPool": {"http": {"http2MaxRequests": 7}}}]}})
+    v1, v2 = tp.spec.settings("v1"), tp.spec.settings("v2")
+    assert v1.connection_pool is not None and v1.connection_pool.tcp is not None
+    assert v2.load_balancer == v1.load_balancer  # not overridden: the service's
+    assert v2.connection_pool is not None and v2.connection_pool.tcp is None  # replaced whole, as Istio does
+    assert v2.connection_pool.http is not None and v2.connection_pool.http.http2_max_requests == 7
+
+
+def test_a_policy_that_sets_nothing_is_a_warning() -> None:
+    files = read_worktree(TEMPLATE)
+    files["policy.yaml"] = (b"apiVersion: lockgate.io/v1alpha1\nkind: TrafficPolicy\n"
+                            b"metadata: {name: reviews, namespace: shop}\nspec:\n  service: reviews\n")
+    loaded = load(files)
+    assert loaded.ok
+    assert [str(w) for w in loaded.warnings] == [
+        "policy.yaml:4: warning: spec: sets nothing: give loadBalancer, connectionPool or outlierDetection"]
+
+
+def test_hash_policy_follows_the_destinations_ring_hash_clusters() -> None:
+    loaded = load(read_worktree(GOLDEN / "policy"))
+    assert loaded.intent is not None
+    # A rollout's weights for carts (v1 cookie-hashed, v2 RANDOM): only v1's key is carried.
+    weights = {("data", "carts"): [Destination(version="v1", weight=10), Destination(version="v2", weight=90)]}
+    snap = render(intent=loaded.intent, topology=topology(), weights=weights)["east/shop/frontend-v1-0"]
+    vhost = next(v for v in snap.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "carts.data")
+    default = vhost["routes"][-1]["route"]
+    assert default["hash_policy"] == [{"cookie": {"name": "session", "ttl": "3600s", "path": "/"}}]
+    weights = {("data", "carts"): [Destination(version="v2", weight=100)]}
+    snap = render(intent=loaded.intent, topology=topology(), weights=weights)["east/shop/frontend-v1-0"]
+    vhost = next(v for v in snap.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "carts.data")
+    assert "hash_policy" not in vhost["routes"][-1]["route"]
+
+
+def test_egress_scopes_sidecars_only() -> None:
+    loaded = load(read_worktree(GOLDEN / "egress"))
+    assert loaded.intent is not None
+    snaps = render(intent=loaded.intent, topology=topology())
+    for snap in snaps.values():
+        snap.consistent()
+    assert set(snaps["east/shop/frontend-v1-0"].items(CLUSTER)) == {
+        "inbound|app", "outbound|reviews.shop", "outbound|reviews.shop|v1", "outbound|reviews.shop|v2"}
+    assert set(snaps["east/shop/reviews-v2-0"].items(CLUSTER)) == {"inbound|app"}
+    assert snaps["east/shop/reviews-v2-0"].items(ENDPOINT) == {}
+    assert len(snaps["east/ingress"].items(CLUSTER)) == 7  # every service, every version
+    # Without the egress lists every sidecar sees every service again.
+    plain = loaded.intent.model_copy(update={"workloads": {}})
+    assert len(render(intent=plain, topology=topology())["east/shop/reviews-v2-0"].items(CLUSTER)) == 8
+
+
+@pytest.mark.parametrize(("name", "key"), [("reviews", ("shop", "reviews")), ("ratings.data", ("data", "ratings"))])
+def test_egress_names(name: str, key: tuple[str, str]) -> None:
+    assert egress_key(name, "shop") == key
+
+
+@pytest.mark.parametrize(("pct", "expected"), [
+    (30, {"numerator": 30, "denominator": "HUNDRED"}),
+    (100, {"numerator": 100, "denominator": "HUNDRED"}),
+    (0, {"numerator": 0, "denominator": "HUNDRED"}),
+    (12.5, {"numerator": 125_000, "denominator": "MILLION"}),
+    (0.0001, {"numerator": 1, "denominator": "MILLION"}),
+])
+def test_fractional(pct: float, expected: dict[str, object]) -> None:
+    assert fractional(pct) == expected
+
+
+def test_route_type_is_still_the_route_kind() -> None:
+    loaded = load(read_worktree(TEMPLATE))
+    assert loaded.intent is not None
+    assert all(isinstance(r, Route) for r in loaded.intent.routes.values())
+    assert loaded.intent.traffic_policies == {}
