@@ -26,7 +26,7 @@ from mesh.intent import (
     StringMatch,
     parse_duration_ms,
 )
-from mesh.snapshot import HCM, Snapshot
+from mesh.snapshot import HCM, ResourceSet, Snapshot
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 
 Proxy = Sidecar | Gateway
@@ -46,6 +46,15 @@ class Extension:
 
     def cluster(self, proxy: Proxy, cluster: dict[str, Any]) -> dict[str, Any]:
         return cluster
+
+    clusters_per_proxy: bool = False
+    """Set True if `cluster()` depends on the proxy. Otherwise render calls it once per cluster per
+    render and shares the result between proxies (what keeps a thousand-service mesh cheap)."""
+
+    def fingerprint(self) -> object:
+        """Equal fingerprints promise equal `cluster()` results for the same input, so results can be
+        reused across renders. The default (the instance itself) reuses them within one render only."""
+        return self
 
     def route(self, proxy: Proxy, *, namespace: str, service: str, rule: str,
               route: dict[str, Any]) -> dict[str, Any]:
@@ -72,10 +81,14 @@ class _Shared:
 
     intent: Intent
     weights: Weights
+    cache: RenderCache
+    prints: tuple[object, ...] = ()
+    hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = field(default_factory=dict)
     routes: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
     vhosts: dict[tuple[str, str, bool], dict[str, Any]] = field(default_factory=dict)
     faults: dict[tuple[str, str], bool] = field(default_factory=dict)
     configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
+    """This render's outbound route configurations, by (namespace, reach)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,25 @@ class _Ctx:
         return [s for ext in self.extensions for s in ext.secrets(self.proxy)]
 
 
+class RenderCache:
+    """What one render leaves for the next: per-service outputs with the inputs they came from.
+
+    A render given the cache reuses an output whenever its inputs are equal, so a one-route commit
+    rebuilds that route and the few objects that hold it, and every unchanged resource keeps its
+    identity (and with it its digest, its serialised form and the versions of the sets holding it).
+    The output is the same as without the cache; only the work differs."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], tuple[tuple[Any, ...], list[tuple[str, dict[str, Any]]]]] = {}
+        self.clusters: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[list[Any], list[Any]]]] = {}
+        # Identity-keyed entries hold the objects themselves (compared with `is`), never bare ids: a freed
+        # object's id can be reused by a different one.
+        self.vhosts: dict[tuple[str, str, bool], tuple[object, dict[str, Any]]] = {}
+        self.configs: dict[Any, tuple[tuple[object, ...], dict[str, Any]]] = {}
+        self.sets: dict[Any, tuple[tuple[object, ...], ResourceSet]] = {}
+        self.hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = {}
+
+
 def render(
     *,
     intent: Intent,
@@ -112,45 +144,94 @@ def render(
     revision: str = "",
     weights: Weights | None = None,
     extensions: Sequence[Extension] = (),
+    cache: RenderCache | None = None,
 ) -> dict[str, Snapshot]:
     """Every proxy of one cluster -> its snapshot. Proxies absent from the topology get nothing.
 
     `weights` overrides the default rule of the services a rollout governs; `extensions` let higher
-    layers add filters, transport sockets and secrets."""
-    by_service = _outbound_clusters(intent, topology)
-    shared = _Shared(intent=intent, weights=weights or {})
-    inbound_routes = _inbound_routes()
+    layers add filters, transport sockets and secrets; `cache` (from the previous render of the same
+    cluster) makes unchanged parts free."""
+    cache = cache if cache is not None else RenderCache()
+    shared = _Shared(intent=intent, weights=weights or {}, cache=cache,
+                     prints=tuple(ext.fingerprint() for ext in extensions))
+    by_service = _outbound_clusters(intent, topology, cache)
+    inbound_routes = ResourceSet([_inbound_routes()])
+    shared_hooks = not any(ext.clusters_per_proxy for ext in extensions)
+    everything = tuple(by_service)
+    per_reach: dict[tuple[tuple[str, str], ...], tuple[ResourceSet, ResourceSet, bool]] = {}
+
+    def for_reach(ctx: _Ctx, reach: tuple[tuple[str, str], ...]) -> tuple[ResourceSet, ResourceSet, bool]:
+        """Clusters, endpoints and "any fault" of one reach: computed once per render, not per proxy."""
+        found = per_reach.get(reach)
+        if found is None:
+            clusters = _shared_set(cache, ("clusters", reach),
+                                   [_hooked(cache, ctx, c) for key in reach for c in by_service[key][0]])
+            endpoints = _shared_set(cache, ("endpoints", reach), [e for key in reach for e in by_service[key][1]],
+                                    key="cluster_name")
+            found = per_reach[reach] = (clusters, endpoints, _any_fault(shared, reach))
+        return found
+
     out: dict[str, Snapshot] = {}
     proxies: list[Proxy] = [*([topology.ingress] if topology.ingress else []), *topology.sidecars]
     for proxy in proxies:
         ctx = _Ctx(intent=intent, weights=shared.weights, extensions=extensions, proxy=proxy, shared=shared)
         if isinstance(proxy, Gateway):
+            reach = everything  # the ingress may route to any service (hosts, and their mirrors)
+            clusters, endpoints, _ = for_reach(ctx, reach)
             exposed = [key for key, r in intent.routes.items() if r.spec.hosts]
             listeners = [_listener("ingress", proxy.address, proxy.port, ingress=True,
                                    fault=_any_fault(shared, exposed))]
-            routes = [_route_config("ingress", _ingress_vhosts(ctx))]
-            reach = list(by_service)  # the ingress may route to any service (hosts, and their mirrors)
-            own_clusters = [c for key in reach for c in by_service[key][0]]
+            routes = [ResourceSet([_route_config("ingress", _ingress_vhosts(ctx))])]
+            own: list[dict[str, Any]] = []
         else:
             allowed = egress(intent, proxy)
-            reach = [key for key in by_service if allowed is None or key in allowed]
+            reach = everything if allowed is None else tuple(key for key in everything if key in allowed)
+            clusters, endpoints, fault = for_reach(ctx, reach)
             listeners = [
                 _listener("inbound", proxy.address, proxy.inbound_port, ingress=False),
-                _listener("outbound", proxy.address, proxy.outbound_port, ingress=False, proxy=True,
-                          fault=_any_fault(shared, reach)),
+                _listener("outbound", proxy.address, proxy.outbound_port, ingress=False, proxy=True, fault=fault),
             ]
             routes = [inbound_routes, _outbound_config(ctx, proxy, reach)]
-            own_clusters = [*(c for key in reach for c in by_service[key][0]), _inbound_cluster(proxy)]
-        endpoints = [e for key in reach for e in by_service[key][1]]
-        out[proxy.node_id] = Snapshot.of(
-            listeners=[ctx.listener(x) for x in listeners],
+            own = [ctx.cluster(_inbound_cluster(proxy))]
+        if not shared_hooks:
+            clusters = ResourceSet([ctx.cluster(c) for key in reach for c in by_service[key][0]])
+        out[proxy.node_id] = Snapshot.compose(
+            listeners=[ResourceSet([ctx.listener(x) for x in listeners])],
             routes=routes,
-            clusters=[ctx.cluster(c) for c in own_clusters],
-            endpoints=endpoints,
-            secrets=ctx.secrets(),
+            clusters=[clusters, ResourceSet(own)],
+            endpoints=[endpoints],
+            secrets=[ResourceSet(ctx.secrets())],
             revision=revision,
         )
+    cache.hooked = shared.hooked  # only what this render used: the cache does not grow with history
     return out
+
+
+def _hooked(cache: RenderCache, ctx: _Ctx, cluster: dict[str, Any]) -> dict[str, Any]:
+    """A shared cluster after the extensions' proxy-independent hooks, once per cluster object (and
+    across renders while the extensions' fingerprints are equal)."""
+    if not ctx.extensions:
+        return cluster
+    prints = ctx.shared.prints
+    hit = cache.hooked.get(id(cluster))
+    fresh = hit is None or hit[0] is not cluster or hit[1] != prints
+    result = ctx.cluster(cluster) if fresh else hit[2]  # type: ignore[index]
+    ctx.shared.hooked[id(cluster)] = (cluster, prints, result)
+    return result
+
+
+def _shared_set(cache: RenderCache, memo: Any, items: list[dict[str, Any]], *, key: str = "name") -> ResourceSet:
+    """One ResourceSet for identical item lists (by identity), kept across renders."""
+    hit = cache.sets.get(memo)
+    if hit is not None and _same(hit[0], items):
+        return hit[1]
+    made = ResourceSet(items, key=key)
+    cache.sets[memo] = (tuple(items), made)
+    return made
+
+
+def _same(a: Sequence[object], b: Sequence[object]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def cluster_name(namespace: str, service: str, version: str | None = None) -> str:
@@ -260,17 +341,24 @@ def _ingress_vhosts(ctx: _Ctx) -> list[dict[str, Any]]:
     return vhosts
 
 
-def _outbound_config(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> dict[str, Any]:
-    """The sidecar's outbound route configuration; one shared object for every sidecar of the same
-    namespace and egress whose extensions leave the routes alone."""
+def _outbound_config(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> ResourceSet:
+    """The sidecar's outbound route configuration; one shared set for every sidecar of the same
+    namespace and egress whose extensions leave the routes alone (kept across renders while its
+    virtual hosts are the same objects)."""
     key = (me.namespace, tuple(sorted(reach)))
+    hooked = any(type(ext).route is not Extension.route for ext in ctx.extensions)
+    if not hooked and (done := ctx.shared.configs.get(key)) is not None:
+        return _shared_set(ctx.shared.cache, ("routes", key), [done])
     vhosts, shared = _mesh_vhosts(ctx, me, key[1])
     if not shared:
-        return _route_config("outbound", vhosts)
-    config = ctx.shared.configs.get(key)
-    if config is None:
-        config = ctx.shared.configs[key] = _route_config("outbound", vhosts)
-    return config
+        return ResourceSet([_route_config("outbound", vhosts)])
+    found = ctx.shared.configs.get(key)
+    if found is None:
+        prev = ctx.shared.cache.configs.get(key)
+        config = prev[1] if prev is not None and _same(prev[0], vhosts) else _route_config("outbound", vhosts)
+        ctx.shared.cache.configs[key] = (tuple(vhosts), config)
+        found = ctx.shared.configs[key] = config
+    return _shared_set(ctx.shared.cache, ("routes", key), [found])
 
 
 def _mesh_vhosts(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> tuple[list[dict[str, Any]], bool]:
@@ -289,7 +377,10 @@ def _mesh_vhosts(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> tu
         if not hooked or all(a is b for a, (_, b) in zip(routes, base, strict=True)):
             vhost = ctx.shared.vhosts.get(memo_key)
             if vhost is None:
-                vhost = ctx.shared.vhosts[memo_key] = _vhost(ns, svc, local, routes)
+                prev = ctx.shared.cache.vhosts.get(memo_key)
+                vhost = prev[1] if prev is not None and prev[0] is base else _vhost(ns, svc, local, routes)
+                ctx.shared.cache.vhosts[memo_key] = (base, vhost)
+                ctx.shared.vhosts[memo_key] = vhost
         else:
             all_shared = False
             vhost = _vhost(ns, svc, local, routes)
@@ -307,7 +398,14 @@ def _service_routes(ctx: _Ctx, ns: str, svc: str) -> list[tuple[str, dict[str, A
     found = ctx.shared.routes.get((ns, svc))
     if found is None:
         route = ctx.intent.routes.get((ns, svc))
-        found = _base_routes(ctx, route, ns, svc) if route else _default_base(ctx, ctx.intent.services[(ns, svc)])
+        service = ctx.intent.services[(ns, svc)]
+        inputs = (route, service, tuple(ctx.weights.get((ns, svc), ())), ctx.intent.traffic_policies.get((ns, svc)))
+        prev = ctx.shared.cache.routes.get((ns, svc))
+        if prev is not None and prev[0] == inputs:
+            found = prev[1]
+        else:
+            found = _base_routes(ctx, route, ns, svc) if route else _default_base(ctx, service)
+            ctx.shared.cache.routes[(ns, svc)] = (inputs, found)
         ctx.shared.routes[(ns, svc)] = found
     return found
 
@@ -509,7 +607,7 @@ def _match(m: HTTPMatch) -> dict[str, Any]:
 
 
 def _outbound_clusters(
-    intent: Intent, topology: ClusterTopology
+    intent: Intent, topology: ClusterTopology, cache: RenderCache
 ) -> dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
     """Per service: an EDS cluster for the service and one per version, with this cluster's ready
     instances. Grouped so that a sidecar's egress list can pick whole services."""
@@ -519,6 +617,12 @@ def _outbound_clusters(
         if sc.node_id in topology.ready:
             ready.setdefault((sc.namespace, sc.service), []).append(sc)
     for (ns, svc), service in sorted(intent.services.items()):
+        members_all = tuple(sorted((sc.version, sc.address, sc.inbound_port) for sc in ready.get((ns, svc), ())))
+        inputs = (service, intent.traffic_policies.get((ns, svc)), members_all)
+        prev = cache.clusters.get((ns, svc))
+        if prev is not None and prev[0] == inputs:
+            out[(ns, svc)] = prev[1]
+            continue
         clusters, endpoints = [], []
         for version in [None, *service.spec.versions]:
             name = cluster_name(ns, svc, version)
@@ -538,6 +642,7 @@ def _outbound_clusters(
                   for a, p in members]
             endpoints.append({"cluster_name": name, "endpoints": [{"lb_endpoints": lb}] if lb else []})
         out[(ns, svc)] = (clusters, endpoints)
+        cache.clusters[(ns, svc)] = (inputs, out[(ns, svc)])
     return out
 
 

@@ -14,11 +14,10 @@ from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import any_pb2
 
 from mesh import xds
 from mesh.cache import SnapshotCache
-from mesh.snapshot import PUSH_ORDER, WILDCARD_TYPES, Snapshot
+from mesh.snapshot import PUSH_ORDER, WILDCARD_TYPES, ResourceSet, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -133,15 +132,28 @@ class _StreamState:
             self._cache.unwatch(self.node_id, self)
 
     def _response(self, snapshot: Snapshot, type_url: str, names: frozenset[str]) -> DiscoveryResponse:
-        items = snapshot.items(type_url)
-        digests = snapshot.digests[type_url]
-        chosen = list(items) if type_url in WILDCARD_TYPES else [n for n in items if n in names]
         self._nonce += 1
         nonce = str(self._nonce)
         version = snapshot.version(type_url)
         self._sent[type_url] = _Sent(version=version, names=names, nonce=nonce)
-        parts = [xds.to_any_bytes(type_url, items[n], content_digest=digests[n]) for n in chosen]
-        return Response(type_url=type_url, version_info=version, nonce=nonce, parts=parts)
+        wildcard = type_url in WILDCARD_TYPES
+        bodies = []
+        for part in snapshot.parts[type_url]:
+            if wildcard or all(n in names for n in part):
+                # The whole part: serialised once per part, however many proxies share it.
+                body = part.wire.get((type_url, None))
+                if body is None:
+                    body = part.wire[(type_url, None)] = _framed(type_url, part, list(part))
+            else:
+                body = _framed(type_url, part, [n for n in part if n in names])
+            bodies.append(body)
+        return Response(type_url=type_url, version_info=version, nonce=nonce, body=b"".join(bodies))
+
+
+def _framed(type_url: str, part: ResourceSet, names: list[str]) -> bytes:
+    """Resources as repeated DiscoveryResponse.resources fields (field 2), ready to concatenate."""
+    return b"".join(xds.field_bytes(2, xds.to_any_bytes(type_url, part[n], content_digest=part.digests[n]))
+                    for n in names)
 
 
 @dataclass(frozen=True)
@@ -155,16 +167,17 @@ class Response:
     type_url: str
     version_info: str
     nonce: str
-    parts: list[bytes]
+    body: bytes
+    """The resources, already framed as DiscoveryResponse field 2 entries."""
 
     def SerializeToString(self) -> bytes:  # the protobuf spelling, so gRPC can treat it alike
-        return b"".join([xds.field_bytes(1, self.version_info.encode()), *(xds.field_bytes(2, p) for p in self.parts),
+        return b"".join([xds.field_bytes(1, self.version_info.encode()), self.body,
                          xds.field_bytes(4, self.type_url.encode()), xds.field_bytes(5, self.nonce.encode())])
 
     @property
     def resources(self) -> list[Any]:
         """The resources as `Any` messages (for tests and logs; the wire path never builds these)."""
-        return [any_pb2.Any.FromString(p) for p in self.parts]
+        return list(discovery_pb2.DiscoveryResponse.FromString(self.body).resources)
 
 
 _SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -67,11 +67,21 @@ class _DigestMemo:
         hit = self._items.get(id(value))
         if hit is not None and hit[0] is value:
             return hit[1]
-        d = digest(value)
+        d = self._compute(value)
         if len(self._items) >= self._maxsize:
             self._items.clear()
         self._items[id(value)] = (value, d)
         return d
+
+
+    def _compute(self, value: Any) -> str:
+        """A route configuration with many virtual hosts hashes as its virtual hosts' digests (each
+        memoised), so changing one service's routes does not re-serialise a thousand others."""
+        vhosts = value.get("virtual_hosts") if isinstance(value, Mapping) else None
+        if isinstance(vhosts, list) and len(vhosts) > 8:
+            rest = {k: v for k, v in value.items() if k != "virtual_hosts"}
+            return digest(["route-config", digest(rest), *(self(v) for v in vhosts)])
+        return digest(value)
 
 
 resource_digest = _DigestMemo(maxsize=200_000)
@@ -81,28 +91,114 @@ class InconsistentSnapshot(ValueError):
     """A listener or cluster names a route configuration or endpoint set the snapshot does not hold."""
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """Resources by type URL, then by name. Build with `Snapshot.of(...)`, never mutate."""
+class ResourceSet(Mapping[str, Resource]):
+    """Resources of one type by name: immutable, and shareable between snapshots.
 
-    resources: Mapping[str, Mapping[str, Resource]]
+    A big mesh gives a hundred sidecars the same thousand clusters; render builds that group once as
+    one ResourceSet, and every snapshot holding it shares its digests, its version, the names it refers
+    to, and (on the ADS server) its serialised form."""
+
+    __slots__ = ("_items", "_refs", "digests", "version", "wire")
+
+    def __init__(self, items: Iterable[Resource] = (), *, key: str = "name") -> None:
+        found: dict[str, Resource] = {}
+        for item in items:
+            name = item[key]
+            if name in found:
+                raise InconsistentSnapshot(f"duplicate resource name {name!r}")
+            found[name] = item
+        self._items = dict(sorted(found.items()))
+        self.digests: Mapping[str, str] = {name: resource_digest(r) for name, r in self._items.items()}
+        self.version = _pairs_digest(self.digests)
+        self.wire: dict[tuple[str, frozenset[str] | None], bytes] = {}
+        """The ADS server's cache of this set's framed resources (by type and requested names)."""
+        self._refs: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
+
+    def __getitem__(self, name: str) -> Resource:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"ResourceSet({list(self._items)!r})"
+
+    def refs(self) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        """(route configuration names, EDS service names, SDS secret names) these resources refer to."""
+        if self._refs is None:
+            values = self._items.values()
+            self._refs = (
+                frozenset(_route_names(values)),
+                frozenset((c.get("eds_cluster_config") or {}).get("service_name") or c["name"]
+                          for c in values if c.get("type") == "EDS"),
+                frozenset(n for r in values for n in _sds_names(r)),
+            )
+        return self._refs
+
+
+class _Merged(Mapping[str, Any]):
+    """A read-only view over several disjoint mappings (a snapshot's parts of one type)."""
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, parts: Sequence[Mapping[str, Any]]) -> None:
+        self._parts = parts
+
+    def __getitem__(self, name: str) -> Any:
+        for part in self._parts:
+            if name in part:
+                return part[name]
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self._parts:
+            yield from part
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self._parts)
+
+    def __contains__(self, name: object) -> bool:
+        return any(name in p for p in self._parts)
+
+
+_EMPTY = ResourceSet()
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """Resources by type URL, then by name, held as shareable parts. Build with `Snapshot.of(...)`
+    (plain lists) or `Snapshot.compose(...)` (ResourceSets shared with other snapshots); never mutate."""
+
+    parts: Mapping[str, tuple[ResourceSet, ...]]
     revision: str = ""
     """The Git revision this snapshot was rendered from (a label, not part of any version)."""
-    versions: Mapping[str, str] = field(init=False, repr=False, compare=False)
-    digests: Mapping[str, Mapping[str, str]] = field(init=False, repr=False, compare=False)
+    versions: Mapping[str, str] = field(init=False, repr=False)
+    resources: Mapping[str, Mapping[str, Resource]] = field(init=False, repr=False)
+    digests: Mapping[str, Mapping[str, str]] = field(init=False, repr=False)
     """Per resource: type URL -> name -> digest of its content (what the ADS server's caches key on)."""
 
     def __post_init__(self) -> None:
-        frozen = MappingProxyType(
-            {t: MappingProxyType(dict(sorted(self.resources.get(t, {}).items()))) for t in PUSH_ORDER}
-        )
-        digests = MappingProxyType({
-            t: MappingProxyType({name: resource_digest(r) for name, r in frozen[t].items()}) for t in PUSH_ORDER
-        })
-        object.__setattr__(self, "resources", frozen)
-        object.__setattr__(self, "digests", digests)
-        # A type's version: the hash of its (name, content digest) pairs, so it changes iff any resource does.
-        object.__setattr__(self, "versions", MappingProxyType({t: _pairs_digest(digests[t]) for t in PUSH_ORDER}))
+        parts = MappingProxyType({t: tuple(p for p in self.parts.get(t, ()) if len(p)) for t in PUSH_ORDER})
+        object.__setattr__(self, "parts", parts)
+        object.__setattr__(self, "resources", MappingProxyType({t: _Merged(parts[t]) for t in PUSH_ORDER}))
+        object.__setattr__(self, "digests", MappingProxyType(
+            {t: _Merged([p.digests for p in parts[t]]) for t in PUSH_ORDER}))
+        # A type's version changes iff any of its resources (or names) does: one part -> that part's
+        # version; several -> the hash of theirs. Equal content split differently may get another
+        # version: that costs one needless push, never a missed one.
+        object.__setattr__(self, "versions", MappingProxyType({
+            t: (parts[t][0].version if len(parts[t]) == 1 else
+                hashlib.sha256("|".join(p.version for p in parts[t]).encode()).hexdigest()[:16])
+            for t in PUSH_ORDER}))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Snapshot) and (self.versions, self.revision) == (other.versions, other.revision)
+
+    def __hash__(self) -> int:
+        return hash((self.version_all, self.revision))
 
     @staticmethod
     def of(
@@ -114,25 +210,25 @@ class Snapshot:
         secrets: Sequence[Resource] = (),
         revision: str = "",
     ) -> Snapshot:
-        def by_name(items: Sequence[Resource], key: str = "name") -> dict[str, Resource]:
-            out: dict[str, Resource] = {}
-            for item in items:
-                name = item[key]
-                if name in out:
-                    raise InconsistentSnapshot(f"duplicate resource name {name!r}")
-                out[name] = item
-            return out
+        return Snapshot.compose(
+            listeners=[ResourceSet(listeners)], routes=[ResourceSet(routes)], clusters=[ResourceSet(clusters)],
+            endpoints=[ResourceSet(endpoints, key="cluster_name")], secrets=[ResourceSet(secrets)],
+            revision=revision)
 
-        return Snapshot(
-            resources={
-                LISTENER: by_name(listeners),
-                ROUTE: by_name(routes),
-                CLUSTER: by_name(clusters),
-                ENDPOINT: by_name(endpoints, "cluster_name"),
-                SECRET: by_name(secrets),
-            },
-            revision=revision,
-        )
+    @staticmethod
+    def compose(
+        *,
+        listeners: Sequence[ResourceSet] = (),
+        routes: Sequence[ResourceSet] = (),
+        clusters: Sequence[ResourceSet] = (),
+        endpoints: Sequence[ResourceSet] = (),
+        secrets: Sequence[ResourceSet] = (),
+        revision: str = "",
+    ) -> Snapshot:
+        """A snapshot from parts; names must not repeat across the parts of one type (`consistent()`
+        checks it)."""
+        return Snapshot(parts={LISTENER: tuple(listeners), ROUTE: tuple(routes), CLUSTER: tuple(clusters),
+                               ENDPOINT: tuple(endpoints), SECRET: tuple(secrets)}, revision=revision)
 
     def version(self, type_url: str) -> str:
         return self.versions[type_url]
@@ -146,22 +242,25 @@ class Snapshot:
         return self.resources[type_url]
 
     def consistent(self) -> None:
-        """Raise InconsistentSnapshot unless every referenced RDS/EDS name is present, and vice versa."""
-        want_routes = set(_route_names(self.resources[LISTENER].values()))
-        want_eds = {
-            (c.get("eds_cluster_config") or {}).get("service_name") or c["name"]
-            for c in self.resources[CLUSTER].values()
-            if c.get("type") == "EDS"
-        }
+        """Raise InconsistentSnapshot unless every referenced RDS/EDS name is present and vice versa,
+        every SDS secret referenced is present, and no name repeats within a type."""
         problems = []
-        for kind, want, have in (
-            ("route configuration", want_routes, set(self.resources[ROUTE])),
-            ("endpoint set", want_eds, set(self.resources[ENDPOINT])),
-        ):
+        for t in PUSH_ORDER:
+            if len(self.resources[t]) != len({n for p in self.parts[t] for n in p}):
+                problems.append(f"a {t.rsplit('.', 1)[-1]} name appears in two parts")
+        want_routes = frozenset().union(*(p.refs()[0] for p in self.parts[LISTENER]))
+        want_eds = frozenset().union(*(p.refs()[1] for p in self.parts[CLUSTER]))
+        want_sds = frozenset().union(*(p.refs()[2] for t in PUSH_ORDER if t != SECRET for p in self.parts[t]))
+        have_routes = {n for p in self.parts[ROUTE] for n in p}
+        have_eds = {n for p in self.parts[ENDPOINT] for n in p}
+        for kind, want, have in (("route configuration", want_routes, have_routes),
+                                 ("endpoint set", want_eds, have_eds)):
             if missing := sorted(want - have):
                 problems.append(f"missing {kind}(s) {missing}")
             if extra := sorted(have - want):
                 problems.append(f"unreferenced {kind}(s) {extra}")
+        if missing := sorted(want_sds - {n for p in self.parts[SECRET] for n in p}):
+            problems.append(f"missing secret(s) {missing}")
         if problems:
             raise InconsistentSnapshot("; ".join(problems))
 
@@ -169,7 +268,20 @@ class Snapshot:
         """Readable form for golden files: short type names, resources sorted by name."""
         short = {LISTENER: "listeners", ROUTE: "routes", CLUSTER: "clusters", ENDPOINT: "endpoints",
                  SECRET: "secrets"}
-        return {short[t]: list(self.resources[t].values()) for t in PUSH_ORDER if self.resources[t]}
+        return {short[t]: [self.resources[t][n] for n in sorted(self.resources[t])]
+                for t in PUSH_ORDER if len(self.resources[t])}
+
+
+def _sds_names(value: Any) -> Iterator[str]:
+    """Names of secrets a resource asks for over SDS (`{name, sds_config}` anywhere inside it)."""
+    if isinstance(value, Mapping):
+        if "sds_config" in value and "name" in value:
+            yield str(value["name"])
+        for v in value.values():
+            yield from _sds_names(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _sds_names(v)
 
 
 def _route_names(listeners: Any) -> Iterator[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 # Importing a generated module registers its messages in the default descriptor pool; without these,
@@ -120,22 +121,74 @@ def to_any_bytes(type_url: str, resource: Resource, *, content_digest: str | Non
         if type_url == _ROUTE and resource.get("virtual_hosts"):
             value = _route_config_bytes(resource)
         else:
-            value = _parse(type_url, resource).SerializeToString(deterministic=True)
+            value = _fields_bytes(type_url, resource)
         packed = field_bytes(1, type_url.encode()) + field_bytes(2, value)  # Any: type_url = 1, value = 2
         _cache.put(key, packed)
     return packed
 
 
+_field_cache = _AnyCache(maxsize=65536)
+
+
+def _fields_bytes(type_url: str, resource: Resource) -> bytes:
+    """A message serialised field by field, each top-level field converted once per distinct value.
+
+    Three thousand clusters differ in their names and little else: their shared fields (type, timeouts,
+    the transport socket of one service's versions, ...) are parsed once, non-empty string fields are
+    encoded directly, and plain nested messages are assembled the same way. The pieces concatenate into
+    the message (protobuf allows any field order)."""
+    cls = message_class(type_url)
+    try:
+        return _message_bytes(cls, _plain(resource))
+    except (json_format.ParseError, _Unsupported):
+        return _parse(type_url, resource).SerializeToString(deterministic=True)  # names the error
+
+
+class _Unsupported(Exception):
+    """A field the piecewise path does not handle; fall back to parsing the whole resource."""
+
+
+def _message_bytes(cls: type[Message], value: Mapping[str, Any]) -> bytes:
+    fields = cls.DESCRIPTOR.fields_by_name
+    out = []
+    for name, item in value.items():
+        f = fields.get(name)
+        if f is None:
+            raise _Unsupported(name)
+        if f.is_repeated or (f.containing_oneof is not None and not isinstance(item, str | dict)):
+            pass  # parsed below, as one piece
+        elif isinstance(item, str) and item and f.type == f.TYPE_STRING:
+            out.append(field_bytes(f.number, item.encode()))
+            continue
+        elif (isinstance(item, dict) and f.type == f.TYPE_MESSAGE and "@type" not in item
+              and f.message_type is not None and not f.message_type.full_name.startswith("google.protobuf.")):
+            sub = message_factory.GetMessageClass(f.message_type)  # type: ignore[arg-type]
+            out.append(field_bytes(f.number, _message_bytes(sub, item)))
+            continue
+        key = (f"{cls.DESCRIPTOR.full_name}#{name}", digest(item))
+        piece = _field_cache.get(key)
+        if piece is None:
+            msg = cls()
+            json_format.ParseDict({name: item}, msg)
+            piece = msg.SerializeToString(deterministic=True)
+            _field_cache.put(key, piece)
+        out.append(piece)
+    return b"".join(out)
+
+
 def field_bytes(number: int, payload: bytes) -> bytes:
     """One length-delimited protobuf field: tag, varint length, payload. Concatenated fields of a
     message are that message (the wire format allows any field order and repeats)."""
-    out = bytearray([(number << 3) | 2])
-    n = len(payload)
+    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
     out.append(n)
-    return bytes(out) + payload
+    return bytes(out)
 
 
 _ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
@@ -143,7 +196,12 @@ _VHOSTS_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["virtual_
 _vhost_cache = _AnyCache(maxsize=65536)
 
 
+_ROUTES_FIELD = route_components_pb2.VirtualHost.DESCRIPTOR.fields_by_name["routes"].number
+
+
 def _route_config_bytes(config: Resource) -> bytes:
+    """RouteConfiguration bytes from cached pieces: each virtual host, and inside it each route entry
+    (route entries are shared between the variants of a virtual host, so each is parsed once)."""
     head = _parse(_ROUTE, {k: v for k, v in config.items() if k != "virtual_hosts"}).SerializeToString(
         deterministic=True)
     parts = []
@@ -151,17 +209,31 @@ def _route_config_bytes(config: Resource) -> bytes:
         key = ("vhost", resource_digest(vhost))
         piece = _vhost_cache.get(key)
         if piece is None:
-            msg = route_components_pb2.VirtualHost()
             try:
-                json_format.ParseDict(_plain(vhost), msg)
+                piece = _vhost_bytes(vhost)
             except json_format.ParseError as exc:
                 detail = str(exc).split("\n Available Fields", 1)[0]
                 raise ValueError(f"RouteConfiguration {config.get('name')!r} virtual host "
                                  f"{vhost.get('name')!r}: {detail}") from None
-            piece = msg.SerializeToString(deterministic=True)
             _vhost_cache.put(key, piece)
         parts.append(field_bytes(_VHOSTS_FIELD, piece))
     return head + b"".join(parts)
+
+
+def _vhost_bytes(vhost: Resource) -> bytes:
+    msg = route_components_pb2.VirtualHost()
+    json_format.ParseDict({k: v for k, v in vhost.items() if k != "routes"}, msg)
+    pieces = [msg.SerializeToString(deterministic=True)]
+    for entry in vhost.get("routes", ()):
+        key = ("route", resource_digest(entry))
+        piece = _vhost_cache.get(key)
+        if piece is None:
+            route = route_components_pb2.Route()
+            json_format.ParseDict(_plain(entry), route)
+            piece = route.SerializeToString(deterministic=True)
+            _vhost_cache.put(key, piece)
+        pieces.append(field_bytes(_ROUTES_FIELD, piece))
+    return b"".join(pieces)
 
 
 def to_any(type_url: str, resource: Resource, *, content_digest: str | None = None) -> any_pb2.Any:
