@@ -60,6 +60,9 @@ class Extension:
               route: dict[str, Any]) -> dict[str, Any]:
         return route
 
+    routes_per_proxy: bool = False
+    """Set True if `route()` depends on the proxy; otherwise it runs once per route entry per render."""
+
     def secrets(self, proxy: Proxy) -> list[dict[str, Any]]:
         return []
 
@@ -87,6 +90,7 @@ class _Shared:
     routes: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
     vhosts: dict[tuple[str, str, bool], dict[str, Any]] = field(default_factory=dict)
     faults: dict[tuple[str, str], bool] = field(default_factory=dict)
+    hooked_routes: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
     """This render's outbound route configurations, by (namespace, reach)."""
 
@@ -131,7 +135,7 @@ class RenderCache:
         self.clusters: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[list[Any], list[Any]]]] = {}
         # Identity-keyed entries hold the objects themselves (compared with `is`), never bare ids: a freed
         # object's id can be reused by a different one.
-        self.vhosts: dict[tuple[str, str, bool], tuple[object, dict[str, Any]]] = {}
+        self.vhosts: dict[tuple[str, str, bool], tuple[tuple[object, ...], dict[str, Any]]] = {}
         self.configs: dict[Any, tuple[tuple[object, ...], dict[str, Any]]] = {}
         self.sets: dict[Any, tuple[tuple[object, ...], ResourceSet]] = {}
         self.hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = {}
@@ -342,18 +346,15 @@ def _ingress_vhosts(ctx: _Ctx) -> list[dict[str, Any]]:
 
 
 def _outbound_config(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> ResourceSet:
-    """The sidecar's outbound route configuration; one shared set for every sidecar of the same
-    namespace and egress whose extensions leave the routes alone (kept across renders while its
-    virtual hosts are the same objects)."""
+    """The sidecar's outbound route configuration: one shared set for every sidecar of the same namespace
+    and egress (unless an extension's route hook depends on the proxy), kept across renders while its
+    virtual hosts are the same objects."""
     key = (me.namespace, tuple(sorted(reach)))
-    hooked = any(type(ext).route is not Extension.route for ext in ctx.extensions)
-    if not hooked and (done := ctx.shared.configs.get(key)) is not None:
-        return _shared_set(ctx.shared.cache, ("routes", key), [done])
-    vhosts, shared = _mesh_vhosts(ctx, me, key[1])
-    if not shared:
-        return ResourceSet([_route_config("outbound", vhosts)])
+    if any(ext.routes_per_proxy for ext in ctx.extensions):
+        return ResourceSet([_route_config("outbound", _mesh_vhosts(ctx, me, key[1]))])
     found = ctx.shared.configs.get(key)
     if found is None:
+        vhosts = _mesh_vhosts(ctx, me, key[1])
         prev = ctx.shared.cache.configs.get(key)
         config = prev[1] if prev is not None and _same(prev[0], vhosts) else _route_config("outbound", vhosts)
         ctx.shared.cache.configs[key] = (tuple(vhosts), config)
@@ -361,31 +362,38 @@ def _outbound_config(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -
     return _shared_set(ctx.shared.cache, ("routes", key), [found])
 
 
-def _mesh_vhosts(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> tuple[list[dict[str, Any]], bool]:
+def _mesh_vhosts(ctx: _Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     """One virtual host per Service it may call, addressed as `svc.ns` (and `svc` inside its own namespace).
 
-    Also says whether every virtual host is the shared one (no extension changed a route for this proxy)."""
+    Route entries after the extensions' hooks are computed once per service per render (per proxy only
+    when a hook says it depends on the proxy); a virtual host is reused across renders while its entries
+    are the same objects."""
+    per_proxy = any(ext.routes_per_proxy for ext in ctx.extensions)
     vhosts = []
-    all_shared = True
-    hooked = any(type(ext).route is not Extension.route for ext in ctx.extensions)
     for ns, svc in reach:
         local = ns == me.namespace
-        base = _service_routes(ctx, ns, svc)
-        routes = ([ctx.route(entry, namespace=ns, service=svc, rule=rule) for rule, entry in base] if hooked
-                  else [entry for _, entry in base])
+        routes = _hooked_routes(ctx, ns, svc, per_proxy=per_proxy)
         memo_key = (ns, svc, local)
-        if not hooked or all(a is b for a, (_, b) in zip(routes, base, strict=True)):
-            vhost = ctx.shared.vhosts.get(memo_key)
-            if vhost is None:
-                prev = ctx.shared.cache.vhosts.get(memo_key)
-                vhost = prev[1] if prev is not None and prev[0] is base else _vhost(ns, svc, local, routes)
-                ctx.shared.cache.vhosts[memo_key] = (base, vhost)
+        vhost = None if per_proxy else ctx.shared.vhosts.get(memo_key)
+        if vhost is None:
+            prev = ctx.shared.cache.vhosts.get(memo_key)
+            reuse = prev is not None and _same(prev[0], routes)
+            vhost = prev[1] if prev is not None and reuse else _vhost(ns, svc, local, routes)
+            if not per_proxy:
+                ctx.shared.cache.vhosts[memo_key] = (tuple(routes), vhost)
                 ctx.shared.vhosts[memo_key] = vhost
-        else:
-            all_shared = False
-            vhost = _vhost(ns, svc, local, routes)
         vhosts.append(vhost)
-    return vhosts, all_shared
+    return vhosts
+
+
+def _hooked_routes(ctx: _Ctx, ns: str, svc: str, *, per_proxy: bool) -> list[dict[str, Any]]:
+    found = None if per_proxy else ctx.shared.hooked_routes.get((ns, svc))
+    if found is None:
+        base = _service_routes(ctx, ns, svc)
+        found = [ctx.route(entry, namespace=ns, service=svc, rule=rule) for rule, entry in base]
+        if not per_proxy:
+            ctx.shared.hooked_routes[(ns, svc)] = found
+    return found
 
 
 def _vhost(ns: str, svc: str, local: bool, routes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -426,6 +434,7 @@ def default_rule_index(route: Route) -> int | None:
 
 def _routes(ctx: _Ctx, route: Route, ns: str, svc: str) -> list[dict[str, Any]]:
     return [ctx.route(entry, namespace=ns, service=svc, rule=rule) for rule, entry in _service_routes(ctx, ns, svc)]
+
 
 
 def _base_routes(ctx: _Ctx, route: Route, ns: str, svc: str) -> list[tuple[str, dict[str, Any]]]:

@@ -121,3 +121,30 @@ def test_extensions_see_every_resource_and_add_secrets() -> None:
     for node, snap in snaps.items():
         assert all(x["per_connection_buffer_limit_bytes"] == 1024 for x in snap.items(LISTENER).values())
         assert list(snap.items(SECRET)) == [f"cert-{node}"]
+
+
+def test_render_cache_changes_the_work_not_the_result() -> None:
+    from mesh.render import RenderCache
+
+    base = load(read_worktree(GOLDEN / "traffic"))
+    assert base.intent is not None
+    files = read_worktree(GOLDEN / "traffic")
+    text = files["intent.yaml"].decode()
+    assert "weight: 90}" in text
+    files["intent.yaml"] = text.replace("weight: 90}", "weight: 70}").replace("weight: 10}", "weight: 30}").encode()
+    changed = load(files)
+    assert changed.intent is not None, changed.problems
+
+    cache = RenderCache()
+    first = render(intent=base.intent, topology=topology(), cache=cache)
+    second = render(intent=changed.intent, topology=topology(), cache=cache)
+    fresh = render(intent=changed.intent, topology=topology())
+    assert {n: s.to_json() for n, s in second.items()} == {n: s.to_json() for n, s in fresh.items()}
+    assert {n: dict(s.versions) for n, s in second.items()} == {n: dict(s.versions) for n, s in fresh.items()}
+    # Unchanged resources keep their identity across renders; the changed route configuration does not.
+    node = "east/ingress"
+    assert first[node].parts[CLUSTER][0] is second[node].parts[CLUSTER][0]
+    assert first[node].items(ROUTE)["ingress"] is not second[node].items(ROUTE)["ingress"]
+    # Sidecars of one namespace share one route configuration object.
+    sidecars = [s for n, s in second.items() if n.startswith("east/shop/")]
+    assert len({id(s.items(ROUTE)["outbound"]) for s in sidecars}) == 1
