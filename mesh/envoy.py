@@ -30,6 +30,9 @@ def bootstrap(
     return {
         "node": {"id": node_id, "cluster": cluster},
         "admin": {"address": _socket_address(admin_host, admin_port)},
+        # Histograms (request-duration-p99) reach /stats/prometheus at each flush: every second, not five,
+        # so a rollout with a short interval can judge latency.
+        "stats_flush_interval": "1s",
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "GRPC",
@@ -71,15 +74,22 @@ def envoy_path() -> Path:
 
 
 def envoy_argv(
-    *, config_path: Path, concurrency: int = 1, log_level: str = "warning", log_path: Path | None = None
+    *, config_path: Path, concurrency: int = 1, log_level: str = "warning", log_path: Path | None = None,
+    drain_time_s: int = 5,
 ) -> list[str]:
-    """Command line for one Envoy. Hot restart is always off so several Envoys share a machine."""
+    """Command line for one Envoy. Hot restart is always off so several Envoys share a machine.
+
+    Draining is immediate and short: when a listener changes (an authorization policy, a rate limit, an
+    mTLS mode), connections on the old config close at their next response instead of living on it for
+    Envoy's default ten minutes, so a policy commit reaches open connections too."""
     argv = [
         str(envoy_path()),
         "--config-path", str(config_path),
         "--concurrency", str(concurrency),
         "--log-level", log_level,
         "--disable-hot-restart",
+        "--drain-strategy", "immediate",
+        "--drain-time-s", str(drain_time_s),
     ]  # fmt: skip
     if log_path is not None:
         argv += ["--log-path", str(log_path)]

@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
     p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between fetches of a remote")
     p.add_argument("--envoy-log-level", default="warning")
+    p.add_argument("--prometheus-url", help="use this Prometheus for rollout analysis instead of starting one per "
+                   "cluster (it should scrape each cluster's discovery endpoint, shown in status)")
+    p.add_argument("--cert-ttl", default="1h", help="workload certificate lifetime, e.g. 20s, 1h (rotated at half)")
+    p.add_argument("--ca-dir", type=Path, help="CA hierarchy (root/, <cluster>/); default STATE_DIR/ca")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="the one-command tour: a mesh on real Envoys and four commits")
@@ -57,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
     p.set_defaults(func=cmd_status)
 
-    from reconciler import demo_app
+    from reconciler import demo_app, rollout_cli
+
+    rollout_cli.add_commands(sub)
+
+    from multicluster.commands import add_commands as add_ca_commands
+
+    add_ca_commands(sub)  # ca init|cluster, certs
 
     p = sub.add_parser("demo-app", help="the demo workload: a small fast HTTP service")
     demo_app.add_arguments(p)
@@ -155,14 +165,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     import asyncio
 
+    from mesh.intent import parse_duration_ms
+    from multicluster.ca import CAError
+    from multicluster.commands import ca_dir_problem
     from reconciler.gitsource import GitError
+    from reconciler.prometheus import PrometheusMissing
     from reconciler.up import UpConfig, run_up
 
+    try:
+        cert_ttl = parse_duration_ms(args.cert_ttl) / 1000
+        if cert_ttl < 2:
+            raise ValueError(f"{args.cert_ttl!r} is too short: at least 2s")
+    except ValueError as exc:
+        print(f"lockgate up: --cert-ttl: {exc}", file=sys.stderr)
+        return 2
+    if (problem := ca_dir_problem(args.ca_dir or args.state_dir / "ca", args.repo)) is not None:
+        print(f"lockgate up: {problem}", file=sys.stderr)
+        return 1
     config = UpConfig(repo=args.repo, branch=args.branch, state_dir=args.state_dir,
-                      poll_interval=args.poll_interval, envoy_log_level=args.envoy_log_level)
+                      poll_interval=args.poll_interval, envoy_log_level=args.envoy_log_level,
+                      prometheus_url=args.prometheus_url, cert_ttl=cert_ttl, ca_dir=args.ca_dir)
     try:
         return asyncio.run(run_up(config))
-    except GitError as exc:
+    except (GitError, PrometheusMissing, CAError) as exc:
         print(f"lockgate up: {exc}", file=sys.stderr)
         return 1
 
@@ -209,6 +234,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             nack = f"  NACK: {p['nack']}" if p.get("nack") else ""
             print(f"  {p['kind']:8} {p['id']:40} acked {p.get('ackedRevision') and _short(p['ackedRevision'])}"
                   f" {p.get('state', '')}{nack}")
+        if c.get("prometheus"):
+            print(f"  prometheus {c['prometheus']['url']}  (discovery {c['prometheus']['discovery']})")
+    for r in status.get("rollouts", []):
+        where = f"weight {r['weight']}%" + (f", step {r['step']}/{len(r['steps'])}" if r.get("step") else "")
+        print(f"rollout {r['namespace']}/{r['name']}: {r['phase']} (stable {r['stable']}, canary {r['canary'] or '-'}"
+              f", {where}); details: lockgate rollout status {r['name']}")
     return 0
 
 

@@ -1,8 +1,9 @@
 """`lockgate demo`: the one-command tour on real processes.
 
-A fresh intent repo from the template, the whole local mesh, then four commits a user would make:
-all traffic on v1, a 50/50 split, a broken commit that changes nothing, a fix that moves everything
-to v2. Each step prints what the ingress actually answered.
+A fresh intent repo from the template, the whole local mesh, then the commits a user would make: all
+traffic on v1, a 50/50 split, a broken commit that changes nothing; then progressive delivery: a
+Rollout, a good canary promoted step by step and a bad one (FAIL_RATE=0.3) rolled back, each judged by
+Prometheus from the Envoys' own stats, and finally `git log` with lockgate's own commits in it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import json
 import logging
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from reconciler.gitsource import Pygit2Source, init_repo
 from reconciler.load import load
@@ -101,12 +104,10 @@ async def run_demo(*, workdir: Path | None, keep_running: bool) -> int:
             print(f"   {line}")
         print(f"   still 50/50:  {_bar(await asyncio.to_thread(_tally, ingress, host, 400))}")
 
-        sha, t0 = await commit(V2_ONLY, "reviews: all traffic to v2")
-        await _converged(rec, sha)
-        print(f"== git commit 'reviews: all traffic to v2' -> applied in {(time.monotonic() - t0) * 1000:.0f} ms")
-        print(f"   v2 only:      {_bar(await asyncio.to_thread(_tally, ingress, host, 100))}")
-        print(f"== git log in {repo}:")
-        for c in source.log("HEAD", limit=5):
+        await _rollouts(rec, source, repo, ingress, host)
+        print(f"== git log in {repo} (lockgate's own commits are the audit trail; `lockgate history` adds the "
+              "decisions):")
+        for c in source.log("HEAD", limit=8):
             print(f"   {c.sha[:10]} {c.author_name:10} {c.message.splitlines()[0]}")
         if keep_running:
             print(f"== still running: edit {repo}/routes.yaml, commit, and watch `lockgate status "
@@ -121,6 +122,165 @@ async def run_demo(*, workdir: Path | None, keep_running: bool) -> int:
         if workdir is None and not keep_running:
             shutil.rmtree(root, ignore_errors=True)
     return 0
+
+
+ROLLOUT = """\
+# Progressive delivery for reviews: commit a new `canary`; lockgate moves traffic step by step,
+# judges each step from Prometheus, and commits the promotion or the rollback here.
+apiVersion: lockgate.io/v1alpha1
+kind: Rollout
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  service: reviews
+  stable: v1
+  strategy: canary
+  steps: [20, 50, 100]
+  interval: 2s
+  analysis:
+    failureThreshold: 2
+    minRequests: 20
+    metrics:
+      - {name: success-rate, builtin: request-success-rate, min: 99}
+      - {name: latency-p99, builtin: request-duration-p99, max: 500, noData: pass}
+"""
+BAD_BUILD = """---
+apiVersion: lockgate.io/v1alpha1
+kind: Workload
+metadata:
+  name: reviews-v3
+  namespace: shop
+spec:
+  service: reviews
+  version: v3
+  replicas: 1
+  clusters: [east]
+  command: [lockgate, demo-app]
+  env: {FAIL_RATE: "0.3"}   # a bad build: 30% of its answers are 500
+"""
+
+
+class _Load:
+    """Steady requests at the ingress while rollouts run (Prometheus needs traffic to judge)."""
+
+    def __init__(self, address: str, host: str) -> None:
+        self.address, self.host = address, host
+        self.seen: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="demo load")
+        self.thread.start()
+
+    def _run(self) -> None:
+        h, p = self.address.rsplit(":", 1)
+        conn = http.client.HTTPConnection(h, int(p), timeout=5)
+        while not self.stop.is_set():
+            try:
+                conn.request("GET", "/", headers={"Host": self.host})
+                resp = conn.getresponse()
+                body = resp.read()
+                ok = resp.status == 200
+                what = json.loads(body)["upstreams"][0]["body"].get("version", "?") if ok else f"HTTP {resp.status}"
+                if ok and json.loads(body)["upstreams"][0].get("status") != 200:
+                    what = f"HTTP {json.loads(body)['upstreams'][0].get('status')}"
+            except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError):
+                conn.close()
+                conn = http.client.HTTPConnection(h, int(p), timeout=5)
+                what = "error"
+            self.seen.append((time.time(), what))
+            time.sleep(0.005)
+        conn.close()
+
+    def since(self, t: float) -> Counter[str]:
+        return Counter(w for at, w in list(self.seen) if at >= t)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+async def _rollouts(rec: Reconciler, source: Pygit2Source, repo: Path, ingress: str, host: str) -> None:
+    """The progressive-delivery half of the tour, with live progress from the controller's decisions."""
+    services = (repo / "services.yaml").read_text().replace("versions: [v1, v2]", "versions: [v1, v2, v3]")
+    workloads = (repo / "workloads.yaml").read_text() + BAD_BUILD
+    sha = source.commit(files={"rollout.yaml": ROLLOUT.encode(), "services.yaml": services.encode(),
+                               "workloads.yaml": workloads.encode()},
+                        message="reviews: a Rollout owns the weights; deploy reviews-v3", parent=source.head() or "",
+                        author=USER)
+    await _converged(rec, sha)
+    print("== git commit 'reviews: a Rollout owns the weights; deploy reviews-v3' -> Prometheus per cluster "
+          f"({next(iter(rec.rollouts.clusters.values())).url}) scrapes every Envoy")
+    load = _Load(ingress, host)
+    try:
+        await _scraped(rec)
+        for canary, message in (("v2", "reviews: canary v2"), ("v3", "reviews: canary v3 (the bad build)")):
+            text = (repo / "rollout.yaml").read_text()
+            stable = next(line.split(":")[1].strip() for line in text.splitlines() if line.startswith("  stable:"))
+            text = text.replace(f"  stable: {stable}\n", f"  stable: {stable}\n  canary: {canary}\n", 1)
+            sha = source.commit(files={"rollout.yaml": text.encode()}, message=message, parent=source.head() or "",
+                                author=USER)
+            print(f"== git commit '{message}'")
+            await _follow(rec, load, sha)
+    finally:
+        load.close()
+
+
+async def _scraped(rec: Reconciler, timeout: float = 30.0) -> None:
+    """Until Prometheus has scraped every sidecar: new targets take a few seconds (discovery reload)."""
+    import urllib.request
+
+    url = next(iter(rec.rollouts.clusters.values())).url
+    want = sum(1 for w in rec.status()["workloads"])
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def up() -> int:
+        try:
+            with opener.open(f"{url}/api/v1/targets", timeout=2) as resp:
+                data = json.load(resp)
+        except (OSError, ValueError):
+            return 0
+        return sum(1 for t in data["data"]["activeTargets"] if t["health"] == "up" and t["labels"].get("service"))
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and await asyncio.to_thread(up) < want:
+        await asyncio.sleep(0.3)
+
+
+async def _follow(rec: Reconciler, load: _Load, sha: str, timeout: float = 60.0) -> None:
+    """Print each decision of the run started by `sha` as it happens, with what the ingress saw."""
+    path = rec.config.state_dir / "rollouts" / "decisions.jsonl"
+    shown = 0
+    t_mark = time.time()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entries: list[dict[str, Any]] = []
+        if path.exists():
+            entries = [d for d in map(json.loads, path.read_text().splitlines()) if d.get("canaryRevision") == sha]
+        for d in entries[shown:]:
+            seen = load.since(t_mark)
+            t_mark = time.time()
+            numbers = ", ".join(f"{c['metric']} {c['value']:.4g}" for c in d["checks"]
+                                if c["value"] is not None and c["metric"] != "requests")
+            what = {"start": f"{d['weight']}% to {d['canary']}", "step": f"{d['weight']}% to {d['canary']}",
+                    "hold": "holding", "promote": f"promoted {d['canary']}: 100%",
+                    "rollback": f"rolled back: 100% to {d['stable']}"}.get(d["action"], d["action"])
+            print(f"   {time.strftime('%H:%M:%S', time.localtime(d['at']))} {d['action']:8} {what:26}"
+                  f"{'  [' + numbers + ']' if numbers else ''}")
+            if d["action"] != "start":
+                print(f"            ingress since the last decision: {_bar(seen)}")
+            shown += 1
+            if d["action"] in ("promote", "rollback"):
+                reason = d["reasons"][0]
+                print(f"   {'why:':8} {reason}")
+                for _ in range(100):  # the write-back commit lands and is applied
+                    if rec.applied != sha and rec.applied is not None:
+                        break
+                    await asyncio.sleep(0.05)
+                head = rec.source.log("HEAD", limit=1)[0]
+                print(f"   lockgate committed {head.sha[:10]}: {head.message.splitlines()[0]}")
+                return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the rollout started by {sha[:12]} did not finish within {timeout:.0f}s")
 
 
 async def _converged(rec: Reconciler, sha: str | None, timeout: float = 60.0) -> None:

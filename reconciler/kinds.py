@@ -12,6 +12,12 @@ from mesh import intent as mesh_intent
 from mesh import validate as mesh_validate
 from mesh.intent import ResourceBase
 from mesh.validate import Finding
+from policies import intent as policies_intent
+from policies import validate as policies_validate
+from rollouts import intent as rollouts_intent
+from rollouts import validate as rollouts_validate
 
-KINDS: dict[str, type[ResourceBase]] = {**mesh_intent.KINDS}
-VALIDATORS: list[Callable[[Sequence[ResourceBase]], list[Finding]]] = [mesh_validate.validate]
+KINDS: dict[str, type[ResourceBase]] = {**mesh_intent.KINDS, **policies_intent.KINDS, **rollouts_intent.KINDS}
+VALIDATORS: list[Callable[[Sequence[ResourceBase]], list[Finding]]] = [mesh_validate.validate,
+                                                                       policies_validate.validate,
+                                                                       rollouts_validate.validate]

@@ -14,16 +14,23 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mesh.cache import SnapshotCache
 from mesh.intent import Intent
-from mesh.render import render
+from mesh.render import RenderCache, render
 from mesh.server import AdsServer
+from mesh.snapshot import SECRET
+from multicluster.ca import ensure_hierarchy
+from multicluster.issuer import WorkloadIssuer
+from policies import SecurityExtension
 from reconciler.gitsource import GitError, Pygit2Source
 from reconciler.load import load
 from reconciler.local import LocalRuntime, cluster_address
+from reconciler.prometheus import prometheus_binary
+from reconciler.rollout_controller import RolloutController
 from reconciler.state import STATUS_FILE, read_json, write_json
 
 log = logging.getLogger("lockgate")
@@ -38,6 +45,12 @@ class UpConfig:
     poll_interval: float = 5.0
     """Seconds between fetches of a remote repository (a local one is watched, not polled)."""
     envoy_log_level: str = "warning"
+    prometheus_url: str | None = None
+    """An existing Prometheus that scrapes the discovery endpoints; None starts one per cluster."""
+    cert_ttl: float = 3600.0
+    """Seconds a workload certificate is valid; each is re-issued at half its life."""
+    ca_dir: Path | None = None
+    """The CA hierarchy (`root/`, `<cluster>/`); default STATE/ca, created on first use."""
 
 
 @dataclass
@@ -51,6 +64,8 @@ class _Plane:
     port: int
     ingress: str = ""
     applied: str | None = None
+    render_cache: RenderCache = field(default_factory=RenderCache)
+    """What the previous render of this cluster leaves for the next (a one-route commit re-renders little)."""
 
 
 @dataclass
@@ -59,6 +74,9 @@ class Reconciler:
     source: Pygit2Source
     planes: dict[str, _Plane] = field(default_factory=dict)
     runtime: LocalRuntime = field(init=False)
+    rollouts: RolloutController = field(init=False)
+    issuer: WorkloadIssuer = field(init=False)
+    _rotation: asyncio.TimerHandle | None = None
     intent: Intent | None = None
     head: str | None = None
     applied: str | None = None
@@ -72,6 +90,9 @@ class Reconciler:
     def __post_init__(self) -> None:
         self.runtime = LocalRuntime(state_dir=self.config.state_dir, on_change=self.schedule_push,
                                     envoy_log_level=self.config.envoy_log_level)
+        self.issuer = WorkloadIssuer(ttl=self.config.cert_ttl)
+        self.rollouts = RolloutController(state_dir=self.config.state_dir, source=self.source, runtime=self.runtime,
+                                          on_change=self.schedule_push, prometheus_url=self.config.prometheus_url)
         with contextlib.suppress(OSError, ValueError):
             self._previous = read_json(self.config.state_dir / STATUS_FILE)
 
@@ -80,14 +101,15 @@ class Reconciler:
     async def run(self, stop: asyncio.Event) -> None:
         watcher = asyncio.create_task(self._watch())
         stopper = asyncio.create_task(stop.wait())
+        rollouts = asyncio.create_task(self.rollouts.run(), name="rollout controller")
         try:
             done, _ = await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if watcher in done:
                 watcher.result()  # surface the error
         finally:
-            for t in (watcher, stopper):
+            for t in (watcher, stopper, rollouts):
                 t.cancel()
-            await asyncio.gather(watcher, stopper, return_exceptions=True)
+            await asyncio.gather(watcher, stopper, rollouts, return_exceptions=True)
 
     async def _watch(self) -> None:
         async for sha in self.source.watch(poll_interval=self.config.poll_interval):
@@ -112,7 +134,9 @@ class Reconciler:
         self.intent = intent
         self.applied, self.failed, self.last_error = sha, None, []
         await self.runtime.apply(intent)
+        self.rollouts.on_revision(intent, sha)
         self.push()
+        self.rollouts.note_applied(sha, sorted(self.planes))
         log.info("applied %s in %.1f ms", sha[:12], (time.monotonic() - t0) * 1000)
         self.write_status()
         if not self.announced:
@@ -132,10 +156,13 @@ class Reconciler:
         plane = _Plane(name=name, address=address, cache=cache, server=server, port=port)
         self.planes[name] = plane
         cache.subscribe(lambda _status: self.write_status())
+        ca_dir = self.config.ca_dir or self.config.state_dir / "ca"
+        self.issuer.add_authority(name, ensure_hierarchy(ca_dir, [name], now=datetime.now(UTC))[name])
         old = {c["name"]: c for c in self._previous.get("clusters", [])}.get(name, {})
         old_port = int(old["ingress"].rsplit(":", 1)[1]) if old.get("ingress") else None
         gw = await self.runtime.add_cluster(name=name, address=address, xds_port=port, ingress_port=old_port)
         plane.ingress = f"{gw.address}:{gw.port}"
+        await self.rollouts.add_cluster(name=name, address=address, previous=old)
 
     # --- pushing -----------------------------------------------------------------------------------
 
@@ -151,14 +178,40 @@ class Reconciler:
             return
         for plane in self.planes.values():
             topo = self.runtime.topology(plane.name)
-            snapshots = render(intent=self.intent, topology=topo, revision=self.applied)
+            shaped = self.rollouts.overlay(self.intent)  # rollout weights, canary match rules, mirroring
+            # Issuing is the edge (keys, clock); render gets the certificates as plain input.
+            certs = self.issuer.certs_for(shaped.intent, topo, now=time.time())
+            security = SecurityExtension(intent=shaped.intent, certs=certs, trust_bundle=self.issuer.trust_bundle)
+            snapshots = render(intent=shaped.intent, topology=topo, revision=self.applied, weights=shaped.weights,
+                               extensions=[*shaped.extensions, security], cache=plane.render_cache)
             for node_id, snap in snapshots.items():
-                snap.consistent()
+                snap.consistent()  # RDS/EDS/SDS names all present: Envoy would otherwise wait on them silently
                 plane.cache.set(node_id, snap)
             for node_id in set(plane.cache.nodes()) - set(snapshots):
                 plane.cache.clear(node_id)
             plane.applied = self.applied
+        self._arm_rotation()
         self.write_status()
+
+    def _arm_rotation(self) -> None:
+        """Wake when the earliest certificate is half-way through its life; the push re-issues it, and
+        only the SECRET type of the affected proxies changes, so only secrets are re-sent."""
+        if self._rotation is not None:
+            self._rotation.cancel()
+        due = self.issuer.next_rotation()
+        if due is not None:
+            self._rotation = asyncio.get_running_loop().call_later(max(0.0, due - time.time()), self.push)
+
+    def _certs_status(self) -> dict[str, Any]:
+        """Identities, chains, expiry and rotation of every proxy's certificate, and whether the proxy
+        has ACKed the secrets holding it. Never a key."""
+        out = self.issuer.describe()
+        for entry in out["proxies"]:
+            plane = self.planes.get(entry["cluster"])
+            snap = plane.cache.get(entry["proxy"]) if plane else None
+            st = plane.cache.status().get(entry["proxy"]) if plane else None
+            entry["delivered"] = bool(snap and st and st.acked.get(SECRET) == snap.version(SECRET))
+        return out
 
     # --- status ------------------------------------------------------------------------------------
 
@@ -196,12 +249,15 @@ class Reconciler:
                 "appliedRevision": plane.applied,
                 "convergedRevision": plane.applied if converged else None,
                 "proxies": proxies,
+                "prometheus": self.rollouts.describe_cluster(plane.name),
             })
         return {
             "revision": {"head": self.head, "applied": self.applied, "failed": self.failed,
                          "lastError": self.last_error},
             "clusters": clusters,
             "workloads": procs["workloads"],
+            "certs": self._certs_status(),
+            "rollouts": self.rollouts.describe(),
             "lockgate": {"pid": os.getpid(), "repo": self.config.repo, "branch": self.source.branch,
                          "stateDir": str(self.config.state_dir.resolve()), "updatedAt": time.time()},
         }
@@ -215,12 +271,16 @@ class Reconciler:
         print("lockgate: watching for commits; Ctrl-C stops every process lockgate started", flush=True)
 
     async def close(self) -> None:
+        await self.rollouts.close()
         await self.runtime.close()
         for plane in self.planes.values():
             await plane.server.stop(0.2)
         if self._status_handle is not None:
             self._status_handle.cancel()
             self._status_handle = None
+        if self._rotation is not None:
+            self._rotation.cancel()
+            self._rotation = None
         status = self.status()
         status["lockgate"]["pid"] = None
         write_json(self.config.state_dir / STATUS_FILE, status)
@@ -236,6 +296,8 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 async def run_up(config: UpConfig) -> int:
     """Foreground: returns when SIGINT/SIGTERM arrives, after stopping every process it started."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    if config.prometheus_url is None:
+        prometheus_binary()  # PrometheusMissing names the install command before anything starts
     source = Pygit2Source.open(config.repo, branch=config.branch, cache_dir=config.state_dir / "git")
     stop = asyncio.Event()
     install_stop_signals(stop)

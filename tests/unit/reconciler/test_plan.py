@@ -25,7 +25,8 @@ def intent(**replace: tuple[str, str]) -> Intent:
     return loaded.intent
 
 
-SPLIT = ("weight: 100\n        - version: v2\n          weight: 0", "weight: 50\n        - version: v2\n          weight: 50")
+SPLIT = ("weight: 100\n        - version: v2\n          weight: 0",
+         "weight: 50\n        - version: v2\n          weight: 50")
 
 
 def test_same_revision_plans_nothing() -> None:

@@ -1,0 +1,364 @@
+"""Progressive delivery on real processes: Envoys, demo apps, Prometheus, `lockgate up`, `git commit`.
+
+One mesh for the whole file (setup is the expensive part), driven through the CLI, with a steady load
+at the ingress recorded request by request. Scenarios, in order:
+(a) a healthy canary promoted through every step, the promotion committed to Git;
+(b) a canary failing 30% of requests rolled back within two intervals of its first analysis, with the
+    share of failed requests at the ingress below the canary's weight;
+(c) A/B: only requests with the header reach the canary; `lockgate rollout abort` ends it;
+(d) Prometheus stopped (SIGSTOP) mid-rollout: the rollout holds and never promotes;
+(e) `lockgate up` SIGKILLed mid-rollout: restarted, it resumes at the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.harness import Up, alive, commit_file, git, lockgate, wait_for
+
+pytestmark = pytest.mark.e2e
+
+HOST = "reviews.example.com"
+INTERVAL = 3.0
+MESH = """\
+apiVersion: lockgate.io/v1alpha1
+kind: Mesh
+metadata: {name: mesh}
+spec: {trustDomain: example.org, clusters: [{name: east}]}
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {ports: [{name: http, port: 9080}], versions: [v1, v2, v3]}
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Route
+metadata: {name: reviews, namespace: shop}
+spec:
+  service: reviews
+  hosts: [reviews.example.com]
+  http:
+    - name: default          # weights come from the Rollout
+"""
+WORKLOADS = "".join(f"""---
+apiVersion: lockgate.io/v1alpha1
+kind: Workload
+metadata: {{name: reviews-{v}, namespace: shop}}
+spec: {{service: reviews, version: {v}, clusters: [east], command: [lockgate, demo-app], env: {{FAIL_RATE: "{f}"}}}}
+""" for v, f in (("v1", 0), ("v2", 0), ("v3", 0.3)))
+
+
+def rollout(*, stable: str, canary: str | None, strategy: str = "canary", steps: str = "[20, 50, 100]",
+            extra: str = "") -> str:
+    return f"""\
+# The reviews rollout: commit a new `canary` and lockgate takes it from there.
+apiVersion: lockgate.io/v1alpha1
+kind: Rollout
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  service: reviews
+  stable: {stable}
+{f"  canary: {canary}" + chr(10) if canary else ""}  strategy: {strategy}
+  steps: {steps}
+  interval: {INTERVAL:g}s
+{extra}  analysis:
+    failureThreshold: 2
+    minRequests: 20
+    noData: hold
+    metrics:
+      - {{name: success-rate, builtin: request-success-rate, min: 99}}
+      - {{name: latency, builtin: request-duration-p99, max: 500, noData: pass}}
+"""
+
+
+@dataclass
+class Load:
+    """A steady keep-alive client at the ingress; every request is recorded (time, status, version)."""
+
+    address: tuple[str, int]
+    records: list[tuple[float, int, str | None]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="load", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection(*self.address, timeout=5)
+        while not self.stop.is_set():
+            t = time.time()
+            try:
+                conn.request("GET", "/", headers={"Host": HOST})
+                resp = conn.getresponse()
+                body = resp.read()
+                version = json.loads(body).get("version") if resp.status == 200 else None
+                self.records.append((t, resp.status, version))
+            except (OSError, http.client.HTTPException, ValueError):
+                conn.close()
+                conn = http.client.HTTPConnection(*self.address, timeout=5)
+                self.records.append((t, 0, None))
+                time.sleep(0.05)
+            time.sleep(0.004)
+        conn.close()
+
+    def between(self, t0: float, t1: float) -> list[tuple[float, int, str | None]]:
+        return [r for r in list(self.records) if t0 <= r[0] <= t1]
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(10)
+
+
+@dataclass
+class Mesh:
+    tmp: Path
+    repo: Path
+    state: Path
+    up: Up
+    load: Load
+
+    def restart(self) -> None:
+        self.up.stop()  # already dead: closes its log, checks its children are gone
+        pids = self.up.child_pids
+        self.up = Up(repo=self.repo, state_dir=self.state)
+        self.up.child_pids |= pids
+
+    def rollout(self) -> dict[str, Any]:
+        out = lockgate("rollout", "status", "reviews", "--json", "--state-dir", str(self.state))
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def commit_rollout(self, text: str, message: str) -> str:
+        return commit_file(self.repo, "rollout.yaml", text, message)
+
+    def decisions(self, since: float = 0.0) -> list[dict[str, Any]]:
+        path = self.state / "rollouts" / "decisions.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [d for d in map(json.loads, lines) if d["at"] >= since]
+
+    def prometheus_pid(self) -> int:
+        pid: int = self.up.status()["clusters"][0]["prometheus"]["pid"]
+        self.up.child_pids.add(pid)
+        return pid
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    tmp = tmp_path_factory.mktemp("rollouts")
+    repo, state = tmp / "repo", tmp / "state"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "mesh.yaml").write_text(MESH + WORKLOADS)
+    (repo / "rollout.yaml").write_text(rollout(stable="v1", canary=None))
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "reviews on v1, with a Rollout")
+    up = Up(repo=repo, state_dir=state)
+    m = Mesh(tmp=tmp, repo=repo, state=state, up=up, load=Load(("", 0)))
+    try:
+        try:
+            up.wait_converged(git(repo, "rev-parse", "HEAD"))
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n--- lockgate up log ---\n{up.log.read_text()[-4000:]}\n--- status ---\n"
+                               f"{json.dumps(up.status(), indent=1)[-4000:]}") from None
+        m.prometheus_pid()
+        m.load = Load(up.ingress())
+        m.load.start()
+        # Prometheus has discovered every sidecar before the first run (new targets take a few seconds).
+        wait_for("prometheus scraping the sidecars", lambda: len(_targets(m)) == 4, timeout=30)
+        yield m
+    finally:
+        m.load.close()
+        with contextlib.suppress(Exception):
+            os.kill(m.prometheus_pid(), signal.SIGCONT)
+        children = set(m.up.child_pids)
+        m.up.stop()
+        assert not alive(children), "processes left behind"
+
+
+def _targets(m: Mesh) -> list[Any]:
+    import urllib.request
+
+    url = m.up.status()["clusters"][0]["prometheus"]["url"]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{url}/api/v1/targets", timeout=2) as resp:
+        data = json.load(resp)
+    return [t for t in data["data"]["activeTargets"] if t["health"] == "up"]
+
+
+def _watch(m: Mesh, until: Any, timeout: float) -> list[dict[str, Any]]:
+    """Poll `rollout status --json` until `until(status)`; every distinct status seen, in order."""
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        s = m.rollout()
+        if not seen or (s["phase"], s["weight"], s["step"]) != (seen[-1]["phase"], seen[-1]["weight"],
+                                                                 seen[-1]["step"]):
+            seen.append(s)
+        if until(s):
+            return seen
+        time.sleep(0.1)
+    raise TimeoutError(f"rollout did not get there in {timeout:.0f}s; seen {[(s['phase'], s['weight']) for s in seen]}")
+
+
+def test_a_healthy_canary_is_promoted_step_by_step(mesh: Mesh) -> None:
+    start = mesh.commit_rollout(rollout(stable="v1", canary="v2"), "reviews: canary v2")
+    seen = _watch(mesh, lambda s: s["phase"] == "idle" and s["stable"] == "v2", timeout=60)
+    weights = [s["weight"] for s in seen if s["phase"] == "progressing"]
+    assert weights == [20, 50, 100], seen  # every step, in order, never backwards
+    assert any(s["phase"] == "promoted" or s["lastDecision"]["action"] == "promote" for s in seen)
+
+    # Git has the outcome: a commit by lockgate whose Rollout now says stable v2 and has no canary.
+    log = git(mesh.repo, "log", "--format=%an|%s", f"{start}..HEAD").splitlines()
+    assert log == ["lockgate|rollout shop/reviews: promote v2 (stable v1 -> v2)"], log
+    body = git(mesh.repo, "log", "-1", "--format=%B")
+    assert "success-rate@east: 100" in body and "Lockgate-Decision: promote" in body
+    text = git(mesh.repo, "show", "HEAD:rollout.yaml")
+    assert "stable: v2" in text and "canary:" not in text
+    assert "# The reviews rollout" in text  # comments survive the write-back
+
+    # All traffic on v2 now, and the write-back commit did not start another run.
+    t = time.time()
+    wait_for("traffic all on v2", lambda: {v for _, _, v in mesh.load.between(t + 0.3, time.time())} == {"v2"},
+             timeout=10)
+    assert mesh.rollout()["phase"] == "idle"
+
+    history = json.loads(lockgate("history", "--json", "--state-dir", str(mesh.state)).stdout)
+    actions = [e["action"] for e in history if e["type"] == "decision" and e["sha"] == start]
+    assert actions == ["promote", "step", "step", "start"], actions
+    assert any(e["type"] == "commit" and e["automated"] and e["decision"] == "promote" for e in history)
+    assert any(e["type"] == "applied" and e["clusters"] == ["east"] for e in history)
+
+
+def test_a_failing_canary_is_rolled_back_fast_with_bounded_exposure(mesh: Mesh) -> None:
+    t_commit = time.time()
+    start = mesh.commit_rollout(rollout(stable="v2", canary="v3"), "reviews: canary v3 (fails 30%)")
+    _watch(mesh, lambda s: s["phase"] == "idle" and s["canary"] == "v3", timeout=60)
+    decisions = [d for d in mesh.decisions(t_commit) if d["canaryRevision"] == start]
+    by_action = {d["action"]: d for d in decisions}
+    assert set(by_action) == {"start", "hold", "rollback"}, decisions
+    first_analysis = min(d["at"] for d in decisions if d["checks"])
+    rolled_back = by_action["rollback"]["at"]
+    assert rolled_back - first_analysis <= 2 * INTERVAL + 0.5, decisions  # within 2 intervals
+    rate = next(c for c in by_action["rollback"]["checks"] if c["metric"] == "success-rate")
+    assert rate["value"] < 99 and rate["result"] == "fail"
+
+    # Measured at the ingress: the last answer from v3, and the share of failures over the run.
+    wait_for("traffic all on v2 again", lambda: {v for _, _, v in mesh.load.between(rolled_back + 0.5,
+                                                                                    time.time())} == {"v2"}, timeout=10)
+    time.sleep(0.5)
+    run = mesh.load.between(by_action["start"]["at"], time.time())
+    last_bad = max(t for t, status, v in run if v == "v3" or status >= 500)
+    during = mesh.load.between(by_action["start"]["at"], rolled_back)  # the run itself, start to rollback
+    failed = sum(1 for _, status, _ in during if status >= 500)
+    exposure = failed / len(during)
+    report = {"firstBadAnalysisToStable": round(last_bad - first_analysis, 3),
+              "analysisToRollbackDecision": round(rolled_back - first_analysis, 3),
+              "failed": failed, "requests": len(during), "errorExposure": round(exposure, 4), "canaryWeight": 0.20}
+    (mesh.tmp / "rollback-figures.json").write_text(json.dumps(report))
+    print("rollback figures:", report)
+    assert last_bad - first_analysis <= 2 * INTERVAL + 1.0, report
+    assert 0 < exposure < 0.20, report  # below the canary's weight at the time (20%)
+    assert all(status in (200, 500) for _, status, _ in run), "requests failed for other reasons"
+
+    # Git: the canary reverted to the stable by lockgate, with the reason and the numbers.
+    assert git(mesh.repo, "log", "-1", "--format=%an|%s") == "lockgate|rollout shop/reviews: roll back v3 (100% to v2)"
+    assert "success-rate@east" in git(mesh.repo, "log", "-1", "--format=%B")
+    assert "canary: v2" in git(mesh.repo, "show", "HEAD:rollout.yaml")
+
+
+def _get(address: tuple[str, int], headers: dict[str, str], n: int) -> dict[str | None, int]:
+    conn = http.client.HTTPConnection(*address, timeout=5)
+    seen: dict[str | None, int] = {}
+    for _ in range(n):
+        conn.request("GET", "/", headers={"Host": HOST, **headers})
+        resp = conn.getresponse()
+        v = json.loads(resp.read()).get("version") if resp.status == 200 else f"HTTP {resp.status}"
+        seen[v] = seen.get(v, 0) + 1
+    conn.close()
+    return seen
+
+
+def test_ab_sends_only_matching_requests_to_the_canary(mesh: Mesh) -> None:
+    ab = rollout(stable="v2", canary="v1", strategy="ab", extra=(
+        "  iterations: 1000\n  match:\n    - headers: {x-canary: {exact: \"yes\"}}\n"))
+    mesh.commit_rollout(ab, "reviews: A/B test v1 for x-canary: yes")
+    _watch(mesh, lambda s: s["phase"] == "progressing" and s["canary"] == "v1", timeout=20)
+    t = time.time()
+    address = mesh.up.ingress()
+    wait_for("the canary rule applied", lambda: _get(address, {"x-canary": "yes"}, 1) == {"v1": 1}, timeout=10)
+    assert _get(address, {"x-canary": "yes"}, 50) == {"v1": 50}
+    assert _get(address, {"x-canary": "no"}, 50) == {"v2": 50}
+    assert {v for _, _, v in mesh.load.between(t, time.time())} == {"v2"}  # the load has no header
+
+    out = lockgate("rollout", "abort", "reviews", "--state-dir", str(mesh.state))
+    assert out.stdout.startswith("rollout shop/reviews: rollback: aborted by command"), out.stdout
+    _watch(mesh, lambda s: s["phase"] == "idle" and s["canary"] == "v1", timeout=20)
+    wait_for("the canary rule gone", lambda: _get(address, {"x-canary": "yes"}, 20) == {"v2": 20}, timeout=10)
+    assert git(mesh.repo, "log", "-1", "--format=%an|%s") == "lockgate|rollout shop/reviews: roll back v1 (100% to v2)"
+
+
+def test_prometheus_stopped_holds_and_a_sigkilled_lockgate_resumes(mesh: Mesh) -> None:
+    steps = "[10, 20, 30, 40, 50, 60, 70, 80, 90, 100]"
+    mesh.commit_rollout(rollout(stable="v2", canary="v1", steps=steps), "reviews: canary v1, ten steps")
+    _watch(mesh, lambda s: s["phase"] == "progressing" and s["weight"] >= 20, timeout=30)
+
+    # (d) Prometheus stops answering: the rollout holds at its step, however many intervals pass.
+    prom = mesh.prometheus_pid()
+    os.kill(prom, signal.SIGSTOP)
+    try:
+        held = mesh.rollout()
+        t_stop = time.time()
+        wait_for("two analyses with the provider offline",
+                 lambda: sum(1 for d in mesh.decisions(t_stop) if "offline" in " ".join(d["reasons"])) >= 2,
+                 timeout=4 * INTERVAL + 10)
+        now = mesh.rollout()
+        assert now["phase"] == "progressing" and now["weight"] <= held["weight"] + 10, (held, now)
+        assert all(d["action"] in ("hold", "step") for d in mesh.decisions(t_stop)), mesh.decisions(t_stop)
+        assert all(d["action"] == "hold" for d in mesh.decisions(t_stop + INTERVAL))  # never promotes blind
+        assert "offline" in " ".join(now["lastDecision"]["reasons"])
+    finally:
+        os.kill(prom, signal.SIGCONT)
+    back = _watch(mesh, lambda s: s["weight"] > now["weight"], timeout=6 * INTERVAL)[-1]
+
+    # (e) SIGKILL mid-rollout: the restarted lockgate resumes at the same step, not from zero.
+    before = json.loads((mesh.state / "rollouts" / "shop.reviews.json").read_text())["state"]
+    children = set(mesh.up.child_pids)
+    mesh.up.proc.kill()
+    mesh.up.proc.wait()
+    wait_for("every child gone with it", lambda: not alive(children), timeout=15)
+    mesh.load.records.append((time.time(), -1, "restart"))
+    mesh.restart()
+    head = git(mesh.repo, "rev-parse", "HEAD")
+    st = mesh.up.wait_converged(head)
+    prom = mesh.prometheus_pid()
+    resumed = mesh.rollout()
+    assert resumed["canaryRevision"] == before["canaryRevision"] and resumed["startedAt"] == before["startedAt"]
+    assert resumed["weight"] >= before["weight"] >= back["weight"], (before, resumed)
+    assert resumed["step"] >= before["step"] + 1  # `step` in the summary is 1-based
+    assert st["rollouts"][0]["phase"] == "progressing"
+    address = mesh.up.ingress()
+    seen = _get(address, {}, 200)
+    assert seen.get("v1", 0) > 0 and set(seen) <= {"v1", "v2"}, seen  # the canary still gets its share
+
+    out = lockgate("rollout", "promote", "reviews", "--state-dir", str(mesh.state))
+    assert out.stdout.startswith("rollout shop/reviews: promote: promoted by command"), out.stdout
+    _watch(mesh, lambda s: s["phase"] == "idle" and s["stable"] == "v1", timeout=20)
+    last = git(mesh.repo, "log", "-1", "--format=%an|%s")
+    assert last == "lockgate|rollout shop/reviews: promote v1 (stable v2 -> v1)", last
+    assert prom in mesh.up.child_pids

@@ -1,0 +1,283 @@
+"""Pure render of the security intent into what mesh.render produces: transport sockets, filters, secrets.
+
+`SecurityExtension` is a `mesh.render.Extension`. Its inputs are the intent and, issued at the edge,
+each proxy's certificate and the trust bundle; it reads no clock, no environment and no files, so the
+same inputs give the same snapshots. A rotation changes only the SECRET resources: every listener and
+cluster names the secrets (`workload-cert`, `trust-bundle`), never their content.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from mesh.intent import Intent
+from mesh.render import ADS, Extension, Proxy, cluster_name
+from mesh.topology import Sidecar
+from policies.identity import IssuedCert, service_identities
+from policies.intent import AuthorizationPolicy, Mode, Operation, PeerAuthentication, RateLimit, Source
+
+WORKLOAD_CERT = "workload-cert"
+TRUST_BUNDLE = "trust-bundle"
+RATELIMITED_HEADER = "x-lockgate-ratelimited"
+
+_TLS = "envoy.transport_sockets.tls"
+_DOWNSTREAM = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+_UPSTREAM = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_TLS_INSPECTOR = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
+_RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+_LOCAL_RL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+LOCAL_RL_FILTER = "envoy.filters.http.local_ratelimit"
+_ROUTER = "envoy.filters.http.router"
+_UNIT_MS = {"second": 1_000, "minute": 60_000, "hour": 3_600_000}
+_MIN_FILL_MS = 50  # Envoy refuses shorter fill intervals
+
+
+def mtls_mode(intent: Intent, namespace: str, service: str) -> Mode:
+    """What a service's sidecars accept: its own PeerAuthentication, else its namespace's, else the Mesh's."""
+    ns_mode: Mode | None = None
+    for pa in intent.of_kind(PeerAuthentication):
+        if pa.metadata.namespace != namespace:
+            continue
+        if pa.spec.selector is None:
+            ns_mode = pa.spec.mtls.mode
+        elif pa.spec.selector.service == service:
+            return pa.spec.mtls.mode
+    return ns_mode or intent.mesh.spec.mtls.mode
+
+
+@dataclass(frozen=True)
+class SecurityExtension(Extension):
+    """mTLS everywhere between proxies, authorization and rate limits on the inbound side."""
+
+    intent: Intent
+    certs: Mapping[str, IssuedCert]
+    """node id -> that proxy's certificate (issued outside render)."""
+    trust_bundle: Sequence[str]
+    """Root certificates (PEM) peers' chains must lead to; two during a root rotation."""
+
+    # --- hooks ------------------------------------------------------------------------------------------
+
+    def listener(self, proxy: Proxy, listener: dict[str, Any]) -> dict[str, Any]:
+        name = listener.get("name")
+        if isinstance(proxy, Sidecar) and name == "inbound":
+            return self._inbound(proxy, listener)
+        if name in ("outbound", "ingress") and self._rule_limits:
+            # Per-route buckets need the filter in the chain; without its own bucket it limits nothing.
+            disabled = {"name": LOCAL_RL_FILTER, "typed_config": {"@type": _LOCAL_RL, "stat_prefix": "lockgate_rule"}}
+            return _with_http_filters(listener, [disabled])
+        return listener
+
+    def fingerprint(self) -> object:
+        """What `cluster()` depends on: the trust domain and each cluster's expected identities."""
+        return (self.intent.mesh.spec.trust_domain,
+                tuple(sorted((name, tuple(sans)) for name, sans in self._upstream_sans.items())))
+
+    def cluster(self, proxy: Proxy, cluster: dict[str, Any]) -> dict[str, Any]:
+        sans = self._upstream_sans.get(cluster["name"])
+        if sans is None:
+            return cluster
+        ctx = {"@type": _UPSTREAM, "common_tls_context": self._common([_uri(exact=s) for s in sans])}
+        return {**cluster, "transport_socket": {"name": _TLS, "typed_config": ctx}}
+
+    def route(self, proxy: Proxy, *, namespace: str, service: str, rule: str,
+              route: dict[str, Any]) -> dict[str, Any]:
+        limit = self._rule_limits.get((namespace, service, rule))
+        if limit is None:
+            return route
+        per_filter = {**route.get("typed_per_filter_config", {}),
+                      LOCAL_RL_FILTER: _bucket(limit, stat_prefix=f"lockgate_rule_{service}_{namespace}_{rule}")}
+        return {**route, "typed_per_filter_config": per_filter}
+
+    def secrets(self, proxy: Proxy) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        cert = self.certs.get(proxy.node_id)
+        if cert is not None:
+            out.append({"name": WORKLOAD_CERT, "tls_certificate": {
+                "certificate_chain": {"inline_string": cert.cert_chain_pem},
+                "private_key": {"inline_string": cert.private_key_pem}}})
+        if self.trust_bundle:
+            bundle = "".join(pem if pem.endswith("\n") else pem + "\n" for pem in self.trust_bundle)
+            out.append({"name": TRUST_BUNDLE, "validation_context": {"trusted_ca": {"inline_string": bundle}}})
+        return out
+
+    # --- inbound ---------------------------------------------------------------------------------------
+
+    def _inbound(self, sc: Sidecar, listener: dict[str, Any]) -> dict[str, Any]:
+        filters = [*self._authz_filters(sc)]
+        limit = self._service_limits.get((sc.namespace, sc.service))
+        if limit is not None:
+            filters.append({"name": LOCAL_RL_FILTER, "typed_config": _bucket(limit, stat_prefix="lockgate_ratelimit")})
+        listener = _with_http_filters(listener, filters, first=True)
+        td = self.intent.mesh.spec.trust_domain
+        # Any peer of the mesh's trust domain may connect; which of them may call is AuthorizationPolicy's job.
+        tls = {"name": _TLS, "typed_config": {
+            "@type": _DOWNSTREAM, "require_client_certificate": True,
+            "common_tls_context": self._common([_uri(prefix=f"spiffe://{td}/")])}}
+        (chain,) = listener["filter_chains"]
+        mtls_chain = {**chain, "name": "inbound-mtls", "transport_socket": tls}
+        if mtls_mode(self.intent, sc.namespace, sc.service) == "STRICT":
+            return {**listener, "filter_chains": [mtls_chain]}
+        return {
+            **listener,
+            "listener_filters": [{"name": "envoy.filters.listener.tls_inspector",
+                                  "typed_config": {"@type": _TLS_INSPECTOR}}],
+            "filter_chains": [
+                {**mtls_chain, "filter_chain_match": {"transport_protocol": "tls"}},
+                {**chain, "name": "inbound-plaintext", "filter_chain_match": {"transport_protocol": "raw_buffer"}},
+            ],
+        }
+
+    def _authz_filters(self, sc: Sidecar) -> Iterator[dict[str, Any]]:
+        """DENY first, then ALLOW, as Istio evaluates them; no ALLOW policy means no ALLOW filter."""
+        mine = [p for p in self.intent.of_kind(AuthorizationPolicy)
+                if p.metadata.namespace == sc.namespace
+                and (p.spec.selector is None or p.spec.selector.service == sc.service)]
+        for action in ("DENY", "ALLOW"):
+            chosen = [p for p in mine if p.spec.action == action]
+            if not chosen:
+                continue
+            policies = {
+                f"{p.metadata.namespace}/{p.metadata.name}[{i}]": {
+                    "permissions": [_operation(op, sc) for op in rule.to] or [{"any": True}],
+                    "principals": [_source(src) for src in rule.from_] or [{"any": True}],
+                }
+                for p in sorted(chosen, key=lambda p: p.metadata.name)
+                for i, rule in enumerate(p.spec.rules)
+            }
+            yield {"name": f"lockgate.authz.{action.lower()}", "typed_config": {
+                "@type": _RBAC, "rules_stat_prefix": f"lockgate_authz_{action.lower()}",
+                "rules": {"action": action, "policies": policies}}}
+
+    # --- shared pieces ---------------------------------------------------------------------------------
+
+    def _common(self, peer_sans: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "tls_params": {"tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"},
+            "tls_certificate_sds_secret_configs": [{"name": WORKLOAD_CERT, "sds_config": ADS}],
+            "combined_validation_context": {
+                "default_validation_context": {"match_typed_subject_alt_names": peer_sans},
+                "validation_context_sds_secret_config": {"name": TRUST_BUNDLE, "sds_config": ADS},
+            },
+        }
+
+    @cached_property
+    def _upstream_sans(self) -> dict[str, list[str]]:
+        """Outbound cluster name -> the SPIFFE ids its endpoints may present (exact SAN match)."""
+        out: dict[str, list[str]] = {}
+        for (ns, svc), service in self.intent.services.items():
+            for version in [None, *service.spec.versions]:
+                out[cluster_name(ns, svc, version)] = service_identities(self.intent, ns, svc, version)
+        return out
+
+    @cached_property
+    def _service_limits(self) -> dict[tuple[str, str], RateLimit]:
+        return {(r.metadata.namespace, r.spec.service): r
+                for r in self.intent.of_kind(RateLimit) if r.spec.rule is None}
+
+    @cached_property
+    def _rule_limits(self) -> dict[tuple[str, str, str], RateLimit]:
+        return {(r.metadata.namespace, r.spec.service, r.spec.rule): r
+                for r in self.intent.of_kind(RateLimit) if r.spec.rule is not None}
+
+
+def _uri(**matcher: str) -> dict[str, Any]:
+    return {"san_type": "URI", "matcher": matcher}
+
+
+def _with_http_filters(listener: dict[str, Any], filters: list[dict[str, Any]], *,
+                       first: bool = False) -> dict[str, Any]:
+    """The listener with `filters` placed first (authorization before anything else runs) or just before
+    the router of every HTTP connection manager."""
+    if not filters:
+        return listener
+    chains = []
+    for chain in listener["filter_chains"]:
+        new = []
+        for flt in chain["filters"]:
+            cfg = flt.get("typed_config", {})
+            if "http_filters" in cfg:
+                hf = list(cfg["http_filters"])
+                at = 0 if first else next((i for i, f in enumerate(hf) if f["name"] == _ROUTER), len(hf))
+                flt = {**flt, "typed_config": {**cfg, "http_filters": [*hf[:at], *filters, *hf[at:]]}}
+            new.append(flt)
+        chains.append({**chain, "filters": new})
+    return {**listener, "filter_chains": chains}
+
+
+def _bucket(limit: RateLimit, *, stat_prefix: str) -> dict[str, Any]:
+    """A token bucket of `burst` tokens refilled at requestsPerUnit, in the smallest exact steps Envoy takes."""
+    rate, unit_ms = limit.spec.requests_per_unit, _UNIT_MS[limit.spec.unit]
+    d = math.gcd(unit_ms, rate)  # steps of k*rate/d tokens every k*unit_ms/d ms are exact
+    k = -(-_MIN_FILL_MS * d // unit_ms)
+    tokens, interval = k * rate // d, k * unit_ms // d
+    always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "lockgate.ratelimit"}
+    return {
+        "@type": _LOCAL_RL,
+        "stat_prefix": stat_prefix,
+        "token_bucket": {"max_tokens": limit.spec.burst or rate, "tokens_per_fill": tokens,
+                         "fill_interval": f"{interval // 1000}.{interval % 1000:03d}s"},
+        "filter_enabled": always,
+        "filter_enforced": always,
+        "response_headers_to_add": [{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                                     "header": {"key": RATELIMITED_HEADER, "value": "true"}}],
+    }
+
+
+def _one_of(items: list[dict[str, Any]], key: str, field: str) -> dict[str, Any]:
+    return items[0] if len(items) == 1 else {key: {field: items}}
+
+
+def principal_matcher(principal: str) -> dict[str, str]:
+    """Istio's principal syntax (`td/ns/x/sa/y`, `*` prefix or suffix wildcard) -> a URI SAN matcher."""
+    if principal == "*":
+        return {"prefix": "spiffe://"}
+    if principal.startswith("*"):
+        return {"suffix": principal[1:]}
+    if principal.endswith("*"):
+        return {"prefix": "spiffe://" + principal[:-1]}
+    return {"exact": "spiffe://" + principal}
+
+
+def _namespace_regex(ns: str) -> str:
+    part = "[^/]*".join(re.escape(p) for p in ns.split("*"))
+    return f"spiffe://[^/]+/ns/{part}/sa/[^/]+"
+
+
+def _source(src: Source) -> dict[str, Any]:
+    parts = []
+    if src.principals:
+        parts.append(_one_of([{"authenticated": {"principal_name": principal_matcher(p)}} for p in src.principals],
+                             "or_ids", "ids"))
+    if src.namespaces:
+        parts.append(_one_of([{"authenticated": {"principal_name": {"safe_regex": {"regex": _namespace_regex(n)}}}}
+                              for n in src.namespaces], "or_ids", "ids"))
+    return _one_of(parts, "and_ids", "ids") if parts else {"any": True}
+
+
+def _path(path: str) -> dict[str, Any]:
+    if path == "*":
+        return {"any": True}
+    if path.startswith("*"):
+        return {"url_path": {"path": {"suffix": path[1:]}}}
+    if path.endswith("*"):
+        return {"url_path": {"path": {"prefix": path[:-1]}}}
+    return {"url_path": {"path": {"exact": path}}}
+
+
+def _operation(op: Operation, sc: Sidecar) -> dict[str, Any]:
+    parts = []
+    if op.methods:
+        parts.append(_one_of([{"header": {"name": ":method", "string_match": {"exact": m}}} for m in op.methods],
+                             "or_rules", "rules"))
+    if op.paths:
+        parts.append(_one_of([_path(p) for p in op.paths], "or_rules", "rules"))
+    if op.ports:
+        # Every port of a service arrives at the sidecar's one inbound listener (validation checked the
+        # ports are the service's), so a port condition holds for requests at that listener.
+        parts.append({"destination_port": sc.inbound_port})
+    return _one_of(parts, "and_rules", "rules") if parts else {"any": True}

@@ -1,0 +1,181 @@
+"""One Prometheus per cluster, and the HTTP service discovery it finds every Envoy through.
+
+The control plane process serves discovery itself (`/sd` on the cluster's address): targets are each
+proxy's admin address with `__metrics_path__: /stats/prometheus` and the labels the rollout queries
+select on (service, version, cluster, namespace, kind). Prometheus is Debian's package, started by us
+with our own config and data dir under the state dir, supervised like every other child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reconciler.supervisor import Supervised, child_env
+
+log = logging.getLogger(__name__)
+INSTALL_HINT = ("sudo apt-get install --no-install-recommends prometheus  (or ./scripts/apt-deps); "
+                "or pass --prometheus-url URL to use an existing server")
+SCRAPE_INTERVAL = "1s"
+READY_TIMEOUT = 30.0
+
+
+class PrometheusMissing(Exception):
+    """No `prometheus` binary and no --prometheus-url: rollouts could not be judged."""
+
+
+CANDIDATES = ("/usr/bin/prometheus", "/usr/local/bin/prometheus")
+"""Where Debian (and a manual install) put it, for when PATH does not include them."""
+
+
+def prometheus_binary() -> str:
+    path = shutil.which("prometheus") or next((p for p in CANDIDATES if Path(p).is_file()), None)
+    if path is None:
+        raise PrometheusMissing(f"the `prometheus` binary is not installed: {INSTALL_HINT}")
+    return path
+
+
+Targets = Callable[[], list[dict[str, Any]]]
+
+
+def scrape_targets(describe: dict[str, Any], cluster: str) -> list[dict[str, Any]]:
+    """HTTP SD answer for one cluster from the runtime's description of its processes."""
+    workloads = {w["id"]: w for w in describe["workloads"]}
+    out = []
+    for node_id, proc in sorted(describe["proxies"].items()):
+        if not node_id.startswith(f"{cluster}/") or not proc.get("admin"):
+            continue
+        w = workloads.get(node_id)
+        labels = {"__metrics_path__": "/stats/prometheus", "cluster": cluster, "node": node_id,
+                  "kind": "sidecar" if w else "ingress"}
+        if w:
+            labels |= {"service": w["service"], "version": w["version"], "namespace": w["namespace"]}
+        out.append({"targets": [proc["admin"]], "labels": labels})
+    return out
+
+
+@dataclass
+class DiscoveryServer:
+    """A minimal HTTP server: GET /sd -> Prometheus HTTP SD JSON. Anything else -> 404."""
+
+    address: str
+    targets: Targets
+    port: int = 0
+    _server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._handle, self.address, self.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}/sd"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                parts = head.split(b" ", 2)
+                path = parts[1].decode(errors="replace") if len(parts) > 1 else ""
+                if path.split("?")[0] == "/sd":
+                    body, status = json.dumps(self.targets()).encode(), b"200 OK"
+                else:
+                    body, status = b"not found\n", b"404 Not Found"
+                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+
+
+def config(*, cluster: str, sd_url: str, scrape_interval: str = SCRAPE_INTERVAL) -> dict[str, Any]:
+    return {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval,
+                   "scrape_timeout": scrape_interval, "external_labels": {"lockgate_cluster": cluster}},
+        "scrape_configs": [{
+            "job_name": "envoy",
+            "http_sd_configs": [{"url": sd_url, "refresh_interval": scrape_interval}],
+        }],
+    }
+
+
+@dataclass
+class LocalPrometheus:
+    """Debian's prometheus on the cluster's loopback address, its data under the state dir."""
+
+    cluster: str
+    address: str
+    port: int
+    sd_url: str
+    state_dir: Path
+    process: Supervised = field(init=False)
+
+    def __post_init__(self) -> None:
+        home = self.state_dir / "prometheus" / self.cluster
+        # A data dir per lockgate process: after a SIGKILL the old Prometheus may still be shutting down
+        # (it gets SIGTERM from the kernel), and two servers must never share a TSDB. Analyses look back
+        # one interval only, so nothing of value is lost; old dirs are removed.
+        data = home / f"data-{os.getpid()}"
+        for old in home.glob("data-*"):
+            if old != data:
+                shutil.rmtree(old, ignore_errors=True)
+        data.mkdir(parents=True, exist_ok=True)
+        cfg = home / "prometheus.yml"
+        cfg.write_text(yaml.safe_dump(config(cluster=self.cluster, sd_url=self.sd_url), sort_keys=False))
+        argv = [prometheus_binary(), f"--config.file={cfg}", f"--storage.tsdb.path={data}",
+                f"--web.listen-address={self.address}:{self.port}", "--storage.tsdb.retention.time=2d",
+                "--log.level=warn"]
+        self.process = Supervised(name=f"prometheus {self.cluster}", argv=argv, env=child_env({}),
+                                  log_path=self.state_dir / "logs" / f"prometheus-{self.cluster}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+    async def start(self) -> None:
+        """Spawn only: the mesh does not wait for metrics; analyses hold until Prometheus answers."""
+        await self.process.start()
+
+    async def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if await asyncio.to_thread(_ready, f"{self.url}/-/ready"):
+                return
+            await asyncio.sleep(0.1)
+        log.warning("prometheus for %s is not ready after %.0fs (log: %s)", self.cluster, READY_TIMEOUT,
+                    self.process.log_path)
+
+    async def stop(self) -> None:
+        await self.process.stop()
+
+
+def _ready(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False

@@ -1,0 +1,147 @@
+"""`lockgate rollout status|promote|abort|pause|resume NAME` and `lockgate history`.
+
+They read the state dir of a running (or stopped) `lockgate up`; commands reach the running one as
+command files (see reconciler.rollout_controller) and wait for its acknowledgement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, cast
+
+from reconciler.state import STATUS_FILE, pid_alive, read_json
+
+ACK_TIMEOUT = 15.0
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("rollout", help="progressive delivery: status, promote, abort, pause, resume")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("status", "step, weight, each metric against its threshold, time to the next step"),
+                         ("promote", "promote the canary now (skips the remaining analyses)"),
+                         ("abort", "roll back now: 100%% to the stable"),
+                         ("pause", "hold at the current step"), ("resume", "continue a paused run")):
+        a = actions.add_parser(action, help=text)
+        a.add_argument("name")
+        a.add_argument("-n", "--namespace", help="the Rollout's namespace (needed only if the name is ambiguous)")
+        a.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+        if action == "status":
+            a.add_argument("--json", action="store_true", help="the documented JSON contract")
+            a.add_argument("--watch", action="store_true", help="print every change until the run ends")
+        a.set_defaults(func=cmd_rollout)
+
+    h = sub.add_parser("history", help="the audit log: commits, applied revisions, rollout decisions (from Git)")
+    h.add_argument("--json", action="store_true", help="the documented JSON contract")
+    h.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+    h.add_argument("--repo", help="the intent repository (default: the one `lockgate up` runs with)")
+    h.add_argument("--limit", type=int, default=50, help="commits to read, newest first")
+    h.set_defaults(func=cmd_history)
+
+
+def _records(state_dir: Path) -> list[dict[str, Any]]:
+    from reconciler.rollout_controller import ROLLOUTS_DIR
+
+    out = []
+    for path in sorted((state_dir / ROLLOUTS_DIR).glob("*.json")):
+        try:
+            out.append(read_json(path))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _find(args: argparse.Namespace) -> dict[str, Any] | None:
+    found = [r for r in _records(args.state_dir)
+             if r.get("name") == args.name and (args.namespace is None or r.get("namespace") == args.namespace)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        known = ", ".join(f"{r['namespace']}/{r['name']}" for r in _records(args.state_dir)) or "none"
+        print(f"lockgate rollout: no Rollout {args.name!r} in {args.state_dir} (known: {known})", file=sys.stderr)
+    else:
+        print(f"lockgate rollout: {args.name!r} is in several namespaces; pass --namespace", file=sys.stderr)
+    return None
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from reconciler.rollout_controller import format_summary, summary
+
+    record = _find(args)
+    if record is None:
+        return 1
+    ns, name = record["namespace"], record["name"]
+    if args.action == "status":
+        last = ""
+        while True:
+            record = _find(args) or record
+            s = summary(record.get("spec", {}), record, namespace=ns, name=name)
+            text = json.dumps(s, indent=None if args.watch else 2) if args.json else format_summary(s)
+            changed = json.dumps({**s, "secondsToNextAnalysis": None}, sort_keys=True)
+            if not args.watch:
+                print(text)
+                return 0
+            if changed != last or not args.json:
+                print(text if args.json else f"\033[2J\033[H{text}", flush=True)
+                last = changed
+            if s["phase"] != "progressing":
+                return 0
+            time.sleep(0.5)
+    return _command(args, ns, name)
+
+
+def _command(args: argparse.Namespace, ns: str, name: str) -> int:
+    from reconciler.rollout_controller import send_command, state_path
+    from rollouts.advance import Command
+
+    try:
+        status = read_json(args.state_dir / STATUS_FILE)
+    except (OSError, ValueError):
+        status = {}
+    if not pid_alive(status.get("lockgate", {}).get("pid")):
+        print(f"lockgate rollout: `lockgate up` is not running with --state-dir {args.state_dir}; start it first "
+              "(or change the Rollout in Git: spec.paused, spec.canary)", file=sys.stderr)
+        return 1
+    cid = send_command(args.state_dir, namespace=ns, name=name, command=cast(Command, args.action))
+    deadline = time.monotonic() + ACK_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            record = read_json(state_path(args.state_dir, ns, name))
+        except (OSError, ValueError):
+            record = {}
+        ack = record.get("lastCommand") or {}
+        if ack.get("id") == cid:
+            print(f"rollout {ns}/{name}: {ack['action']}: " + "; ".join(ack.get("reasons", [])))
+            return 0 if ack["action"] not in ("none", "wait") else 1
+        time.sleep(0.05)
+    print(f"lockgate rollout: no acknowledgement from lockgate up within {ACK_TIMEOUT:.0f}s", file=sys.stderr)
+    return 1
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from reconciler.gitsource import GitError, Pygit2Source
+    from reconciler.history import format_event, history
+
+    repo = args.repo
+    if repo is None:
+        try:
+            repo = read_json(args.state_dir / STATUS_FILE)["lockgate"]["repo"]
+        except (OSError, ValueError, KeyError):
+            print(f"lockgate history: pass --repo, or --state-dir of a `lockgate up` ({args.state_dir} has none)",
+                  file=sys.stderr)
+            return 1
+    try:
+        source = Pygit2Source.open(str(repo), cache_dir=args.state_dir / "git")
+        events = history(source, limit=args.limit)
+    except GitError as exc:
+        print(f"lockgate history: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(events, indent=2))
+    else:
+        for e in events:
+            print(format_event(e))
+    return 0

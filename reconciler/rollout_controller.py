@@ -1,0 +1,366 @@
+"""The rollout controller: the I/O around `rollouts.advance`.
+
+Each tick (0.2 s, or at once after a new revision) and for every Rollout of the applied intent it takes
+one manual command if any, queries Prometheus when an analysis is due, calls the pure `advance`, and
+then acts: persists the state atomically (state dir, before anything else, so a SIGKILL resumes at the
+same step), re-renders when the weights changed, commits the outcome to Git (write-back, retried onto a
+new tip on StaleParent) and records the decision as a git note on the commit that started the run.
+
+Control commands reach a running `lockgate up` as files: `lockgate rollout promote NAME` writes
+`<state-dir>/rollouts/commands/<id>.json` atomically; the controller applies it on its next tick,
+records `lastCommand` in the rollout's state file, then deletes the command file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from mesh.intent import Intent
+from reconciler.gitsource import DEFAULT_AUTHOR, GitError, Pygit2Source, StaleParent
+from reconciler.local import LocalRuntime, free_port, port_is_free
+from reconciler.prometheus import DiscoveryServer, LocalPrometheus, scrape_targets
+from reconciler.state import read_json, write_json
+from rollouts.advance import Check, Command, Decision, RolloutState, advance, analysis_due
+from rollouts.analysis import observe
+from rollouts.intent import Rollout
+from rollouts.provider import MetricProvider, PrometheusProvider
+from rollouts.routing import Overlay, overlay
+from rollouts.writeback import commit_message, edit_rollout, format_check
+
+log = logging.getLogger("lockgate.rollouts")
+ROLLOUTS_DIR = "rollouts"
+COMMANDS_DIR = "commands"
+DECISIONS_FILE = "decisions.jsonl"
+TICK = 0.2
+WRITE_BACK_RETRY = 5.0
+"""Seconds between attempts to commit an outcome that could not be committed (Git error, crash)."""
+COMMANDS: tuple[Command, ...] = ("promote", "abort", "pause", "resume")
+_NOTED = ("start", "step", "promote", "rollback", "pause", "resume", "reset")
+
+Key = tuple[str, str]
+
+
+def state_path(state_dir: Path, namespace: str, name: str) -> Path:
+    return state_dir / ROLLOUTS_DIR / f"{namespace}.{name}.json"
+
+
+def send_command(state_dir: Path, *, namespace: str, name: str, command: Command) -> str:
+    """Queue a command for the running `lockgate up`; returns its id (acknowledged in the state file)."""
+    cid = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+    write_json(state_dir / ROLLOUTS_DIR / COMMANDS_DIR / f"{cid}.json",
+               {"id": cid, "namespace": namespace, "name": name, "command": command, "at": time.time()})
+    return cid
+
+
+@dataclass
+class _Cluster:
+    name: str
+    discovery: DiscoveryServer
+    prometheus: LocalPrometheus | None
+    provider: MetricProvider
+    url: str
+
+
+@dataclass
+class RolloutController:
+    state_dir: Path
+    source: Pygit2Source
+    runtime: LocalRuntime
+    on_change: Callable[[], None]
+    """Re-render: the weights changed."""
+    prometheus_url: str | None = None
+    """An existing Prometheus for every cluster; None starts one per cluster."""
+    states: dict[Key, RolloutState] = field(default_factory=dict)
+    records: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    clusters: dict[str, _Cluster] = field(default_factory=dict)
+    intent: Intent | None = None
+    revision: str | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        """Resume: every persisted rollout state is back before the first render."""
+        for path in sorted((self.state_dir / ROLLOUTS_DIR).glob("*.json")):
+            with contextlib.suppress(OSError, ValueError):
+                record = read_json(path)
+                key = (record["namespace"], record["name"])
+                self.states[key] = RolloutState.model_validate(record["state"])
+                self.records[key] = record
+
+    # --- clusters: discovery and Prometheus ----------------------------------------------------------
+
+    async def add_cluster(self, *, name: str, address: str, previous: dict[str, Any]) -> None:
+        """Service discovery on the cluster address, and a local Prometheus unless one was given."""
+        sd = DiscoveryServer(address=address, targets=lambda: scrape_targets(self.runtime.describe(), name))
+        await sd.start()
+        local: LocalPrometheus | None = None
+        if self.prometheus_url is None:
+            old = str(previous.get("prometheus", {}).get("url") or "")
+            port = int(old.rsplit(":", 1)[1]) if old.count(":") == 2 else None
+            if port is None or not port_is_free(address, port):
+                port = free_port(address)
+            local = LocalPrometheus(cluster=name, address=address, port=port, sd_url=sd.url,
+                                    state_dir=self.state_dir)
+            await local.start()
+        url = local.url if local else str(self.prometheus_url)
+        self.clusters[name] = _Cluster(name=name, discovery=sd, prometheus=local,
+                                       provider=PrometheusProvider(url), url=url)
+
+    def describe_cluster(self, name: str) -> dict[str, Any]:
+        c = self.clusters.get(name)
+        if c is None:
+            return {}
+        return {"url": c.url, "local": c.prometheus is not None, "discovery": c.discovery.url,
+                "pid": c.prometheus.process.info.pid if c.prometheus else None}
+
+    # --- what render uses ---------------------------------------------------------------------------
+
+    def overlay(self, intent: Intent) -> Overlay:
+        return overlay(intent, self.states)
+
+    def on_revision(self, intent: Intent, sha: str) -> None:
+        self.intent, self.revision = intent, sha
+        self._wake.set()
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK)
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("rollout controller tick failed; retrying")
+
+    async def tick(self) -> None:
+        if self.intent is None:
+            return
+        rollouts = {(r.metadata.namespace, r.metadata.name): r for r in self.intent.of_kind(Rollout)}
+        for key in set(self.states) - set(rollouts):
+            self.states.pop(key)
+            self.records.pop(key, None)
+            state_path(self.state_dir, *key).unlink(missing_ok=True)
+            self.on_change()
+        for key in sorted(rollouts):
+            self._retry_write_back(key)
+        commands = self._commands()
+        for key, ro in sorted(rollouts.items()):
+            pending = commands.get(key, [])
+            await self._step(key, ro, pending[0] if pending else None)
+            for cmd in pending[1:]:
+                await self._step(key, ro, cmd)
+        for cmd_list in commands.values():  # commands for unknown rollouts: answered, then dropped
+            for cmd in cmd_list:
+                if (cmd["namespace"], cmd["name"]) not in rollouts:
+                    self._ack_unknown(cmd)
+
+    async def _step(self, key: Key, ro: Rollout, cmd: dict[str, Any] | None) -> None:
+        spec, before = ro.spec, self.states.get(key)
+        command = cast(Command, cmd["command"]) if cmd and cmd.get("command") in COMMANDS else None
+        obs = None
+        now = time.time()
+        if before is not None and command is None and spec.canary == before.observed_canary \
+                and analysis_due(spec, before, now=now) and before.canary:
+            providers = {c: self.clusters[c].provider for c in self._canary_clusters(ro, before.canary)
+                         if c in self.clusters}
+            obs = await asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
+                                          providers=providers)
+            now = time.time()
+        decision = advance(spec, before, obs, now=now, revision=self.revision, command=command)
+        if decision.state == before and decision.action in ("wait", "none") and cmd is None:
+            return
+        record = self.records.get(key, {})
+        record = {**record, "namespace": key[0], "name": key[1], "service": spec.service,
+                  "spec": spec.model_dump(mode="json", by_alias=True),
+                  "state": decision.state.model_dump(mode="json", by_alias=True), "updatedAt": time.time()}
+        if decision.action not in ("wait", "none"):
+            record["lastDecision"] = decision.model_dump(mode="json", by_alias=True)
+        write_back = decision.outcome is not None and spec.write_back == "commit" and before is not None
+        if write_back:
+            assert before is not None
+            record["writeBackPending"] = {"stableBefore": before.stable}  # survives a crash before the commit
+        if cmd is not None:
+            record["lastCommand"] = {"id": cmd["id"], "command": cmd.get("command"), "at": time.time(),
+                                     "action": decision.action, "reasons": list(decision.reasons)}
+        self.states[key] = decision.state
+        self.records[key] = record
+        write_json(state_path(self.state_dir, *key), record)  # persisted before anything acts on it
+        if cmd is not None:
+            (self.state_dir / ROLLOUTS_DIR / COMMANDS_DIR / f"{cmd['id']}.json").unlink(missing_ok=True)
+        if before is None or decision.state.weight != before.weight or decision.state.phase != before.phase \
+                or decision.state.stable != before.stable or decision.state.canary != before.canary:
+            self.on_change()
+        if decision.action not in ("wait", "none"):
+            self._record(key, decision)
+        if write_back:
+            self._retry_write_back(key, force=True)
+
+    def _retry_write_back(self, key: Key, *, force: bool = False) -> None:
+        """Commit a pending outcome: right after the decision, and again after a crash or a Git error."""
+        record = self.records.get(key, {})
+        pending = record.get("writeBackPending")
+        if not pending or not record.get("lastDecision"):
+            return
+        if not force and time.time() - pending.get("triedAt", 0.0) < WRITE_BACK_RETRY:
+            return
+        decision = Decision.model_validate(record["lastDecision"])
+        sha = self._write_back(key, decision, stable_before=pending["stableBefore"])
+        if sha is None:
+            record["writeBackPending"] = {**pending, "triedAt": time.time()}
+        else:
+            record.pop("writeBackPending")
+            if sha:
+                record["writeBack"] = sha
+        write_json(state_path(self.state_dir, *key), record)
+
+    def _canary_clusters(self, ro: Rollout, canary: str) -> list[str]:
+        assert self.intent is not None
+        return sorted({c for w in self.intent.workloads.values()
+                       if w.metadata.namespace == ro.metadata.namespace and w.spec.service == ro.spec.service
+                       and w.spec.version == canary and w.spec.replicas > 0 for c in w.spec.clusters})
+
+    # --- commands -----------------------------------------------------------------------------------
+
+    def _commands(self) -> dict[Key, list[dict[str, Any]]]:
+        out: dict[Key, list[dict[str, Any]]] = {}
+        folder = self.state_dir / ROLLOUTS_DIR / COMMANDS_DIR
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                cmd = read_json(path)
+                out.setdefault((cmd["namespace"], cmd["name"]), []).append(cmd)
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)
+        return out
+
+    def _ack_unknown(self, cmd: dict[str, Any]) -> None:
+        write_json(self.state_dir / ROLLOUTS_DIR / COMMANDS_DIR / f"{cmd['id']}.done",
+                   {"id": cmd["id"], "error": f"no Rollout {cmd['namespace']}/{cmd['name']} in the applied revision"})
+        (self.state_dir / ROLLOUTS_DIR / COMMANDS_DIR / f"{cmd['id']}.json").unlink(missing_ok=True)
+
+    # --- audit --------------------------------------------------------------------------------------
+
+    def _record(self, key: Key, d: Decision) -> None:
+        """Every decision in decisions.jsonl; the ones that matter also as a git note on the run's commit."""
+        st = d.state
+        entry = {"at": d.at, "rollout": f"{key[0]}/{key[1]}", "action": d.action, "phase": st.phase,
+                 "step": st.step, "weight": st.weight, "iteration": st.iteration, "stable": st.stable,
+                 "canary": st.canary, "failedChecks": st.failed_checks, "canaryRevision": st.canary_revision,
+                 "reasons": list(d.reasons),
+                 "checks": [c.model_dump(mode="json", by_alias=True) for c in d.checks]}
+        path = self.state_dir / ROLLOUTS_DIR / DECISIONS_FILE
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        log.info("rollout %s/%s: %s: %s", key[0], key[1], d.action, "; ".join(d.reasons))
+        noted = d.action in _NOTED or (d.action == "hold" and any(c.effective == "fail" for c in d.checks))
+        if noted and st.canary_revision:
+            try:
+                self.source.add_note(st.canary_revision, message="rollout " + json.dumps(
+                    {k: entry[k] for k in ("at", "rollout", "action", "step", "weight", "canary", "reasons")}))
+            except (GitError, ValueError, KeyError) as exc:
+                log.warning("could not note the decision on %s: %s", st.canary_revision[:12], exc)
+
+    def note_applied(self, sha: str, clusters: list[str]) -> None:
+        """Applied revisions, as a git note on the applied commit: when, and which clusters."""
+        try:
+            self.source.add_note(sha, message="applied " + json.dumps({"at": time.time(), "clusters": clusters}))
+        except (GitError, ValueError, KeyError) as exc:
+            log.warning("could not note the applied revision %s: %s", sha[:12], exc)
+
+    def _write_back(self, key: Key, d: Decision, *, stable_before: str, attempts: int = 5) -> str | None:
+        """Commit the outcome; on StaleParent re-read the new tip and re-apply (the human commit stays).
+        The new sha; "" when there is nothing to write (Git already moved on); None on failure."""
+        assert d.state.canary is not None
+        outcome = cast(Literal["promoted", "rolled-back"], d.outcome)
+        message = commit_message(namespace=key[0], name=key[1], decision=d, stable_before=stable_before)
+        for _ in range(attempts):
+            try:
+                head = self.source.refresh()
+                if head is None:
+                    return ""
+                edited = edit_rollout(self.source.read_tree(head), namespace=key[0], name=key[1], outcome=outcome,
+                                      canary=d.state.canary)
+                if edited is None:
+                    log.info("rollout %s/%s: nothing to write back (the Rollout changed in Git)", *key)
+                    return ""
+                sha = self.source.commit(files=edited, message=message, parent=head, author=DEFAULT_AUTHOR)
+                log.info("rollout %s/%s: committed %s: %s", key[0], key[1], sha[:12], message.splitlines()[0])
+                return sha
+            except StaleParent:
+                continue
+            except GitError as exc:
+                log.error("rollout %s/%s: write-back failed: %s", key[0], key[1], exc)
+                return None
+        log.error("rollout %s/%s: write-back gave up after %d concurrent commits", key[0], key[1], attempts)
+        return None
+
+    # --- status -------------------------------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        out = []
+        rollouts = {(r.metadata.namespace, r.metadata.name): r for r in self.intent.of_kind(Rollout)} \
+            if self.intent else {}
+        for key, ro in sorted(rollouts.items()):
+            out.append(summary(ro.spec.model_dump(mode="json", by_alias=True), self.records.get(key, {}),
+                               namespace=key[0], name=key[1]))
+        return out
+
+    async def close(self) -> None:
+        for c in self.clusters.values():
+            await c.discovery.stop()
+            if c.prometheus is not None:
+                await c.prometheus.stop()
+            if isinstance(c.provider, PrometheusProvider):
+                c.provider.close()
+
+
+def summary(spec: dict[str, Any], record: dict[str, Any], *, namespace: str, name: str,
+            now: float | None = None) -> dict[str, Any]:
+    """The `rollout status --json` / status.json contract for one rollout."""
+    now = time.time() if now is None else now
+    st = record.get("state", {})
+    last = record.get("lastDecision") or {}
+    steps = spec.get("steps", [])
+    nxt = st.get("nextAnalysisAt")
+    return {
+        "name": name, "namespace": namespace, "service": spec.get("service"), "strategy": spec.get("strategy"),
+        "phase": st.get("phase", "idle"), "stable": st.get("stable", spec.get("stable")),
+        "canary": st.get("canary"), "canaryRevision": st.get("canaryRevision"),
+        "step": st.get("step", 0) + 1 if st.get("phase") == "progressing" else None, "steps": steps,
+        "weight": st.get("weight", 0), "iteration": st.get("iteration", 0), "iterations": spec.get("iterations"),
+        "failedChecks": st.get("failedChecks", 0),
+        "failureThreshold": spec.get("analysis", {}).get("failureThreshold"),
+        "paused": bool(st.get("paused") or spec.get("paused")),
+        "interval": spec.get("interval"), "startedAt": st.get("startedAt"), "finishedAt": st.get("finishedAt"),
+        "nextAnalysisAt": nxt, "secondsToNextAnalysis": max(0.0, nxt - now) if nxt else None,
+        "lastDecision": {"action": last.get("action"), "at": last.get("at"), "reasons": last.get("reasons", []),
+                         "checks": last.get("checks", [])} if last else None,
+        "lastCommand": record.get("lastCommand"), "writeBack": record.get("writeBack"),
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """Human form of `summary`."""
+    lines = [f"rollout {s['namespace']}/{s['name']} ({s['strategy']}, service {s['service']}): {s['phase']}"
+             + (" [paused]" if s["paused"] else "")]
+    lines.append(f"  stable {s['stable']}  canary {s['canary'] or '-'}  weight {s['weight']}%"
+                 + (f"  step {s['step']}/{len(s['steps'])} {s['steps']}" if s["strategy"] == "canary" and s["step"]
+                    else f"  iteration {s['iteration']}/{s['iterations']}" if s["step"] else ""))
+    lines.append(f"  failed checks {s['failedChecks']}/{s['failureThreshold']}"
+                 + (f"  next analysis in {s['secondsToNextAnalysis']:.1f}s"
+                    if s["secondsToNextAnalysis"] is not None else ""))
+    last = s.get("lastDecision")
+    if last:
+        lines.append(f"  last decision: {last['action']}: " + "; ".join(last["reasons"]))
+        for c in last["checks"]:
+            lines.append(f"    {format_check(Check.model_validate(c))}")
+    return "\n".join(lines)

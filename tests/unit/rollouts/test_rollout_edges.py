@@ -1,0 +1,166 @@
+"""The pure edges around advance: validation with file:line, the Git write-back edit, render overlay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mesh.render import render
+from mesh.snapshot import ROUTE
+from mesh.topology import ClusterTopology, Gateway, Sidecar
+from reconciler.load import load
+from rollouts.advance import Decision, RolloutState
+from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, render_query
+from rollouts.intent import Rollout
+from rollouts.routing import overlay
+from rollouts.writeback import commit_message, edit_rollout
+
+TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
+ROLLOUT = """\
+# the reviews rollout
+apiVersion: lockgate.io/v1alpha1
+kind: Rollout
+metadata:
+  name: reviews
+  namespace: shop
+spec:
+  service: reviews
+  stable: v1
+  canary: v2   # the one being tried
+  steps: [10, 50, 100]
+  interval: 2s
+  analysis:
+    metrics:
+      - {name: ok, builtin: request-success-rate, min: 99}
+"""
+
+
+def files(rollout: str = ROLLOUT) -> dict[str, bytes]:
+    out = {p.name: p.read_bytes() for p in TEMPLATE.glob("*.yaml")}
+    out["rollout.yaml"] = rollout.encode()
+    return out
+
+
+def test_a_valid_rollout_loads_and_governs_its_service() -> None:
+    loaded = load(files())
+    assert loaded.ok, loaded.problems
+    assert loaded.intent is not None
+    ro = loaded.intent.of_kind(Rollout)[0]
+    assert ro.governs() == ("shop", "reviews")
+    # the template's Route writes weights in the default rule: a warning, not an error
+    assert any("Rollout owns this rule's weights" in str(w) for w in loaded.warnings)
+
+
+def test_validation_errors_point_at_file_and_line() -> None:
+    bad = (ROLLOUT.replace("builtin: request-success-rate", "builtin: request-sucess-rate")
+           .replace("canary: v2", "canary: v9").replace("[10, 50, 100]", "[50, 10, 100]"))
+    problems = sorted(str(p) for p in load(files(bad)).problems)
+    assert problems == [
+        "rollout.yaml:10: spec.canary: service 'reviews' has no version 'v9' (declared: v1, v2)",
+        "rollout.yaml:11: spec.steps[1]: steps must increase: 50 then 10",
+        "rollout.yaml:15: spec.analysis.metrics[0].builtin: unknown builtin metric 'request-sucess-rate' "
+        "(did you mean 'request-success-rate'?)",
+    ]
+
+
+def test_a_metric_needs_a_threshold_and_one_source() -> None:
+    both = ROLLOUT.replace("builtin: request-success-rate, min: 99", "builtin: request-success-rate, query: up, min: 1")
+    assert [str(p) for p in load(files(both)).problems] == [
+        "rollout.yaml:15: spec.analysis.metrics[0]: give exactly one of builtin, query"]
+    unbounded = ROLLOUT.replace("builtin: request-success-rate, min: 99", "builtin: request-success-rate")
+    assert [str(p) for p in load(files(unbounded)).problems] == [
+        "rollout.yaml:15: spec.analysis.metrics[0]: give min, max or both: a metric without a threshold judges nothing"]
+
+
+def test_write_back_promotion_keeps_comments_and_clears_the_canary() -> None:
+    out = edit_rollout(files(), namespace="shop", name="reviews", outcome="promoted", canary="v2")
+    assert out is not None
+    text = out["rollout.yaml"].decode()
+    assert text == ROLLOUT.replace("stable: v1", "stable: v2").replace("  canary: v2   # the one being tried\n", "")
+    spec = yaml.safe_load(text)["spec"]
+    assert spec["stable"] == "v2" and "canary" not in spec
+
+
+def test_write_back_rollback_reverts_the_canary_to_the_stable() -> None:
+    out = edit_rollout(files(), namespace="shop", name="reviews", outcome="rolled-back", canary="v2")
+    assert out is not None
+    assert out["rollout.yaml"].decode() == ROLLOUT.replace("canary: v2", "canary: v1")
+
+
+def test_write_back_in_flow_style_and_multi_document_files() -> None:
+    flow = "---\nkind: Other\n---\n" + (
+        "apiVersion: lockgate.io/v1alpha1\nkind: Rollout\nmetadata: {name: reviews, namespace: shop}\n"
+        "spec: {service: reviews, stable: v1, canary: 'v2'}\n")
+    out = edit_rollout({"a.yaml": flow.encode()}, namespace="shop", name="reviews", outcome="promoted", canary="v2")
+    assert out is not None
+    assert yaml.safe_load_all(out["a.yaml"].decode()).__next__() == {"kind": "Other"}
+    assert list(yaml.safe_load_all(out["a.yaml"]))[1]["spec"] == {"service": "reviews", "stable": "v2", "canary": None}
+
+
+def test_write_back_yields_to_a_human_change_of_the_canary() -> None:
+    human = ROLLOUT.replace("canary: v2", "canary: v3")
+    assert edit_rollout(files(human), namespace="shop", name="reviews", outcome="promoted", canary="v2") is None
+    assert edit_rollout(files(), namespace="shop", name="other", outcome="promoted", canary="v2") is None
+
+
+def test_commit_message_carries_reason_numbers_and_trailers() -> None:
+    d = Decision(action="rollback", at=1.0, reasons=("analysis failed (2/2): ok 70 < min 99",),
+                 state=RolloutState(phase="rolled-back", stable="v1", canary="v2", canary_revision="c" * 40))
+    msg = commit_message(namespace="shop", name="reviews", decision=d, stable_before="v1")
+    assert msg.splitlines()[0] == "rollout shop/reviews: roll back v2 (100% to v1)"
+    assert "ok 70 < min 99" in msg and "Lockgate-Decision: rollback" in msg
+
+
+def _topology() -> ClusterTopology:
+    sidecars = tuple(Sidecar(node_id=f"east/shop/reviews-{v}-0", namespace="shop", service="reviews", version=v,
+                             workload=f"reviews-{v}", address="127.0.1.1", inbound_port=p, outbound_port=p + 1,
+                             app_port=p + 2) for v, p in (("v1", 1000), ("v2", 2000)))
+    return ClusterTopology(cluster="east", ingress=Gateway(node_id="east/ingress", address="127.0.1.1", port=80),
+                           sidecars=sidecars, ready=frozenset(s.node_id for s in sidecars))
+
+
+def _ingress_routes(rollout: str, state: RolloutState) -> list[dict[str, object]]:
+    loaded = load(files(rollout))
+    assert loaded.intent is not None, loaded.problems
+    shaped = overlay(loaded.intent, {("shop", "reviews"): state})
+    snaps = render(intent=shaped.intent, topology=_topology(), weights=shaped.weights, extensions=shaped.extensions)
+    routes = snaps["east/ingress"].resources[ROUTE]["ingress"]
+    vhost = next(v for v in routes["virtual_hosts"] if v["name"] == "reviews.shop")
+    return list(vhost["routes"])
+
+
+def test_overlay_canary_weights_replace_the_default_rule() -> None:
+    st = RolloutState(phase="progressing", stable="v1", canary="v2", observed_canary="v2", weight=10)
+    [route] = _ingress_routes(ROLLOUT, st)
+    clusters = route["route"]["weighted_clusters"]["clusters"]  # type: ignore[index]
+    assert [(c["name"], c["weight"]) for c in clusters] == [("outbound|reviews.shop|v1", 90),
+                                                            ("outbound|reviews.shop|v2", 10)]
+
+
+def test_overlay_ab_sends_only_matching_requests_to_the_canary() -> None:
+    ab = ROLLOUT.replace("  steps: [10, 50, 100]\n",
+                         "  strategy: ab\n  match: [{headers: {x-canary: {exact: 'yes'}}}]\n")
+    st = RolloutState(phase="progressing", stable="v1", canary="v2", observed_canary="v2")
+    canary, default = _ingress_routes(ab, st)
+    assert canary["match"] == {"prefix": "/", "headers": [{"name": "x-canary", "string_match": {"exact": "yes"}}]}
+    assert canary["route"]["cluster"] == "outbound|reviews.shop|v2"  # type: ignore[index]
+    assert default["route"]["cluster"] == "outbound|reviews.shop|v1"  # type: ignore[index]
+    done = st.model_copy(update={"phase": "rolled-back"})
+    assert [r["route"]["cluster"] for r in _ingress_routes(ab, done)] == ["outbound|reviews.shop|v1"]  # type: ignore[index]
+
+
+def test_overlay_mirror_copies_the_default_rule_to_the_canary() -> None:
+    mirror = ROLLOUT.replace("  steps: [10, 50, 100]\n", "  strategy: mirror\n")
+    st = RolloutState(phase="progressing", stable="v1", canary="v2", observed_canary="v2")
+    [route] = _ingress_routes(mirror, st)
+    assert route["route"]["cluster"] == "outbound|reviews.shop|v1"  # type: ignore[index]
+    assert route["route"]["request_mirror_policies"] == [{"cluster": "outbound|reviews.shop|v2"}]  # type: ignore[index]
+
+
+def test_builtin_queries_select_the_canary_inbound_stats() -> None:
+    v = {"service": "reviews", "version": "v2", "namespace": "shop", "cluster": "east", "interval": "2000ms"}
+    q = render_query(BUILTIN_QUERIES["request-success-rate"], v)
+    assert 'envoy_http_conn_manager_prefix="inbound"' in q and 'version="v2"' in q and "[2000ms]" in q
+    assert "{{" not in render_query(REQUESTS_QUERY, v)
+    assert render_query("x{{ unknown }}", v) == "x{{ unknown }}"
