@@ -238,6 +238,7 @@ class Reconciler:
                     "ackedVersion": st.acked_version,
                     "ackedRevision": st.acked_revision,
                     "nack": st.nack,
+                    "nackType": st.nack_type.rsplit(".", 1)[-1] if st.nack_type else None,
                     "connected": st.connected,
                     **extra,
                 })

@@ -338,6 +338,32 @@ def test_watch_local_notices_a_git_commit_quickly(work: Path) -> None:
     )
 
 
+def test_watch_coalesces_a_burst_of_commits_while_the_consumer_is_busy(work: Path) -> None:
+    """A burst of commits during one apply yields the newest head once, not every commit in turn: the
+    reconciler never applies a revision that is already stale, and a single commit waits for nothing."""
+    source = Pygit2Source.open(str(work))
+
+    async def scenario() -> list[str]:
+        seen: list[str] = []
+        gen = source.watch(poll_interval=60.0)
+        async with contextlib.aclosing(gen):
+            seen.append(await _next(gen))
+
+            def burst() -> None:
+                for n in range(5):
+                    write(work, f"b{n}.yaml", str(n))
+                    commit_all(work, f"burst {n}")
+
+            await asyncio.to_thread(burst)  # the consumer is "busy applying" while all five land
+            seen.append(await _next(gen))
+            with contextlib.suppress(TimeoutError):
+                seen.append(await _next(gen, timeout=0.5))  # nothing more should come
+        return seen
+
+    _initial, *rest = asyncio.run(scenario())
+    assert rest == [git(work, "rev-parse", "HEAD")], rest
+
+
 def test_watch_local_sees_a_new_branch_in_a_new_subdirectory(work: Path) -> None:
     source = Pygit2Source.open(str(work), branch="team/canary")
 
