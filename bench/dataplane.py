@@ -234,7 +234,7 @@ async def main_async(rates: list[int], seconds: float, rounds: int) -> int:
             for rate in rates:
                 for label, (port, host) in targets.items():  # interleaved: A B A B
                     results.setdefault((label, rate), []).append(await open_loop(port, host, rate, seconds))
-        print(f"dataplane: open-loop latency, {seconds:.0f} s x {rounds} rounds per cell, HTTP/1.1 plaintext, "
+        print(f"dataplane: open-loop latency, {seconds:.0f} s x {rounds} rounds per cell, HTTP/1.1 (mTLS: TLS 1.3), "
               "Envoy --concurrency 1; ms from when each request was due")
         print(f"  {'path':34} {'rate':>6} {'p50':>7} {'p90':>7} {'p99':>7} {'errors':>6}")
         for (label, rate), runs in results.items():
