@@ -364,34 +364,32 @@ def _check_traffic_policy(i: int, tp: TrafficPolicy, services: dict[tuple[str, s
 
 def _check_policy_conflicts(resources: Sequence[ResourceBase]) -> list[Finding]:
     """One TrafficPolicy per service, as one DestinationRule per host: two would leave the winner unclear."""
+    return _one_per_service(resources, TrafficPolicy, "merge them into one")
+
+
+def _one_per_service(resources: Sequence[ResourceBase], kind: type[Route] | type[TrafficPolicy], fix: str
+                     ) -> list[Finding]:
+    """A finding on every resource of `kind` after the first for the same (namespace, service)."""
     out: list[Finding] = []
-    owner: dict[tuple[str, str], TrafficPolicy] = {}
+    owner: dict[tuple[str, str], ResourceBase] = {}
     for i, r in enumerate(resources):
-        if not isinstance(r, TrafficPolicy):
+        if not isinstance(r, kind):
             continue
         key = (r.metadata.namespace, r.spec.service)
         if (first := owner.get(key)) is not None and first.key != r.key:
             out.append(Finding(i, ("spec", "service"),
-                               f"service {key[1]!r} already has TrafficPolicy {first.metadata.name!r}; "
-                               "merge them into one"))
+                               f"service {key[1]!r} already has {kind.__name__} {first.metadata.name!r}; {fix}"))
         owner.setdefault(key, r)
     return out
 
 
 def _check_route_conflicts(resources: Sequence[ResourceBase]) -> list[Finding]:
     """One Route per service, one owner per ingress host: otherwise which rule wins is ambiguous."""
-    out: list[Finding] = []
-    owner: dict[tuple[str, str], Route] = {}
+    out = _one_per_service(resources, Route, "merge the rules into one Route")
     host_owner: dict[str, Route] = {}
     for i, r in enumerate(resources):
         if not isinstance(r, Route):
             continue
-        key = (r.metadata.namespace, r.spec.service)
-        if (first := owner.get(key)) is not None and first.key != r.key:
-            out.append(Finding(i, ("spec", "service"),
-                               f"service {key[1]!r} already has Route {first.metadata.name!r}; "
-                               "merge the rules into one Route"))
-        owner.setdefault(key, r)
         for j, host in enumerate(r.spec.hosts):
             if (prev := host_owner.get(host)) is not None and prev.key != r.key:
                 out.append(Finding(i, ("spec", "hosts", j),
