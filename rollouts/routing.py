@@ -2,17 +2,17 @@
 
 Pure. Weights go through `render(weights=...)`; the ab/bluegreen match rules are inserted into a copy
 of the service's Route just before its default rule (human match rules above it stay in force and keep
-their precedence); mirroring is an `Extension` on the default rule's route action.
+their precedence); mirroring sets the default rule's own `mirror` (Route semantics, rendered like a
+mirror a person writes; during a mirror run it takes the place of one written there).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from mesh.intent import Destination, HTTPRule, Intent, Metadata, Route, RouteSpec
-from mesh.render import Extension, Proxy, cluster_name, default_rule_index
+from mesh.intent import Destination, HTTPRule, Intent, Metadata, Mirror, Route, RouteSpec
+from mesh.render import Extension, default_rule_index
 from rollouts.advance import RolloutState, destinations
 from rollouts.intent import Rollout
 
@@ -30,7 +30,6 @@ def overlay(intent: Intent, states: Mapping[tuple[str, str], RolloutState]) -> O
     """The intent render should see, given each Rollout's state (keyed by the Rollout's (ns, name))."""
     weights: dict[tuple[str, str], Sequence[Destination]] = {}
     routes = dict(intent.routes)
-    mirrors: dict[tuple[str, str], tuple[str, str]] = {}
     for ro in intent.of_kind(Rollout):
         st = states.get((ro.metadata.namespace, ro.metadata.name))
         key = (ro.metadata.namespace, ro.spec.service)
@@ -41,14 +40,10 @@ def overlay(intent: Intent, states: Mapping[tuple[str, str], RolloutState]) -> O
         if strategy in ("ab", "bluegreen") and ro.spec.match:
             routes[key] = _with_canary_rule(routes.get(key), ro, st.canary)
         if strategy == "mirror":
-            route = routes.get(key)
-            idx = default_rule_index(route) if route else None
-            rule = "default" if route is None else (
-                (route.spec.http[idx].name or f"rule-{idx}") if idx is not None else "")
-            mirrors[key] = (st.canary, rule)
+            routes[key] = _with_mirror(routes.get(key), ro, st.canary)
     if routes != intent.routes:
         intent = intent.model_copy(update={"routes": routes})
-    return Overlay(intent=intent, weights=weights, extensions=(MirrorExtension(mirrors),) if mirrors else ())
+    return Overlay(intent=intent, weights=weights, extensions=())
 
 
 def _with_canary_rule(route: Route | None, ro: Rollout, canary: str) -> Route:
@@ -63,18 +58,16 @@ def _with_canary_rule(route: Route | None, ro: Rollout, canary: str) -> Route:
     return route.model_copy(update={"spec": route.spec.model_copy(update={"http": http})})
 
 
-@dataclass(frozen=True)
-class MirrorExtension(Extension):
-    """Copies of the default rule's requests go to the canary too; Envoy discards their answers."""
-
-    targets: Mapping[tuple[str, str], tuple[str, str]]
-    """(namespace, service) -> (canary version, name of the default rule)."""
-
-    def route(self, proxy: Proxy, *, namespace: str, service: str, rule: str,
-              route: dict[str, Any]) -> dict[str, Any]:
-        target = self.targets.get((namespace, service))
-        if target is None or rule != target[1] or "route" not in route:
-            return route
-        action = {**route["route"], "request_mirror_policies": [
-            {"cluster": cluster_name(namespace, service, target[0])}]}
-        return {**route, "route": action}
+def _with_mirror(route: Route | None, ro: Rollout, canary: str) -> Route:
+    """The service's Route with its default rule mirroring every request to the canary."""
+    mirror = Mirror(version=canary)
+    if route is None:
+        return Route(api_version="lockgate.io/v1alpha1", kind="Route",
+                     metadata=Metadata(name=ro.spec.service, namespace=ro.metadata.namespace),
+                     spec=RouteSpec(service=ro.spec.service, http=[HTTPRule(name="default", mirror=mirror)]))
+    idx = default_rule_index(route)
+    if idx is None:  # no catch-all rule: nothing the weights govern, so nothing to mirror from
+        return route
+    http = list(route.spec.http)
+    http[idx] = http[idx].model_copy(update={"mirror": mirror})
+    return route.model_copy(update={"spec": route.spec.model_copy(update={"http": http})})
