@@ -7,6 +7,7 @@ invalid commit can never reach render.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mesh.intent import API_VERSION, Intent, ResourceBase
+from mesh.snapshot import digest
 from mesh.validate import Loc
 from reconciler.kinds import KINDS, VALIDATORS
 
@@ -128,6 +130,21 @@ def load(files: Mapping[str, bytes]) -> Loaded:
 
 
 def _parse_yaml(path: str, raw: bytes) -> tuple[list[_Doc], list[Problem]]:
+    """Documents with their line maps; a file unchanged since the last revision is not parsed again."""
+    key = (path, hashlib.sha256(raw).digest())
+    hit = _files.get(key)
+    if hit is None:
+        hit = _parse_yaml_uncached(path, raw)
+        if len(_files) >= _MODELS_MAX:
+            _files.clear()
+        _files[key] = hit
+    return hit
+
+
+_files: dict[tuple[str, bytes], tuple[list[_Doc], list[Problem]]] = {}
+
+
+def _parse_yaml_uncached(path: str, raw: bytes) -> tuple[list[_Doc], list[Problem]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -196,9 +213,27 @@ def _to_resource(doc: _Doc) -> tuple[ResourceBase | None, list[Problem]]:
     if model is None:
         return None, [at(("kind",), f"kind: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")]
     try:
-        return model.model_validate(data), []
+        key: str | None = f"{kind}:{digest(data)}"
+    except TypeError:  # a YAML value JSON cannot hold (a date): validate it, just do not remember it
+        key = None
+    if key is not None and (known := _models.get(key)) is not None:
+        return known, []
+    try:
+        resource = model.model_validate(data)
     except ValidationError as exc:
         return None, [at(tuple(e["loc"]), _message(e, model)) for e in exc.errors()]
+    if key is not None:
+        if len(_models) >= _MODELS_MAX:
+            _models.clear()
+        _models[key] = resource
+    return resource, []
+
+
+_MODELS_MAX = 50_000
+_models: dict[str, ResourceBase] = {}
+"""Validated models by (kind, content): models are immutable, so a document unchanged since the last
+revision yields the very same object. Render compares its inputs with `==`, which is instant for the
+same object, so a one-line commit costs one model, not a thousand."""
 
 
 def _message(error: Any, model: type[BaseModel]) -> str:
