@@ -22,7 +22,7 @@ from mesh.cache import SnapshotCache
 from mesh.intent import Intent
 from mesh.render import RenderCache, render
 from mesh.server import AdsServer
-from mesh.snapshot import SECRET
+from mesh.snapshot import SECRET, InconsistentSnapshot
 from multicluster.ca import ensure_hierarchy
 from multicluster.issuer import WorkloadIssuer
 from policies import SecurityExtension
@@ -176,16 +176,23 @@ class Reconciler:
         self._push_pending = False
         if self.intent is None or self.applied is None:
             return
+        shaped = self.rollouts.overlay(self.intent)  # rollout weights, canary match rules, mirroring
         for plane in self.planes.values():
             topo = self.runtime.topology(plane.name)
-            shaped = self.rollouts.overlay(self.intent)  # rollout weights, canary match rules, mirroring
             # Issuing is the edge (keys, clock); render gets the certificates as plain input.
             certs = self.issuer.certs_for(shaped.intent, topo, now=time.time())
             security = SecurityExtension(intent=shaped.intent, certs=certs, trust_bundle=self.issuer.trust_bundle)
             snapshots = render(intent=shaped.intent, topology=topo, revision=self.applied, weights=shaped.weights,
                                extensions=[*shaped.extensions, security], cache=plane.render_cache)
+            try:
+                for snap in snapshots.values():
+                    snap.consistent()  # RDS/EDS/SDS names all present: Envoy would otherwise wait on them silently
+            except InconsistentSnapshot as exc:
+                # A render bug, not a user error: every proxy of the cluster keeps what it has.
+                log.error("cluster %s: not pushing revision %s, its snapshot is inconsistent: %s",
+                          plane.name, self.applied[:12], exc)
+                continue
             for node_id, snap in snapshots.items():
-                snap.consistent()  # RDS/EDS/SDS names all present: Envoy would otherwise wait on them silently
                 plane.cache.set(node_id, snap)
             for node_id in set(plane.cache.nodes()) - set(snapshots):
                 plane.cache.clear(node_id)
