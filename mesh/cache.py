@@ -51,6 +51,9 @@ class ProxyStatus:
     """Envoy's error_detail message for the latest NACK of the current snapshot, until that type ACKs."""
     nack_type: str | None = None
     """The type URL the NACK was about."""
+    nack_resources: tuple[str, ...] = ()
+    """Resources of that type that differ from the last version this proxy accepted: Envoy's message
+    rarely names the culprit, and it is among these."""
 
 
 @dataclass
@@ -64,6 +67,9 @@ class _Node:
     nack: str | None = None
     nack_type: str | None = None
     nack_version: str | None = None
+    nack_resources: tuple[str, ...] = ()
+    accepted: dict[str, Snapshot] = field(default_factory=dict)
+    """Type URL -> the snapshot whose version of that type the proxy last ACKed (to tell what changed)."""
 
     def status(self) -> ProxyStatus:
         return ProxyStatus(
@@ -74,6 +80,7 @@ class _Node:
             acked_revision=self.acked_revision,
             nack=self.nack,
             nack_type=self.nack_type,
+            nack_resources=self.nack_resources,
         )
 
     def converge(self) -> None:
@@ -107,6 +114,7 @@ class SnapshotCache:
         node.snapshot = snapshot
         if node.nack_type is not None and snapshot.version(node.nack_type) != node.nack_version:
             node.nack = node.nack_type = node.nack_version = None
+            node.nack_resources = ()
         node.converge()
         for watch in list(node.watches):
             if watch.wants(snapshot):
@@ -212,8 +220,11 @@ class SnapshotCache:
         else:
             node.acked.pop(type_url, None)
         snap = node.snapshot
+        if snap is not None and version == snap.version(type_url):
+            node.accepted[type_url] = snap
         if node.nack_type == type_url and snap is not None and version == snap.version(type_url):
             node.nack = node.nack_type = node.nack_version = None
+            node.nack_resources = ()
         node.converge()
         self._changed_if(node, before)
 
@@ -226,6 +237,7 @@ class SnapshotCache:
             return
         before = node.status()
         node.nack, node.nack_type, node.nack_version = message, type_url, version
+        node.nack_resources = _changed(node.accepted.get(type_url), snap, type_url)
         self._changed_if(node, before)
 
     # --- internals -----------------------------------------------------------------------------------
@@ -247,3 +259,12 @@ class SnapshotCache:
                 callback(after)
             except Exception:
                 log.exception("status subscriber %r failed", callback)
+
+
+def _changed(before: Snapshot | None, after: Snapshot, type_url: str) -> tuple[str, ...]:
+    """Names of `type_url` resources in `after` that are new or different since `before`."""
+    new = after.digests[type_url]
+    if before is None:
+        return tuple(sorted(new))
+    old = before.digests[type_url]
+    return tuple(sorted(name for name in new if old.get(name) != new[name]))

@@ -246,6 +246,7 @@ class Reconciler:
                     "ackedRevision": st.acked_revision,
                     "nack": st.nack,
                     "nackType": st.nack_type.rsplit(".", 1)[-1] if st.nack_type else None,
+                    "nackResources": list(st.nack_resources),
                     "connected": st.connected,
                     **extra,
                 })

@@ -152,6 +152,8 @@ def test_invalid_route_is_nacked_and_the_last_good_config_keeps_serving(
     print(f"NACK message: {st.nack!r}")
     assert st.nack_type == ROUTE
     assert st.nack == "missing ): ("  # RE2's own words, passed through by Envoy
+    assert st.nack_resources == tuple(n for n in bad.items(ROUTE) if bad.items(ROUTE)[n] != good.items(ROUTE).get(n))
+    assert st.nack_resources  # the route configuration that changed, which Envoy's message does not name
     assert (st.acked_version, st.acked_revision) == (good.version_all, "good")
     assert st.acked[ROUTE] == good.version(ROUTE)
     assert not cp.run(cp.cache.wait_converged(NODE, bad.version_all, timeout=0.3))
@@ -161,7 +163,7 @@ def test_invalid_route_is_nacked_and_the_last_good_config_keeps_serving(
     cp.set(NODE, fixed)
     assert cp.wait_converged(NODE, fixed)
     st = cp.status(NODE)
-    assert (st.acked_revision, st.nack, st.nack_type) == ("fixed", None, None)
+    assert (st.acked_revision, st.nack, st.nack_type, st.nack_resources) == ("fixed", None, None, ())
     wait_for(listen, "200:v1")
 
 
