@@ -28,7 +28,7 @@ def test_commit_changes_what_envoy_serves(tmp_path: Path) -> None:
     with running(repo=repo, state_dir=tmp_path / "state") as up:
         st = up.wait_converged(first)
         kinds = sorted(p["kind"] for p in st["clusters"][0]["proxies"])
-        assert kinds == ["ingress"] + ["sidecar"] * 4  # frontend x1, reviews-v1 x2, reviews-v2 x1
+        assert kinds == ["eastwest", "ingress"] + ["sidecar"] * 4  # frontend x1, reviews-v1 x2, reviews-v2 x1
         assert all(p["nack"] is None and p["ackedVersion"] for p in st["clusters"][0]["proxies"])
         client = Client(up.ingress())
 
@@ -79,7 +79,7 @@ def test_commit_changes_what_envoy_serves(tmp_path: Path) -> None:
         assert split(client, "shop.example.com", 50) == {"v2": 50}
         client.close()
         children = set(up.child_pids)
-        assert len(children) >= 9  # 5 Envoys + 4 workloads
+        assert len(children) >= 10  # 6 Envoys (2 gateways, 4 sidecars) + 4 workloads
 
     assert up.proc.returncode == 0
     assert alive(children) == set(), "lockgate up left processes behind"

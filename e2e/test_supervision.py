@@ -63,7 +63,7 @@ def test_sigkill_of_lockgate_takes_its_children_along(tmp_path: Path) -> None:
     try:
         up.wait_converged(git(repo, "rev-parse", "HEAD"))
         children = set(up.child_pids)
-        assert len(children) == 9
+        assert len(children) == 10  # 6 Envoys + 4 workloads
         up.proc.kill()  # SIGKILL: no chance to clean up; the kernel's parent-death signal does it
         up.proc.wait()
         wait_for("every child to exit", lambda: not alive(children), timeout=15)

@@ -72,6 +72,8 @@ ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 FAULT_FILTER = "envoy.filters.http.fault"
 FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+TLS_INSPECTOR = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 ADS = {"ads": {}, "resource_api_version": "V3"}
 NOT_FOUND_BODY = "lockgate: no route for this host\n"
 
@@ -176,6 +178,12 @@ def render(
         return found
 
     out: dict[str, Snapshot] = {}
+    if topology.eastwest is not None:
+        gw = topology.eastwest
+        ew_listeners, ew_clusters, ew_endpoints = _eastwest(intent, topology, gw)
+        ctx = _Ctx(intent=intent, weights=shared.weights, extensions=extensions, proxy=gw, shared=shared)
+        out[gw.node_id] = Snapshot.of(listeners=[ctx.listener(x) for x in ew_listeners], clusters=ew_clusters,
+                                      endpoints=ew_endpoints, revision=revision)
     proxies: list[Proxy] = [*([topology.ingress] if topology.ingress else []), *topology.sidecars]
     for proxy in proxies:
         ctx = _Ctx(intent=intent, weights=shared.weights, extensions=extensions, proxy=proxy, shared=shared)
@@ -627,7 +635,9 @@ def _outbound_clusters(
             ready.setdefault((sc.namespace, sc.service), []).append(sc)
     for (ns, svc), service in sorted(intent.services.items()):
         members_all = tuple(sorted((sc.version, sc.address, sc.inbound_port) for sc in ready.get((ns, svc), ())))
-        inputs = (service, intent.traffic_policies.get((ns, svc)), members_all)
+        remote_all = tuple((r.cluster, r.address, r.port, tuple(r.count(ns, svc, v) for v in service.spec.versions))
+                           for r in topology.remotes)
+        inputs = (service, intent.traffic_policies.get((ns, svc)), members_all, remote_all)
         prev = cache.clusters.get((ns, svc))
         if prev is not None and prev[0] == inputs:
             out[(ns, svc)] = prev[1]
@@ -649,10 +659,61 @@ def _outbound_clusters(
                              if version is None or sc.version == version)
             lb = [{"endpoint": {"address": {"socket_address": {"address": a, "port_value": p}}}}
                   for a, p in members]
-            endpoints.append({"cluster_name": name, "endpoints": [{"lb_endpoints": lb}] if lb else []})
+            endpoints.append({"cluster_name": name, "endpoints": _localities(topology, lb, ns, svc, version)})
         out[(ns, svc)] = (clusters, endpoints)
         cache.clusters[(ns, svc)] = (inputs, out[(ns, svc)])
     return out
+
+
+def _localities(topology: ClusterTopology, local: list[dict[str, Any]], ns: str, svc: str, version: str | None
+                ) -> list[dict[str, Any]]:
+    """This cluster's instances first; other clusters' (through their east-west gateways, weighted by how
+    many instances each has) as failover: Envoy sends them traffic only while no local instance is healthy."""
+    remote = [(r, n) for r in topology.remotes if (n := r.count(ns, svc, version)) > 0]
+    if not remote:
+        return [{"lb_endpoints": local}] if local else []
+    out: list[dict[str, Any]] = [{"locality": {"zone": topology.cluster}, "lb_endpoints": local}] if local else []
+    priority = 1 if local else 0
+    for r, n in remote:
+        out.append({"locality": {"zone": r.cluster}, "priority": priority, "lb_endpoints": [{
+            "endpoint": {"address": {"socket_address": {"address": r.address, "port_value": r.port}}},
+            "load_balancing_weight": n}]})
+    return out
+
+
+def sni(namespace: str, service: str, version: str | None) -> str:
+    """The TLS server name a sidecar sends to a service (version), by which an east-west gateway routes
+    the still-encrypted connection to its own instances: mTLS stays end to end."""
+    return f"{version or 'any'}.{service}.{namespace}.lockgate"
+
+
+def _eastwest(intent: Intent, topology: ClusterTopology, gw: Gateway) -> tuple[list[Any], list[Any], list[Any]]:
+    """The east-west gateway: one TLS passthrough filter chain per service (version) with instances here,
+    chosen by SNI, each to a cluster of this cluster's instances only (never onward: no loops)."""
+    chains, clusters, endpoints = [], [], []
+    ready = [sc for sc in topology.sidecars if sc.node_id in topology.ready]
+    for (ns, svc), service in sorted(intent.services.items()):
+        for version in [None, *service.spec.versions]:
+            members = sorted((sc.address, sc.inbound_port) for sc in ready
+                             if sc.namespace == ns and sc.service == svc and (version is None or sc.version == version))
+            if not members:
+                continue
+            name = f"eastwest|{svc}.{ns}|{version or 'any'}"
+            chains.append({"filter_chain_match": {"server_names": [sni(ns, svc, version)]}, "filters": [{
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {"@type": TCP_PROXY, "stat_prefix": name.replace("|", "_"), "cluster": name}}]})
+            clusters.append({"name": name, "type": "EDS", "connect_timeout": "1s",
+                             "eds_cluster_config": {"service_name": name, "eds_config": ADS}})
+            endpoints.append({"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": a, "port_value": p}}}} for a, p in members]}]})
+    listener = {
+        "name": "eastwest",
+        "address": {"socket_address": {"address": gw.address, "port_value": gw.port}},
+        "listener_filters": [{"name": "envoy.filters.listener.tls_inspector",
+                              "typed_config": {"@type": TLS_INSPECTOR}}],
+        "filter_chains": chains,
+    }
+    return [listener] if chains else [], clusters, endpoints
 
 
 def _cluster_policy(p: PolicySettings) -> dict[str, Any]:

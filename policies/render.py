@@ -16,7 +16,7 @@ from functools import cached_property
 from typing import Any
 
 from mesh.intent import Intent
-from mesh.render import ADS, Extension, Proxy, cluster_name
+from mesh.render import ADS, Extension, Proxy, cluster_name, sni
 from mesh.topology import Sidecar
 from policies.identity import IssuedCert, service_identities
 from policies.intent import AuthorizationPolicy, Mode, Operation, PeerAuthentication, RateLimit, Source
@@ -81,7 +81,12 @@ class SecurityExtension(Extension):
         sans = self._upstream_sans.get(cluster["name"])
         if sans is None:
             return cluster
-        ctx = {"@type": _UPSTREAM, "common_tls_context": self._common([_uri(exact=s) for s in sans])}
+        # The SNI names the destination service (version): another cluster's east-west gateway routes the
+        # still-encrypted connection by it; a sidecar's inbound listener ignores it.
+        _, host, *version = cluster["name"].split("|")
+        svc, _, ns = host.partition(".")
+        ctx = {"@type": _UPSTREAM, "sni": sni(ns, svc, version[0] if version else None),
+               "common_tls_context": self._common([_uri(exact=s) for s in sans])}
         return {**cluster, "transport_socket": {"name": _TLS, "typed_config": ctx}}
 
     def route(self, proxy: Proxy, *, namespace: str, service: str, rule: str,

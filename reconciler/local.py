@@ -82,6 +82,9 @@ class _Cluster:
     ingress: Gateway
     admin_port: int
     envoy: Supervised
+    eastwest: Gateway
+    eastwest_admin: int
+    eastwest_envoy: Supervised
 
 
 @dataclass
@@ -97,7 +100,8 @@ class LocalRuntime:
     # --- clusters -------------------------------------------------------------------------------------
 
     async def add_cluster(self, *, name: str, address: str, xds_port: int, ingress_port: int | None) -> Gateway:
-        """Start the cluster's ingress gateway. `ingress_port` is reused if still free (stable URLs)."""
+        """Start the cluster's ingress and east-west gateways. `ingress_port` is reused if still free
+        (stable URLs)."""
         if name in self._clusters:
             return self._clusters[name].ingress
         if ingress_port is None or not port_is_free(address, ingress_port):
@@ -107,8 +111,13 @@ class LocalRuntime:
         node_id = f"{name}/ingress"
         envoy = self._envoy(node_id=node_id, cluster=name, address=address, xds_port=xds_port, admin_port=admin)
         gw = Gateway(node_id=node_id, address=address, port=ingress_port)
-        self._clusters[name] = _Cluster(name, address, xds_port, gw, admin, envoy)
+        ew_admin = free_port(address, self._ports)
+        ew = Gateway(node_id=f"{name}/eastwest", address=address, port=free_port(address, self._ports))
+        ew_envoy = self._envoy(node_id=ew.node_id, cluster=name, address=address, xds_port=xds_port,
+                               admin_port=ew_admin)
+        self._clusters[name] = _Cluster(name, address, xds_port, gw, admin, envoy, ew, ew_admin, ew_envoy)
         await envoy.start()
+        await ew_envoy.start()
         return gw
 
     def _envoy(self, *, node_id: str, cluster: str, address: str, xds_port: int, admin_port: int) -> Supervised:
@@ -213,6 +222,7 @@ class LocalRuntime:
         return ClusterTopology(
             cluster=cluster,
             ingress=c.ingress if c else None,
+            eastwest=c.eastwest if c else None,
             sidecars=tuple(sorted((inst.sidecar for inst in mine), key=lambda s: s.node_id)),
             ready=frozenset(inst.sidecar.node_id for inst in mine if inst.ready),
         )
@@ -222,9 +232,10 @@ class LocalRuntime:
         proxies: dict[str, dict[str, Any]] = {}
         workloads = []
         for c in self._clusters.values():
-            proxies[c.ingress.node_id] = {"pid": c.envoy.info.pid, "state": c.envoy.info.state,
-                                          "restarts": c.envoy.info.restarts,
-                                          "admin": f"{c.address}:{c.admin_port}"}
+            gateways = ((c.ingress, c.envoy, c.admin_port), (c.eastwest, c.eastwest_envoy, c.eastwest_admin))
+            for gw, sup, admin in gateways:
+                proxies[gw.node_id] = {"pid": sup.info.pid, "state": sup.info.state, "restarts": sup.info.restarts,
+                                       "admin": f"{c.address}:{admin}"}
         for inst in self._instances.values():
             sc = inst.sidecar
             proxies[sc.node_id] = {"pid": inst.envoy.info.pid, "state": inst.envoy.info.state,
@@ -246,7 +257,7 @@ class LocalRuntime:
                 inst.probe.cancel()
         await stop_all([inst.app for inst in self._instances.values()])
         await stop_all([inst.envoy for inst in self._instances.values()]
-                       + [c.envoy for c in self._clusters.values()])
+                       + [e for c in self._clusters.values() for e in (c.envoy, c.eastwest_envoy)])
         self._instances.clear()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from mesh.intent import Intent
 from mesh.render import RenderCache, render
 from mesh.server import AdsServer
 from mesh.snapshot import SECRET, InconsistentSnapshot
+from mesh.topology import remote_view
 from multicluster.ca import ensure_hierarchy
 from multicluster.issuer import WorkloadIssuer
 from policies import SecurityExtension
@@ -177,8 +179,12 @@ class Reconciler:
         if self.intent is None or self.applied is None:
             return
         shaped = self.rollouts.overlay(self.intent)  # rollout weights, canary match rules, mirroring
+        local = {name: self.runtime.topology(name) for name in self.planes}
+        views = {name: remote_view(topo) for name, topo in local.items()}
         for plane in self.planes.values():
-            topo = self.runtime.topology(plane.name)
+            # Each cluster also sees the others, through their east-west gateways, for failover.
+            remotes = tuple(v for name, v in sorted(views.items()) if name != plane.name and v is not None)
+            topo = dataclasses.replace(local[plane.name], remotes=remotes)
             # Issuing is the edge (keys, clock); render gets the certificates as plain input.
             certs = self.issuer.certs_for(shaped.intent, topo, now=time.time())
             security = SecurityExtension(intent=shaped.intent, certs=certs, trust_bundle=self.issuer.trust_bundle)
@@ -241,7 +247,7 @@ class Reconciler:
                 extra = procs["proxies"].get(node_id, {})
                 proxies.append({
                     "id": node_id,
-                    "kind": "ingress" if node_id.endswith("/ingress") else "sidecar",
+                    "kind": node_id.rsplit("/", 1)[1] if node_id.endswith(("/ingress", "/eastwest")) else "sidecar",
                     "ackedVersion": st.acked_version,
                     "ackedRevision": st.acked_revision,
                     "nack": st.nack,
@@ -254,6 +260,7 @@ class Reconciler:
             clusters.append({
                 "name": plane.name,
                 "ingress": plane.ingress,
+                "eastwest": _address(self.runtime.topology(plane.name).eastwest),
                 "controlPlane": f"{plane.address}:{plane.port}",
                 "appliedRevision": plane.applied,
                 "convergedRevision": plane.applied if converged else None,
@@ -293,6 +300,10 @@ class Reconciler:
         status = self.status()
         status["lockgate"]["pid"] = None
         write_json(self.config.state_dir / STATUS_FILE, status)
+
+
+def _address(gw: Any) -> str | None:
+    return f"{gw.address}:{gw.port}" if gw is not None else None
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

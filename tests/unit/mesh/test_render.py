@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mesh.render import cluster_name, duration, render
-from mesh.snapshot import CLUSTER, ENDPOINT, ROUTE
+from mesh.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from reconciler.load import load, read_worktree
 
@@ -148,3 +148,42 @@ def test_render_cache_changes_the_work_not_the_result() -> None:
     # Sidecars of one namespace share one route configuration object.
     sidecars = [s for n, s in second.items() if n.startswith("east/shop/")]
     assert len({id(s.items(ROUTE)["outbound"]) for s in sidecars}) == 1
+
+
+def test_other_clusters_are_failover_through_their_east_west_gateways() -> None:
+    from mesh.render import sni
+    from mesh.topology import RemoteCluster
+
+    loaded = load(read_worktree(GOLDEN / "template"))
+    assert loaded.intent is not None
+    base = topology()
+    west = RemoteCluster(cluster="west", address="127.0.2.1", port=15443,
+                         instances=((("shop", "reviews", "v1"), 2), (("shop", "reviews", "v2"), 1)))
+    ew = Gateway("east/eastwest", "127.0.1.1", 15443)
+    ready = base.ready - {"east/shop/reviews-v2-0"}  # east's v2 instance is not ready
+    topo = ClusterTopology(cluster="east", ingress=base.ingress, sidecars=base.sidecars, ready=ready,
+                           eastwest=ew, remotes=(west,))
+    snaps = render(intent=loaded.intent, topology=topo)
+    eds = snaps["east/ingress"].items(ENDPOINT)
+    v1 = eds[cluster_name("shop", "reviews", "v1")]["endpoints"]
+    # Local instance first (priority 0), the other cluster's gateway as failover, weighted by its instances.
+    assert [(g.get("priority", 0), g["locality"]["zone"], len(g["lb_endpoints"])) for g in v1] == [
+        (0, "east", 1), (1, "west", 1)]
+    assert v1[1]["lb_endpoints"][0]["load_balancing_weight"] == 2
+    assert v1[1]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {"address": "127.0.2.1",
+                                                                                 "port_value": 15443}
+    # A version with no ready local instance goes to the other cluster, at priority 0.
+    v2 = eds[cluster_name("shop", "reviews", "v2")]["endpoints"]
+    assert [(g["priority"], g["locality"]["zone"]) for g in v2] == [(0, "west")]
+    # A service the other cluster does not run has no remote endpoints at all.
+    fe = eds[cluster_name("shop", "frontend", "v1")]["endpoints"]
+    assert all("priority" not in g for g in fe)
+    # This cluster's gateway passes TLS through by SNI, to local instances only.
+    gw = snaps["east/eastwest"]
+    [listener] = gw.items(LISTENER).values()
+    names = [c["filter_chain_match"]["server_names"][0] for c in listener["filter_chains"]]
+    assert sni("shop", "reviews", "v1") in names and sni("shop", "reviews", None) in names
+    assert all(not n.startswith("outbound|") for n in gw.items(CLUSTER))  # never onward to another cluster
+    gw.consistent()
+    for snap in snaps.values():
+        snap.consistent()

@@ -50,18 +50,21 @@ def test_new_replica_adds_a_proxy_and_endpoints_without_renumbering_others() -> 
         ("add", "proxy", "east/shop/reviews-v1-2", "new proxy"),
         ("change", "endpoints", "outbound|reviews.shop", "3 -> 4 instance(s)"),
         ("change", "endpoints", "outbound|reviews.shop|v1", "2 -> 3 instance(s)"),
+        # what the other clusters reach through this cluster's east-west gateway
+        ("change", "endpoints", "eastwest|reviews.shop|any", "3 -> 4 instance(s)"),
+        ("change", "endpoints", "eastwest|reviews.shop|v1", "2 -> 3 instance(s)"),
     }
 
 
 def test_first_apply_adds_everything_and_json_is_the_contract() -> None:
     plans = plan(old=None, new=intent())
     assert {c.name for c in plans[0].changes} == {
-        "east/ingress", "east/shop/frontend-v1-0", "east/shop/reviews-v1-0", "east/shop/reviews-v1-1",
+        "east/ingress", "east/eastwest", "east/shop/frontend-v1-0", "east/shop/reviews-v1-0", "east/shop/reviews-v1-1",
         "east/shop/reviews-v2-0"}
     doc = to_json(plans, old=None, new="abc")
     assert doc["from"] is None and doc["to"] == "abc"
     assert set(doc["clusters"][0]["changes"][0]) == {"op", "kind", "name", "detail", "proxies"}
-    assert "cluster east: 5 change(s)" in render_text(plans, old=None, new="abc")
+    assert "cluster east: 6 change(s)" in render_text(plans, old=None, new="abc")
 
 
 def test_new_service_route_and_cluster(tmp_path: Path) -> None:
