@@ -180,7 +180,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         m.load = Load(up.ingress())
         m.load.start()
         # Prometheus has discovered every sidecar before the first run (new targets take a few seconds).
-        wait_for("prometheus scraping the sidecars", lambda: len(_targets(m)) == 4, timeout=30)
+        proxies = len(up.status()["clusters"][0]["proxies"])  # the gateways and every sidecar
+        wait_for("prometheus scraping every proxy", lambda: len(_targets(m)) == proxies, timeout=30)
         yield m
     finally:
         m.load.close()

@@ -59,7 +59,7 @@ def scrape_targets(describe: dict[str, Any], cluster: str) -> list[dict[str, Any
             continue
         w = workloads.get(node_id)
         labels = {"__metrics_path__": "/stats/prometheus", "cluster": cluster, "node": node_id,
-                  "kind": "sidecar" if w else "ingress"}
+                  "kind": "sidecar" if w else node_id.rsplit("/", 1)[1]}  # else ingress | eastwest
         if w:
             labels |= {"service": w["service"], "version": w["version"], "namespace": w["namespace"]}
         out.append({"targets": [proc["admin"]], "labels": labels})
