@@ -31,8 +31,9 @@ BROKEN = "- version: v1\n          weight: 70\n        - version: v2\n          
 USER = ("demo user", "demo@example.org")
 
 
-def _tally(address: str, host: str, n: int) -> Counter[str]:
-    """n requests at the ingress for `host`; which reviews version answered each (via frontend)."""
+def _tally(address: str, host: str, n: int, *, where: bool = False) -> Counter[str]:
+    """n requests at the ingress for `host`; which reviews version (and cluster, with `where`) answered
+    each (via frontend)."""
     h, p = address.rsplit(":", 1)
     conn = http.client.HTTPConnection(h, int(p), timeout=5)
     seen: Counter[str] = Counter()
@@ -44,7 +45,8 @@ def _tally(address: str, host: str, n: int) -> Counter[str]:
             if resp.status != 200:
                 seen[f"HTTP {resp.status}"] += 1
                 continue
-            seen[json.loads(body)["upstreams"][0]["body"]["version"]] += 1
+            up = json.loads(body)["upstreams"][0]["body"]
+            seen[f"{up['version']}@{up['cluster']}" if where else up["version"]] += 1
     finally:
         conn.close()
     return seen
@@ -105,6 +107,7 @@ async def run_demo(*, workdir: Path | None, keep_running: bool) -> int:
         print(f"   still 50/50:  {_bar(await asyncio.to_thread(_tally, ingress, host, 400))}")
 
         await _rollouts(rec, source, repo, ingress, host)
+        await _second_cluster(rec, source, repo, ingress, host)
         print(f"== git log in {repo} (lockgate's own commits are the audit trail; `lockgate history` adds the "
               "decisions):")
         for c in source.log("HEAD", limit=8):
@@ -223,6 +226,25 @@ async def _rollouts(rec: Reconciler, source: Pygit2Source, repo: Path, ingress: 
             await _follow(rec, load, sha)
     finally:
         load.close()
+
+
+async def _second_cluster(rec: Reconciler, source: Pygit2Source, repo: Path, ingress: str, host: str) -> None:
+    """The multi-cluster step: a second cluster under the same root CA takes over the stable version."""
+    mesh = (repo / "mesh.yaml").read_text()
+    workloads = (repo / "workloads.yaml").read_text()
+    v2 = ("  name: reviews-v2\n  namespace: shop\nspec:\n  service: reviews\n  version: v2\n  replicas: 1\n"
+          "  clusters: [east]")
+    if "    - name: east\n" not in mesh or v2 not in workloads:
+        return  # the repo was edited by hand: nothing to show here
+    sha = source.commit(files={
+        "mesh.yaml": mesh.replace("    - name: east\n", "    - name: east\n    - name: west\n").encode(),
+        "workloads.yaml": workloads.replace(v2, v2.replace("clusters: [east]", "clusters: [west]")).encode(),
+    }, message="reviews-v2 moves to a second cluster, west", parent=source.head() or "", author=USER)
+    await _converged(rec, sha)
+    print("== git commit 'reviews-v2 moves to a second cluster, west' -> west gets its own control plane, gateways\n"
+          "   and Prometheus; east's callers reach v2 through west's east-west gateway (SNI passthrough: mTLS end\n"
+          "   to end, both clusters' certificates chain to one root)")
+    print(f"   from east:    {_bar(await asyncio.to_thread(_tally, ingress, host, 100, where=True))}")
 
 
 async def _scraped(rec: Reconciler, timeout: float = 30.0) -> None:
