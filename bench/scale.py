@@ -35,6 +35,7 @@ from mesh.server import AdsServer
 from mesh.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from reconciler.load import load
+from reconciler.up import settle_gc
 
 ADDR = "127.0.0.1"
 
@@ -191,6 +192,8 @@ async def run(services: int, proxies: int, envoys: bool) -> dict[str, float]:
             await asyncio.sleep(0.05)
         rss0 = rss_mb()
         full = await converge(cache, snaps)
+        await asyncio.sleep(0.1)
+        settle_gc()  # what the reconciler does once a push has settled (reconciler.up: GC_SETTLE_S)
         changed = big_intent(services, canary_weight=10)
         t = time.perf_counter()
         snaps2 = render(intent=changed, topology=topo, revision="r2", cache=rcache)
