@@ -57,6 +57,8 @@ class _StreamState:
         """Subscribed types -> requested names (empty for wildcard types)."""
         self._sent: dict[str, _Sent] = {}
         self._nonce = 0
+        self._holding = False
+        """The proxy reconnected holding a configuration (its first requests carried a version)."""
 
     # --- the cache's Watch protocol ---
 
@@ -98,6 +100,8 @@ class _StreamState:
             # A new subscription. A proxy reconnecting after a control-plane restart says what it holds.
             self._cache.applied(self.node_id, type_url, str(request.version_info))
             self._sent.pop(type_url, None)
+            if request.version_info:
+                self._holding = True
         if type_url in WILDCARD_TYPES:
             self._names[type_url] = frozenset()
         elif request.resource_names:
@@ -114,7 +118,13 @@ class _StreamState:
         An ACK or NACK leaves both unchanged, so it is not answered; a NACKed version is not resent."""
         if self.node_id is None:
             return []
-        snapshot = self._cache.get(self.node_id) or EMPTY
+        snapshot = self._cache.get(self.node_id)
+        if snapshot is None:
+            if self._holding:
+                # A proxy that already serves a configuration (the control plane restarted under it) waits
+                # for its real snapshot: an empty answer would wipe what it serves.
+                return []
+            snapshot = EMPTY
         out = []
         for type_url in PUSH_ORDER:
             names = self._names.get(type_url)

@@ -492,3 +492,24 @@ def test_piecewise_serialisation_parses_to_what_protobuf_builds_for_every_golden
                     assert got == want, (case.parent.name, short, r.get("name"))
                     checked += 1
     assert checked > 100
+
+
+def test_a_reconnecting_proxy_is_not_answered_empty_before_its_snapshot_exists() -> None:
+    """After a control-plane restart the new cache is empty; a proxy that reconnects holding a config must
+    keep serving it until its real snapshot arrives, not be told there are no listeners."""
+    from mesh.server import _StreamState
+
+    cache = SnapshotCache()
+    state = _StreamState(cache)
+    req = discovery_pb2.DiscoveryRequest(type_url=CLUSTER, version_info="abc123")
+    req.node.id = NODE
+    assert state.on_request(req) == []  # holds its config: nothing sent yet
+    s = snap()
+    cache.set(NODE, s)
+    [response] = state.pending()
+    assert response.type_url == CLUSTER and response.version_info == s.version(CLUSTER)
+    # A fresh proxy (no version) still gets an empty answer at once, so it starts without a 30 s wait.
+    fresh = _StreamState(SnapshotCache())
+    req2 = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+    req2.node.id = NODE
+    assert [len(r.resources) for r in fresh.on_request(req2)] == [0]
