@@ -97,6 +97,12 @@ class Up:
         host, port = self.status()["clusters"][cluster]["ingress"].rsplit(":", 1)
         return host, int(port)
 
+    def forget(self) -> None:
+        """After lockgate was killed on purpose: close its log and leave its children (the data plane,
+        which outlives it) for the next `lockgate up` to adopt. They stay in `child_pids` for cleanup."""
+        assert self.proc.poll() is not None, "forget() is for a lockgate that has exited"
+        self._log.close()
+
     def stop(self) -> None:
         """SIGINT (as Ctrl-C), then SIGKILL; then make sure no child it reported survives."""
         if self.proc.poll() is None:

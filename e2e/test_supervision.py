@@ -56,16 +56,43 @@ def test_crashed_workload_and_sidecar_are_restarted_and_reported(tmp_path: Path)
         client.close()
 
 
-def test_sigkill_of_lockgate_takes_its_children_along(tmp_path: Path) -> None:
+def test_sigkill_of_lockgate_leaves_traffic_flowing_and_a_restart_adopts_it(tmp_path: Path) -> None:
+    """What serves traffic outlives a crash of lockgate; the next `lockgate up` takes the very same
+    processes over (no restart, no dropped request), and a graceful stop then ends them all."""
     repo = tmp_path / "repo"
     lockgate("init", str(repo))
-    up = Up(repo=repo, state_dir=tmp_path / "state")
+    head = git(repo, "rev-parse", "HEAD")
+    first = Up(repo=repo, state_dir=tmp_path / "state")
+    second: Up | None = None
     try:
-        up.wait_converged(git(repo, "rev-parse", "HEAD"))
-        children = set(up.child_pids)
+        st = first.wait_converged(head)
+        children = set(first.child_pids)
         assert len(children) == 10  # 6 Envoys + 4 workloads
-        up.proc.kill()  # SIGKILL: no chance to clean up; the kernel's parent-death signal does it
-        up.proc.wait()
-        wait_for("every child to exit", lambda: not alive(children), timeout=15)
+        client = Client(first.ingress())
+        assert split(client, "shop.example.com", 20) == {"v1": 20}
+
+        first.proc.kill()  # SIGKILL: no chance to clean up
+        first.proc.wait()
+        assert alive(children) == children  # nothing that serves traffic went with it...
+        assert split(client, "shop.example.com", 50) == {"v1": 50}  # ...and it still serves
+
+        second = Up(repo=repo, state_dir=tmp_path / "state")
+        st2 = second.wait_converged(head)
+        assert set(second.child_pids) == children  # adopted, not restarted
+        assert all(p["restarts"] == 0 for c in st2["clusters"] for p in c["proxies"])
+        assert st2["clusters"][0]["controlPlane"] == st["clusters"][0]["controlPlane"]
+        assert split(client, "shop.example.com", 50) == {"v1": 50}
+        # The adopted mesh follows new commits like any other.
+        routes = (repo / "routes.yaml").read_text().replace(
+            "weight: 100\n        - version: v2\n          weight: 0",
+            "weight: 0\n        - version: v2\n          weight: 100")
+        second.wait_converged(commit_file(repo, "routes.yaml", routes, "all to v2"), timeout=15)
+        assert split(client, "shop.example.com", 30) == {"v2": 30}
+        client.close()
+        second.stop()
+        assert second.proc.returncode == 0
+        assert alive(children) == set()  # the graceful stop ended the adopted processes too
     finally:
-        up.stop()
+        if second is not None:
+            second.stop()
+        first.stop()

@@ -22,10 +22,12 @@ from mesh.envoy import bootstrap, envoy_argv, wait_ready
 from mesh.intent import Intent, Workload
 from mesh.snapshot import digest
 from mesh.topology import ClusterTopology, Gateway, Sidecar
-from reconciler.supervisor import Supervised, child_env, stop_all
+from reconciler.state import read_json, write_json
+from reconciler.supervisor import Supervised, child_env, stop_all, stop_orphan
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0
+PROCESSES_FILE = "processes.json"
 
 
 def cluster_address(index: int) -> str:
@@ -96,6 +98,59 @@ class LocalRuntime:
     _clusters: dict[str, _Cluster] = field(default_factory=dict)
     _instances: dict[tuple[str, str, str, int], _Instance] = field(default_factory=dict)
     _ports: set[int] = field(default_factory=set)
+    _records: dict[str, Any] = field(default_factory=dict)
+    """What an earlier `lockgate up` on this state dir left running (PIDs, ports), for adoption."""
+    _orphans_checked: bool = False
+
+    def __post_init__(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._records = read_json(self.state_dir / PROCESSES_FILE)
+        self._records.setdefault("clusters", {})
+        self._records.setdefault("instances", {})
+
+    def _save(self) -> None:
+        """Record every process and its ports, so a lockgate restarted after a crash can adopt them."""
+        clusters = {c.name: {"xds_port": c.xds_port, "ingress_port": c.ingress.port, "ingress_admin": c.admin_port,
+                             "ingress_pid": c.envoy.pid, "eastwest_port": c.eastwest.port,
+                             "eastwest_admin": c.eastwest_admin, "eastwest_pid": c.eastwest_envoy.pid}
+                    for c in self._clusters.values()}
+        instances = {inst.sidecar.node_id: {
+            "fingerprint": inst.fingerprint, "inbound": inst.sidecar.inbound_port,
+            "outbound": inst.sidecar.outbound_port, "app_port": inst.sidecar.app_port, "admin": inst.admin_port,
+            "app_pid": inst.app.pid, "envoy_pid": inst.envoy.pid, "xds_port": self._clusters[inst.cluster].xds_port,
+            "argv": list(inst.app.argv),
+        } for inst in self._instances.values()}
+        # Records of processes not (yet) taken over stay until the orphan check has dealt with them.
+        if not self._orphans_checked:
+            clusters = {**self._records["clusters"], **clusters}
+            instances = {**self._records["instances"], **instances}
+        write_json(self.state_dir / PROCESSES_FILE, {"clusters": clusters, "instances": instances})
+
+    def previous_xds_port(self, cluster: str) -> int | None:
+        """The control-plane port an earlier lockgate used for this cluster: binding it again lets the
+        gateways and sidecars it left running reconnect (their bootstrap names it)."""
+        port = self._records["clusters"].get(cluster, {}).get("xds_port")
+        return int(port) if port else None
+
+    def stop_orphans(self) -> None:
+        """After the first apply: processes an earlier lockgate left that were not adopted are stopped
+        (only if each PID still runs the command line recorded for it)."""
+        if self._orphans_checked:
+            return
+        self._orphans_checked = True
+        mine = {pid for c in self._clusters.values() for pid in (c.envoy.pid, c.eastwest_envoy.pid)}
+        mine |= {pid for inst in self._instances.values() for pid in (inst.app.pid, inst.envoy.pid)}
+        for name, rec in self._records["clusters"].items():
+            for kind in ("ingress", "eastwest"):
+                pid = rec.get(f"{kind}_pid")
+                if pid and pid not in mine:
+                    stop_orphan(pid, self._envoy_argv(f"{name}/{kind}"))
+        for node_id, rec in self._records["instances"].items():
+            if rec.get("envoy_pid") and rec["envoy_pid"] not in mine:
+                stop_orphan(rec["envoy_pid"], self._envoy_argv(node_id))
+            if rec.get("app_pid") and rec["app_pid"] not in mine and rec.get("argv"):
+                stop_orphan(rec["app_pid"], rec["argv"])
+        self._save()
 
     # --- clusters -------------------------------------------------------------------------------------
 
@@ -104,20 +159,30 @@ class LocalRuntime:
         (stable URLs)."""
         if name in self._clusters:
             return self._clusters[name].ingress
-        if ingress_port is None or not port_is_free(address, ingress_port):
-            ingress_port = free_port(address, self._ports)
-        self._ports.add(ingress_port)
-        admin = free_port(address, self._ports)
+        rec = self._records["clusters"].get(name)
+        if rec is not None and rec.get("xds_port") == xds_port:
+            # An earlier lockgate's gateways, still serving: keep their ports and take them over.
+            ingress_port, admin = rec["ingress_port"], rec["ingress_admin"]
+            ew_port, ew_admin = rec["eastwest_port"], rec["eastwest_admin"]
+        else:
+            if ingress_port is None or not port_is_free(address, ingress_port):
+                ingress_port = free_port(address, self._ports)
+            admin, ew_admin, ew_port = (free_port(address, self._ports) for _ in range(3))
+            rec = None
+        self._ports |= {ingress_port, admin, ew_admin, ew_port}
         node_id = f"{name}/ingress"
         envoy = self._envoy(node_id=node_id, cluster=name, address=address, xds_port=xds_port, admin_port=admin)
         gw = Gateway(node_id=node_id, address=address, port=ingress_port)
-        ew_admin = free_port(address, self._ports)
-        ew = Gateway(node_id=f"{name}/eastwest", address=address, port=free_port(address, self._ports))
+        ew = Gateway(node_id=f"{name}/eastwest", address=address, port=ew_port)
         ew_envoy = self._envoy(node_id=ew.node_id, cluster=name, address=address, xds_port=xds_port,
                                admin_port=ew_admin)
         self._clusters[name] = _Cluster(name, address, xds_port, gw, admin, envoy, ew, ew_admin, ew_envoy)
-        await envoy.start()
-        await ew_envoy.start()
+        for sup, kind in ((envoy, "ingress"), (ew_envoy, "eastwest")):
+            sup.on_start = lambda _s: self._save()
+            pid = rec.get(f"{kind}_pid") if rec else None
+            if not (pid and sup.adopt(pid)):
+                await sup.start()
+        self._save()
         return gw
 
     def _envoy(self, *, node_id: str, cluster: str, address: str, xds_port: int, admin_port: int) -> Supervised:
@@ -127,9 +192,12 @@ class LocalRuntime:
         cfg.write_text(json.dumps(bootstrap(node_id=node_id, cluster=cluster, xds_host=address,
                                             xds_port=xds_port, admin_host=address, admin_port=admin_port),
                                   indent=1))
-        argv = envoy_argv(config_path=cfg, log_level=self.envoy_log_level)
-        return Supervised(name=f"envoy {node_id}", argv=argv, env=child_env({}),
+        return Supervised(name=f"envoy {node_id}", argv=self._envoy_argv(node_id), env=child_env({}),
                           log_path=self.state_dir / "logs" / f"envoy-{slug}.log")
+
+    def _envoy_argv(self, node_id: str) -> list[str]:
+        cfg = self.state_dir / "envoy" / f"{node_id.replace('/', '_')}.json"
+        return envoy_argv(config_path=cfg, log_level=self.envoy_log_level)
 
     # --- workloads ------------------------------------------------------------------------------------
 
@@ -150,17 +218,26 @@ class LocalRuntime:
             self.on_change()
         started = [self._start_instance(key, w, fp) for key, (w, fp) in desired.items() if key not in self._instances]
         await asyncio.gather(*started)
+        self._save()
 
     async def _start_instance(self, key: tuple[str, str, str, int], w: Workload, fp: str) -> None:
         cluster, ns, name, i = key
         c = self._clusters[cluster]
         node_id = f"{cluster}/{ns}/{name}-{i}"
+        rec = self._records["instances"].get(node_id)
+        argv = resolve_command(list(w.spec.command))
+        adoptable = (rec is not None and rec.get("fingerprint") == fp and rec.get("xds_port") == c.xds_port
+                     and rec.get("argv") == argv)
+        if rec is not None and adoptable:
+            ports = (rec["inbound"], rec["outbound"], rec["app_port"], rec["admin"])
+        else:
+            ports = tuple(free_port(c.address, self._ports) for _ in range(4))  # type: ignore[assignment]
+        self._ports |= set(ports)
         sc = Sidecar(
             node_id=node_id, namespace=ns, service=w.spec.service, version=w.spec.version, workload=name,
-            address=c.address, inbound_port=free_port(c.address, self._ports),
-            outbound_port=free_port(c.address, self._ports), app_port=free_port(c.address, self._ports),
+            address=c.address, inbound_port=ports[0], outbound_port=ports[1], app_port=ports[2],
         )
-        admin = free_port(c.address, self._ports)
+        admin = ports[3]
         env = child_env({
             **w.spec.env,
             "HOST": sc.address, "PORT": str(sc.app_port),
@@ -170,16 +247,26 @@ class LocalRuntime:
             "http_proxy": f"http://{sc.address}:{sc.outbound_port}",
         })
         slug = node_id.replace("/", "_")
-        app = Supervised(name=f"workload {node_id}", argv=resolve_command(list(w.spec.command)), env=env,
+        app = Supervised(name=f"workload {node_id}", argv=argv, env=env,
                          log_path=self.state_dir / "logs" / f"app-{slug}.log")
         envoy = self._envoy(node_id=node_id, cluster=cluster, address=c.address, xds_port=c.xds_port,
                             admin_port=admin)
         inst = _Instance(fingerprint=fp, sidecar=sc, cluster=cluster, admin_port=admin, app=app, envoy=envoy)
         app.on_exit = envoy.on_exit = lambda _s: self._unready(inst)
-        app.on_start = envoy.on_start = lambda _s: self._probe(inst)
+        app.on_start = envoy.on_start = lambda _s: self._started(inst)
         self._instances[key] = inst
+        if rec is not None and adoptable and envoy.adopt(rec["envoy_pid"]) and app.adopt(rec["app_pid"]):
+            return  # both still serving: taken over as they are
+        for sup in (envoy, app):
+            if sup.pid is not None:  # half adopted: start the pair afresh
+                await sup.stop()
+                sup._stopping = False
         await envoy.start()
         await app.start()
+
+    def _started(self, inst: _Instance) -> None:
+        self._probe(inst)
+        self._save()
 
     def _unready(self, inst: _Instance) -> None:
         if inst.ready:
@@ -210,6 +297,7 @@ class LocalRuntime:
         if inst.probe is not None:
             inst.probe.cancel()
         await stop_all([inst.app, inst.envoy])
+        self._save()
         for port in (inst.sidecar.inbound_port, inst.sidecar.outbound_port, inst.sidecar.app_port,
                      inst.admin_port):
             self._ports.discard(port)
@@ -259,6 +347,9 @@ class LocalRuntime:
         await stop_all([inst.envoy for inst in self._instances.values()]
                        + [e for c in self._clusters.values() for e in (c.envoy, c.eastwest_envoy)])
         self._instances.clear()
+        self._clusters.clear()
+        self._orphans_checked = True
+        self._save()  # nothing left running: nothing to adopt
 
 
 async def _wait_tcp(address: str, port: int, interval: float = 0.025) -> None:

@@ -149,6 +149,7 @@ class LocalPrometheus:
                 f"--web.listen-address={self.address}:{self.port}", "--storage.tsdb.retention.time=2d",
                 "--log.level=warn"]
         self.process = Supervised(name=f"prometheus {self.cluster}", argv=argv, env=child_env({}),
+                                  dies_with_lockgate=True,
                                   log_path=self.state_dir / "logs" / f"prometheus-{self.cluster}.log")
 
     @property

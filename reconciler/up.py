@@ -138,6 +138,7 @@ class Reconciler:
         self.intent = intent
         self.applied, self.failed, self.last_error = sha, None, []
         await self.runtime.apply(intent)
+        self.runtime.stop_orphans()  # what an earlier lockgate left and this revision does not want
         self.rollouts.on_revision(intent, sha)
         self.push()
         self.rollouts.note_applied(sha, sorted(self.planes))
@@ -155,8 +156,12 @@ class Reconciler:
 
     async def _add_plane(self, name: str, address: str) -> None:
         cache = SnapshotCache()
-        server = AdsServer(cache, host=address, port=0)
-        port = await server.start()
+        server = AdsServer(cache, host=address, port=self.runtime.previous_xds_port(name) or 0)
+        try:
+            port = await server.start()
+        except (OSError, RuntimeError):  # the old port is taken: proxies started here will use a new one
+            server = AdsServer(cache, host=address, port=0)
+            port = await server.start()
         plane = _Plane(name=name, address=address, cache=cache, server=server, port=port)
         self.planes[name] = plane
         cache.subscribe(lambda _status: self.write_status())
