@@ -260,7 +260,6 @@ class LocalRuntime:
         for sup in (envoy, app):
             if sup.pid is not None:  # half adopted: start the pair afresh
                 await sup.stop()
-                sup._stopping = False
         await envoy.start()
         await app.start()
 

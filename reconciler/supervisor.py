@@ -64,6 +64,7 @@ class Supervised:
         return self._proc.pid if self._proc and self._proc.returncode is None else None
 
     async def start(self) -> None:
+        self._stopping = False  # (re)started: a later exit is a crash again, to be restarted
         await self._spawn()
         self._task = asyncio.create_task(self._watch(), name=f"supervise {self.name}")
 
