@@ -209,6 +209,8 @@ class SnapshotCache:
             return
         before = node.status()
         node.watches.remove(watch)
+        if not node.watches and node.snapshot is None:
+            del self._nodes[node_id]  # cleared earlier, and now gone: nothing left to report
         self._changed_if(node, before)
 
     def applied(self, node_id: str, type_url: str, version: str) -> None:

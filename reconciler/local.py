@@ -28,6 +28,9 @@ from reconciler.supervisor import Supervised, child_env, stop_all, stop_orphan
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0
 PROCESSES_FILE = "processes.json"
+DRAIN_S = 2.0
+"""Seconds a removed instance keeps running after it left the endpoints: callers' Envoys close their
+pooled connections to a removed host, so none is reused against a process that is gone (a 502)."""
 
 
 def cluster_address(index: int) -> str:
@@ -98,6 +101,9 @@ class LocalRuntime:
     _clusters: dict[str, _Cluster] = field(default_factory=dict)
     _instances: dict[tuple[str, str, str, int], _Instance] = field(default_factory=dict)
     _ports: set[int] = field(default_factory=set)
+    _drains: set[asyncio.Task[None]] = field(default_factory=set)
+    """Instances removed from the endpoints, stopped after DRAIN_S (see `apply`)."""
+    _leaving: list[_Instance] = field(default_factory=list)
     _records: dict[str, Any] = field(default_factory=dict)
     """What an earlier `lockgate up` on this state dir left running (PIDs, ports), for adoption."""
     _orphans_checked: bool = False
@@ -114,12 +120,12 @@ class LocalRuntime:
                              "ingress_pid": c.envoy.pid, "eastwest_port": c.eastwest.port,
                              "eastwest_admin": c.eastwest_admin, "eastwest_pid": c.eastwest_envoy.pid}
                     for c in self._clusters.values()}
-        instances = {inst.sidecar.node_id: {
+        instances = {inst.sidecar.node_id: {  # leaving ones too: a crash before they stop must not orphan them
             "fingerprint": inst.fingerprint, "inbound": inst.sidecar.inbound_port,
             "outbound": inst.sidecar.outbound_port, "app_port": inst.sidecar.app_port, "admin": inst.admin_port,
             "app_pid": inst.app.pid, "envoy_pid": inst.envoy.pid, "xds_port": self._clusters[inst.cluster].xds_port,
             "argv": list(inst.app.argv),
-        } for inst in self._instances.values()}
+        } for inst in [*self._leaving, *self._instances.values()]}
         # Records of processes not (yet) taken over stay until the orphan check has dealt with them.
         if not self._orphans_checked:
             clusters = {**self._records["clusters"], **clusters}
@@ -211,10 +217,21 @@ class LocalRuntime:
                     continue
                 for i in range(w.spec.replicas):
                     desired[(cluster, ns, name, i)] = (w, fp)
-        gone = [k for k, inst in self._instances.items() if k not in desired or desired[k][1] != inst.fingerprint]
-        for key in gone:
+        changed = [k for k, inst in self._instances.items() if k in desired and desired[k][1] != inst.fingerprint]
+        for key in changed:  # same node id, new spec: the old one must be gone before its successor starts
             await self._stop_instance(self._instances.pop(key))
+        gone = [k for k in self._instances if k not in desired]
         if gone:
+            # Break after make: the instances leave the endpoints first (the push below), and their
+            # processes stop only once callers' Envoys have let go of connections to them.
+            leaving = [self._instances.pop(key) for key in gone]
+            for inst in leaving:
+                inst.ready = False
+            self._leaving += leaving
+            task = asyncio.create_task(self._drain(leaving), name="drain instances")
+            self._drains.add(task)
+            task.add_done_callback(self._drains.discard)
+        if gone or changed:
             self.on_change()
         started = [self._start_instance(key, w, fp) for key, (w, fp) in desired.items() if key not in self._instances]
         await asyncio.gather(*started)
@@ -291,6 +308,13 @@ class LocalRuntime:
             inst.ready = True
             self.on_change()
 
+    async def _drain(self, leaving: list[_Instance]) -> None:
+        await asyncio.sleep(DRAIN_S)
+        for inst in leaving:
+            await self._stop_instance(inst)
+            self._leaving.remove(inst)
+        self._save()
+
     async def _stop_instance(self, inst: _Instance) -> None:
         inst.ready = False
         if inst.probe is not None:
@@ -339,6 +363,11 @@ class LocalRuntime:
 
     async def close(self) -> None:
         """Stop every process this runtime started: workloads first, then their sidecars, then gateways."""
+        for task in list(self._drains):  # instances on their way out go now, with the rest
+            task.cancel()
+        await asyncio.gather(*self._drains, return_exceptions=True)
+        await stop_all([p for inst in self._leaving for p in (inst.app, inst.envoy)])
+        self._leaving.clear()
         for inst in self._instances.values():
             if inst.probe is not None:
                 inst.probe.cancel()

@@ -273,7 +273,9 @@ class Reconciler:
                     "connected": st.connected,
                     **extra,
                 })
-            converged = bool(proxies) and all(p["ackedRevision"] == plane.applied for p in proxies)
+            # Proxies on their way out (cleared, still connected while they drain) do not hold convergence back.
+            desired = [p for p in proxies if plane.cache.get(p["id"]) is not None]
+            converged = bool(desired) and all(p["ackedRevision"] == plane.applied for p in desired)
             clusters.append({
                 "name": plane.name,
                 "ingress": plane.ingress,
