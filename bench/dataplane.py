@@ -187,39 +187,40 @@ async def main_async(rates: list[int], seconds: float, rounds: int) -> int:
         cache = SnapshotCache()
         server = AdsServer(cache, host=ADDR)
         xds_port = await server.start()
-        fe = Sidecar("c1/shop/frontend-v1-0", "shop", "frontend", "v1", "frontend-v1", ADDR, free(), free(), 1)
-        rv = Sidecar("c1/shop/reviews-v1-0", "shop", "reviews", "v1", "reviews-v1", ADDR, free(), free(), app_port)
-        topo = ClusterTopology(cluster="c1", sidecars=(fe, rv), ready=frozenset({rv.node_id}))
-        snaps = render(intent=loaded.intent, topology=topo, revision="bench")
-        for node, snap in snaps.items():
-            cache.set(node, snap)
-        for sc in (rv, fe):
-            admin = free()
-            await envoys.start(sc.node_id.replace("/", "_"), bootstrap(
-                node_id=sc.node_id, cluster="c1", xds_host=ADDR, xds_port=xds_port, admin_host=ADDR, admin_port=admin),
-                admin)
-            assert await cache.wait_converged(sc.node_id, snaps[sc.node_id].version_all, timeout=30)
+
+        async def pair(index: int, extensions: list[Any]) -> Sidecar:
+            """A frontend sidecar and a reviews sidecar (in front of the app), configured by lockgate."""
+            fe = Sidecar(f"c1/shop/frontend-v1-{index}", "shop", "frontend", "v1", "frontend-v1", ADDR, free(), free(),
+                         1)
+            rv = Sidecar(f"c1/shop/reviews-v1-{index}", "shop", "reviews", "v1", "reviews-v1", ADDR, free(), free(),
+                         app_port)
+            topo = ClusterTopology(cluster="c1", sidecars=(fe, rv), ready=frozenset({rv.node_id}))
+            snaps = render(intent=loaded.intent, topology=topo, revision="bench",
+                           extensions=[ext(topo) for ext in extensions])
+            for node, snap in snaps.items():
+                snap.consistent()
+                cache.set(node, snap)
+            for sc in (rv, fe):
+                admin = free()
+                await envoys.start(sc.node_id.replace("/", "_"), bootstrap(
+                    node_id=sc.node_id, cluster="c1", xds_host=ADDR, xds_port=xds_port, admin_host=ADDR,
+                    admin_port=admin), admin)
+                assert await cache.wait_converged(sc.node_id, snaps[sc.node_id].version_all, timeout=30)
+            return fe
+
+        fe = await pair(0, [])
 
         # The same two hops with lockgate's security on: mTLS between the sidecars (SPIFFE certificates over
         # SDS, exact SAN match), as every mesh call is by default.
         issuer = WorkloadIssuer(ttl=3600)
         root = new_root(now=datetime.now(UTC))
         issuer.add_authority("c1", new_intermediate(root, cluster="c1", now=datetime.now(UTC)))
-        fe2 = Sidecar("c1/shop/frontend-v1-1", "shop", "frontend", "v1", "frontend-v1", ADDR, free(), free(), 1)
-        rv2 = Sidecar("c1/shop/reviews-v1-1", "shop", "reviews", "v1", "reviews-v1", ADDR, free(), free(), app_port)
-        topo2 = ClusterTopology(cluster="c1", sidecars=(fe2, rv2), ready=frozenset({rv2.node_id}))
-        certs = issuer.certs_for(loaded.intent, topo2, now=time.time())
-        security = SecurityExtension(intent=loaded.intent, certs=certs, trust_bundle=issuer.trust_bundle)
-        snaps2 = render(intent=loaded.intent, topology=topo2, revision="bench", extensions=[security])
-        for node, snap in snaps2.items():
-            snap.consistent()
-            cache.set(node, snap)
-        for sc in (rv2, fe2):
-            admin = free()
-            await envoys.start(sc.node_id.replace("/", "_"), bootstrap(
-                node_id=sc.node_id, cluster="c1", xds_host=ADDR, xds_port=xds_port, admin_host=ADDR, admin_port=admin),
-                admin)
-            assert await cache.wait_converged(sc.node_id, snaps2[sc.node_id].version_all, timeout=30)
+
+        def security(topo: ClusterTopology) -> SecurityExtension:
+            certs = issuer.certs_for(loaded.intent, topo, now=time.time())
+            return SecurityExtension(intent=loaded.intent, certs=certs, trust_bundle=issuer.trust_bundle)
+
+        fe2 = await pair(1, [security])
 
         targets = {"client -> app (client overhead)": (app_port, "app"),
                    "static A -> B -> app": (a_port, "reviews.shop"),
