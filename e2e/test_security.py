@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from e2e.harness import Client, Up, commit_file, git, lockgate, running, wait_for
+from e2e.harness import Client, Up, commit_file, envoy_stats, git, lockgate, running, wait_for
 from multicluster import ca
 from policies import IssuedCert
 
@@ -104,19 +104,8 @@ def admin_of(up: Up, node_id: str) -> str:
 
 
 def stats(admin: str, prefix: str = "") -> dict[str, int]:
-    host, port = admin.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=5)
-    try:
-        conn.request("GET", "/stats?usedonly")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    out = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(": ")
-        if name.startswith(prefix) and value.isdigit():
-            out[name] = int(value)
-    return out
+    """Envoy counters whose names start with `prefix`."""
+    return {k: v for k, v in envoy_stats(admin, prefix).items() if k.startswith(prefix)}
 
 
 def stat_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

@@ -99,11 +99,17 @@ class _Shared:
 
 @dataclass(frozen=True)
 class _Ctx:
-    intent: Intent
-    weights: Weights
     extensions: Sequence[Extension]
     proxy: Proxy
     shared: _Shared
+
+    @property
+    def intent(self) -> Intent:
+        return self.shared.intent
+
+    @property
+    def weights(self) -> Weights:
+        return self.shared.weights
 
     def listener(self, res: dict[str, Any]) -> dict[str, Any]:
         for ext in self.extensions:
@@ -181,12 +187,12 @@ def render(
     if topology.eastwest is not None:
         gw = topology.eastwest
         ew_listeners, ew_clusters, ew_endpoints = _eastwest(intent, topology, gw)
-        ctx = _Ctx(intent=intent, weights=shared.weights, extensions=extensions, proxy=gw, shared=shared)
+        ctx = _Ctx(extensions=extensions, proxy=gw, shared=shared)
         out[gw.node_id] = Snapshot.of(listeners=[ctx.listener(x) for x in ew_listeners], clusters=ew_clusters,
                                       endpoints=ew_endpoints, revision=revision)
     proxies: list[Proxy] = [*([topology.ingress] if topology.ingress else []), *topology.sidecars]
     for proxy in proxies:
-        ctx = _Ctx(intent=intent, weights=shared.weights, extensions=extensions, proxy=proxy, shared=shared)
+        ctx = _Ctx(extensions=extensions, proxy=proxy, shared=shared)
         if isinstance(proxy, Gateway):
             reach = everything  # the ingress may route to any service (hosts, and their mirrors)
             clusters, endpoints, _ = for_reach(ctx, reach)
