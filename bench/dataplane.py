@@ -31,11 +31,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.cache import SnapshotCache
 from mesh.envoy import bootstrap, envoy_argv, wait_ready
 from mesh.render import render
-from mesh.server import AdsServer
 from mesh.topology import ClusterTopology, Sidecar
+from mesh.xds.cache import SnapshotCache
+from mesh.xds.server import AdsServer
 from multicluster.ca import new_intermediate, new_root
 from multicluster.issuer import WorkloadIssuer
 from policies import SecurityExtension

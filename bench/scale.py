@@ -27,15 +27,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.cache import SnapshotCache
 from mesh.envoy import bootstrap, envoy_argv, wait_ready
 from mesh.intent import Intent
 from mesh.render import RenderCache, render
-from mesh.server import AdsServer
-from mesh.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.xds.cache import SnapshotCache
+from mesh.xds.server import AdsServer
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from reconciler.load import load
-from reconciler.up import settle_gc
+from reconciler.loop import settle_gc
 
 ADDR = "127.0.0.1"
 
@@ -193,7 +193,7 @@ async def run(services: int, proxies: int, envoys: bool) -> dict[str, float]:
         rss0 = rss_mb()
         full = await converge(cache, snaps)
         await asyncio.sleep(0.1)
-        settle_gc()  # what the reconciler does once a push has settled (reconciler.up: GC_SETTLE_S)
+        settle_gc()  # what the reconciler does once a push has settled (reconciler.loop: GC_SETTLE_S)
         changed = big_intent(services, canary_weight=10)
         t = time.perf_counter()
         snaps2 = render(intent=changed, topology=topo, revision="r2", cache=rcache)

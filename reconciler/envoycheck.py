@@ -18,8 +18,8 @@ from typing import Any
 from mesh.envoy import static_bootstrap, validate_config
 from mesh.intent import Intent
 from mesh.render import Extension, render
-from mesh.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from mesh.topology import planned_topology
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 
 
 @dataclass(frozen=True)

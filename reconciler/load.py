@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mesh.intent import API_VERSION, Intent, ResourceBase
-from mesh.snapshot import digest
 from mesh.validate import Loc
+from mesh.xds.snapshot import digest
 from reconciler.kinds import KINDS, VALIDATORS
 
 YAML_SUFFIXES = (".yaml", ".yml")

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from mesh.intent import Intent
 from mesh.render import Extension, render
-from mesh.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from mesh.topology import planned_topology
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 
 Op = Literal["add", "remove", "change"]
 _KIND = {LISTENER: "listener", ROUTE: "route", CLUSTER: "cluster", ENDPOINT: "endpoints", SECRET: "secret"}

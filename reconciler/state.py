@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_STATE_DIR = Path(".lockgate")
+"""Where `up`, `status`, `plan` and `rollout` look unless told otherwise (relative to the working dir)."""
+TEMPLATE = Path(__file__).resolve().parent.parent / "repo-template"
+"""The intent repository a new user starts from (`lockgate init`, the demo)."""
 STATUS_FILE = "status.json"
 
 

@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mesh.cache import ProxyStatus, SnapshotCache
 from mesh.envoy import bootstrap, envoy_argv, wait_ready
-from mesh.server import AdsServer
-from mesh.snapshot import Snapshot
+from mesh.xds.cache import ProxyStatus, SnapshotCache
+from mesh.xds.server import AdsServer
+from mesh.xds.snapshot import Snapshot
 
 LOOPBACK = "127.0.0.1"
 T = TypeVar("T")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from mesh.envoy import wait_ready
-from mesh.snapshot import HCM, ROUTE, Snapshot
+from mesh.xds.snapshot import HCM, ROUTE, Snapshot
 
 if TYPE_CHECKING:
     from conftest import ControlPlane, EnvoyProcess

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from mesh.snapshot import HCM, Snapshot
-from reconciler.prometheus import DiscoveryServer, LocalPrometheus
+from mesh.xds.snapshot import HCM, Snapshot
+from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus
 from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, observe, render_query
 from rollouts.intent import RolloutSpec
 from rollouts.provider import NoValuesFound, PrometheusProvider, ProviderError

@@ -17,11 +17,11 @@ from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import json_format
 
-from mesh import xds
-from mesh.cache import ProxyStatus, SnapshotCache
 from mesh.envoy import bootstrap, envoy_argv
-from mesh.server import EMPTY, _StreamState
-from mesh.snapshot import CLUSTER, ENDPOINT, HCM, LISTENER, ROUTE, SECRET, Snapshot
+from mesh.xds import wire as xds
+from mesh.xds.cache import ProxyStatus, SnapshotCache
+from mesh.xds.server import EMPTY, _StreamState
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, HCM, LISTENER, ROUTE, SECRET, Snapshot
 
 NODE = "sidecar~reviews-v1"
 ADS = {"ads": {}, "resource_api_version": "V3"}
@@ -450,7 +450,7 @@ def test_bootstrap_parses_as_envoy_bootstrap() -> None:
 def test_response_wire_bytes_are_what_protobuf_would_send() -> None:
     from envoy.service.discovery.v3 import discovery_pb2
 
-    from mesh.server import Response
+    from mesh.xds.server import Response
 
     big = "x" * 300  # long enough for a multi-byte varint length
     snap = Snapshot.of(clusters=[{"name": f"c{i}-{big}", "type": "STATIC", "connect_timeout": "1s"} for i in range(3)])
@@ -497,7 +497,7 @@ def test_piecewise_serialisation_parses_to_what_protobuf_builds_for_every_golden
 def test_a_reconnecting_proxy_is_not_answered_empty_before_its_snapshot_exists() -> None:
     """After a control-plane restart the new cache is empty; a proxy that reconnects holding a config must
     keep serving it until its real snapshot arrives, not be told there are no listeners."""
-    from mesh.server import _StreamState
+    from mesh.xds.server import _StreamState
 
     cache = SnapshotCache()
     state = _StreamState(cache)

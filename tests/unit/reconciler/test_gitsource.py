@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import gitsource
-from reconciler.gitsource import GitError, Pygit2Source, StaleParent, init_repo
+from reconciler.source import git as gitsource
+from reconciler.source.git import GitError, Pygit2Source, StaleParent, init_repo
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -179,7 +179,7 @@ def test_commit_leaves_a_dirty_working_tree_alone(work: Path, caplog: pytest.Log
     source = Pygit2Source.open(str(work))
     parent = source.head()
     assert parent is not None
-    with caplog.at_level(logging.WARNING, logger="reconciler.gitsource"):
+    with caplog.at_level(logging.WARNING, logger="reconciler.source.git"):
         sha = source.commit(files={"mesh.yaml": b"kind: Mesh\nv: 2\n"}, message="bot", parent=parent)
     assert git(work, "rev-parse", "HEAD") == sha
     assert git(work, "show", "HEAD:mesh.yaml") == "kind: Mesh\nv: 2"
@@ -434,7 +434,7 @@ def test_watch_remote_survives_fetch_errors(
             assert seen == pushed
             return first, seen
 
-    with caplog.at_level(logging.WARNING, logger="reconciler.gitsource"):
+    with caplog.at_level(logging.WARNING, logger="reconciler.source.git"):
         first, seen = asyncio.run(scenario())
     assert first != seen
     errors = [r.getMessage() for r in caplog.records if "fetching" in r.getMessage()]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import prometheus
-from reconciler.cli import main
-from reconciler.prometheus import PrometheusMissing, scrape_targets
+from reconciler.cli.main import main
+from reconciler.runtime.local import prometheus
+from reconciler.runtime.local.prometheus import PrometheusMissing, scrape_targets
 from reconciler.state import write_json
 
 RECORD = {
@@ -50,7 +50,7 @@ def test_commands_need_a_running_lockgate(tmp_path: Path, capsys: pytest.Capture
 
 def test_missing_prometheus_names_the_install_command(monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    monkeypatch.setattr("reconciler.prometheus.shutil.which", lambda _name: None)
+    monkeypatch.setattr("reconciler.runtime.local.prometheus.shutil.which", lambda _name: None)
     monkeypatch.setattr(prometheus, "CANDIDATES", ())
     with pytest.raises(PrometheusMissing, match="apt-get install --no-install-recommends prometheus"):
         prometheus.prometheus_binary()

@@ -7,8 +7,8 @@ from pathlib import Path
 import yaml
 
 from mesh.render import render
-from mesh.snapshot import ROUTE
 from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.xds.snapshot import ROUTE
 from reconciler.load import load
 from rollouts.advance import Decision, RolloutState
 from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, render_query

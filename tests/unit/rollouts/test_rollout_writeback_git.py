@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pygit2
 
-from reconciler.gitsource import Pygit2Source, init_repo
-from reconciler.local import LocalRuntime
-from reconciler.rollout_controller import RolloutController
+from reconciler.rollout.controller import RolloutController
+from reconciler.runtime.local.runtime import LocalRuntime
+from reconciler.source.git import Pygit2Source, init_repo
 from reconciler.state import read_json, write_json
 from rollouts.advance import Decision, RolloutState
 

@@ -1,7 +1,7 @@
 """`lockgate rollout status|promote|abort|pause|resume NAME` and `lockgate history`.
 
 They read the state dir of a running (or stopped) `lockgate up`; commands reach the running one as
-command files (see reconciler.rollout_controller) and wait for its acknowledgement.
+command files (see reconciler.rollout.controller) and wait for its acknowledgement.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from reconciler.state import STATUS_FILE, pid_alive, read_json
+from reconciler.state import DEFAULT_STATE_DIR, STATUS_FILE, pid_alive, read_json
 
 ACK_TIMEOUT = 15.0
 
@@ -28,7 +28,7 @@ def add_commands(sub: Any) -> None:
         a = actions.add_parser(action, help=text)
         a.add_argument("name")
         a.add_argument("-n", "--namespace", help="the Rollout's namespace (needed only if the name is ambiguous)")
-        a.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+        a.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
         if action == "status":
             a.add_argument("--json", action="store_true", help="the documented JSON contract")
             a.add_argument("--watch", action="store_true", help="print every change until the run ends")
@@ -36,14 +36,14 @@ def add_commands(sub: Any) -> None:
 
     h = sub.add_parser("history", help="the audit log: commits, applied revisions, rollout decisions (from Git)")
     h.add_argument("--json", action="store_true", help="the documented JSON contract")
-    h.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+    h.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     h.add_argument("--repo", help="the intent repository (default: the one `lockgate up` runs with)")
     h.add_argument("--limit", type=int, default=50, help="commits to read, newest first")
     h.set_defaults(func=cmd_history)
 
 
 def _records(state_dir: Path) -> list[dict[str, Any]]:
-    from reconciler.rollout_controller import ROLLOUTS_DIR
+    from reconciler.rollout.controller import ROLLOUTS_DIR
 
     out = []
     for path in sorted((state_dir / ROLLOUTS_DIR).glob("*.json")):
@@ -68,7 +68,7 @@ def _find(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from reconciler.rollout_controller import format_summary, summary
+    from reconciler.rollout.controller import format_summary, summary
 
     record = _find(args)
     if record is None:
@@ -94,7 +94,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace, ns: str, name: str) -> int:
-    from reconciler.rollout_controller import send_command, state_path
+    from reconciler.rollout.controller import send_command, state_path
     from rollouts.advance import Command
 
     try:
@@ -122,8 +122,8 @@ def _command(args: argparse.Namespace, ns: str, name: str) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from reconciler.gitsource import GitError, Pygit2Source
-    from reconciler.history import format_event, history
+    from reconciler.source.git import GitError, Pygit2Source
+    from reconciler.source.history import format_event, history
 
     repo = args.repo
     if repo is None:

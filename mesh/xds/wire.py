@@ -35,7 +35,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from mesh.snapshot import Resource, digest, resource_digest
+from mesh.xds.snapshot import Resource, digest, resource_digest
 
 _PREFIX = "type.googleapis.com/"
 

@@ -20,10 +20,10 @@ from typing import Any
 
 from mesh.envoy import bootstrap, envoy_argv, wait_ready
 from mesh.intent import Intent, Workload
-from mesh.snapshot import digest
 from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.xds.snapshot import digest
+from reconciler.runtime.local.supervisor import Supervised, child_env, stop_all, stop_orphan
 from reconciler.state import read_json, write_json
-from reconciler.supervisor import Supervised, child_env, stop_all, stop_orphan
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 60.0

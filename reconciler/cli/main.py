@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "repo-template"
+from reconciler.state import DEFAULT_STATE_DIR, TEMPLATE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,14 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worktree", action="store_true", help="plan the working tree instead of a commit")
     p.add_argument("--from", dest="base", help="compare with this revision (default: what `up` applied, "
                    "from --state-dir; else nothing)")
-    p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("up", help="run the mesh locally (foreground; Ctrl-C stops everything)")
     p.add_argument("--repo", required=True, help="path or URL (file://, https://) of the intent repository")
     p.add_argument("--branch", help="branch to follow (default: the repository's HEAD branch)")
-    p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between fetches of a remote")
     p.add_argument("--envoy-log-level", default="warning")
     p.add_argument("--prometheus-url", help="use this Prometheus for rollout analysis instead of starting one per "
@@ -58,14 +58,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("status", help="applied revision, clusters, proxies and their ACKed versions")
     p.add_argument("--json", action="store_true", help="the documented JSON contract")
-    p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     p.set_defaults(func=cmd_status)
 
-    from reconciler import demo_app, rollout_cli
+    from reconciler.cli import rollout as rollout_cli
+    from reconciler.demo import app as demo_app
 
     rollout_cli.add_commands(sub)
 
-    from multicluster.commands import add_commands as add_ca_commands
+    from reconciler.cli.ca import add_commands as add_ca_commands
 
     add_ca_commands(sub)  # ca init|cluster, certs
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from reconciler.gitsource import GitError, init_repo
+    from reconciler.source.git import GitError, init_repo
 
     try:
         sha = init_repo(args.dir, template=TEMPLATE, branch=args.branch)
@@ -94,8 +95,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from reconciler.gitsource import GitError, Pygit2Source
     from reconciler.load import load, read_worktree
+    from reconciler.source.git import GitError, Pygit2Source
 
     if not args.dir.is_dir():
         print(f"{args.dir}:0: not a directory; give the intent repository's path", file=sys.stderr)
@@ -129,9 +130,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from reconciler.gitsource import GitError, Pygit2Source
     from reconciler.load import load, read_worktree
     from reconciler.plan import plan, render_text, to_json
+    from reconciler.source.git import GitError, Pygit2Source
     from reconciler.state import STATUS_FILE, read_json
 
     try:
@@ -167,10 +168,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from mesh.intent import parse_duration_ms
     from multicluster.ca import CAError
-    from multicluster.commands import ca_dir_problem
-    from reconciler.gitsource import GitError
-    from reconciler.prometheus import PrometheusMissing
-    from reconciler.up import UpConfig, run_up
+    from reconciler.cli.ca import ca_dir_problem
+    from reconciler.loop import UpConfig, run_up
+    from reconciler.runtime.local.prometheus import PrometheusMissing
+    from reconciler.source.git import GitError
 
     try:
         cert_ttl = parse_duration_ms(args.cert_ttl) / 1000
@@ -195,7 +196,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
 
-    from reconciler.demo import run_demo
+    from reconciler.demo.tour import run_demo
 
     if args.dir is not None and args.dir.exists() and any(args.dir.iterdir()):
         print(f"lockgate demo: {args.dir} is not empty; give a new directory", file=sys.stderr)

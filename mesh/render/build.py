@@ -26,8 +26,8 @@ from mesh.intent import (
     StringMatch,
     parse_duration_ms,
 )
-from mesh.snapshot import HCM, ResourceSet, Snapshot
 from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.xds.snapshot import HCM, ResourceSet, Snapshot
 
 Proxy = Sidecar | Gateway
 Weights = Mapping[tuple[str, str], Sequence[Destination]]

@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
-from mesh import xds
-from mesh.cache import SnapshotCache
-from mesh.snapshot import PUSH_ORDER, WILDCARD_TYPES, ResourceSet, Snapshot
+from mesh.xds import wire as xds
+from mesh.xds.cache import SnapshotCache
+from mesh.xds.snapshot import PUSH_ORDER, WILDCARD_TYPES, ResourceSet, Snapshot
 
 log = logging.getLogger(__name__)
 

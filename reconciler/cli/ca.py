@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from reconciler.state import DEFAULT_STATE_DIR
+
 
 def add_commands(sub: Any) -> None:
     """Register the commands on the `lockgate` sub-parser collection."""
@@ -29,7 +31,7 @@ def add_commands(sub: Any) -> None:
 
     p = sub.add_parser("certs", help="each proxy's identity, issuer chain, expiry and next rotation")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--state-dir", type=Path, default=Path(".lockgate"))
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     p.set_defaults(func=cmd_certs)
 
 

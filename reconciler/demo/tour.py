@@ -20,9 +20,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from reconciler.gitsource import Pygit2Source, init_repo
 from reconciler.load import load
-from reconciler.up import Reconciler, UpConfig, install_stop_signals
+from reconciler.loop import Reconciler, UpConfig, install_stop_signals
+from reconciler.source.git import Pygit2Source, init_repo
+from reconciler.state import TEMPLATE
 
 V1_ONLY = "- version: v1\n          weight: 100\n        - version: v2\n          weight: 0"
 HALF = "- version: v1\n          weight: 50\n        - version: v2\n          weight: 50"
@@ -62,7 +63,7 @@ async def run_demo(*, workdir: Path | None, keep_running: bool) -> int:
     logging.getLogger("lockgate").setLevel(logging.CRITICAL)  # the tour reports invalid commits itself
     root = Path(tempfile.mkdtemp(prefix="lockgate-demo-")) if workdir is None else workdir
     repo, state = root / "mesh-repo", root / "state"
-    template = Path(__file__).resolve().parent.parent / "repo-template"
+    template = TEMPLATE
     print(f"== lockgate demo in {root}")
     init_repo(repo, template=template)
     print(f"   lockgate init {repo}: a mesh with frontend -> reviews (v1, v2), all reviews traffic on v1")

@@ -14,7 +14,7 @@ from typing import Any
 
 import pygit2
 
-from reconciler.gitsource import NOTES_REF, Pygit2Source
+from reconciler.source.git import NOTES_REF, Pygit2Source
 from rollouts.writeback import TRAILER_DECISION, TRAILER_ROLLOUT
 
 

@@ -20,20 +20,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from mesh.cache import SnapshotCache
 from mesh.intent import Intent
 from mesh.render import RenderCache, render
-from mesh.server import AdsServer
-from mesh.snapshot import SECRET, InconsistentSnapshot
 from mesh.topology import remote_view
+from mesh.xds.cache import SnapshotCache
+from mesh.xds.server import AdsServer
+from mesh.xds.snapshot import SECRET, InconsistentSnapshot
 from multicluster.ca import ensure_hierarchy
 from multicluster.issuer import WorkloadIssuer
 from policies import SecurityExtension
-from reconciler.gitsource import GitError, Pygit2Source
 from reconciler.load import load
-from reconciler.local import LocalRuntime, cluster_address
-from reconciler.prometheus import prometheus_binary
-from reconciler.rollout_controller import RolloutController
+from reconciler.rollout.controller import RolloutController
+from reconciler.runtime.local.prometheus import prometheus_binary
+from reconciler.runtime.local.runtime import LocalRuntime, cluster_address
+from reconciler.source.git import GitError, Pygit2Source
 from reconciler.state import STATUS_FILE, read_json, write_json
 
 log = logging.getLogger("lockgate")

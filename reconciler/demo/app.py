@@ -559,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (`python -m reconciler.demo_app`), for running the app without the lockgate CLI."""
+    """Standalone entry (`python -m reconciler.demo.app`), for running the app without the lockgate CLI."""
     parser = argparse.ArgumentParser(prog="lockgate demo-app", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from mesh.intent import Intent
-from reconciler.gitsource import DEFAULT_AUTHOR, GitError, Pygit2Source, StaleParent
-from reconciler.local import LocalRuntime, free_port, port_is_free
-from reconciler.prometheus import DiscoveryServer, LocalPrometheus, scrape_targets
+from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus, scrape_targets
+from reconciler.runtime.local.runtime import LocalRuntime, free_port, port_is_free
+from reconciler.source.git import DEFAULT_AUTHOR, GitError, Pygit2Source, StaleParent
 from reconciler.state import read_json, write_json
 from rollouts.advance import Check, Command, Decision, RolloutState, advance, analysis_due
 from rollouts.analysis import observe

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from reconciler.supervisor import Supervised, child_env
+from reconciler.runtime.local.supervisor import Supervised, child_env
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = ("sudo apt-get install --no-install-recommends prometheus  (or ./scripts/apt-deps); "

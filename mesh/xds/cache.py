@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mesh.snapshot import PUSH_ORDER, Snapshot
+from mesh.xds.snapshot import PUSH_ORDER, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class SnapshotCache:
             finally:
                 waiters.remove(event)
 
-    # --- the stream side (used by mesh.server) -------------------------------------------------------
+    # --- the stream side (used by mesh.xds.server) -------------------------------------------------------
 
     def watch(self, node_id: str, watch: Watch) -> None:
         """Register an open stream of `node_id`; it is woken by `set` when it `wants` the new snapshot."""
