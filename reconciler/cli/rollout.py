@@ -43,7 +43,7 @@ def add_commands(sub: Any) -> None:
 
 
 def _records(state_dir: Path) -> list[dict[str, Any]]:
-    from reconciler.rollout.controller import ROLLOUTS_DIR
+    from reconciler.rollout.commands import ROLLOUTS_DIR
 
     out = []
     for path in sorted((state_dir / ROLLOUTS_DIR).glob("*.json")):
@@ -68,7 +68,7 @@ def _find(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from reconciler.rollout.controller import format_summary, summary
+    from reconciler.rollout.commands import format_summary, summary
 
     record = _find(args)
     if record is None:
@@ -94,7 +94,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def _command(args: argparse.Namespace, ns: str, name: str) -> int:
-    from reconciler.rollout.controller import send_command, state_path
+    from reconciler.rollout.commands import send_command, state_path
     from rollouts.advance import Command
 
     try:

@@ -5,10 +5,6 @@ one manual command if any, queries Prometheus when an analysis is due, calls the
 then acts: persists the state atomically (state dir, before anything else, so a SIGKILL resumes at the
 same step), re-renders when the weights changed, commits the outcome to Git (write-back, retried onto a
 new tip on StaleParent) and records the decision as a git note on the commit that started the run.
-
-Control commands reach a running `lockgate up` as files: `lockgate rollout promote NAME` writes
-`<state-dir>/rollouts/commands/<id>.json` atomically; the controller applies it on its next tick,
-records `lastCommand` in the rollout's state file, then deletes the command file.
 """
 
 from __future__ import annotations
@@ -18,28 +14,25 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
 from mesh.intent import Intent
+from reconciler.rollout.commands import COMMANDS_DIR, DECISIONS_FILE, ROLLOUTS_DIR, state_path, summary
 from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus, scrape_targets
 from reconciler.runtime.local.runtime import LocalRuntime, free_port, port_is_free
 from reconciler.source.git import DEFAULT_AUTHOR, GitError, Pygit2Source, StaleParent
 from reconciler.state import read_json, write_json
-from rollouts.advance import Check, Command, Decision, RolloutState, advance, analysis_due
+from rollouts.advance import Command, Decision, RolloutState, advance, analysis_due
 from rollouts.analysis import observe
 from rollouts.intent import Rollout
 from rollouts.provider import MetricProvider, PrometheusProvider
 from rollouts.routing import Overlay, overlay
-from rollouts.writeback import commit_message, edit_rollout, format_check
+from rollouts.writeback import commit_message, edit_rollout
 
 log = logging.getLogger("lockgate.rollouts")
-ROLLOUTS_DIR = "rollouts"
-COMMANDS_DIR = "commands"
-DECISIONS_FILE = "decisions.jsonl"
 TICK = 0.2
 WRITE_BACK_RETRY = 5.0
 """Seconds between attempts to commit an outcome that could not be committed (Git error, crash)."""
@@ -47,18 +40,6 @@ COMMANDS: tuple[Command, ...] = ("promote", "abort", "pause", "resume")
 _NOTED = ("start", "step", "promote", "rollback", "pause", "resume", "reset")
 
 Key = tuple[str, str]
-
-
-def state_path(state_dir: Path, namespace: str, name: str) -> Path:
-    return state_dir / ROLLOUTS_DIR / f"{namespace}.{name}.json"
-
-
-def send_command(state_dir: Path, *, namespace: str, name: str, command: Command) -> str:
-    """Queue a command for the running `lockgate up`; returns its id (acknowledged in the state file)."""
-    cid = f"{time.time_ns()}-{uuid.uuid4().hex[:8]}"
-    write_json(state_dir / ROLLOUTS_DIR / COMMANDS_DIR / f"{cid}.json",
-               {"id": cid, "namespace": namespace, "name": name, "command": command, "at": time.time()})
-    return cid
 
 
 @dataclass
@@ -321,46 +302,3 @@ class RolloutController:
                 await c.prometheus.stop()
             if isinstance(c.provider, PrometheusProvider):
                 c.provider.close()
-
-
-def summary(spec: dict[str, Any], record: dict[str, Any], *, namespace: str, name: str,
-            now: float | None = None) -> dict[str, Any]:
-    """The `rollout status --json` / status.json contract for one rollout."""
-    now = time.time() if now is None else now
-    st = record.get("state", {})
-    last = record.get("lastDecision") or {}
-    steps = spec.get("steps", [])
-    nxt = st.get("nextAnalysisAt")
-    return {
-        "name": name, "namespace": namespace, "service": spec.get("service"), "strategy": spec.get("strategy"),
-        "phase": st.get("phase", "idle"), "stable": st.get("stable", spec.get("stable")),
-        "canary": st.get("canary"), "canaryRevision": st.get("canaryRevision"),
-        "step": st.get("step", 0) + 1 if st.get("phase") == "progressing" else None, "steps": steps,
-        "weight": st.get("weight", 0), "iteration": st.get("iteration", 0), "iterations": spec.get("iterations"),
-        "failedChecks": st.get("failedChecks", 0),
-        "failureThreshold": spec.get("analysis", {}).get("failureThreshold"),
-        "paused": bool(st.get("paused") or spec.get("paused")),
-        "interval": spec.get("interval"), "startedAt": st.get("startedAt"), "finishedAt": st.get("finishedAt"),
-        "nextAnalysisAt": nxt, "secondsToNextAnalysis": max(0.0, nxt - now) if nxt else None,
-        "lastDecision": {"action": last.get("action"), "at": last.get("at"), "reasons": last.get("reasons", []),
-                         "checks": last.get("checks", [])} if last else None,
-        "lastCommand": record.get("lastCommand"), "writeBack": record.get("writeBack"),
-    }
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    """Human form of `summary`."""
-    lines = [f"rollout {s['namespace']}/{s['name']} ({s['strategy']}, service {s['service']}): {s['phase']}"
-             + (" [paused]" if s["paused"] else "")]
-    lines.append(f"  stable {s['stable']}  canary {s['canary'] or '-'}  weight {s['weight']}%"
-                 + (f"  step {s['step']}/{len(s['steps'])} {s['steps']}" if s["strategy"] == "canary" and s["step"]
-                    else f"  iteration {s['iteration']}/{s['iterations']}" if s["step"] else ""))
-    lines.append(f"  failed checks {s['failedChecks']}/{s['failureThreshold']}"
-                 + (f"  next analysis in {s['secondsToNextAnalysis']:.1f}s"
-                    if s["secondsToNextAnalysis"] is not None else ""))
-    last = s.get("lastDecision")
-    if last:
-        lines.append(f"  last decision: {last['action']}: " + "; ".join(last["reasons"]))
-        for c in last["checks"]:
-            lines.append(f"    {format_check(Check.model_validate(c))}")
-    return "\n".join(lines)

@@ -18,8 +18,8 @@ from mesh.topology import ClusterTopology, Gateway, Sidecar
 from multicluster import ca
 from multicluster.issuer import WorkloadIssuer
 from policies import identity_of
-from reconciler.cli.main import main
 from reconciler.cli.ca import ca_dir_problem, inside_git_worktree
+from reconciler.cli.main import main
 from reconciler.load import load, read_worktree
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
