@@ -133,8 +133,11 @@ def advance(
     if spec.canary != st.observed_canary or (state is None and canary is not None):
         if canary is None:
             ended = st.phase == "progressing"
-            new = RolloutState(stable=spec.stable, observed_canary=spec.canary, canary=st.canary,
-                               canary_revision=st.canary_revision)
+            if st.phase in ("promoted", "rolled-back"):  # the outcome written back: it stays until the next run
+                new = st.model_copy(update={"stable": spec.stable, "observed_canary": spec.canary})
+            else:
+                new = RolloutState(stable=spec.stable, observed_canary=spec.canary, canary=st.canary,
+                                   canary_revision=st.canary_revision)
             reason = (f"canary removed in Git: run ended, 100% to {spec.stable}" if ended
                       else f"no canary: 100% to {spec.stable}")
             return Decision(action="reset" if ended else "none", state=new, reasons=(reason,), at=now)
@@ -147,7 +150,8 @@ def advance(
                         reasons=(f"new canary {canary} in Git: {_exposure(spec, new)}",))
 
     if st.phase != "progressing":
-        if st.phase == "idle" and st.stable != spec.stable:
+        # Git's stable rules once Git has no canary; before that (writeBack: off) a promoted stable stays.
+        if st.stable != spec.stable and (st.phase == "idle" or canary is None):
             return Decision(action="none", state=st.model_copy(update={"stable": spec.stable}), at=now,
                             reasons=(f"stable is now {spec.stable}",))
         reason = "no run in progress" + (f": command {command!r} ignored" if command else "")
@@ -221,9 +225,9 @@ def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
     clusters = sorted(obs.requests) or ["*"]
     for cluster in clusters:
         req = obs.requests.get(cluster)
-        enough = req is not None and req >= a.min_requests
+        enough = req is not None and req >= a.min_requests  # the raw (extrapolated) count, never rounded up
         where = f"@{cluster}" if len(clusters) > 1 else ""
-        shown = "no values" if req is None else f"{req:.0f}"
+        shown = format_requests(req, minimum=a.min_requests)
         if enough:
             out.append(Check(metric=REQUESTS, cluster=cluster, value=req, requests=req, min=a.min_requests,
                              result="pass", effective="pass", detail=f"requests{where} {shown} >= {a.min_requests}"))
@@ -245,6 +249,22 @@ def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
                                  result="pass" if ok else "fail", effective="pass" if ok else "fail",
                                  detail=f"{m.name}{where} {_num(value)} {bound}"))
     return out
+
+
+def format_requests(count: float | None, *, minimum: float | None = None) -> str:
+    """A request count as a whole number: Prometheus `increase()` extrapolates, so 52.5 means about 53.
+
+    Rounded half up for display only (judging compares the raw count with minRequests); a count below
+    `minimum` is never shown as reaching it, so no reason reads "requests 50 < minRequests 50".
+    """
+    if count is None or math.isnan(count):
+        return "no values"
+    if math.isinf(count):
+        return str(count)
+    shown = math.floor(count + 0.5)
+    if minimum is not None and count < minimum:
+        shown = min(shown, math.ceil(minimum) - 1)
+    return str(shown)
 
 
 def destinations(spec: RolloutSpec, state: RolloutState | None) -> list[Destination]:

@@ -12,7 +12,7 @@ from typing import Literal
 
 import yaml
 
-from rollouts.advance import Check, Decision
+from rollouts.advance import REQUESTS, Check, Decision, format_requests
 
 TRAILER_ROLLOUT = "Lockgate-Rollout"
 TRAILER_DECISION = "Lockgate-Decision"
@@ -107,8 +107,12 @@ def commit_message(*, namespace: str, name: str, decision: Decision, stable_befo
 
 
 def format_check(c: Check) -> str:
+    """One check as a line of the commit message and of `rollout status`."""
     bounds = ", ".join(x for x in (f"min {c.min:g}" if c.min is not None else "",
                                    f"max {c.max:g}" if c.max is not None else "") if x)
-    value = "no values" if c.value is None else f"{c.value:.4g}"
+    if c.metric == REQUESTS:  # a count: whole numbers, though increase() extrapolates to fractions
+        value = format_requests(c.value, minimum=c.min)
+    else:
+        value = "no values" if c.value is None else f"{c.value:.4g}"
     return f"{c.metric}@{c.cluster}: {value} ({bounds}) -> {c.result}" + (
         f" [{c.effective}]" if c.result == "no-data" else "")

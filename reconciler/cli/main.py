@@ -78,7 +78,30 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.func is cmd_demo  # the tour prints what matters itself
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try, not at interpreter exit
+    except BrokenPipeError:
+        # The reader went away (`lockgate history | head`): stop quietly, as `git log | head` does. SIGPIPE
+        # stays ignored (Python's default; SIG_DFL would make a dropped socket in `lockgate up` a silent
+        # death); stdout goes to /dev/null so the exit-time flush cannot raise again; exit 141 (128 +
+        # SIGPIPE) is what a shell reports for git killed by SIGPIPE: output cut short, not success.
+        import os
+        import select
+        import signal
+
+        try:  # only stdout's own pipe: a broken socket (up, demo-app) stays a visible error
+            poll = select.poll()
+            poll.register(sys.stdout.fileno(), select.POLLOUT)
+            stdout_gone = any(events & select.POLLERR for _, events in poll.poll(0))
+        except (OSError, ValueError):  # a stdout without a descriptor (replaced in tests)
+            stdout_gone = False
+        if not stdout_gone:
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + int(signal.SIGPIPE)
     return code
 
 

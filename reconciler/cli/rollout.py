@@ -7,6 +7,7 @@ command files (see reconciler.rollout.controller) and wait for its acknowledgeme
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -31,7 +32,8 @@ def add_commands(sub: Any) -> None:
         a.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
         if action == "status":
             a.add_argument("--json", action="store_true", help="the documented JSON contract")
-            a.add_argument("--watch", action="store_true", help="print every change until the run ends")
+            a.add_argument("--watch", action="store_true",
+                           help="print every change until the run ends; with no run in progress, wait for the next")
         a.set_defaults(func=cmd_rollout)
 
     h = sub.add_parser("history", help="the audit log: commits, applied revisions, rollout decisions (from Git)")
@@ -54,9 +56,13 @@ def _records(state_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _matching(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return [r for r in _records(args.state_dir)
+            if r.get("name") == args.name and (args.namespace is None or r.get("namespace") == args.namespace)]
+
+
 def _find(args: argparse.Namespace) -> dict[str, Any] | None:
-    found = [r for r in _records(args.state_dir)
-             if r.get("name") == args.name and (args.namespace is None or r.get("namespace") == args.namespace)]
+    found = _matching(args)
     if len(found) == 1:
         return found[0]
     if not found:
@@ -68,6 +74,11 @@ def _find(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
+    if args.action == "status" and args.watch:
+        try:
+            return _watch(args)
+        except KeyboardInterrupt:  # how a watch is meant to end while nothing runs: no traceback
+            return 130
     from reconciler.rollout.commands import format_summary, summary
 
     record = _find(args)
@@ -75,22 +86,46 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         return 1
     ns, name = record["namespace"], record["name"]
     if args.action == "status":
-        last = ""
-        while True:
-            record = _find(args) or record
-            s = summary(record.get("spec", {}), record, namespace=ns, name=name)
-            text = json.dumps(s, indent=None if args.watch else 2) if args.json else format_summary(s)
-            changed = json.dumps({**s, "secondsToNextAnalysis": None}, sort_keys=True)
-            if not args.watch:
-                print(text)
-                return 0
-            if changed != last or not args.json:
-                print(text if args.json else f"\033[2J\033[H{text}", flush=True)
-                last = changed
-            if s["phase"] != "progressing":
-                return 0
-            time.sleep(0.5)
+        s = summary(record.get("spec", {}), record, namespace=ns, name=name)
+        print(json.dumps(s, indent=2) if args.json else format_summary(s))
+        return 0
     return _command(args, ns, name)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """Every change of one rollout until a run ends. Started with no run in progress (idle, or the last
+    run's outcome) it waits for the next run, however long, rather than report that nothing is running;
+    a Rollout without a state file yet (the commit adding it not applied yet) is waited for too."""
+    from reconciler.rollout.commands import format_summary, state_path, summary
+
+    told = False
+    while not (found := _matching(args)):
+        if not told:
+            print(f"lockgate rollout: no Rollout {args.name!r} in {args.state_dir} yet; waiting (Ctrl-C stops)",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(0.5)
+    if len(found) > 1:
+        _find(args)  # names the problem
+        return 1
+    record = found[0]
+    ns, name = record["namespace"], record["name"]
+    first_started = record.get("state", {}).get("startedAt")
+    saw_run = False
+    last = ""
+    while True:
+        s = summary(record.get("spec", {}), record, namespace=ns, name=name)
+        changed = json.dumps({**s, "secondsToNextAnalysis": None}, sort_keys=True)
+        if changed != last or not args.json:
+            print(json.dumps(s) if args.json else f"\033[2J\033[H{format_summary(s)}", flush=True)
+            last = changed
+        # A run is one this watch saw progressing, or one that started (and maybe ended) between two looks.
+        saw_run = saw_run or s["phase"] == "progressing" or s["startedAt"] != first_started
+        if saw_run and s["phase"] != "progressing":
+            return 0
+        time.sleep(0.5)
+        with contextlib.suppress(OSError, ValueError):  # removed: keep showing the last one
+            record = read_json(state_path(args.state_dir, ns, name))
 
 
 def _command(args: argparse.Namespace, ns: str, name: str) -> int:

@@ -36,7 +36,11 @@ def send_command(state_dir: Path, *, namespace: str, name: str, command: Command
 
 def summary(spec: dict[str, Any], record: dict[str, Any], *, namespace: str, name: str,
             now: float | None = None) -> dict[str, Any]:
-    """The `rollout status --json` / status.json contract for one rollout."""
+    """The `rollout status --json` / status.json contract for one rollout.
+
+    A finished run's `phase` (promoted | rolled-back) and `finishedAt` come from the persisted state, which
+    `advance` keeps through the write-back commit until the next run starts (then progressing, no finishedAt).
+    """
     now = time.time() if now is None else now
     st = record.get("state", {})
     last = record.get("lastDecision") or {}

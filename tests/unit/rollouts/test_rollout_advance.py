@@ -67,12 +67,12 @@ def test_a_restart_with_persisted_state_resumes_at_the_same_step() -> None:
 
 
 def test_write_back_commits_do_not_start_a_run() -> None:
-    promoted = RolloutState(phase="promoted", stable="v2", canary="v2", observed_canary="v2")
+    promoted = RolloutState(phase="promoted", stable="v2", canary="v2", observed_canary="v2", finished_at=T0 - 1)
     d = advance(spec(stable="v2", canary=None), promoted, None, now=T0)  # promotion written back
-    assert d.action == "none" and d.state.phase == "idle" and d.state.stable == "v2"
-    rolled = RolloutState(phase="rolled-back", stable="v1", canary="v2", observed_canary="v2")
+    assert d.action == "none" and d.state.phase == "promoted" and d.state.stable == "v2"
+    rolled = RolloutState(phase="rolled-back", stable="v1", canary="v2", observed_canary="v2", finished_at=T0 - 1)
     d = advance(spec(canary="v1"), rolled, None, now=T0)  # rollback written back: canary = stable
-    assert d.action == "none" and d.state.phase == "idle"
+    assert d.action == "none" and d.state.phase == "rolled-back" and d.state.finished_at == T0 - 1
     d = advance(spec(canary="v2"), d.state, None, now=T0 + 1, revision=REV)  # a human tries v2 again
     assert d.action == "start"
 
