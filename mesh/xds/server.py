@@ -17,7 +17,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from mesh.xds import wire as xds
 from mesh.xds.cache import SnapshotCache
-from mesh.xds.snapshot import PUSH_ORDER, WILDCARD_TYPES, ResourceSet, Snapshot
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES, ResourceSet, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class _Sent:
     version: str
     names: frozenset[str]
     nonce: str
+    seq: int
+    """Position among this stream's responses (the nonce is its decimal form), to tell which came last."""
 
 
 class _StreamState:
@@ -56,6 +58,8 @@ class _StreamState:
         self._names: dict[str, frozenset[str]] = {}
         """Subscribed types -> requested names (empty for wildcard types)."""
         self._sent: dict[str, _Sent] = {}
+        self._owed: set[str] = set()
+        """Types to answer although neither version nor names changed (EDS for clusters Envoy is warming)."""
         self._nonce = 0
         self._holding = False
         """The proxy reconnected holding a configuration (its first requests carried a version)."""
@@ -64,7 +68,8 @@ class _StreamState:
 
     def wants(self, snapshot: Snapshot) -> bool:
         return any(
-            (sent := self._sent.get(t)) is None or sent.version != snapshot.version(t) for t in self._names
+            t in self._owed or (sent := self._sent.get(t)) is None or sent.version != snapshot.version(t)
+            for t in self._names
         )
 
     def wake(self) -> None:
@@ -96,6 +101,9 @@ class _StreamState:
                 )
             else:
                 self._cache.applied(self.node_id, type_url, str(request.version_info))
+                if self._warming(type_url):
+                    log.debug("node %s asks for EDS again after a CDS update: answering", self.node_id)
+                    self._owed.add(type_url)
         else:
             # A new subscription. A proxy reconnecting after a control-plane restart says what it holds.
             self._cache.applied(self.node_id, type_url, str(request.version_info))
@@ -110,12 +118,15 @@ class _StreamState:
             # Named types with no names: the proxy no longer wants any; there is nothing to answer.
             self._names.pop(type_url, None)
             self._sent.pop(type_url, None)
+            self._owed.discard(type_url)
         return self.pending()
 
     def pending(self) -> list[DiscoveryResponse]:
-        """Responses for every subscribed type whose version or requested names differ from what was sent.
+        """Responses for every subscribed type whose version or requested names differ from what was sent,
+        and for every type owed an answer (see `_warming`).
 
-        An ACK or NACK leaves both unchanged, so it is not answered; a NACKed version is not resent."""
+        A plain ACK or a NACK leaves both unchanged and owes nothing, so it is not answered; a NACKed version
+        is not resent."""
         if self.node_id is None:
             return []
         snapshot = self._cache.get(self.node_id)
@@ -132,7 +143,7 @@ class _StreamState:
                 continue
             version = snapshot.version(type_url)
             sent = self._sent.get(type_url)
-            if sent is not None and sent.version == version and sent.names == names:
+            if sent is not None and sent.version == version and sent.names == names and type_url not in self._owed:
                 continue
             out.append(self._response(snapshot, type_url, names))
         return out
@@ -141,11 +152,27 @@ class _StreamState:
         if self.node_id is not None:
             self._cache.unwatch(self.node_id, self)
 
+    def _warming(self, type_url: str) -> bool:
+        """Whether an ACK-shaped request of `type_url` (current nonce, no error) is Envoy asking for EDS for
+        the clusters it is warming, which must be answered although nothing changed.
+
+        Envoy keeps an updated EDS cluster warming until a ClusterLoadAssignment response arrives for it,
+        even if its endpoints are unchanged; after a CDS update it re-requests EDS with the names, version and
+        nonce it already ACKed, and waits out `initial_fetch_timeout` (15 s) if nothing comes. That request
+        is byte for byte an ACK, so the stream's history decides: it is answered iff a CDS response went out
+        after the EDS response it acknowledges. The answer is then the newest response, so its own ACK (and
+        any repeat of the request) is not answered: one extra EDS response per CDS response at most."""
+        if type_url != ENDPOINT:
+            return False
+        eds, cds = self._sent.get(ENDPOINT), self._sent.get(CLUSTER)
+        return eds is not None and cds is not None and cds.seq > eds.seq
+
     def _response(self, snapshot: Snapshot, type_url: str, names: frozenset[str]) -> DiscoveryResponse:
         self._nonce += 1
         nonce = str(self._nonce)
         version = snapshot.version(type_url)
-        self._sent[type_url] = _Sent(version=version, names=names, nonce=nonce)
+        self._sent[type_url] = _Sent(version=version, names=names, nonce=nonce, seq=self._nonce)
+        self._owed.discard(type_url)
         wildcard = type_url in WILDCARD_TYPES
         bodies = []
         for part in snapshot.parts[type_url]:

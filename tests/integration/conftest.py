@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import http.client
 import json
 import socket
 import subprocess
@@ -135,6 +136,24 @@ class EnvoyProcess:
     admin_port: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+
+    def admin(self, path: str) -> str:
+        """GET `path` from this Envoy's admin endpoint."""
+        conn = http.client.HTTPConnection(LOOPBACK, self.admin_port, timeout=5)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().read().decode()
+        finally:
+            conn.close()
+
+    def stats(self, contains: str = "") -> dict[str, int]:
+        """Counters and gauges from `/stats`, optionally only those whose name contains `contains`."""
+        out: dict[str, int] = {}
+        for line in self.admin("/stats").splitlines():
+            name, sep, value = line.rpartition(": ")
+            if sep and contains in name and value.strip().isdigit():
+                out[name] = int(value)
+        return out
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
-"""The ADS server driving one real Envoy: weight shifts apply quickly, invalid config is NACKed and the
-last good config keeps serving."""
+"""The ADS server driving one real Envoy: weight shifts and cluster changes apply quickly, invalid config is
+NACKed and the last good config keeps serving."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import socket
 import time
 from collections import Counter
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from mesh.envoy import wait_ready
-from mesh.xds.snapshot import HCM, ROUTE, Snapshot
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, HCM, ROUTE, Snapshot
 
 if TYPE_CHECKING:
     from conftest import ControlPlane, EnvoyProcess
@@ -27,8 +28,9 @@ ADS = {"ads": {}, "resource_api_version": "V3"}
 
 
 def snapshot(*, listen: int, ports: dict[str, int], weights: dict[str, int], revision: str,
-             bad_regex: bool = False) -> Snapshot:  # fmt: skip
-    """One listener -> RDS route `web` -> weighted EDS clusters, one per version."""
+             bad_regex: bool = False, lb_policy: dict[str, str] | None = None) -> Snapshot:  # fmt: skip
+    """One listener -> RDS route `web` -> weighted EDS clusters, one per version (`lb_policy` by version)."""
+    lb = lb_policy or {}
     routes: list[dict[str, Any]] = [
         {"match": {"prefix": "/"}, "route": {"weighted_clusters": {
             "clusters": [{"name": v, "weight": w} for v, w in weights.items()]}}},
@@ -53,7 +55,8 @@ def snapshot(*, listen: int, ports: dict[str, int], weights: dict[str, int], rev
         }],
         routes=[{"name": "web", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]}],
         clusters=[
-            {"name": v, "type": "EDS", "connect_timeout": "1s", "eds_cluster_config": {"eds_config": ADS}}
+            {"name": v, "type": "EDS", "connect_timeout": "1s", "eds_cluster_config": {"eds_config": ADS},
+             **({"lb_policy": lb[v]} if v in lb else {})}
             for v in ports
         ],
         endpoints=[
@@ -165,6 +168,48 @@ def test_invalid_route_is_nacked_and_the_last_good_config_keeps_serving(
     st = cp.status(NODE)
     assert (st.acked_revision, st.nack, st.nack_type, st.nack_resources) == ("fixed", None, None, ())
     wait_for(listen, "200:v1")
+
+
+def test_cluster_change_with_unchanged_endpoints_leaves_warming_at_once(
+    control_plane: ControlPlane, backend: Callable[[str], int], envoy: Callable[..., EnvoyProcess],
+) -> None:
+    """An updated EDS cluster stays warming until an EDS response arrives for it, even if its endpoints are
+    unchanged; Envoy asks again with the request it ACKed the last one with, and if that goes unanswered it
+    waits out its 15 s initial_fetch_timeout before the new definition serves."""
+    cp = control_plane
+    ports = {"v1": backend("v1"), "v2": backend("v2")}
+    proxy = envoy(node_id=NODE, xds_port=cp.port, ready_timeout=5)
+    listen = free_port()
+    first = snapshot(listen=listen, ports=ports, weights={"v1": 100, "v2": 0}, revision="r1")
+    cp.set(NODE, first)
+    assert cp.wait_converged(NODE, first)
+    wait_for(listen, "200:v1")
+    before = proxy.stats("cluster_manager.cds.update_success")["cluster_manager.cds.update_success"]
+
+    second = snapshot(listen=listen, ports=ports, weights={"v1": 100, "v2": 0}, revision="r2",
+                      lb_policy={"v1": "LEAST_REQUEST"})  # fmt: skip
+    assert second.version(CLUSTER) != first.version(CLUSTER)
+    assert second.version(ENDPOINT) == first.version(ENDPOINT)  # nothing new to send for EDS
+    changed = time.monotonic()
+    cp.set(NODE, second)
+    # Envoy counts the CDS update and marks the cluster warming in one go, so once the count rose a warming
+    # count of 0 means warming is over. 10 s: comfortably under the 15 s an unanswered request costs.
+    while True:
+        stats = proxy.stats("cluster_manager.")
+        if stats["cluster_manager.cds.update_success"] > before and stats["cluster_manager.warming_clusters"] == 0:
+            break
+        assert time.monotonic() - changed < 10, f"cluster still warming after 10 s: {stats}"
+        time.sleep(0.005)
+    took = time.monotonic() - changed
+    print(f"cluster change active after {took * 1000:.1f} ms")
+
+    timeouts = proxy.stats("init_fetch_timeout")
+    assert timeouts["cluster.v1.init_fetch_timeout"] == 0
+    assert not {name: n for name, n in timeouts.items() if n}, timeouts
+    active = json.loads(proxy.admin("/config_dump?resource=dynamic_active_clusters"))["configs"]
+    assert {c["cluster"]["name"]: c["cluster"].get("lb_policy") for c in active} == {"v1": "LEAST_REQUEST", "v2": None}
+    assert cp.wait_converged(NODE, second, timeout=1)  # Envoy ACKs the CDS update once warming is over
+    assert sample(listen) == Counter({"200:v1": 20})
 
 
 def test_wait_ready_names_the_address_when_it_gives_up() -> None:

@@ -297,6 +297,87 @@ def test_snapshot_change_pushes_only_changed_types_in_make_before_break_order() 
     assert [r.type_url for r in envoy.stream.pending()] == [CLUSTER, ENDPOINT, ROUTE]
 
 
+def lb_change(*, v2_port: int = 9002) -> Snapshot:
+    """`snap()` with cluster v1's definition changed (load balancing policy) and the same endpoints."""
+    return Snapshot.of(
+        listeners=[listener("web")],
+        routes=[route("web", {"v1": 100, "v2": 0})],
+        clusters=[{**cluster("v1"), "lb_policy": "LEAST_REQUEST"}, cluster("v2")],
+        endpoints=[endpoints("v1", 9001), endpoints("v2", v2_port)],
+    )
+
+
+def connected(cache: SnapshotCache) -> tuple[FakeEnvoy, Any, Any]:
+    """A proxy that has ACKed CDS and EDS of `snap()`; returns it with the CDS and EDS responses."""
+    cache.set(NODE, snap())
+    envoy = FakeEnvoy(cache)
+    (cds,) = envoy.request(CLUSTER)
+    assert envoy.ack(cds) == []
+    (eds,) = envoy.request(ENDPOINT, ["v1", "v2"])
+    assert envoy.ack(eds, ["v1", "v2"]) == []
+    return envoy, cds, eds
+
+
+def test_eds_request_repeating_its_ack_after_a_cds_update_is_answered_once() -> None:
+    """Envoy keeps an updated cluster warming until an EDS response arrives for it, even if its endpoints did
+    not change, and asks with exactly the request it ACKed the last EDS response with; unanswered, it waits
+    out initial_fetch_timeout (15 s)."""
+    cache = SnapshotCache()
+    envoy, _, eds = connected(cache)
+    assert envoy.ack(eds, ["v1", "v2"]) == []  # the same request with no CDS response since: a plain ACK
+    changed = lb_change()
+    assert changed.version(ENDPOINT) == eds.version_info
+    cache.set(NODE, changed)
+    (cds,) = envoy.stream.pending()
+    assert cds.type_url == CLUSTER  # endpoints unchanged: nothing to push for EDS
+
+    (again,) = envoy.ack(eds, ["v2", "v1"])  # Envoy's re-request for the warming cluster
+    assert (again.type_url, again.version_info, len(again.resources)) == (ENDPOINT, eds.version_info, 2)
+    assert int(again.nonce) > int(cds.nonce)
+    assert envoy.ack(cds) == []
+    assert envoy.ack(again, ["v1", "v2"]) == []  # the answer's own ACK is a plain ACK again
+    assert envoy.ack(eds, ["v1", "v2"]) == []  # and a late repeat of the re-request is stale
+    assert envoy.stream.pending() == []
+    st = status(cache)
+    assert st.acked == {CLUSTER: changed.version(CLUSTER), ENDPOINT: changed.version(ENDPOINT)}
+
+
+def test_eds_already_sent_after_the_cds_update_is_not_sent_again() -> None:
+    cache = SnapshotCache()
+    envoy, _, old = connected(cache)
+    cache.set(NODE, lb_change(v2_port=9999))  # cluster and endpoints change: both go out, CDS first
+    cds, eds = envoy.stream.pending()
+    assert (cds.type_url, eds.type_url) == (CLUSTER, ENDPOINT)
+    # Envoy's re-request after the CDS update still carries the EDS nonce it has processed: stale.
+    assert envoy.ack(old, ["v1", "v2"]) == []
+    assert envoy.ack(cds) == []
+    assert envoy.ack(eds, ["v1", "v2"]) == []
+
+
+def test_a_nack_after_a_cds_update_and_an_rds_ack_after_an_lds_update_are_not_answered() -> None:
+    """Only EDS holds a resource warming: Envoy finishes warming an updated listener with the routes it has."""
+    cache = SnapshotCache()
+    envoy, _, eds = connected(cache)
+    (rds,) = envoy.request(ROUTE, ["web"])
+    assert envoy.ack(rds, ["web"]) == []
+    (lds,) = envoy.request(LISTENER)
+    assert envoy.ack(lds) == []
+    cache.set(NODE, lb_change())
+    (cds,) = envoy.stream.pending()
+    assert envoy.nack(eds, "rejected", ["v1", "v2"]) == []  # a rejected version is never resent
+    assert envoy.ack(cds) == []
+    moved = Snapshot.of(
+        listeners=[listener("web", port=15009)],
+        routes=[route("web", {"v1": 100, "v2": 0})],
+        clusters=[{**cluster("v1"), "lb_policy": "LEAST_REQUEST"}, cluster("v2")],
+        endpoints=[endpoints("v1", 9001), endpoints("v2", 9002)],
+    )
+    cache.set(NODE, moved)
+    (lds,) = envoy.stream.pending()
+    assert lds.type_url == LISTENER
+    assert envoy.ack(rds, ["web"]) == []
+
+
 def test_secrets_come_first_when_subscribed() -> None:
     cache = SnapshotCache()
     envoy = FakeEnvoy(cache)
