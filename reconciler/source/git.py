@@ -1,33 +1,40 @@
-"""Git access for lockgate, split into a reader and a writer (as fluxcd's git client is).
+"""Pygit2Source: the one implementation of the reader and writer protocols, with pygit2 kept at this edge.
 
-The reconciler only reads (head, resolve, read_tree, log, watch); the rollout controller and the CLI write
-(commit, add_note) so that every automated decision lands in ``git log``. ``Pygit2Source`` is the one
-implementation; everything else depends on the protocols so tests can use a fake.
+A source is a local repository (work tree or bare), or a bare mirror of a remote URL kept in a cache
+directory; it watches one branch. ``reading()`` gives a short-lived source for one command, mirroring a URL
+into a temporary directory. The protocols, errors and constants live in ``base`` and are re-exported here.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import hashlib
 import logging
 import os
 import re
 import shutil
-import struct
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
 
 import pygit2
-import tenacity
 from pygit2.enums import CheckoutStrategy, FetchPrune, FileMode, FileStatus, RepositoryOpenFlag, SortMode
+
+from reconciler.source.base import (
+    DEFAULT_AUTHOR,
+    FETCH_DEADLINE_S,
+    FETCH_IO_TIMEOUT_S,
+    NOTES_REF,
+    CommitInfo,
+    GitError,
+    GitReader,
+    GitWriter,
+    SourceHealth,
+    StaleParent,
+)
+from reconciler.source.watch import local_heads, remote_heads
 
 __all__ = [
     "DEFAULT_AUTHOR",
@@ -37,96 +44,18 @@ __all__ = [
     "GitReader",
     "GitWriter",
     "Pygit2Source",
+    "SourceHealth",
     "StaleParent",
     "init_repo",
+    "reading",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AUTHOR: tuple[str, str] = ("lockgate", "lockgate@localhost")
-NOTES_REF = "refs/notes/lockgate"
-
 _SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")
 _FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
-_STAT_POLL_S = 0.05
 # The mirror takes branches, tags and notes from the remote; the remote is the truth, so force.
 _MIRROR_REFSPECS = ("+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*", "+refs/notes/*:refs/notes/*")
-
-
-class GitError(Exception):
-    """A Git failure the user can act on; the message says what happened and what to do."""
-
-
-class StaleParent(GitError):
-    """The branch moved since the caller read it: refresh, rebase the change onto the new tip, retry."""
-
-    def __init__(self, *, branch: str, expected: str, actual: str | None) -> None:
-        self.branch = branch
-        self.expected = expected
-        self.actual = actual
-        super().__init__(
-            f"branch {branch!r} is at {actual or 'another commit'}, not at the expected parent {expected}:"
-            " refresh, re-apply the change on the new tip and commit again"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class CommitInfo:
-    """One commit as ``lockgate history`` shows it."""
-
-    sha: str
-    author_name: str
-    author_email: str
-    time: int
-    """Commit time, seconds since the epoch (when it landed, which orders the log)."""
-    message: str
-
-
-class GitReader(Protocol):
-    """Read-only view of the watched branch of an intent repository."""
-
-    def head(self) -> str | None:
-        """Sha of the watched branch tip; None while the branch has no commit."""
-        ...
-
-    def resolve(self, rev: str) -> str:
-        """Full sha of any revision (sha, short sha, HEAD~1, branch, tag); GitError otherwise."""
-        ...
-
-    def read_tree(self, rev: str) -> dict[str, bytes]:
-        """Every blob of the commit's tree: posix relative path -> content (never the working tree)."""
-        ...
-
-    def log(self, rev: str, *, limit: int) -> list[CommitInfo]:
-        """Up to ``limit`` commits reachable from ``rev``, newest first."""
-        ...
-
-    def refresh(self) -> str | None:
-        """Fetch (remote) or re-read the ref (local); returns the current head."""
-        ...
-
-    def watch(self, *, poll_interval: float = 5.0) -> AsyncGenerator[str, None]:
-        """The head, then every new head; never the same sha twice in a row. Close it (aclose) when done."""
-        ...
-
-
-class GitWriter(Protocol):
-    """Writes to the watched branch: automated decisions become commits and notes."""
-
-    def commit(
-        self,
-        *,
-        files: Mapping[str, bytes | None],
-        message: str,
-        parent: str,
-        author: tuple[str, str] = DEFAULT_AUTHOR,
-    ) -> str:
-        """New commit on the branch with ``files`` set (None deletes); StaleParent if tip != parent."""
-        ...
-
-    def add_note(self, rev: str, *, message: str, ref: str = NOTES_REF) -> None:
-        """Attach ``message`` to a commit (appended to any note already there)."""
-        ...
 
 
 def _is_url(location: str) -> bool:
@@ -176,21 +105,39 @@ class _PushReport(pygit2.RemoteCallbacks):
 class Pygit2Source(GitReader, GitWriter):
     """A local repository (working tree or bare) or a bare mirror of a remote, watched on one branch."""
 
-    def __init__(self, repo: pygit2.Repository, *, branch: str, location: str, url: str | None) -> None:
+    def __init__(
+        self,
+        repo: pygit2.Repository,
+        *,
+        branch: str,
+        location: str,
+        url: str | None,
+        fetch_deadline: float = FETCH_DEADLINE_S,
+    ) -> None:
         self._repo = repo
         self._branch = branch
         self._ref = f"refs/heads/{branch}"
         self._location = location
         self._url = url
         self._git_dir = Path(repo.path)
+        self._fetch_deadline = fetch_deadline
         # Serialises fetches with commit+push on a mirror, so a fetch cannot reset a ref mid-push.
         self._lock = threading.RLock()
+        # Fetches record their outcome from worker threads while the loop reads health(): never behind _lock,
+        # which a hung fetch holds.
+        self._health_lock = threading.Lock()
+        self._health = SourceHealth(remote=True) if url is not None else SourceHealth.local()
+        self._fetch_started: float | None = None
 
     # -- opening -------------------------------------------------------------------------------------
 
     @classmethod
     def open(cls, location: str, *, branch: str | None = None, cache_dir: Path | None = None) -> Pygit2Source:
-        """Open a local repository path, or mirror a URL into ``cache_dir`` and fetch it once."""
+        """Open a local repository path (work tree or bare), or mirror a URL into ``cache_dir`` and fetch it once.
+
+        Without ``branch``: the branch HEAD names (for a URL, the remote's HEAD, as `git clone` picks it; for a
+        bare repository whose HEAD names a branch that was never pushed: main, master or its only branch).
+        """
         if branch is not None:
             branch = branch.removeprefix("refs/heads/")
             if not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
@@ -207,18 +154,15 @@ class Pygit2Source(GitReader, GitWriter):
         if not path.exists():
             raise GitError(f"{location} does not exist: create it with `lockgate init {location}`")
         try:
+            # NO_SEARCH: a directory inside some other repository must not silently open that one.
             repo = pygit2.Repository(str(path), RepositoryOpenFlag.NO_SEARCH)
         except pygit2.GitError as exc:
             raise GitError(
-                f"{location} is not a git repository ({exc}): pass the repository's top directory,"
-                f" or create one with `lockgate init`"
+                f"{location} is not a git repository ({exc}): pass the repository's top directory"
+                " (a work tree or a bare repository), or create one with `lockgate init`"
             ) from None
         if branch is None:
-            head = repo.lookup_reference("HEAD")
-            target = head.target
-            if not isinstance(target, str) or not target.startswith("refs/heads/"):
-                raise GitError(f"HEAD of {location} is detached: say which branch to watch")
-            branch = target.removeprefix("refs/heads/")
+            branch = _local_default_branch(repo, location)
         return cls(repo, branch=branch, location=location, url=None)
 
     @classmethod
@@ -243,13 +187,19 @@ class Pygit2Source(GitReader, GitWriter):
         for spec in _MIRROR_REFSPECS:
             if spec not in have:
                 repo.remotes.add_fetch("origin", spec)
+        started = time.time()
         _fetch(repo, url)
         if branch is None:
             branch = _remote_default_branch(repo, url)
         source = cls(repo, branch=branch, location=url, url=url)
+        source._health = source._health.after_attempt(started_at=started, finished_at=time.time(), error=None)
         # A bare mirror's HEAD is only cosmetic, but `git log` in the cache dir should show the branch.
         repo.references.create("HEAD", source._ref, force=True)
         return source
+
+    def close(self) -> None:
+        """Release libgit2's file handles (packs, indexes) now rather than at garbage collection."""
+        self._repo.free()
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -269,6 +219,12 @@ class Pygit2Source(GitReader, GitWriter):
     def git_dir(self) -> Path:
         return self._git_dir
 
+    @property
+    def workdir(self) -> Path | None:
+        """The checked-out files, or None (bare repository, mirror): then only committed revisions exist."""
+        workdir = self._repo.workdir
+        return Path(workdir) if workdir else None
+
     def __repr__(self) -> str:
         return f"Pygit2Source({self._location!r}, branch={self._branch!r})"
 
@@ -281,8 +237,11 @@ class Pygit2Source(GitReader, GitWriter):
     def refresh(self) -> str | None:
         if self._url is not None:
             with self._lock:
-                _fetch(self._repo, self._url)
+                self._fetch_recorded(self._repo)
         return self.head()
+
+    def health(self) -> SourceHealth:
+        return self._health
 
     def _anchor(self, rev: str) -> str:
         """HEAD means the watched branch here, not whatever a working tree or a mirror has checked out."""
@@ -295,10 +254,13 @@ class Pygit2Source(GitReader, GitWriter):
             obj = self._repo.revparse_single(self._anchor(rev))
         except (KeyError, ValueError, pygit2.GitError) as exc:
             detail = str(exc).strip("'\"") or type(exc).__name__
-            raise GitError(
-                f"cannot resolve revision {rev!r} in {self._location} ({detail}):"
-                f" use a commit sha, a branch or tag name, or HEAD~N (HEAD is branch {self._branch!r})"
-            ) from None
+            hint = f"use a commit sha, a branch or tag name, or HEAD~N (HEAD is branch {self._branch!r})"
+            if self.head() is None:
+                others = sorted(set(self._repo.branches.local) - {self._branch})
+                hint = f"branch {self._branch!r} has no commit yet" + (
+                    f"; branches here: {', '.join(others[:10])}" if others else ""
+                )
+            raise GitError(f"cannot resolve revision {rev!r} in {self._location} ({detail}): {hint}") from None
         try:
             commit = obj.peel(pygit2.Commit)
         except (ValueError, pygit2.GitError):
@@ -462,6 +424,7 @@ class Pygit2Source(GitReader, GitWriter):
 
     def _push(self, refspec: str) -> None:
         assert self._url is not None
+        _bound_network_waits()
         report = _PushReport()
         with self._lock:
             try:
@@ -490,7 +453,19 @@ class Pygit2Source(GitReader, GitWriter):
     async def watch(self, *, poll_interval: float = 5.0) -> AsyncGenerator[str, None]:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive, got {poll_interval}")
-        observed = self._remote_heads(poll_interval) if self._url else self._local_heads(poll_interval)
+        if self._url is not None:
+            observed = remote_heads(
+                fetch=self._fetch_in_thread,
+                head=self.head,
+                on_stall=self._note_stall,
+                label=self._url,
+                poll_interval=poll_interval,
+                deadline=self._fetch_deadline,
+            )
+        else:
+            observed = local_heads(
+                common=_common_dir(self._git_dir), ref=self._ref, head=self.head, poll_interval=poll_interval
+            )
         last: str | None = None
         async with contextlib.aclosing(observed):
             async for head in observed:
@@ -498,83 +473,43 @@ class Pygit2Source(GitReader, GitWriter):
                     last = head
                     yield head
 
-    async def _local_heads(self, poll_interval: float) -> AsyncGenerator[str | None, None]:
-        """Heads read after each inotify event on the ref files, and at least every poll_interval."""
-        common = _common_dir(self._git_dir)
-        notifier = _Inotify.open(common=common)
-        if notifier is None:
-            async for head in self._stat_polled_heads(common, poll_interval):
-                yield head
-            return
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-
-        def on_readable() -> None:
-            if notifier.drain():
-                wake.set()
-
-        loop.add_reader(notifier.fd, on_readable)
-        try:
-            while True:
-                wake.clear()  # before reading, so an event during the read wakes the next round
-                yield self.head()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), poll_interval)
-        finally:
-            loop.remove_reader(notifier.fd)
-            notifier.close()
-
-    async def _stat_polled_heads(
-        self, common: Path, poll_interval: float
-    ) -> AsyncGenerator[str | None, None]:
-        """Fallback without inotify: stat the ref files every 50 ms, re-read on change or every poll."""
-        files = (common / self._ref, common / "packed-refs")
-
-        def stamp() -> tuple[tuple[int, int, int] | None, ...]:
-            out: list[tuple[int, int, int] | None] = []
-            for path in files:
-                try:
-                    st = path.stat()
-                except OSError:
-                    out.append(None)
-                else:
-                    out.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            return tuple(out)
-
-        seen = stamp()
-        read_at = time.monotonic()
-        yield self.head()
-        while True:
-            await asyncio.sleep(_STAT_POLL_S)
-            now = stamp()
-            if now != seen or time.monotonic() - read_at >= poll_interval:
-                seen, read_at = now, time.monotonic()
-                yield self.head()
-
-    async def _remote_heads(self, poll_interval: float) -> AsyncGenerator[str | None, None]:
-        """The mirror's head now, then after each fetch; fetch errors are logged and retried, never raised."""
-        yield self.head()
-        while True:
-            retrying = tenacity.AsyncRetrying(
-                wait=tenacity.wait_exponential(multiplier=poll_interval, max=poll_interval * 4),
-                retry=tenacity.retry_if_exception_type(Exception),
-                before_sleep=tenacity.before_sleep_log(log, logging.WARNING),
-            )
-            async for attempt in retrying:
-                with attempt:
-                    await asyncio.to_thread(self._fetch_in_thread)
-            yield self.head()
-            await asyncio.sleep(poll_interval)
-
     def _fetch_in_thread(self) -> None:
         """A libgit2 repository object must not be shared across threads: fetch through a second one."""
-        assert self._url is not None
         with self._lock:
             repo = pygit2.Repository(str(self._git_dir), RepositoryOpenFlag.NO_SEARCH)
             try:
-                _fetch(repo, self._url)
+                self._fetch_recorded(repo)
             finally:
                 repo.free()
+
+    def _fetch_recorded(self, repo: pygit2.Repository) -> None:
+        """Fetch, and record the attempt in health() whatever the outcome."""
+        assert self._url is not None
+        started = time.time()
+        with self._health_lock:
+            self._fetch_started = started
+        error: str | None = None
+        try:
+            _fetch(repo, self._url)
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            raise
+        finally:
+            with self._health_lock:
+                self._fetch_started = None
+                self._health = self._health.after_attempt(started_at=started, finished_at=time.time(), error=error)
+
+    def _note_stall(self, waited: float) -> None:
+        """The watch gave up waiting on a fetch that is still running: report it before it ends."""
+        with self._health_lock:
+            started = self._fetch_started
+            if started is None:
+                return  # it ended meanwhile and recorded its own outcome
+            self._health = self._health.after_attempt(
+                started_at=started,
+                finished_at=time.time(),
+                error=f"fetching {self._url} has not finished after {waited:.0f}s: the remote is not answering",
+            )
 
 
 def _checkout(
@@ -583,15 +518,57 @@ def _checkout(
     repo.checkout_tree(treeish, strategy=strategy)  # type: ignore[no-untyped-call]
 
 
+def _bound_network_waits() -> None:
+    """libgit2 waits forever on a server that accepts the connection and never answers; bound each wait.
+
+    These are process-wide libgit2 options and apply to every transport that talks to a socket (http(s), ssh,
+    git://): a connect or any single read/write silent for FETCH_IO_TIMEOUT_S fails the fetch or push.
+    Only unset (zero) values are filled in, so a process that chose its own keeps them.
+    """
+    ms = int(FETCH_IO_TIMEOUT_S * 1000)
+    settings = pygit2.settings
+    if settings.server_connect_timeout == 0:
+        settings.server_connect_timeout = ms
+    if settings.server_timeout == 0:
+        settings.server_timeout = ms
+
+
 def _fetch(repo: pygit2.Repository, url: str) -> None:
+    _bound_network_waits()
     try:
         repo.remotes["origin"].fetch(prune=FetchPrune.PRUNE, message=f"lockgate: fetch {url}")
     except (pygit2.GitError, OSError) as exc:
         raise GitError(f"fetching {url} failed: {exc}. check the URL, network and credentials") from None
 
 
+def _fallback_branch(repo: pygit2.Repository) -> str | None:
+    """main, master, or the only branch: what a repository means when its HEAD says nothing useful."""
+    local = set(repo.branches.local)
+    for name in ("main", "master"):
+        if name in local:
+            return name
+    if len(local) == 1:
+        return next(iter(local))
+    return None
+
+
+def _local_default_branch(repo: pygit2.Repository, location: str) -> str:
+    """The branch HEAD names. In a bare repository HEAD is often stale (`git init --bare` names master or
+    init.defaultBranch, whatever is pushed later), so an unborn or detached HEAD falls back to a real branch."""
+    target = repo.lookup_reference("HEAD").target
+    named = target.removeprefix("refs/heads/") if isinstance(target, str) and target.startswith("refs/heads/") else None
+    if repo.is_bare and (named is None or repo.references.get(f"refs/heads/{named}") is None):
+        fallback = _fallback_branch(repo)
+        if fallback is not None:
+            return fallback
+    if named is None:
+        raise GitError(f"HEAD of {location} is detached: say which branch to watch")
+    return named
+
+
 def _remote_default_branch(repo: pygit2.Repository, url: str) -> str:
     """The branch the remote's HEAD names (as `git clone` picks it); main or master if it does not say."""
+    _bound_network_waits()
     try:
         # One more round trip: after a fetch libgit2 no longer has the advertised symrefs.
         heads = repo.remotes["origin"].list_heads()
@@ -600,114 +577,32 @@ def _remote_default_branch(repo: pygit2.Repository, url: str) -> str:
     for head in heads:
         if head.name == "HEAD" and head.symref_target and head.symref_target.startswith("refs/heads/"):
             return head.symref_target.removeprefix("refs/heads/")
-    local = set(repo.branches.local)
-    for name in ("main", "master"):
-        if name in local:
-            return name
-    if len(local) == 1:
-        return next(iter(local))
-    raise GitError(f"cannot tell the default branch of {url}: say which branch to watch")
+    fallback = _fallback_branch(repo)
+    if fallback is None:
+        raise GitError(f"cannot tell the default branch of {url}: say which branch to watch")
+    return fallback
 
 
-# -- inotify -----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def reading(location: str, *, branch: str | None = None) -> Iterator[Pygit2Source]:
+    """A source for one command (validate, plan): a local work tree or bare repository opened in place, or a
+    URL (file://, https://, ssh) mirrored into a temporary directory that is removed on exit.
 
-_IN_CLOSE_WRITE = 0x00000008
-_IN_MOVED_TO = 0x00000080
-_IN_CREATE = 0x00000100
-_IN_DELETE = 0x00000200
-_IN_IGNORED = 0x00008000
-_IN_ISDIR = 0x40000000
-_IN_NONBLOCK = os.O_NONBLOCK
-_IN_CLOEXEC = os.O_CLOEXEC
-_WATCH_MASK = _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of NUL-padded name
-
-
-class _Inotify:
-    """Minimal inotify through ctypes: watch the git dir (packed-refs) and refs/heads (recursively)."""
-
-    def __init__(self, libc: ctypes.CDLL, fd: int, heads: Path) -> None:
-        self._libc = libc
-        self.fd = fd
-        self._heads = heads
-        self._dirs: dict[int, Path] = {}
-
-    @classmethod
-    def open(cls, *, common: Path) -> _Inotify | None:
-        """None when inotify is unavailable (not Linux, no libc symbol, out of instances or watches)."""
-        if not sys.platform.startswith("linux"):
-            return None
+    Without ``branch``: the branch the repository's HEAD names (for a URL, the remote's HEAD).
+    """
+    if not _is_url(location):
+        source = Pygit2Source.open(location, branch=branch)
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            init1 = libc.inotify_init1
-            add_watch = libc.inotify_add_watch
-        except (OSError, AttributeError) as exc:
-            log.info("inotify unavailable (%s): polling ref files instead", exc)
-            return None
-        init1.argtypes = [ctypes.c_int]
-        init1.restype = ctypes.c_int
-        add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        add_watch.restype = ctypes.c_int
-        fd = init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if fd < 0:
-            log.info("inotify_init1 failed (%s): polling ref files instead", os.strerror(ctypes.get_errno()))
-            return None
-        notifier = cls(libc, fd, common / "refs" / "heads")
-        if not (notifier._add(common) and notifier._add(common / "refs")):
-            notifier.close()
-            return None
-        notifier._add_tree(notifier._heads)
-        return notifier
-
-    def _add(self, path: Path) -> bool:
-        wd = int(self._libc.inotify_add_watch(self.fd, os.fsencode(path), _WATCH_MASK))
-        if wd < 0:
-            err = ctypes.get_errno()
-            log.info("inotify_add_watch(%s) failed: %s", path, os.strerror(err))
-            return False
-        self._dirs[wd] = path
-        return True
-
-    def _add_tree(self, root: Path) -> None:
-        """Branch names with slashes live in subdirectories, which git creates and removes on demand."""
-        for dirpath, _dirnames, _files in os.walk(root):
-            self._add(Path(dirpath))
-
-    def drain(self) -> bool:
-        """Read every pending event; watch new directories under refs/heads. True if anything happened."""
-        seen = False
-        while True:
-            try:
-                data = os.read(self.fd, 64 * 1024)
-            except BlockingIOError:
-                return seen
-            except OSError as exc:
-                log.warning("reading inotify events failed: %s", exc)
-                return True
-            if not data:
-                return seen
-            seen = True
-            for wd, mask, name in self._events(data):
-                if mask & _IN_IGNORED:
-                    self._dirs.pop(wd, None)
-                elif mask & _IN_ISDIR and mask & (_IN_CREATE | _IN_MOVED_TO) and wd in self._dirs:
-                    new = self._dirs[wd] / name
-                    if new == self._heads or self._heads in new.parents:
-                        self._add_tree(new)
-
-    @staticmethod
-    def _events(data: bytes) -> Iterator[tuple[int, int, str]]:
-        offset = 0
-        while offset + _EVENT.size <= len(data):
-            wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
-            raw = data[offset + _EVENT.size : offset + _EVENT.size + length]
-            offset += _EVENT.size + length
-            yield wd, mask, os.fsdecode(raw.rstrip(b"\0"))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            yield source
+        finally:
+            source.close()
+        return
+    with tempfile.TemporaryDirectory(prefix="lockgate-mirror-") as tmp:
+        source = Pygit2Source.open(location, branch=branch, cache_dir=Path(tmp))
+        try:
+            yield source
+        finally:
+            source.close()  # before the directory goes: libgit2 may hold its packs open
 
 
 # -- lockgate init -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.source import git as gitsource
+from reconciler.source import watch
 from reconciler.source.git import GitError, Pygit2Source, StaleParent, init_repo
 
 GIT_ENV = {
@@ -380,7 +380,10 @@ def test_watch_local_sees_a_new_branch_in_a_new_subdirectory(work: Path) -> None
 
 
 def test_watch_falls_back_to_stat_polling(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gitsource._Inotify, "open", classmethod(lambda cls, *, common: None))
+    def no_inotify(**_kwargs: object) -> None:
+        raise OSError(24, "Too many open files")  # what inotify_init1 says when out of instances
+
+    monkeypatch.setattr(watch.inotify_simple, "INotify", no_inotify)
     source = Pygit2Source.open(str(work))
 
     async def scenario() -> tuple[str, str]:
