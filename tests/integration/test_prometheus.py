@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from mesh.probe import wait_http
 from mesh.xds.snapshot import HCM, Snapshot
 from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus
 from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, observe, render_query
@@ -96,11 +97,6 @@ def send(port: int, n: int) -> None:
     conn.close()
 
 
-def _sent(port: int) -> bool:
-    send(port, 1)
-    return True
-
-
 def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -137,9 +133,12 @@ def test_builtin_metrics_from_real_envoys_through_real_prometheus(
     provider = PrometheusProvider(prom.url, timeout=1.0)
     control_plane.run(prom.start())
     try:
-        wait_for("prometheus ready", provider.is_online)
+        control_plane.run(wait_http(f"{prom.url}/-/ready", timeout=30), timeout=40)
+        assert provider.is_online()
         for _version, (_proc, listen) in proxies.items():
-            wait_for("the sidecar's listener", lambda listen=listen: _sent(listen))
+            # Any answer ends the wait, so no request that reached the sidecar is repeated: each one counts below.
+            control_plane.run(wait_http(f"http://{LOOPBACK}:{listen}/", timeout=30, attempt_timeout=5,
+                                        ok=lambda _status, _body: True), timeout=40)
 
         def scraped(version: str) -> float:
             return provider.query(

@@ -8,28 +8,21 @@ with our own config and data dir under the state dir, supervised like every othe
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import logging
 import os
 import shutil
-import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from aiohttp import web
 
 from reconciler.runtime.local.supervisor import Supervised, child_env
 
-log = logging.getLogger(__name__)
 INSTALL_HINT = ("sudo apt-get install --no-install-recommends prometheus  (or ./scripts/apt-deps); "
                 "or pass --prometheus-url URL to use an existing server")
 SCRAPE_INTERVAL = "1s"
-READY_TIMEOUT = 30.0
 
 
 class PrometheusMissing(Exception):
@@ -68,47 +61,42 @@ def scrape_targets(describe: dict[str, Any], cluster: str) -> list[dict[str, Any
 
 @dataclass
 class DiscoveryServer:
-    """A minimal HTTP server: GET /sd -> Prometheus HTTP SD JSON. Anything else -> 404."""
+    """GET /sd -> Prometheus HTTP SD JSON; any other path -> 404 (another method on /sd -> 405)."""
 
     address: str
     targets: Targets
     port: int = 0
-    _server: asyncio.Server | None = None
+    """0: any free port; `start` sets the one bound."""
+    _runner: web.AppRunner | None = field(default=None, init=False, repr=False)
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, self.address, self.port)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        app = web.Application()
+        app.router.add_get("/sd", self._sd)
+        # No access log: Prometheus asks every refresh interval (1s), which would drown the INFO log.
+        # A short shutdown wait: `stop` must not hang on an answer a client stopped reading.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=30.0)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.address, self.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
         return self.port
 
     @property
     def url(self) -> str:
         return f"http://{self.address}:{self.port}/sd"
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                parts = head.split(b" ", 2)
-                path = parts[1].decode(errors="replace") if len(parts) > 1 else ""
-                if path.split("?")[0] == "/sd":
-                    body, status = json.dumps(self.targets()).encode(), b"200 OK"
-                else:
-                    body, status = b"not found\n", b"404 Not Found"
-                writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, asyncio.LimitOverrunError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+    async def _sd(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.targets())
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1)
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
 
 
 def config(*, cluster: str, sd_url: str, scrape_interval: str = SCRAPE_INTERVAL) -> dict[str, Any]:
@@ -160,23 +148,6 @@ class LocalPrometheus:
         """Spawn only: the mesh does not wait for metrics; analyses hold until Prometheus answers."""
         await self.process.start()
 
-    async def wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if await asyncio.to_thread(_ready, f"{self.url}/-/ready"):
-                return
-            await asyncio.sleep(0.1)
-        log.warning("prometheus for %s is not ready after %.0fs (log: %s)", self.cluster, READY_TIMEOUT,
-                    self.process.log_path)
-
     async def stop(self) -> None:
         await self.process.stop()
 
-
-def _ready(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=1) as resp:
-            return bool(resp.status == 200)
-    except OSError:
-        return False

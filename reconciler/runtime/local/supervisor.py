@@ -2,9 +2,10 @@
 
 What serves traffic (Envoys, workloads) must outlive a crash of lockgate itself: they run in their own
 session, untied to lockgate's life, and a restarted `lockgate up` adopts them by PID (after checking the
-PID still runs the very command line recorded for it) instead of starting them again. Processes that
-serve no traffic (Prometheus) run under `setpriv --pdeathsig TERM`, so the kernel ends them with
-lockgate. A graceful stop (Ctrl-C, SIGTERM, an error) stops everything, in order.
+PID still runs the very command line recorded for it and, where its start time was recorded too, is that
+very process) instead of starting them again. Processes that serve no traffic (Prometheus) run under
+`setpriv --pdeathsig TERM`, so the kernel ends them with lockgate. A graceful stop (Ctrl-C, SIGTERM, an
+error) stops everything, in order.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil  # type: ignore[import-untyped, unused-ignore]  # typed by types-psutil where installed
 
 log = logging.getLogger(__name__)
 _SETPRIV = shutil.which("setpriv")
@@ -49,8 +52,10 @@ class Supervised:
     """True for what serves no traffic: the kernel ends it when lockgate dies (no orphans to adopt)."""
     info: ProcessInfo = field(init=False)
     _proc: asyncio.subprocess.Process | None = field(default=None, init=False)
-    _adopted: int | None = field(default=None, init=False)
-    """The PID of a process started by an earlier lockgate and taken over (not our child: polled)."""
+    _adopted: psutil.Process | None = field(default=None, init=False)
+    """A process started by an earlier lockgate and taken over (not our child: polled). psutil's handle
+    knows the process's start time, so a PID reused after it exited is never taken for it."""
+    _started: float | None = field(default=None, init=False)
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
 
@@ -60,19 +65,27 @@ class Supervised:
     @property
     def pid(self) -> int | None:
         if self._adopted is not None:
-            return self._adopted if running(self._adopted) else None
+            return self._adopted.pid if _alive(self._adopted) else None
         return self._proc.pid if self._proc and self._proc.returncode is None else None
+
+    @property
+    def started(self) -> float | None:
+        """When the running process started (see `start_time`): record it next to `pid` and pass it to
+        `adopt` / `stop_orphan`, so that a PID reused by the same command line is still told apart."""
+        return self._started if self.pid is not None else None
 
     async def start(self) -> None:
         self._stopping = False  # (re)started: a later exit is a crash again, to be restarted
         await self._spawn()
         self._task = asyncio.create_task(self._watch(), name=f"supervise {self.name}")
 
-    def adopt(self, pid: int) -> bool:
-        """Take over a process an earlier lockgate started, if `pid` still runs exactly our command line."""
-        if not runs(pid, self.argv):
+    def adopt(self, pid: int, *, started: float | None = None) -> bool:
+        """Take over a process an earlier lockgate started, if `pid` still runs exactly our command line
+        (and, given `started` as recorded from `started`/`start_time`, is still that very process)."""
+        proc = _matching(pid, self.argv, started)
+        if proc is None:
             return False
-        self._adopted = pid
+        self._adopted, self._started = proc, _since_boot(proc)
         self.info.pid, self.info.state = pid, "running"
         self.on_start(self)
         self._task = asyncio.create_task(self._watch(), name=f"supervise {self.name}")
@@ -80,7 +93,8 @@ class Supervised:
 
     async def _wait_exit(self) -> int:
         if self._adopted is not None:
-            while running(self._adopted):
+            adopted = self._adopted  # stop() may drop it meanwhile
+            while _alive(adopted):
                 await asyncio.sleep(0.2)
             self._adopted = None
             return -1  # not our child: its exit status is not ours to read
@@ -97,6 +111,7 @@ class Supervised:
                 *argv, env=dict(self.env), stdin=asyncio.subprocess.DEVNULL, stdout=out,
                 stderr=asyncio.subprocess.STDOUT, start_new_session=True,
             )
+        self._started = start_time(self._proc.pid)
         self.info.pid = self._proc.pid
         self.info.state = "running"
         self.on_start(self)
@@ -127,7 +142,7 @@ class Supervised:
         """SIGTERM, then SIGKILL after `timeout`. Only ever signals the PID we started."""
         self._stopping = True
         if self._adopted is not None:
-            await _stop_pid(self._adopted, timeout)
+            await _stop_adopted(self._adopted, timeout)
             self._adopted = None
         proc = self._proc
         if proc is not None and proc.returncode is None:
@@ -147,42 +162,102 @@ class Supervised:
         self.info.pid = None
 
 
+_SAME_START_S = 0.005
+"""Start times closer than this are the same (the kernel counts them in 10 ms ticks)."""
+
+
 def running(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    """The process exists and is not a zombie (a zombie has exited: only its exit status is left)."""
+    return _process(pid) is not None
 
 
-def runs(pid: int, argv: Sequence[str]) -> bool:
+def runs(pid: int, argv: Sequence[str], *, started: float | None = None) -> bool:
     """`pid` runs exactly `argv`: a recorded PID reused by some other process must never be adopted or
-    signalled."""
+    signalled. Given `started` (recorded from `start_time` with the PID), the process must also have
+    started then: that tells apart even a later process with the same PID and the same command line."""
+    return _matching(pid, argv, started) is not None
+
+
+def start_time(pid: int) -> float | None:
+    """When `pid` started, in seconds since boot (None if it is not running).
+
+    Seconds since boot, not psutil's wall-clock `create_time` as such: that one moves when the clock is
+    set, and a recorded value must still match after a clock step, or the data plane would be restarted
+    and its old processes left running."""
+    proc = _process(pid)
+    return None if proc is None else _since_boot(proc)
+
+
+def _process(pid: int) -> psutil.Process | None:
+    """The live process `pid`, or None: gone, a zombie, or the ID of a thread (which /proc answers for
+    too, with its process's command line)."""
+    if pid <= 0 or not psutil.pid_exists(pid):  # 0 and -1 would mean a whole group to kill(2)
+        return None
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read().rstrip(b"\0").split(b"\0")
-    except OSError:
+        proc = psutil.Process(pid)
+        return proc if proc.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
+        return None
+
+
+def _alive(proc: psutil.Process) -> bool:
+    """`proc` still runs, and its PID has not gone to another process since (psutil checks its start)."""
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
         return False
-    return running(pid) and cmdline == [a.encode() for a in argv]
 
 
-def stop_orphan(pid: int, argv: Sequence[str]) -> None:
-    """SIGTERM a process an earlier lockgate left, only if it still runs the recorded command line."""
-    if runs(pid, argv):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+def _since_boot(proc: psutil.Process) -> float | None:
+    try:
+        # On Linux psutil's create_time is the kernel's start tick plus boot_time: taking boot_time off
+        # again leaves a value no clock change moves.
+        return round(float(proc.create_time()) - float(psutil.boot_time()), 2)
+    except psutil.Error:
+        return None
 
 
-async def _stop_pid(pid: int, timeout: float) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while running(pid) and asyncio.get_running_loop().time() < deadline:
+def _matching(pid: int, argv: Sequence[str], started: float | None) -> psutil.Process | None:
+    """The process `pid` if it runs exactly `argv` (and started at `started`, when given)."""
+    proc = _process(pid)
+    if proc is None:
+        return None
+    try:
+        if proc.cmdline() != list(argv):
+            return None
+    except psutil.Error:
+        return None
+    if started is not None:
+        now = _since_boot(proc)
+        if now is None or abs(now - started) > _SAME_START_S:
+            return None
+    return proc
+
+
+def stop_orphan(pid: int, argv: Sequence[str], *, started: float | None = None) -> None:
+    """SIGTERM a process an earlier lockgate left, only if it still runs the recorded command line (and
+    started at `started`, when that was recorded)."""
+    proc = _matching(pid, argv, started)
+    if proc is None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)  # psutil refuses if the PID went to another process meanwhile
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.AccessDenied:
+        log.warning("cannot stop pid %d (%s): not ours to signal", pid, " ".join(argv))
+
+
+async def _stop_adopted(proc: psutil.Process, timeout: float) -> None:
+    with contextlib.suppress(psutil.Error):
+        proc.send_signal(signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while _alive(proc) and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    if running(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    if _alive(proc):
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGKILL)
 
 
 async def stop_all(children: Sequence[Supervised], timeout: float = 3.0) -> None:
