@@ -60,6 +60,17 @@ PositiveDuration = Annotated[str, AfterValidator(_check_duration), AfterValidato
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
 
 
+INTENT_SUFFIXES = (".yaml", ".yml")
+
+
+def is_intent_file(path: str) -> bool:
+    """Whether a repository path (`/`-separated) holds intent: *.yaml / *.yml, nothing hidden on the way.
+
+    The one definition, so the loader and the rollout write-back never disagree about which files count
+    (a `.github/ci.yaml` is not intent)."""
+    return path.endswith(INTENT_SUFFIXES) and not any(part.startswith(".") for part in path.split("/"))
+
+
 class Model(BaseModel):
     """Base for every intent model: frozen, no unknown fields, camelCase aliases."""
 

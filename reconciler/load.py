@@ -1,7 +1,9 @@
 """Load intent YAML from a tree of files and validate it, reporting every error as `path:line: message`.
 
 All errors of a revision are reported at once; an Intent is produced only when there are none, so an
-invalid commit can never reach render.
+invalid commit can never reach render. "At once" includes the errors a schema error would hide: the
+cross-resource checks also see a *partial* resource, the document minus the parts that failed, and
+report what they find in it except where the removal itself may be the cause.
 """
 
 from __future__ import annotations
@@ -10,19 +12,18 @@ import difflib
 import hashlib
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
-from mesh.intent import API_VERSION, Intent, ResourceBase
+from mesh.intent import API_VERSION, Intent, ResourceBase, is_intent_file
 from mesh.validate import Loc
 from mesh.xds.snapshot import digest
 from reconciler.kinds import KINDS, VALIDATORS
-
-YAML_SUFFIXES = (".yaml", ".yml")
 
 
 @dataclass(frozen=True, order=True)
@@ -74,10 +75,7 @@ class Loaded:
 
 def intent_files(files: Mapping[str, bytes]) -> dict[str, bytes]:
     """The YAML files that hold intent: *.yaml / *.yml outside hidden directories."""
-    return {
-        p: b for p, b in files.items()
-        if p.endswith(YAML_SUFFIXES) and not any(part.startswith(".") for part in p.split("/"))
-    }
+    return {p: b for p, b in files.items() if is_intent_file(p)}
 
 
 def read_worktree(root: Path) -> dict[str, bytes]:
@@ -101,29 +99,48 @@ def load(files: Mapping[str, bytes]) -> Loaded:
 
     resources: list[ResourceBase] = []
     origin: list[_Doc] = []
+    checked: list[tuple[_Doc, ResourceBase | _Partial]] = []
+    """What the cross-resource checks see: the valid resources and the partial ones, in file order."""
     for doc in docs:
-        res, errs = _to_resource(doc)
+        res, errs, partial = _to_resource(doc)
         problems += errs
         if res is not None:
             resources.append(res)
             origin.append(doc)
+            checked.append((doc, res))
+        elif partial is not None:
+            checked.append((doc, partial))
 
-    warnings: list[Problem] = []
-    for f in (f for check in VALIDATORS for f in check(resources)):
-        if f.index < 0:
-            found = Problem(".", 0, f.message)
-        else:
-            doc = origin[f.index]
-            found = Problem(doc.path, doc.line_of(f.loc), f"{_dotted(f.loc)}: {f.message}" if f.loc else f.message)
-        if f.warning:
-            warnings.append(Problem(found.path, found.line, f"warning: {found.message}"))
-        else:
-            problems.append(found)
+    found = _cross_check(checked)
+    if any(isinstance(x, _Partial) and x.coarse is not None for _, x in checked):
+        coarser = [(doc, x.coarse if isinstance(x, _Partial) and x.coarse is not None else x) for doc, x in checked]
+        confirmed = set(_cross_check(coarser))
+        found = [f for f in found if f in confirmed]
+    problems += [p for p, warning in found if not warning]
+    warnings = [Problem(p.path, p.line, f"warning: {p.message}") for p, warning in found if warning]
     if problems:
         return Loaded(intent=None, resources=resources, problems=sorted(set(problems)), warnings=sorted(warnings),
                       origins=origin)
     return Loaded(intent=Intent.from_resources(resources), resources=resources, warnings=sorted(warnings),
                   origins=origin)
+
+
+def _cross_check(checked: list[tuple[_Doc, ResourceBase | _Partial]]) -> list[tuple[Problem, bool]]:
+    """The cross-resource findings at the document's lines, each with whether it is a warning; those of a
+    partial resource that its removals may have caused are left out."""
+    resources = [x.resource if isinstance(x, _Partial) else x for _, x in checked]
+    out: list[tuple[Problem, bool]] = []
+    for f in (f for check in VALIDATORS for f in check(resources)):
+        if f.index < 0:
+            out.append((Problem(".", 0, f.message), f.warning))
+            continue
+        doc, x = checked[f.index]
+        loc = x.original(f.loc) if isinstance(x, _Partial) else f.loc
+        if isinstance(x, _Partial) and x.touches(loc):
+            continue
+        message = f"{_dotted(loc)}: {f.message}" if loc else f.message
+        out.append((Problem(doc.path, doc.line_of(loc), message), f.warning))
+    return out
 
 
 # --- YAML with line numbers ---------------------------------------------------------------------------
@@ -197,36 +214,38 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], problems: list[Probl
 # --- models ---------------------------------------------------------------------------------------------
 
 
-def _to_resource(doc: _Doc) -> tuple[ResourceBase | None, list[Problem]]:
+def _to_resource(doc: _Doc) -> tuple[ResourceBase | None, list[Problem], _Partial | None]:
+    """The resource, or the schema errors and (when one can be built) a partial resource."""
     def at(loc: Loc, message: str) -> Problem:
         return Problem(doc.path, doc.line_of(loc), message)
 
     data = doc.data
     if not isinstance(data, dict):
         return None, [at((), f"expected a resource (a mapping with apiVersion, kind, metadata, spec), "
-                             f"got {type(data).__name__}")]
+                             f"got {type(data).__name__}")], None
     if data.get("apiVersion") != API_VERSION:
         got = data.get("apiVersion")
-        return None, [at(("apiVersion",), f"apiVersion: expected {API_VERSION!r}, got {got!r}")]
+        return None, [at(("apiVersion",), f"apiVersion: expected {API_VERSION!r}, got {got!r}")], None
     kind = data.get("kind")
     model = KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        return None, [at(("kind",), f"kind: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")]
+        return None, [at(("kind",), f"kind: unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")], None
     try:
         key: str | None = f"{kind}:{digest(data)}"
     except TypeError:  # a YAML value JSON cannot hold (a date): validate it, just do not remember it
         key = None
     if key is not None and (known := _models.get(key)) is not None:
-        return known, []
+        return known, [], None
     try:
         resource = model.model_validate(data)
     except ValidationError as exc:
-        return None, [at(tuple(e["loc"]), _message(e, model)) for e in exc.errors()]
+        errors = exc.errors()
+        return None, [at(tuple(e["loc"]), _message(e, model)) for e in errors], _partial(model, data, errors)
     if key is not None:
         if len(_models) >= _MODELS_MAX:
             _models.clear()
         _models[key] = resource
-    return resource, []
+    return resource, [], None
 
 
 _MODELS_MAX = 50_000
@@ -234,6 +253,193 @@ _models: dict[str, ResourceBase] = {}
 """Validated models by (kind, content): models are immutable, so a document unchanged since the last
 revision yields the very same object. Render compares its inputs with `==`, which is instant for the
 same object, so a one-line commit costs one model, not a thousand."""
+
+
+# --- partial resources -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Partial:
+    """What validated of an invalid document, so the cross-resource checks can still find its other errors.
+
+    Its findings are in its own coordinates: `kept` maps each shortened list (by its location in the
+    document) to the document indexes of the items left, so `original` can point back at the YAML."""
+
+    resource: ResourceBase
+    removed: frozenset[Loc]
+    """Document locations taken out."""
+    changed: frozenset[Loc]
+    """Document locations whose meaning the removals changed (see `_changed`)."""
+    kept: Mapping[Loc, tuple[int, ...]]
+    coarse: _Partial | None = None
+    """The same without every list item holding a changed part (a rule that lost its `match`), when that
+    validates: a finding elsewhere that it does not confirm came from the item's new meaning (that rule
+    now taken for the default one), not from what the user wrote."""
+
+    def original(self, loc: Loc) -> Loc:
+        """A location in the partial resource -> the same place in the document."""
+        return _original_loc(loc, self.kept)
+
+    def touches(self, loc: Loc) -> bool:
+        """Whether a finding at `loc` (document coordinates) may be the removal's doing rather than the
+        user's: it is at or inside a changed part (a reference to a removed version, a rule that lost its
+        redirect and now seems to lack an answer), or it encloses one (a weight sum missing a weight)."""
+        return any(loc[:len(c)] == c or c[:len(loc)] == loc for c in self.changed)
+
+
+_PARTIAL_ROUNDS = 10
+"""Removing a part can make its parent fail (an emptied list, a model left with nothing): each round goes
+one level up at least, and intent nests less deep than this."""
+
+
+def _partial(model: type[ResourceBase], data: dict[str, Any], errors: list[Any]) -> _Partial | None:
+    """The document without the parts that failed, validated, with its coarser twin; None when that is
+    no use: an identity field failed, or the failure reaches the document itself."""
+    first = _targets(model, data, errors, kept={})
+    fine = None if first is None else _settle(model, data, first)
+    if fine is None:
+        return None
+    holders = {item for c in fine.changed - fine.removed if (item := _list_item(c)) is not None}
+    coarse = _settle(model, data, fine.removed | holders) if holders else None
+    return replace(fine, coarse=coarse)
+
+
+def _list_item(loc: Loc) -> Loc | None:
+    """The innermost list item at or above `loc` (`spec.http[0]` for `spec.http[0].match`), if any."""
+    for n in range(len(loc), 0, -1):
+        if type(loc[n - 1]) is int:
+            return loc[:n]
+    return None
+
+
+def _settle(model: type[ResourceBase], data: dict[str, Any], removed: frozenset[Loc]) -> _Partial | None:
+    """`data` without `removed`, and without whatever that leaves invalid, once it validates.
+
+    A later round fails only where a removal left an enclosing part invalid (pydantic checks a model as a
+    whole only once its fields passed): that says nothing about what the user wrote, so its errors are
+    never reported (the caller reports the first round's), they only steer the next removal."""
+    for _ in range(_PARTIAL_ROUNDS):
+        pruned, kept, emptied = _prune(data, removed)
+        try:
+            resource = model.model_validate(pruned)
+        except ValidationError as exc:
+            more = _targets(model, pruned, exc.errors(), kept=kept)
+            if more is None or more <= removed:  # no progress (a removed part cannot fail again)
+                return None
+            removed |= more
+            continue
+        return _Partial(resource=resource, removed=removed, kept=kept,
+                        changed=_changed(model, removed=removed, emptied=emptied))
+    return None
+
+
+def _targets(model: type[BaseModel], pruned: Any, errors: list[Any], *, kept: Mapping[Loc, tuple[int, ...]]
+             ) -> frozenset[Loc] | None:
+    """The document locations to remove for these errors (of `pruned`), or None when one cannot be."""
+    out: set[Loc] = set()
+    for e in errors:
+        loc = tuple(e["loc"])
+        if _is_identity(_original_loc(loc, kept)):
+            return None
+        target = _removable(model, _original_loc(_present(pruned, loc), kept))
+        if target is None:
+            return None
+        out.add(target)
+    return frozenset(out)
+
+
+def _changed(model: type[BaseModel], *, removed: frozenset[Loc], emptied: frozenset[Loc]) -> frozenset[Loc]:
+    """Where the removals changed the meaning of what is left. An unknown key meant nothing: only its own
+    place. A list item or map entry: itself. A field: the model holding it (a rule without its redirect
+    seems to lack an answer). A container the removals left empty changes the one holding it (a rule
+    whose match list went empty would match everything)."""
+    out: set[Loc] = set()
+    for loc in removed:
+        container = _optional(_annotation_at(model, loc[:-1]))
+        is_model = isinstance(container, type) and issubclass(container, BaseModel)
+        if is_model and _field(container, loc[-1]) is None:
+            out.add(loc)
+            continue
+        at = loc[:-1]
+        if not is_model:  # a list item or a map entry
+            if at not in emptied:
+                out.add(loc)
+                continue
+            at = at[:-1]
+        while at and at in emptied:
+            at = at[:-1]
+        out.add(at)
+    return frozenset(out)
+
+
+def _is_identity(loc: Loc) -> bool:
+    """apiVersion, kind, metadata.name/namespace: what other resources refer to a resource by, so a
+    partial without them would leave references dangling (or collide with another resource)."""
+    if loc[:1] in (("apiVersion",), ("kind",)):
+        return True
+    return loc[:1] == ("metadata",) and (len(loc) == 1 or loc[1] in ("name", "namespace"))
+
+
+def _removable(model: type[BaseModel], loc: Loc) -> Loc | None:
+    """The smallest part at or above `loc` that may be left out: a list item, a map entry, an unknown or
+    optional field. None when only the whole document would do."""
+    for n in range(len(loc), 0, -1):
+        container = _optional(_annotation_at(model, loc[:n - 1]))
+        if getattr(container, "__origin__", None) in (list, tuple, dict):
+            return loc[:n]
+        if isinstance(container, type) and issubclass(container, BaseModel):
+            info = _field(container, loc[n - 1])
+            if info is None or not info.is_required():
+                return loc[:n]
+    return None
+
+
+def _present(data: Any, loc: Loc) -> Loc:
+    """The longest start of `loc` that is in `data` (a missing field -> its parent; pydantic's markers
+    such as `[key]` are not data)."""
+    node = data
+    for n, part in enumerate(loc):
+        in_map = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and type(part) is int and 0 <= part < len(node)
+        if not (in_map or in_list):
+            return loc[:n]
+        node = node[part]
+    return loc
+
+
+def _prune(
+    data: Any, removed: frozenset[Loc]
+) -> tuple[Any, dict[Loc, tuple[int, ...]], frozenset[Loc]]:
+    """A copy of `data` without the `removed` locations; the kept document indexes of each list that lost
+    items; and the mappings and lists the removals left empty (all keyed by document location)."""
+    kept: dict[Loc, tuple[int, ...]] = {}
+    emptied: set[Loc] = set()
+
+    def walk(node: Any, loc: Loc) -> Any:
+        out: Any = node
+        if isinstance(node, dict):
+            out = {k: walk(v, (*loc, k)) for k, v in node.items() if (*loc, k) not in removed}
+        elif isinstance(node, list):
+            keep = tuple(i for i in range(len(node)) if (*loc, i) not in removed)
+            if len(keep) < len(node):
+                kept[loc] = keep
+            out = [walk(node[i], (*loc, i)) for i in keep]
+        if isinstance(node, dict | list) and node and not out:
+            emptied.add(loc)
+        return out
+
+    return walk(data, ()), kept, frozenset(emptied)
+
+
+def _original_loc(loc: Loc, kept: Mapping[Loc, tuple[int, ...]]) -> Loc:
+    """A location in pruned data -> the same place in the document it was pruned from."""
+    out: list[str | int] = []
+    for part in loc:
+        index = kept.get(tuple(out))
+        if index is not None and type(part) is int and 0 <= part < len(index):
+            part = index[part]
+        out.append(part)
+    return tuple(out)
 
 
 def _message(error: Any, model: type[BaseModel]) -> str:
@@ -255,23 +461,40 @@ def _message(error: Any, model: type[BaseModel]) -> str:
 
 def _fields_at(model: type[BaseModel], loc: Loc) -> list[str]:
     """The field names (as written in YAML) of the model found at `loc` inside `model`."""
-    current: Any = model
-    for part in loc:
-        current = _optional(current)
-        origin = getattr(current, "__origin__", None)
-        if origin in (list, tuple, dict):
-            current = current.__args__[-1]  # list element or dict value
-        elif isinstance(current, type) and issubclass(current, BaseModel):
-            info = next((f for n, f in current.model_fields.items() if (f.alias or n) == part), None)
-            if info is None:
-                return []
-            current = info.annotation
-        else:
-            return []
-    current = _optional(current)
+    current = _optional(_annotation_at(model, loc))
     if isinstance(current, type) and issubclass(current, BaseModel):
         return [f.alias or n for n, f in current.model_fields.items()]
     return []
+
+
+def _annotation_at(model: type[BaseModel], loc: Loc) -> Any:
+    """The type found at `loc` inside `model`; None once `loc` leaves the schema (an unknown field)."""
+    current: Any = model
+    for part in loc:
+        current = _optional(current)
+        if getattr(current, "__origin__", None) in (list, tuple, dict):
+            current = current.__args__[-1]  # list element or dict value
+        elif isinstance(current, type) and issubclass(current, BaseModel):
+            info = _field(current, part)
+            if info is None:
+                return None
+            current = info.annotation
+        else:
+            return None
+    return current
+
+
+def _field(model: type[BaseModel], name: str | int) -> FieldInfo | None:
+    """The field a YAML key names: its alias, its Python name, or one of its alias choices."""
+    for n, f in model.model_fields.items():
+        names: set[object] = {n, f.alias}
+        if isinstance(f.validation_alias, str):
+            names.add(f.validation_alias)
+        elif isinstance(f.validation_alias, AliasChoices):
+            names.update(c for c in f.validation_alias.choices if isinstance(c, str))
+        if name in names:
+            return f
+    return None
 
 
 def _optional(annotation: Any) -> Any:

@@ -12,6 +12,7 @@ from typing import Literal
 
 import yaml
 
+from mesh.intent import is_intent_file
 from rollouts.advance import REQUESTS, Check, Decision, format_requests
 
 TRAILER_ROLLOUT = "Lockgate-Rollout"
@@ -46,7 +47,7 @@ def edit_rollout(
     """The changed file(s), or None when there is nothing to write: the Rollout is gone, or its canary
     is no longer `canary` (a human changed it since; their change wins)."""
     for path in sorted(files):
-        if not path.endswith((".yaml", ".yml")) or any(p.startswith(".") for p in path.split("/")):
+        if not is_intent_file(path):
             continue
         try:
             text = files[path].decode("utf-8")

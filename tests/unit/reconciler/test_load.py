@@ -127,3 +127,150 @@ def test_duplicate_resource_names_point_at_the_second() -> None:
     svc = (TEMPLATE / "services.yaml").read_text().split("---")[0]
     errs = errors(with_file("zz-more.yaml", svc))
     assert any(e.startswith("zz-more.yaml:5: metadata.name: duplicate Service shop/frontend") for e in errs), errs
+
+
+
+# --- a schema error hides nothing else ----------------------------------------------------------------
+# An invalid document still takes part in the cross-resource checks, without the parts that failed, so
+# its other errors show up in the same run; nothing its removals may have caused is reported.
+
+REVIEWS = (TEMPLATE / "routes.yaml").read_text().split("---\n")[1]
+"""The template's Route of `reviews`: one rule, v1 100 / v2 0 (its line numbers are those of the file)."""
+ROLLOUT = """\
+apiVersion: lockgate.io/v1alpha1
+kind: Rollout
+metadata: {name: reviews, namespace: shop}
+spec:
+  service: reviews
+  stable: v1
+  canary: v2
+  steps: [10, 50, 100]
+  analysis:
+    failureThreshold: 2
+    metrics:
+      - {name: ok, builtin: request-success-rate, min: 0.99}
+"""
+PATTERN = "String should match pattern '^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'"
+
+
+def reviews_route(text: str, **more: str) -> dict[str, bytes]:
+    """The template with routes.yaml holding just `text` (the Route of frontend moves to frontend.yaml)."""
+    files = with_file("routes.yaml", text)
+    files["frontend.yaml"] = (TEMPLATE / "routes.yaml").read_text().split("---\n")[0].encode()
+    return files | {name: body.encode() for name, body in more.items()}
+
+
+def test_a_schema_error_does_not_hide_a_reference_error() -> None:
+    text = REVIEWS.replace("weight: 0", "wieght: 0").replace("version: v2", "version: v3")
+    assert errors(reviews_route(text)) == [
+        "routes.yaml:14: spec.http[0].route[1].version: service 'reviews' has no version 'v3' (declared: v1, v2)",
+        "routes.yaml:15: spec.http[0].route[1].wieght: unknown field 'wieght' (did you mean 'weight'?)",
+    ]  # and no `weights must sum to 100` from the weight taken out with the typo
+
+
+def test_a_bad_field_in_one_rule_does_not_hide_a_bad_regex_in_another() -> None:
+    rules = """\
+    - name: beta
+      timeout: 3 seconds
+      match: [{uri: {prefix: /beta}}]
+      route: [{version: v2}]
+    - name: legacy
+      match: [{uri: {regex: '(?=old)'}}]
+      route: [{version: v1}]
+"""
+    errs = errors(reviews_route(REVIEWS.replace("  http:\n", "  http:\n" + rules)))
+    assert [e.split(" (RE2")[0] for e in errs] == [
+        "routes.yaml:11: spec.http[0].timeout: invalid duration '3 seconds': use a number and a unit, "
+        "e.g. 250ms, 2s, 1m, 1h",
+        "routes.yaml:15: spec.http[1].match[0].uri.regex: invalid regex '(?=old)'",
+    ]
+
+
+def test_a_rollout_schema_error_does_not_hide_its_rollout_checks() -> None:
+    text = ROLLOUT.replace("failureThreshold: 2", "failureThreshold: 0").replace("canary: v2", "canary: v9") \
+        .replace("[10, 50, 100]", "[10, 5, 100]")
+    loaded = load(with_file("rollout.yaml", text))
+    assert [str(p) for p in loaded.problems] == [
+        "rollout.yaml:7: spec.canary: service 'reviews' has no version 'v9' (declared: v1, v2)",
+        "rollout.yaml:8: spec.steps[1]: steps must increase: 10 then 5",
+        "rollout.yaml:10: spec.analysis.failureThreshold: Input should be greater than or equal to 1",
+    ]
+    assert loaded.intent is None
+
+
+def test_findings_of_a_partial_resource_name_the_documents_items_and_lines() -> None:
+    """Items taken out shift the indexes of those after them; findings still name the document's."""
+    text = REVIEWS.replace("version: v1", "version: V1").replace("version: v2", "version: v9") \
+        + "    - match: [5, {uri: {regex: '(?=a)'}}]\n      route: [{version: v1}]\n"
+    assert [e.split(" (RE2")[0] for e in errors(reviews_route(text))] == [
+        f"routes.yaml:12: spec.http[0].route[0].version: {PATTERN}",
+        "routes.yaml:14: spec.http[0].route[1].version: service 'reviews' has no version 'v9' (declared: v1, v2)",
+        "routes.yaml:16: spec.http[1].match[0]: Input should be a valid dictionary or instance of HTTPMatch",
+        "routes.yaml:16: spec.http[1].match[1].uri.regex: invalid regex '(?=a)'",
+    ]
+
+
+def test_a_schema_error_in_a_referenced_resource_leaves_the_references_to_it_intact() -> None:
+    """A typo in a Service or in the Mesh used to make every reference to it dangle."""
+    services = (TEMPLATE / "services.yaml").read_text().replace("[v1, v2]", "[v1, v2]\n  replica: 2")
+    mesh = (TEMPLATE / "mesh.yaml").read_text().replace("    - name: east", "    - name: east\n      localty: eu/a")
+    assert errors(with_file("services.yaml", services) | {"mesh.yaml": mesh.encode()}) == [
+        "mesh.yaml:10: spec.clusters[0].localty: unknown field 'localty' (did you mean 'locality'?)",
+        "services.yaml:21: spec.replica: unknown field 'replica'; allowed here: ports, versions",
+    ]  # not `no Mesh resource`, not `unknown service 'reviews'` from every Route and Workload of reviews
+
+
+@pytest.mark.parametrize(("field", "line"), [("name: [reviews]", 4), ("namespace: [shop]", 5)])
+def test_an_identity_error_gives_no_partial_resource(field: str, line: int) -> None:
+    """A partial resource without its own name or namespace would be another resource (a Route in
+    `default`: `unknown service 'reviews'`); the Rollout shows partial resources are in use."""
+    key = field.split(":")[0]
+    route = REVIEWS.replace(f"  {key}: {'reviews' if key == 'name' else 'shop'}\n", f"  {field}\n", 1) \
+        .replace("version: v2", "version: v3")
+    rollout = ROLLOUT.replace("canary: v2", "canary: v9").replace("failureThreshold: 2", "failureTreshold: 2")
+    assert errors(reviews_route(route, **{"rollout.yaml": rollout})) == [
+        "rollout.yaml:7: spec.canary: service 'reviews' has no version 'v9' (declared: v1, v2)",
+        "rollout.yaml:10: spec.analysis.failureTreshold: unknown field 'failureTreshold' "
+        "(did you mean 'failureThreshold'?)",
+        f"routes.yaml:{line}: metadata.{key}: Input should be a valid string",
+    ]  # the Route's own `no version 'v3'` is not reported either: it has no partial resource
+
+
+RULE = "      route:\n        - version: v1\n          weight: 100\n        - version: v2\n          weight: 0\n"
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        pytest.param(RULE.replace("100", "90").replace("v2\n          weight: 0", "V2\n          weight: 10"),
+                     f"routes.yaml:14: spec.http[0].route[1].version: {PATTERN}",
+                     id="destination-goes:no-weights-sum-to-90"),
+        pytest.param(RULE.replace("weight: 0", "weight: none"),
+                     "routes.yaml:15: spec.http[0].route[1].weight: Input should be a valid integer, unable to parse "
+                     "string as an integer", id="weight-goes:no-weights-sum-to-200"),
+        pytest.param("      redirect: {code: 302}\n",
+                     "routes.yaml:11: spec.http[0].redirect.code: unknown field 'code'; allowed here: uri, authority, "
+                     "redirectCode", id="redirect-goes:no-rule-without-destinations"),
+    ],
+)
+def test_a_removed_part_causes_no_error_of_its_own(rule: str, expected: str) -> None:
+    """Just the schema error and the bad host (which shows the partial resource was checked): nothing
+    at, around or beside the part taken out."""
+    text = REVIEWS.replace(RULE, rule).replace("[reviews.example.com]", "['reviews example']")
+    assert errors(reviews_route(text)) == [
+        "routes.yaml:8: spec.hosts[0]: invalid host 'reviews example': use a DNS name, optionally *.prefixed or :port",
+        expected,
+    ]
+
+
+def test_a_rule_that_lost_its_match_is_not_taken_for_the_default_rule() -> None:
+    """With its match list gone the first rule would look like the default one of a service a Rollout
+    governs, and the real default rule (no `route`: the Rollout owns it) would need destinations."""
+    text = REVIEWS.replace("[reviews.example.com]", "['reviews example']").replace(
+        "    - name: default\n      route:\n        - version: v1\n          weight: 100\n"
+        "        - version: v2\n          weight: 0\n",
+        "    - match: {headers: {x-beta: {exact: '1'}}}\n      route: [{version: v2}]\n    - name: default\n")
+    assert errors(reviews_route(text, **{"rollout.yaml": ROLLOUT})) == [
+        "routes.yaml:8: spec.hosts[0]: invalid host 'reviews example': use a DNS name, optionally *.prefixed or :port",
+        "routes.yaml:10: spec.http[0].match: Input should be a valid list",
+    ]
