@@ -217,9 +217,16 @@ def _watch(m: Mesh, until: Any, timeout: float) -> list[dict[str, Any]]:
     raise TimeoutError(f"rollout did not get there in {timeout:.0f}s; seen {[(s['phase'], s['weight']) for s in seen]}")
 
 
+def _written_back(phase: str, before: dict[str, Any]) -> Any:
+    """The run ended in `phase` and its outcome is committed (a write-back sha the run before did not have)."""
+    return lambda s: s["phase"] == phase and s.get("writeBack") not in (None, before.get("writeBack"))
+
+
 def test_a_healthy_canary_is_promoted_step_by_step(mesh: Mesh) -> None:
+    before = mesh.rollout()
     start = mesh.commit_rollout(rollout(stable="v1", canary="v2"), "reviews: canary v2")
-    seen = _watch(mesh, lambda s: s["phase"] == "idle" and s["stable"] == "v2", timeout=60)
+    seen = _watch(mesh, _written_back("promoted", before), timeout=60)
+    assert seen[-1]["stable"] == "v2" and seen[-1]["finishedAt"], seen[-1]
     weights = [s["weight"] for s in seen if s["phase"] == "progressing"]
     assert weights == [20, 50, 100], seen  # every step, in order, never backwards
     assert any(s["phase"] == "promoted" or s["lastDecision"]["action"] == "promote" for s in seen)
@@ -237,7 +244,7 @@ def test_a_healthy_canary_is_promoted_step_by_step(mesh: Mesh) -> None:
     t = time.time()
     wait_for("traffic all on v2", lambda: {v for _, _, v in mesh.load.between(t + 0.3, time.time())} == {"v2"},
              timeout=10)
-    assert mesh.rollout()["phase"] == "idle"
+    assert mesh.rollout()["phase"] == "promoted"  # the outcome stays until the next run starts
 
     history = json.loads(lockgate("history", "--json", "--state-dir", str(mesh.state)).stdout)
     actions = [e["action"] for e in history if e["type"] == "decision" and e["sha"] == start]
@@ -248,8 +255,9 @@ def test_a_healthy_canary_is_promoted_step_by_step(mesh: Mesh) -> None:
 
 def test_a_failing_canary_is_rolled_back_fast_with_bounded_exposure(mesh: Mesh) -> None:
     t_commit = time.time()
+    before = mesh.rollout()
     start = mesh.commit_rollout(rollout(stable="v2", canary="v3"), "reviews: canary v3 (fails 30%)")
-    _watch(mesh, lambda s: s["phase"] == "idle" and s["canary"] == "v3", timeout=60)
+    _watch(mesh, _written_back("rolled-back", before), timeout=60)
     decisions = [d for d in mesh.decisions(t_commit) if d["canaryRevision"] == start]
     by_action = {d["action"]: d for d in decisions}
     assert set(by_action) == {"start", "hold", "rollback"}, decisions
@@ -307,9 +315,10 @@ def test_ab_sends_only_matching_requests_to_the_canary(mesh: Mesh) -> None:
     assert _get(address, {"x-canary": "no"}, 50) == {"v2": 50}
     assert {v for _, _, v in mesh.load.between(t, time.time())} == {"v2"}  # the load has no header
 
+    before = mesh.rollout()
     out = lockgate("rollout", "abort", "reviews", "--state-dir", str(mesh.state))
     assert out.stdout.startswith("rollout shop/reviews: rollback: aborted by command"), out.stdout
-    _watch(mesh, lambda s: s["phase"] == "idle" and s["canary"] == "v1", timeout=20)
+    _watch(mesh, _written_back("rolled-back", before), timeout=20)
     wait_for("the canary rule gone", lambda: _get(address, {"x-canary": "yes"}, 20) == {"v2": 20}, timeout=10)
     assert git(mesh.repo, "log", "-1", "--format=%an|%s") == "lockgate|rollout shop/reviews: roll back v1 (100% to v2)"
 
@@ -358,9 +367,10 @@ def test_prometheus_stopped_holds_and_a_sigkilled_lockgate_resumes(mesh: Mesh) -
     seen = _get(address, {}, 200)
     assert seen.get("v1", 0) > 0 and set(seen) <= {"v1", "v2"}, seen  # the canary still gets its share
 
+    before = mesh.rollout()
     out = lockgate("rollout", "promote", "reviews", "--state-dir", str(mesh.state))
     assert out.stdout.startswith("rollout shop/reviews: promote: promoted by command"), out.stdout
-    _watch(mesh, lambda s: s["phase"] == "idle" and s["stable"] == "v1", timeout=20)
+    _watch(mesh, _written_back("promoted", before), timeout=20)
     last = git(mesh.repo, "log", "-1", "--format=%an|%s")
     assert last == "lockgate|rollout shop/reviews: promote v1 (stable v2 -> v1)", last
     assert prom in mesh.up.child_pids

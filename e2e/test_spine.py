@@ -54,7 +54,9 @@ def test_commit_changes_what_envoy_serves(tmp_path: Path) -> None:
         result = lockgate("validate", str(repo), check=False)
         assert result.returncode == 1
         errs = [line for line in result.stderr.splitlines() if line.startswith("routes.yaml:")]
-        assert errs == ["routes.yaml:23: spec.retries: unknown field 'retries'; allowed here: service, hosts, http"], \
+        # Both errors at once: the schema error no longer hides the weights error of the same Route.
+        assert errs == ["routes.yaml:23: spec.retries: unknown field 'retries'; allowed here: service, hosts, http",
+                        "routes.yaml:26: spec.http[0].route: weights must sum to 100, got 70 + 50 = 120"], \
             result.stderr
         assert lockgate("validate", str(repo), "--rev", "HEAD~1").returncode == 0
 

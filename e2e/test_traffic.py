@@ -250,6 +250,17 @@ def test_mirror_copies_requests_and_the_caller_sees_only_the_primary(mesh: Mesh)
     assert completed() - before == 20
 
 
+def test_apps_see_the_callers_address(mesh: Mesh) -> None:
+    """Found as a new user: apps saw `x-forwarded-for: <this host's own address>` for every caller."""
+    import socket
+
+    host_addresses = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    status, _, body = mesh.get(WEB, "/api/things")
+    assert status == 200, body
+    assert body["forwardedFor"] == "127.0.0.1", body  # the test client's address on loopback
+    assert body["forwardedFor"] not in host_addresses - {"127.0.0.1"}
+
+
 def test_rewrite_headers_redirect_and_direct_response(mesh: Mesh) -> None:
     status, head, body = mesh.get(WEB, "/api/things?x=1")
     assert status == 200 and body["path"] == "/internal/things?x=1", body

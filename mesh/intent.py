@@ -94,10 +94,9 @@ class Metadata(Model):
 
 class MeshCluster(Model):
     name: Name
-    network: str | None = None
-    """Network name; clusters on different networks reach each other through east-west gateways."""
-    locality: str | None = None
-    """region/zone/subzone, for locality-aware routing."""
+    locality: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+){0,2}$")
+    """`region/zone/subzone` (zone and subzone optional): when a service fails over to other clusters,
+    nearer ones are tried first (same zone, then same region, then the rest)."""
 
 
 class MeshMTLS(Model):

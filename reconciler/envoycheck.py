@@ -1,7 +1,8 @@
 """Ask Envoy itself whether it would accept what a revision renders to (`envoy --mode validate`).
 
 Our own validation catches what it knows about; Envoy knows everything. Each distinct proxy shape of
-each cluster is rendered against the planned topology and validated by the real binary. When Envoy
+each cluster is rendered through the one pipeline `up` serves from (security, other clusters and rollout
+weights included) against the planned topology, and validated by the real binary. When Envoy
 refuses, the culprit is narrowed down resource by resource (cluster, then route rule, then listener)
 so the error can point at the file and line of the intent that produced it.
 """
@@ -17,9 +18,9 @@ from typing import Any
 
 from mesh.envoy import static_bootstrap, validate_config
 from mesh.intent import Intent
-from mesh.render import Extension, render
-from mesh.topology import planned_topology
+from mesh.render import Extension
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from reconciler.pipeline import RolloutStates, ephemeral_certificates, planned_topologies, render_planned
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,13 @@ def _parts(snap: Snapshot) -> dict[str, list[Any]]:
              ("secrets", SECRET))}
 
 
-async def check_with_envoy(intent: Intent, *, extensions: Sequence[Extension] = (), concurrency: int = 4
-                           ) -> list[Rejection]:
+async def check_with_envoy(intent: Intent, *, states: RolloutStates | None = None,
+                           extra: Sequence[Extension] = (), concurrency: int = 4) -> list[Rejection]:
     """Every rejection Envoy would make for this intent, one per culprit resource."""
+    topologies = planned_topologies(intent)
+    # Rendering makes keys (the in-memory authority): off the event loop, like any heavy work.
+    certs = ephemeral_certificates(list(topologies))
+    rendered = await asyncio.to_thread(render_planned, intent, states=states or {}, certs=certs, extra=extra)
     sem = asyncio.Semaphore(concurrency)
     with tempfile.TemporaryDirectory(prefix="lockgate-check-") as tmp:
         workdir = Path(tmp)
@@ -49,9 +54,8 @@ async def check_with_envoy(intent: Intent, *, extensions: Sequence[Extension] = 
                 return await validate_config(config, workdir=workdir)
 
         jobs = []
-        for c in intent.mesh.spec.clusters:
-            topo = planned_topology(intent, c.name)
-            snaps = render(intent=intent, topology=topo, extensions=extensions)
+        for name, topo in topologies.items():
+            snaps = rendered[name].snapshots
             seen: set[tuple[str, str]] = set()
             for node, snap in snaps.items():
                 sc = next((s for s in topo.sidecars if s.node_id == node), None)

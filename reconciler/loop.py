@@ -1,19 +1,18 @@
-"""`lockgate up`: watch the repo, apply every valid revision to every cluster, supervise the processes.
+"""The reconcile loop: watch the repo, apply every valid revision to every cluster, keep status.
 
-The loop is "detect, then act": a new head is loaded and validated as a whole; only a valid revision
-reaches the runtime and the control planes. An invalid one is recorded with its errors and changes
-nothing that serves traffic.
+"Detect, then act": a new head is loaded and validated as a whole; only a valid revision reaches the
+runtime and the control planes. An invalid one is recorded with its errors and changes nothing that
+serves traffic. The loop is typed against the `Runtime` protocol and the Git reader/writer protocols:
+it never learns whether proxies are local processes or pods. The CLI picks the implementations.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,20 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from mesh.intent import Intent
-from mesh.render import RenderCache, render
-from mesh.topology import remote_view
+from mesh.names import kind_of
+from mesh.render import RenderCache
 from mesh.xds.cache import SnapshotCache
 from mesh.xds.server import AdsServer
-from mesh.xds.snapshot import SECRET, InconsistentSnapshot
+from mesh.xds.snapshot import SECRET
 from multicluster.ca import ensure_hierarchy
+from multicluster.eastwest import eastwest_gateway
 from multicluster.issuer import WorkloadIssuer
-from policies import SecurityExtension
 from reconciler.load import load
-from reconciler.rollout.controller import RolloutController
-from reconciler.runtime.local.prometheus import prometheus_binary
-from reconciler.runtime.local.runtime import LocalRuntime, cluster_address
-from reconciler.source.git import GitError, Pygit2Source
-from reconciler.state import STATUS_FILE, read_json, write_json
+from reconciler.pipeline import render_mesh
+from reconciler.rollout.controller import GitSource, RolloutController
+from reconciler.runtime.base import Bind, ProxyProcess, Runtime, RuntimeStatus
+from reconciler.source.base import GitError
+from reconciler.state import STATUS_FILE, write_json
 
 log = logging.getLogger("lockgate")
 
@@ -65,7 +64,6 @@ class _Plane:
     cache: SnapshotCache
     server: AdsServer
     port: int
-    ingress: str = ""
     applied: str | None = None
     render_cache: RenderCache = field(default_factory=RenderCache)
     """What the previous render of this cluster leaves for the next (a one-route commit re-renders little)."""
@@ -74,9 +72,9 @@ class _Plane:
 @dataclass
 class Reconciler:
     config: UpConfig
-    source: Pygit2Source
+    source: GitSource
+    runtime: Runtime
     planes: dict[str, _Plane] = field(default_factory=dict)
-    runtime: LocalRuntime = field(init=False)
     rollouts: RolloutController = field(init=False)
     issuer: WorkloadIssuer = field(init=False)
     _rotation: asyncio.TimerHandle | None = None
@@ -89,16 +87,14 @@ class Reconciler:
     _push_pending: bool = False
     _gc_handle: asyncio.TimerHandle | None = None
     _status_handle: asyncio.TimerHandle | None = None
-    _previous: dict[str, Any] = field(default_factory=dict)
+    _final: RuntimeStatus | None = None
+    """The runtime's last status before an explicit stop: status keeps every proxy's fields."""
 
     def __post_init__(self) -> None:
-        self.runtime = LocalRuntime(state_dir=self.config.state_dir, on_change=self.schedule_push,
-                                    envoy_log_level=self.config.envoy_log_level)
+        self.runtime.on_change(self.schedule_push)
         self.issuer = WorkloadIssuer(ttl=self.config.cert_ttl)
         self.rollouts = RolloutController(state_dir=self.config.state_dir, source=self.source, runtime=self.runtime,
-                                          on_change=self.schedule_push, prometheus_url=self.config.prometheus_url)
-        with contextlib.suppress(OSError, ValueError):
-            self._previous = read_json(self.config.state_dir / STATUS_FILE)
+                                          on_change=self.schedule_push)
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -134,11 +130,10 @@ class Reconciler:
         intent = loaded.intent
         for i, c in enumerate(intent.mesh.spec.clusters):
             if c.name not in self.planes:
-                await self._add_plane(c.name, cluster_address(i))
+                await self._add_plane(c.name, self.runtime.control_plane(c.name, index=i))
         self.intent = intent
         self.applied, self.failed, self.last_error = sha, None, []
         await self.runtime.apply(intent)
-        self.runtime.stop_orphans()  # what an earlier lockgate left and this revision does not want
         self.rollouts.on_revision(intent, sha)
         self.push()
         self.rollouts.note_applied(sha, sorted(self.planes))
@@ -154,24 +149,19 @@ class Reconciler:
                   (self.applied or "nothing")[:12], "\n  ".join(errors))
         self.write_status()
 
-    async def _add_plane(self, name: str, address: str) -> None:
+    async def _add_plane(self, name: str, bind: Bind) -> None:
         cache = SnapshotCache()
-        server = AdsServer(cache, host=address, port=self.runtime.previous_xds_port(name) or 0)
+        server = AdsServer(cache, host=bind.address, port=bind.port)
         try:
             port = await server.start()
         except (OSError, RuntimeError):  # the old port is taken: proxies started here will use a new one
-            server = AdsServer(cache, host=address, port=0)
+            server = AdsServer(cache, host=bind.address, port=0)
             port = await server.start()
-        plane = _Plane(name=name, address=address, cache=cache, server=server, port=port)
-        self.planes[name] = plane
+        self.planes[name] = _Plane(name=name, address=bind.address, cache=cache, server=server, port=port)
         cache.subscribe(lambda _status: self.write_status())
         ca_dir = self.config.ca_dir or self.config.state_dir / "ca"
         self.issuer.add_authority(name, ensure_hierarchy(ca_dir, [name], now=datetime.now(UTC))[name])
-        old = {c["name"]: c for c in self._previous.get("clusters", [])}.get(name, {})
-        old_port = int(old["ingress"].rsplit(":", 1)[1]) if old.get("ingress") else None
-        gw = await self.runtime.add_cluster(name=name, address=address, xds_port=port, ingress_port=old_port)
-        plane.ingress = f"{gw.address}:{gw.port}"
-        await self.rollouts.add_cluster(name=name, address=address, previous=old)
+        await self.runtime.add_cluster(name=name, xds=Bind(address=bind.address, port=port))
 
     # --- pushing -----------------------------------------------------------------------------------
 
@@ -182,32 +172,25 @@ class Reconciler:
             asyncio.get_running_loop().call_soon(self.push)
 
     def push(self) -> None:
+        """Render every cluster through the one pipeline and set what rendered consistently."""
         self._push_pending = False
         if self.intent is None or self.applied is None:
             return
-        shaped = self.rollouts.overlay(self.intent)  # rollout weights, canary match rules, mirroring
-        local = {name: self.runtime.topology(name) for name in self.planes}
-        views = {name: remote_view(topo) for name, topo in local.items()}
+        rendered = render_mesh(
+            intent=self.intent, states=self.rollouts.states,
+            topologies={name: self.runtime.topology(name) for name in self.planes},
+            certs=self.issuer, now=time.time(), revision=self.applied,
+            caches={name: plane.render_cache for name, plane in self.planes.items()})
         for plane in self.planes.values():
-            # Each cluster also sees the others, through their east-west gateways, for failover.
-            remotes = tuple(v for name, v in sorted(views.items()) if name != plane.name and v is not None)
-            topo = dataclasses.replace(local[plane.name], remotes=remotes)
-            # Issuing is the edge (keys, clock); render gets the certificates as plain input.
-            certs = self.issuer.certs_for(shaped.intent, topo, now=time.time())
-            security = SecurityExtension(intent=shaped.intent, certs=certs, trust_bundle=self.issuer.trust_bundle)
-            snapshots = render(intent=shaped.intent, topology=topo, revision=self.applied, weights=shaped.weights,
-                               extensions=[*shaped.extensions, security], cache=plane.render_cache)
-            try:
-                for snap in snapshots.values():
-                    snap.consistent()  # RDS/EDS/SDS names all present: Envoy would otherwise wait on them silently
-            except InconsistentSnapshot as exc:
+            result = rendered[plane.name]
+            if result.error is not None:
                 # A render bug, not a user error: every proxy of the cluster keeps what it has.
                 log.error("cluster %s: not pushing revision %s, its snapshot is inconsistent: %s",
-                          plane.name, self.applied[:12], exc)
+                          plane.name, self.applied[:12], result.error)
                 continue
-            for node_id, snap in snapshots.items():
+            for node_id, snap in result.snapshots.items():
                 plane.cache.set(node_id, snap)
-            for node_id in set(plane.cache.nodes()) - set(snapshots):
+            for node_id in set(plane.cache.nodes()) - set(result.snapshots):
                 plane.cache.clear(node_id)
             plane.applied = self.applied
         self._arm_rotation()
@@ -255,70 +238,80 @@ class Reconciler:
         write_json(self.config.state_dir / STATUS_FILE, self.status())
 
     def status(self) -> dict[str, Any]:
-        procs = self.runtime.describe()
+        """The `status --json` contract (README): fields are only ever added."""
+        procs = self._final if self._final is not None else self.runtime.status()
         clusters = []
         for plane in self.planes.values():
             statuses = plane.cache.status()
             proxies = []
             for node_id, st in sorted(statuses.items()):
-                extra = procs["proxies"].get(node_id, {})
+                where = procs.proxies.get(node_id, ProxyProcess())
                 proxies.append({
                     "id": node_id,
-                    "kind": node_id.rsplit("/", 1)[1] if node_id.endswith(("/ingress", "/eastwest")) else "sidecar",
+                    "kind": kind_of(node_id),
                     "ackedVersion": st.acked_version,
                     "ackedRevision": st.acked_revision,
                     "nack": st.nack,
                     "nackType": st.nack_type.rsplit(".", 1)[-1] if st.nack_type else None,
                     "nackResources": list(st.nack_resources),
                     "connected": st.connected,
-                    **extra,
+                    **where.to_json(),
                 })
             # Proxies on their way out (cleared, still connected while they drain) do not hold convergence back.
             desired = [p for p in proxies if plane.cache.get(p["id"]) is not None]
             converged = bool(desired) and all(p["ackedRevision"] == plane.applied for p in desired)
+            topo = self.runtime.topology(plane.name)
+            metrics = self.runtime.metrics(plane.name)
             clusters.append({
                 "name": plane.name,
-                "ingress": plane.ingress,
-                "eastwest": _address(self.runtime.topology(plane.name).eastwest),
+                "ingress": _address(topo.ingress) or "",
+                "eastwest": _address(eastwest_gateway(topo)),
                 "controlPlane": f"{plane.address}:{plane.port}",
                 "appliedRevision": plane.applied,
                 "convergedRevision": plane.applied if converged else None,
                 "proxies": proxies,
-                "prometheus": self.rollouts.describe_cluster(plane.name),
+                "prometheus": metrics.to_json() if metrics is not None else {},
             })
         return {
             "revision": {"head": self.head, "applied": self.applied, "failed": self.failed,
                          "lastError": self.last_error},
             "clusters": clusters,
-            "workloads": procs["workloads"],
+            "workloads": [w.to_json() for w in procs.workloads],
             "certs": self._certs_status(),
             "rollouts": self.rollouts.describe(),
             "lockgate": {"pid": os.getpid(), "repo": self.config.repo, "branch": self.source.branch,
                          "stateDir": str(self.config.state_dir.resolve()), "updatedAt": time.time()},
+            "source": self.source.health().to_json(),
         }
+
+    def ingress(self, cluster: str) -> str | None:
+        """`host:port` of the cluster's ingress gateway."""
+        return _address(self.runtime.topology(cluster).ingress)
 
     def _announce(self, intent: Intent) -> None:
         hosts = sorted({h for r in intent.routes.values() for h in r.spec.hosts})
-        for plane in self.planes.values():
-            print(f"lockgate: cluster {plane.name}: ingress http://{plane.ingress}", flush=True)
+        for name in self.planes:
+            ingress = self.ingress(name)
+            print(f"lockgate: cluster {name}: ingress http://{ingress}", flush=True)
             for host in hosts:
-                print(f"  try: curl -H 'Host: {host}' http://{plane.ingress}/", flush=True)
+                print(f"  try: curl -H 'Host: {host}' http://{ingress}/", flush=True)
         print("lockgate: watching for commits; Ctrl-C stops every process lockgate started", flush=True)
 
     async def close(self) -> None:
+        """An explicit stop: every process the runtime started goes, and status says so."""
+        before = self.runtime.status()
+        # The proxies as they were, now stopped: status keeps every field of each (the contract).
+        self._final = RuntimeStatus(
+            proxies={k: dataclasses.replace(p, pid=None, state="stopped") for k, p in before.proxies.items()},
+            workloads=[dataclasses.replace(w, pid=None, state="stopped", ready=False) for w in before.workloads])
         await self.rollouts.close()
         await self.runtime.close()
         for plane in self.planes.values():
             await plane.server.stop(0.2)
-        if self._status_handle is not None:
-            self._status_handle.cancel()
-            self._status_handle = None
-        if self._rotation is not None:
-            self._rotation.cancel()
-            self._rotation = None
-        if self._gc_handle is not None:
-            self._gc_handle.cancel()
-            self._gc_handle = None
+        for handle in (self._status_handle, self._rotation, self._gc_handle):
+            if handle is not None:
+                handle.cancel()
+        self._status_handle = self._rotation = self._gc_handle = None
         status = self.status()
         status["lockgate"]["pid"] = None
         write_json(self.config.state_dir / STATUS_FILE, status)
@@ -336,27 +329,3 @@ def settle_gc() -> None:
 
 def _address(gw: Any) -> str | None:
     return f"{gw.address}:{gw.port}" if gw is not None else None
-
-
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """SIGINT (Ctrl-C) and SIGTERM end the run gracefully: every child is stopped before we exit."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-
-async def run_up(config: UpConfig) -> int:
-    """Foreground: returns when SIGINT/SIGTERM arrives, after stopping every process it started."""
-    config.state_dir.mkdir(parents=True, exist_ok=True)
-    if config.prometheus_url is None:
-        prometheus_binary()  # PrometheusMissing names the install command before anything starts
-    source = Pygit2Source.open(config.repo, branch=config.branch, cache_dir=config.state_dir / "git")
-    stop = asyncio.Event()
-    install_stop_signals(stop)
-    rec = Reconciler(config=config, source=source)
-    try:
-        await rec.run(stop)
-    finally:
-        await rec.close()
-        log.info("stopped every process lockgate started")
-    return 0

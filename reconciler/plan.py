@@ -1,7 +1,9 @@
 """`lockgate plan`: what applying a revision would change in each cluster, in readable terms.
 
-Pure: both revisions are rendered against the topology their intent asks for (`planned_topology`), and
-the per-proxy snapshots are compared resource by resource. Route changes are described per rule
+Both revisions go through the one pipeline `up` serves from (`reconciler.pipeline`: rollout overlay,
+other clusters, certificates, security, render), against the topology their intent asks for, and the
+per-proxy snapshots are compared resource by resource: an mTLS mode, an authorization rule or a rollout's
+weights show up here exactly as they would be pushed. Route changes are described per rule
 ("v1 100% -> v1 50%, v2 50%"), not as proto dumps; identical changes on many proxies are listed once.
 """
 
@@ -13,9 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mesh.intent import Intent
-from mesh.render import Extension, render
-from mesh.topology import planned_topology
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from reconciler.pipeline import Certificates, RolloutStates, ephemeral_certificates, render_planned
 
 Op = Literal["add", "remove", "change"]
 _KIND = {LISTENER: "listener", ROUTE: "route", CLUSTER: "cluster", ENDPOINT: "endpoints", SECRET: "secret"}
@@ -41,23 +42,32 @@ class ClusterPlan:
     changes: tuple[Change, ...] = field(default_factory=tuple)
 
 
-def plan(*, old: Intent | None, new: Intent, extensions: Sequence[Extension] = ()) -> list[ClusterPlan]:
-    """Per cluster of either revision, the changes from `old` (None: nothing applied yet) to `new`."""
+def plan(*, old: Intent | None, new: Intent, states: RolloutStates | None = None,
+         certs: Certificates | None = None) -> list[ClusterPlan]:
+    """Per cluster of either revision, the changes from `old` (None: nothing applied yet) to `new`.
+
+    `states`: the rollouts' state (what `up` would overlay now). `certs`: one authority for both renders
+    (default: an in-memory one), so a certificate differs only where a proxy's identity does."""
     names = [c.name for c in new.mesh.spec.clusters]
     if old is not None:
         names += [c.name for c in old.mesh.spec.clusters if c.name not in names]
-    out = []
-    for cluster in names:
-        before = _render(old, cluster, extensions)
-        after = _render(new, cluster, extensions)
-        out.append(ClusterPlan(cluster=cluster, changes=tuple(_diff(before, after))))
-    return out
+    certs = certs if certs is not None else ephemeral_certificates(names)
+    states = states or {}
+    before = _snapshots(old, states, certs)
+    after = _snapshots(new, states, certs)
+    return [ClusterPlan(cluster=cluster, changes=tuple(_diff(before.get(cluster, {}), after.get(cluster, {}))))
+            for cluster in names]
 
 
-def _render(intent: Intent | None, cluster: str, extensions: Sequence[Extension]) -> dict[str, Snapshot]:
-    if intent is None or cluster not in {c.name for c in intent.mesh.spec.clusters}:
+def _snapshots(intent: Intent | None, states: RolloutStates, certs: Certificates
+               ) -> dict[str, Mapping[str, Snapshot]]:
+    if intent is None:
         return {}
-    return render(intent=intent, topology=planned_topology(intent, cluster), extensions=extensions)
+    rendered = render_planned(intent, states=states, certs=certs)
+    for r in rendered.values():
+        if r.error is not None:
+            raise ValueError(f"cluster {r.cluster}: the rendered configuration is inconsistent: {r.error}")
+    return {name: r.snapshots for name, r in rendered.items()}
 
 
 def _diff(before: Mapping[str, Snapshot], after: Mapping[str, Snapshot]) -> list[Change]:
@@ -160,6 +170,57 @@ def _route_parts(entry: Mapping[str, Any]) -> tuple[str, str]:
     return ("any request" if match in ("", "prefix /") else match), "; ".join(parts)
 
 
+def describe_listener(listener: Mapping[str, Any]) -> str:
+    """What a person changes in a listener, in words: its mTLS mode, authorization and rate limits."""
+    chains = listener.get("filter_chains", [])
+    tls = [c for c in chains if "transport_socket" in c]
+    mode = "plaintext" if not tls else "mTLS STRICT" if len(tls) == len(chains) else "mTLS PERMISSIVE"
+    parts = [mode]
+    filters = [f for c in chains[:1] for nf in c.get("filters", [])
+               for f in nf.get("typed_config", {}).get("http_filters", [])]
+    for f in filters:
+        cfg = f.get("typed_config", {})
+        kind = str(cfg.get("@type", "")).rsplit(".", 1)[-1]
+        if kind == "RBAC" and "rules" in cfg:
+            rules = cfg["rules"]
+            policies = [f"{name}: {_rbac_policy(pol)}" for name, pol in sorted(rules.get("policies", {}).items())]
+            parts.append(f"authorization {rules.get('action', 'ALLOW')} [" + "; ".join(policies) + "]")
+        elif kind == "LocalRateLimit" and "token_bucket" in cfg:
+            bucket = cfg["token_bucket"]
+            parts.append(f"rate limit {bucket.get('tokens_per_fill')} per {bucket.get('fill_interval')}"
+                         f" (burst {bucket.get('max_tokens')})")
+        elif kind == "HTTPFault":
+            parts.append("fault injection")
+    return ", ".join(parts)
+
+
+def _rbac_policy(policy: Mapping[str, Any]) -> str:
+    """`GET /reviews/* from spiffe://.../sa/frontend`: methods, paths and principals found in the policy."""
+    found: dict[str, list[str]] = {"methods": [], "paths": [], "principals": []}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            if "url_path" in node:
+                path = node["url_path"].get("path", {})
+                found["paths"].append(path.get("exact") or f"{path.get('prefix', '')}*")
+            elif node.get("header", {}).get("name") == ":method":
+                found["methods"].append(node["header"].get("string_match", {}).get("exact", "?"))
+            elif "authenticated" in node:
+                name = node["authenticated"].get("principal_name", {})
+                found["principals"].append(name.get("exact") or f"{name.get('prefix', '')}*")
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(policy.get("permissions", []))
+    walk(policy.get("principals", []))
+    to = " ".join([*found["methods"], *found["paths"]]) or "any request"
+    who = ", ".join(found["principals"]) or "anyone"
+    return f"{to} from {who}"
+
+
 def _version(cluster: str) -> str:
     pieces = cluster.split("|")
     return pieces[2] if len(pieces) > 2 else "all versions"
@@ -184,6 +245,10 @@ def _endpoint_count(res: Mapping[str, Any]) -> int:
 
 
 def _changed_detail(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+    if kind == "secret":
+        return "rotated"  # never the content: it holds a private key
+    if kind == "listener" and (da := describe_listener(a)) != (db := describe_listener(b)):
+        return f"{da}  ->  {db}"
     if kind == "endpoints":
         return f"{_endpoint_count(a)} -> {_endpoint_count(b)} instance(s)"
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("validate", help="validate intent: exit 0, or 1 with `path:line: message` on stderr")
-    p.add_argument("dir", type=Path, nargs="?", default=Path("."))
-    p.add_argument("--rev", help="validate this commit instead of the working tree")
+    p.add_argument("dir", nargs="?", default=".",
+                   help="the intent repository: a work tree (default: .), a bare repository or a URL")
+    p.add_argument("--rev", help="validate this commit instead of the working tree (a bare repository or a URL: "
+                   "default its branch tip)")
     p.add_argument("--no-envoy", action="store_true",
                    help="skip asking Envoy itself (`envoy --mode validate`) to check the rendered config")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="what applying a revision would change in each cluster")
-    p.add_argument("--repo", type=Path, default=Path("."), help="the intent repository (a local path)")
+    p.add_argument("--repo", default=".", help="the intent repository: a work tree, a bare repository or a URL")
     p.add_argument("--rev", default="HEAD", help="the revision to plan (default: the branch tip)")
     p.add_argument("--worktree", action="store_true", help="plan the working tree instead of a commit")
     p.add_argument("--from", dest="base", help="compare with this revision (default: what `up` applied, "
@@ -117,21 +120,30 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_url(location: str) -> bool:
+    return "://" in location or (location.count(":") == 1 and "@" in location.split(":", 1)[0])
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from reconciler.load import load, read_worktree
-    from reconciler.source.git import GitError, Pygit2Source
+    from reconciler.source import GitError, reading
 
-    if not args.dir.is_dir():
-        print(f"{args.dir}:0: not a directory; give the intent repository's path", file=sys.stderr)
-        return 1
+    location = str(args.dir)
     try:
-        if args.rev:
-            source = Pygit2Source.open(str(args.dir))
-            files = source.read_tree(source.resolve(args.rev))
+        if _is_url(location) or (not Path(location, ".git").exists() and Path(location, "HEAD").is_file()):
+            # A URL or a bare repository: there is no work tree, so a commit (default: the branch tip).
+            with reading(location) as source:
+                files = source.read_tree(source.resolve(args.rev or "HEAD"))
+        elif args.rev:
+            with reading(location) as source:
+                files = source.read_tree(source.resolve(args.rev))
+        elif Path(location).is_dir():
+            files = read_worktree(Path(location))
         else:
-            files = read_worktree(args.dir)
+            print(f"{location}:0: not a directory; give the intent repository's path or URL", file=sys.stderr)
+            return 1
     except GitError as exc:
-        print(f"{args.dir}:0: {exc}", file=sys.stderr)
+        print(f"{location}:0: {exc}", file=sys.stderr)
         return 1
     loaded = load(files)
     if loaded.intent is not None and not args.no_envoy:
@@ -155,21 +167,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from reconciler.load import load, read_worktree
     from reconciler.plan import plan, render_text, to_json
-    from reconciler.source.git import GitError, Pygit2Source
+    from reconciler.rollout.controller import read_states
+    from reconciler.source import GitError, reading
     from reconciler.state import STATUS_FILE, read_json
 
     try:
-        source = Pygit2Source.open(str(args.repo))
-        new_sha = "worktree" if args.worktree else source.resolve(args.rev)
-        new = load(read_worktree(args.repo) if args.worktree else source.read_tree(new_sha))
-        base = args.base
-        if base is None:
-            try:
-                base = read_json(args.state_dir / STATUS_FILE)["revision"]["applied"]
-            except (OSError, ValueError, KeyError):
-                base = None
-        base = source.resolve(base) if base else None
-        old = load(source.read_tree(base)) if base else None
+        with reading(args.repo) as source:
+            if args.worktree:
+                if source.workdir is None:
+                    raise GitError(f"{args.repo} has no work tree (a bare repository or a URL): plan a commit "
+                                   "with --rev instead of --worktree")
+                new_sha, new = "worktree", load(read_worktree(source.workdir))
+            else:
+                new_sha = source.resolve(args.rev)
+                new = load(source.read_tree(new_sha))
+            base = args.base
+            if base is None:
+                try:
+                    base = read_json(args.state_dir / STATUS_FILE)["revision"]["applied"]
+                except (OSError, ValueError, KeyError):
+                    base = None
+            base = source.resolve(base) if base else None
+            old = load(source.read_tree(base)) if base else None
     except GitError as exc:
         print(f"{args.repo}:0: {exc}", file=sys.stderr)
         return 1
@@ -178,7 +197,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         print(f"invalid: {len(new.problems)} error(s); nothing would be applied", file=sys.stderr)
         return 1
-    plans = plan(old=old.intent if old else None, new=new.intent)
+    states, _ = read_states(args.state_dir)  # what `up` overlays now: the plan shows rollout-owned weights
+    plans = plan(old=old.intent if old else None, new=new.intent, states=states)
     if args.json:
         print(json.dumps(to_json(plans, old=base, new=new_sha), indent=2))
     else:
@@ -192,7 +212,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from mesh.intent import parse_duration_ms
     from multicluster.ca import CAError
     from reconciler.cli.ca import ca_dir_problem
-    from reconciler.loop import UpConfig, run_up
+    from reconciler.cli.up import run_up
+    from reconciler.loop import UpConfig
+    from reconciler.runtime.local.lock import StateDirBusy
     from reconciler.runtime.local.prometheus import PrometheusMissing
     from reconciler.source.git import GitError
 
@@ -211,7 +233,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                       prometheus_url=args.prometheus_url, cert_ttl=cert_ttl, ca_dir=args.ca_dir)
     try:
         return asyncio.run(run_up(config))
-    except (GitError, PrometheusMissing, CAError) as exc:
+    except (GitError, PrometheusMissing, CAError, StateDirBusy) as exc:
         print(f"lockgate up: {exc}", file=sys.stderr)
         return 1
 
@@ -244,6 +266,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     rev = status["revision"]
     running = "running" if status["lockgate"]["running"] else "not running"
     print(f"lockgate {running} (repo {status['lockgate']['repo']})")
+    source = status.get("source") or {}
+    if source.get("reachable") is False:
+        last = source.get("lastFetchAt")
+        when = time.strftime("%H:%M:%S", time.localtime(last)) if last else "never"
+        print(f"source   UNREACHABLE (last good fetch: {when}): {source.get('lastError')}")
     print(f"head     {_short(rev['head'])}")
     print(f"applied  {_short(rev['applied'])}")
     if rev.get("lastError"):

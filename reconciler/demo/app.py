@@ -369,6 +369,7 @@ class DemoHandler(BaseHTTPRequestHandler):
             "instance": config.instance,
             "path": self.path,
             "method": self.command,
+            "forwardedFor": self.headers.get("x-forwarded-for"),
         }
         # The failure is this service's own: fail before calling upstreams so the failing hop is unambiguous.
         if config.fail_rate and self.server.rng.random() < config.fail_rate:

@@ -20,8 +20,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from reconciler.cli.up import install_stop_signals, local_reconciler
 from reconciler.load import load
-from reconciler.loop import Reconciler, UpConfig, install_stop_signals
+from reconciler.loop import Reconciler, UpConfig
 from reconciler.source.git import Pygit2Source, init_repo
 from reconciler.state import TEMPLATE
 
@@ -69,14 +70,14 @@ async def run_demo(*, workdir: Path | None, keep_running: bool) -> int:
     print(f"   lockgate init {repo}: a mesh with frontend -> reviews (v1, v2), all reviews traffic on v1")
 
     config = UpConfig(repo=str(repo), state_dir=state)
-    source = Pygit2Source.open(str(repo))
-    rec = Reconciler(config=config, source=source, announced=True)  # the tour announces itself
+    source = Pygit2Source.open(str(repo))  # the tour's own commits: it plays the person using lockgate
+    rec = await local_reconciler(config, announced=True)  # the tour announces itself
     stop = asyncio.Event()
     install_stop_signals(stop)
     runner = asyncio.create_task(rec.run(stop))
     try:
         await _converged(rec, source.head())
-        ingress = next(iter(rec.planes.values())).ingress
+        ingress = rec.ingress(next(iter(rec.planes))) or ""
         host = "shop.example.com"
         print(f"== up: control plane, ingress gateway and 4 sidecars are real Envoys; ingress http://{ingress}")
         print(f"   curl -H 'Host: {host}' http://{ingress}/   (frontend, which calls reviews through its sidecar)")
@@ -213,7 +214,7 @@ async def _rollouts(rec: Reconciler, source: Pygit2Source, repo: Path, ingress: 
                         author=USER)
     await _converged(rec, sha)
     print("== git commit 'reviews: a Rollout owns the weights; deploy reviews-v3' -> Prometheus per cluster "
-          f"({next(iter(rec.rollouts.clusters.values())).url}) scrapes every Envoy")
+          f"({_prometheus(rec)}) scrapes every Envoy")
     load = _Load(ingress, host)
     try:
         await _scraped(rec)
@@ -248,11 +249,17 @@ async def _second_cluster(rec: Reconciler, source: Pygit2Source, repo: Path, ing
     print(f"   from east:    {_bar(await asyncio.to_thread(_tally, ingress, host, 100, where=True))}")
 
 
+def _prometheus(rec: Reconciler) -> str:
+    """The first cluster's Prometheus URL."""
+    metrics = rec.runtime.metrics(next(iter(rec.planes)))
+    return metrics.url if metrics is not None else "-"
+
+
 async def _scraped(rec: Reconciler, timeout: float = 30.0) -> None:
     """Until Prometheus has scraped every sidecar: new targets take a few seconds (discovery reload)."""
     import urllib.request
 
-    url = next(iter(rec.rollouts.clusters.values())).url
+    url = _prometheus(rec)
     want = sum(1 for w in rec.status()["workloads"])
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -17,19 +17,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 from mesh.intent import Intent
 from reconciler.rollout.commands import COMMANDS_DIR, DECISIONS_FILE, ROLLOUTS_DIR, state_path, summary
-from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus, scrape_targets
-from reconciler.runtime.local.runtime import LocalRuntime, free_port, port_is_free
-from reconciler.source.git import DEFAULT_AUTHOR, GitError, Pygit2Source, StaleParent
+from reconciler.runtime.base import Runtime
+from reconciler.source.base import DEFAULT_AUTHOR, GitError, GitReader, GitWriter, StaleParent
 from reconciler.state import read_json, write_json
 from rollouts.advance import Command, Decision, RolloutState, advance, analysis_due
 from rollouts.analysis import observe
 from rollouts.intent import Rollout
 from rollouts.provider import MetricProvider, PrometheusProvider
-from rollouts.routing import Overlay, overlay
 from rollouts.writeback import commit_message, edit_rollout
 
 log = logging.getLogger("lockgate.rollouts")
@@ -42,70 +40,55 @@ _NOTED = ("start", "step", "promote", "rollback", "pause", "resume", "reset")
 Key = tuple[str, str]
 
 
-@dataclass
-class _Cluster:
-    name: str
-    discovery: DiscoveryServer
-    prometheus: LocalPrometheus | None
-    provider: MetricProvider
-    url: str
+class GitSource(GitReader, GitWriter, Protocol):
+    """The write-back reads the tip it commits onto: reader and writer of one repository."""
+
+    @property
+    def branch(self) -> str:
+        """The branch followed and written to."""
+
+
+def read_states(state_dir: Path) -> tuple[dict[Key, RolloutState], dict[Key, dict[str, Any]]]:
+    """Every persisted rollout state (and its record) under the state dir: what a restart resumes and
+    what `plan` overlays."""
+    states: dict[Key, RolloutState] = {}
+    records: dict[Key, dict[str, Any]] = {}
+    for path in sorted((state_dir / ROLLOUTS_DIR).glob("*.json")):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            record = read_json(path)
+            key = (record["namespace"], record["name"])
+            states[key] = RolloutState.model_validate(record["state"])
+            records[key] = record
+    return states, records
 
 
 @dataclass
 class RolloutController:
     state_dir: Path
-    source: Pygit2Source
-    runtime: LocalRuntime
+    source: GitSource
+    runtime: Runtime
+    """Where each cluster's metrics are queried (`Runtime.metrics`)."""
     on_change: Callable[[], None]
     """Re-render: the weights changed."""
-    prometheus_url: str | None = None
-    """An existing Prometheus for every cluster; None starts one per cluster."""
     states: dict[Key, RolloutState] = field(default_factory=dict)
     records: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    clusters: dict[str, _Cluster] = field(default_factory=dict)
+    providers: dict[str, MetricProvider] = field(default_factory=dict)
+    """By Prometheus URL: one client (and connection pool) per server."""
     intent: Intent | None = None
     revision: str | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         """Resume: every persisted rollout state is back before the first render."""
-        for path in sorted((self.state_dir / ROLLOUTS_DIR).glob("*.json")):
-            with contextlib.suppress(OSError, ValueError):
-                record = read_json(path)
-                key = (record["namespace"], record["name"])
-                self.states[key] = RolloutState.model_validate(record["state"])
-                self.records[key] = record
+        self.states, self.records = read_states(self.state_dir)
 
-    # --- clusters: discovery and Prometheus ----------------------------------------------------------
-
-    async def add_cluster(self, *, name: str, address: str, previous: dict[str, Any]) -> None:
-        """Service discovery on the cluster address, and a local Prometheus unless one was given."""
-        sd = DiscoveryServer(address=address, targets=lambda: scrape_targets(self.runtime.describe(), name))
-        await sd.start()
-        local: LocalPrometheus | None = None
-        if self.prometheus_url is None:
-            old = str(previous.get("prometheus", {}).get("url") or "")
-            port = int(old.rsplit(":", 1)[1]) if old.count(":") == 2 else None
-            if port is None or not port_is_free(address, port):
-                port = free_port(address)
-            local = LocalPrometheus(cluster=name, address=address, port=port, sd_url=sd.url,
-                                    state_dir=self.state_dir)
-            await local.start()
-        url = local.url if local else str(self.prometheus_url)
-        self.clusters[name] = _Cluster(name=name, discovery=sd, prometheus=local,
-                                       provider=PrometheusProvider(url), url=url)
-
-    def describe_cluster(self, name: str) -> dict[str, Any]:
-        c = self.clusters.get(name)
-        if c is None:
-            return {}
-        return {"url": c.url, "local": c.prometheus is not None, "discovery": c.discovery.url,
-                "pid": c.prometheus.process.info.pid if c.prometheus else None}
-
-    # --- what render uses ---------------------------------------------------------------------------
-
-    def overlay(self, intent: Intent) -> Overlay:
-        return overlay(intent, self.states)
+    def _provider(self, cluster: str) -> MetricProvider | None:
+        metrics = self.runtime.metrics(cluster)
+        if metrics is None:
+            return None
+        if metrics.url not in self.providers:
+            self.providers[metrics.url] = PrometheusProvider(metrics.url)
+        return self.providers[metrics.url]
 
     def on_revision(self, intent: Intent, sha: str) -> None:
         self.intent, self.revision = intent, sha
@@ -152,8 +135,8 @@ class RolloutController:
         now = time.time()
         if before is not None and command is None and spec.canary == before.observed_canary \
                 and analysis_due(spec, before, now=now) and before.canary:
-            providers = {c: self.clusters[c].provider for c in self._canary_clusters(ro, before.canary)
-                         if c in self.clusters}
+            providers = {c: p for c in self._canary_clusters(ro, before.canary)
+                         if (p := self._provider(c)) is not None}
             obs = await asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
                                           providers=providers)
             now = time.time()
@@ -296,9 +279,6 @@ class RolloutController:
         return out
 
     async def close(self) -> None:
-        for c in self.clusters.values():
-            await c.discovery.stop()
-            if c.prometheus is not None:
-                await c.prometheus.stop()
-            if isinstance(c.provider, PrometheusProvider):
-                c.provider.close()
+        for provider in self.providers.values():
+            if isinstance(provider, PrometheusProvider):
+                provider.close()

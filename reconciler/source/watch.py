@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import inotify_simple  # type: ignore[import-untyped]
+    import inotify_simple
 except ImportError:  # no fcntl/termios (not a Unix): stat polling only
     inotify_simple = None
 

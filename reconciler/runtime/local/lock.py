@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-import psutil  # type: ignore[import-untyped, unused-ignore]  # typed by types-psutil where installed
+import psutil
 
 LOCK_FILE = "lock"
 

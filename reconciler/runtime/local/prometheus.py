@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from mesh.names import NodeId
+from reconciler.runtime.base import RuntimeStatus
 from reconciler.runtime.local.supervisor import Supervised, child_env
 
 INSTALL_HINT = ("sudo apt-get install --no-install-recommends prometheus  (or ./scripts/apt-deps); "
@@ -43,19 +45,19 @@ def prometheus_binary() -> str:
 Targets = Callable[[], list[dict[str, Any]]]
 
 
-def scrape_targets(describe: dict[str, Any], cluster: str) -> list[dict[str, Any]]:
-    """HTTP SD answer for one cluster from the runtime's description of its processes."""
-    workloads = {w["id"]: w for w in describe["workloads"]}
+def scrape_targets(status: RuntimeStatus, cluster: str) -> list[dict[str, Any]]:
+    """HTTP SD answer for one cluster from the runtime's status: every proxy with an admin address, labelled
+    with what rollout queries select on."""
+    workloads = {w.id: w for w in status.workloads}
     out = []
-    for node_id, proc in sorted(describe["proxies"].items()):
-        if not node_id.startswith(f"{cluster}/") or not proc.get("admin"):
+    for node_id, proc in sorted(status.proxies.items()):
+        node = NodeId.parse(node_id)
+        if node.cluster != cluster or not proc.admin:
             continue
-        w = workloads.get(node_id)
-        labels = {"__metrics_path__": "/stats/prometheus", "cluster": cluster, "node": node_id,
-                  "kind": "sidecar" if w else node_id.rsplit("/", 1)[1]}  # else ingress | eastwest
-        if w:
-            labels |= {"service": w["service"], "version": w["version"], "namespace": w["namespace"]}
-        out.append({"targets": [proc["admin"]], "labels": labels})
+        labels = {"__metrics_path__": "/stats/prometheus", "cluster": cluster, "node": node_id, "kind": node.kind}
+        if (w := workloads.get(node_id)) is not None:
+            labels |= {"service": w.service, "version": w.version, "namespace": w.namespace}
+        out.append({"targets": [proc.admin], "labels": labels})
     return out
 
 

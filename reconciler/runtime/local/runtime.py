@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +19,14 @@ from typing import Any
 
 from mesh.envoy import bootstrap, envoy_argv, wait_ready
 from mesh.intent import Intent, Workload
+from mesh.names import NodeId
+from mesh.probe import wait_tcp
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.snapshot import digest
+from multicluster.eastwest import EASTWEST
+from reconciler.runtime.base import Bind, Metrics, ProxyProcess, RuntimeStatus, WorkloadInstance
+from reconciler.runtime.local.ports import cluster_address, free_port, preferred_port
+from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus, scrape_targets
 from reconciler.runtime.local.supervisor import Supervised, child_env, stop_all, stop_orphan
 from reconciler.state import read_json, write_json
 
@@ -31,33 +36,6 @@ PROCESSES_FILE = "processes.json"
 DRAIN_S = 2.0
 """Seconds a removed instance keeps running after it left the endpoints: callers' Envoys close their
 pooled connections to a removed host, so none is reused against a process that is gone (a 502)."""
-
-
-def cluster_address(index: int) -> str:
-    """The loopback address of the index-th cluster (0-based): 127.0.1.1, 127.0.2.1, ..."""
-    return f"127.0.{index + 1}.1"
-
-
-def free_port(address: str, taken: set[int] | None = None) -> int:
-    """A port nobody listens on at `address` now (and not handed out by us before)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((address, 0))
-            port = int(s.getsockname()[1])
-        if taken is None or port not in taken:
-            if taken is not None:
-                taken.add(port)
-            return port
-    raise RuntimeError(f"no free port on {address}")
-
-
-def port_is_free(address: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((address, port))
-        except OSError:
-            return False
-    return True
 
 
 def resolve_command(argv: list[str]) -> list[str]:
@@ -90,14 +68,23 @@ class _Cluster:
     eastwest: Gateway
     eastwest_admin: int
     eastwest_envoy: Supervised
+    discovery: DiscoveryServer
+    prometheus: LocalPrometheus | None
+    metrics: Metrics
 
 
 @dataclass
 class LocalRuntime:
+    """The `Runtime` of processes on this machine: one loopback address per cluster (127.0.K.1), its
+    gateways, sidecars and workloads, and a Prometheus per cluster (or the user's) that finds every proxy
+    through service discovery served here."""
+
     state_dir: Path
-    on_change: Callable[[], None]
-    """Called whenever the topology changes (an instance became ready or stopped being ready)."""
     envoy_log_level: str = "warning"
+    prometheus_url: str | None = None
+    """An existing Prometheus for every cluster (it should scrape each cluster's discovery URL); None
+    starts one per cluster."""
+    _notify: Callable[[], None] = lambda: None
     _clusters: dict[str, _Cluster] = field(default_factory=dict)
     _instances: dict[tuple[str, str, str, int], _Instance] = field(default_factory=dict)
     _ports: set[int] = field(default_factory=set)
@@ -114,16 +101,25 @@ class LocalRuntime:
         self._records.setdefault("clusters", {})
         self._records.setdefault("instances", {})
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._notify = callback
+
+    def _changed(self) -> None:
+        self._notify()
+
     def _save(self) -> None:
         """Record every process and its ports, so a lockgate restarted after a crash can adopt them."""
         clusters = {c.name: {"xds_port": c.xds_port, "ingress_port": c.ingress.port, "ingress_admin": c.admin_port,
-                             "ingress_pid": c.envoy.pid, "eastwest_port": c.eastwest.port,
-                             "eastwest_admin": c.eastwest_admin, "eastwest_pid": c.eastwest_envoy.pid}
+                             "ingress_pid": c.envoy.pid, "ingress_started": c.envoy.started,
+                             "eastwest_port": c.eastwest.port, "eastwest_admin": c.eastwest_admin,
+                             "eastwest_pid": c.eastwest_envoy.pid, "eastwest_started": c.eastwest_envoy.started,
+                             "prometheus_port": c.prometheus.port if c.prometheus else None}
                     for c in self._clusters.values()}
         instances = {inst.sidecar.node_id: {  # leaving ones too: a crash before they stop must not orphan them
             "fingerprint": inst.fingerprint, "inbound": inst.sidecar.inbound_port,
             "outbound": inst.sidecar.outbound_port, "app_port": inst.sidecar.app_port, "admin": inst.admin_port,
             "app_pid": inst.app.pid, "envoy_pid": inst.envoy.pid, "xds_port": self._clusters[inst.cluster].xds_port,
+            "app_started": inst.app.started, "envoy_started": inst.envoy.started,
             "argv": list(inst.app.argv),
         } for inst in [*self._leaving, *self._instances.values()]}
         # Records of processes not (yet) taken over stay until the orphan check has dealt with them.
@@ -132,13 +128,13 @@ class LocalRuntime:
             instances = {**self._records["instances"], **instances}
         write_json(self.state_dir / PROCESSES_FILE, {"clusters": clusters, "instances": instances})
 
-    def previous_xds_port(self, cluster: str) -> int | None:
-        """The control-plane port an earlier lockgate used for this cluster: binding it again lets the
-        gateways and sidecars it left running reconnect (their bootstrap names it)."""
+    def control_plane(self, cluster: str, *, index: int) -> Bind:
+        """The cluster's loopback address, and the control-plane port an earlier lockgate used for it:
+        binding it again lets the gateways and sidecars it left running reconnect (their bootstrap names it)."""
         port = self._records["clusters"].get(cluster, {}).get("xds_port")
-        return int(port) if port else None
+        return Bind(address=cluster_address(index), port=int(port) if port else 0)
 
-    def stop_orphans(self) -> None:
+    def _stop_orphans(self) -> None:
         """After the first apply: processes an earlier lockgate left that were not adopted are stopped
         (only if each PID still runs the command line recorded for it)."""
         if self._orphans_checked:
@@ -150,49 +146,66 @@ class LocalRuntime:
             for kind in ("ingress", "eastwest"):
                 pid = rec.get(f"{kind}_pid")
                 if pid and pid not in mine:
-                    stop_orphan(pid, self._envoy_argv(f"{name}/{kind}"))
+                    stop_orphan(pid, self._envoy_argv(f"{name}/{kind}"), started=rec.get(f"{kind}_started"))
         for node_id, rec in self._records["instances"].items():
             if rec.get("envoy_pid") and rec["envoy_pid"] not in mine:
-                stop_orphan(rec["envoy_pid"], self._envoy_argv(node_id))
+                stop_orphan(rec["envoy_pid"], self._envoy_argv(node_id), started=rec.get("envoy_started"))
             if rec.get("app_pid") and rec["app_pid"] not in mine and rec.get("argv"):
-                stop_orphan(rec["app_pid"], rec["argv"])
+                stop_orphan(rec["app_pid"], rec["argv"], started=rec.get("app_started"))
         self._save()
 
     # --- clusters -------------------------------------------------------------------------------------
 
-    async def add_cluster(self, *, name: str, address: str, xds_port: int, ingress_port: int | None) -> Gateway:
-        """Start the cluster's ingress and east-west gateways. `ingress_port` is reused if still free
-        (stable URLs)."""
+    async def add_cluster(self, *, name: str, xds: Bind) -> None:
+        """Start the cluster's ingress and east-west gateways, its service discovery and its Prometheus.
+        Ports an earlier lockgate used are reused when still free (stable URLs)."""
         if name in self._clusters:
-            return self._clusters[name].ingress
-        rec = self._records["clusters"].get(name)
-        if rec is not None and rec.get("xds_port") == xds_port:
+            return
+        address, xds_port = xds.address, xds.port
+        rec = self._records["clusters"].get(name) or {}
+        adopting = rec.get("xds_port") == xds_port and bool(rec.get("ingress_pid") or rec.get("eastwest_pid"))
+        if adopting:
             # An earlier lockgate's gateways, still serving: keep their ports and take them over.
             ingress_port, admin = rec["ingress_port"], rec["ingress_admin"]
             ew_port, ew_admin = rec["eastwest_port"], rec["eastwest_admin"]
+            self._ports |= {ingress_port, admin, ew_admin, ew_port}
         else:
-            if ingress_port is None or not port_is_free(address, ingress_port):
-                ingress_port = free_port(address, self._ports)
+            ingress_port = preferred_port(address, rec.get("ingress_port"), self._ports)
             admin, ew_admin, ew_port = (free_port(address, self._ports) for _ in range(3))
-            rec = None
-        self._ports |= {ingress_port, admin, ew_admin, ew_port}
-        node_id = f"{name}/ingress"
-        envoy = self._envoy(node_id=node_id, cluster=name, address=address, xds_port=xds_port, admin_port=admin)
-        gw = Gateway(node_id=node_id, address=address, port=ingress_port)
-        ew = Gateway(node_id=f"{name}/eastwest", address=address, port=ew_port)
+        ingress_id = str(NodeId.gateway(cluster=name, kind="ingress"))
+        envoy = self._envoy(node_id=ingress_id, cluster=name, address=address, xds_port=xds_port, admin_port=admin)
+        gw = Gateway(node_id=ingress_id, address=address, port=ingress_port)
+        ew = Gateway(node_id=str(NodeId.gateway(cluster=name, kind=EASTWEST)), address=address, port=ew_port,
+                     kind=EASTWEST)
         ew_envoy = self._envoy(node_id=ew.node_id, cluster=name, address=address, xds_port=xds_port,
                                admin_port=ew_admin)
-        self._clusters[name] = _Cluster(name, address, xds_port, gw, admin, envoy, ew, ew_admin, ew_envoy)
+        sd = DiscoveryServer(address=address, targets=lambda: scrape_targets(self.status(), name))
+        await sd.start()
+        local: LocalPrometheus | None = None
+        if self.prometheus_url is None:
+            local = LocalPrometheus(cluster=name, address=address, sd_url=sd.url, state_dir=self.state_dir,
+                                    port=preferred_port(address, rec.get("prometheus_port"), self._ports))
+            await local.start()
+        metrics = Metrics(url=local.url if local else str(self.prometheus_url), discovery=sd.url,
+                          local=local is not None)
+        self._clusters[name] = _Cluster(name, address, xds_port, gw, admin, envoy, ew, ew_admin, ew_envoy,
+                                        discovery=sd, prometheus=local, metrics=metrics)
         for sup, kind in ((envoy, "ingress"), (ew_envoy, "eastwest")):
             sup.on_start = lambda _s: self._save()
-            pid = rec.get(f"{kind}_pid") if rec else None
-            if not (pid and sup.adopt(pid)):
+            pid = rec.get(f"{kind}_pid") if adopting else None
+            if not (pid and sup.adopt(pid, started=rec.get(f"{kind}_started"))):
                 await sup.start()
         self._save()
-        return gw
+
+    def metrics(self, cluster: str) -> Metrics | None:
+        c = self._clusters.get(cluster)
+        if c is None:
+            return None
+        pid = c.prometheus.process.info.pid if c.prometheus else None
+        return Metrics(url=c.metrics.url, discovery=c.metrics.discovery, local=c.metrics.local, pid=pid)
 
     def _envoy(self, *, node_id: str, cluster: str, address: str, xds_port: int, admin_port: int) -> Supervised:
-        slug = node_id.replace("/", "_")
+        slug = NodeId.parse(node_id).slug
         cfg = self.state_dir / "envoy" / f"{slug}.json"
         cfg.parent.mkdir(parents=True, exist_ok=True)
         cfg.write_text(json.dumps(bootstrap(node_id=node_id, cluster=cluster, xds_host=address,
@@ -202,7 +215,7 @@ class LocalRuntime:
                           log_path=self.state_dir / "logs" / f"envoy-{slug}.log")
 
     def _envoy_argv(self, node_id: str) -> list[str]:
-        cfg = self.state_dir / "envoy" / f"{node_id.replace('/', '_')}.json"
+        cfg = self.state_dir / "envoy" / f"{NodeId.parse(node_id).slug}.json"
         return envoy_argv(config_path=cfg, log_level=self.envoy_log_level)
 
     # --- workloads ------------------------------------------------------------------------------------
@@ -232,15 +245,16 @@ class LocalRuntime:
             self._drains.add(task)
             task.add_done_callback(self._drains.discard)
         if gone or changed:
-            self.on_change()
+            self._changed()
         started = [self._start_instance(key, w, fp) for key, (w, fp) in desired.items() if key not in self._instances]
         await asyncio.gather(*started)
         self._save()
+        self._stop_orphans()  # what an earlier lockgate left and this revision does not want
 
     async def _start_instance(self, key: tuple[str, str, str, int], w: Workload, fp: str) -> None:
         cluster, ns, name, i = key
         c = self._clusters[cluster]
-        node_id = f"{cluster}/{ns}/{name}-{i}"
+        node_id = str(NodeId.sidecar(cluster=cluster, namespace=ns, workload=name, index=i))
         rec = self._records["instances"].get(node_id)
         argv = resolve_command(list(w.spec.command))
         adoptable = (rec is not None and rec.get("fingerprint") == fp and rec.get("xds_port") == c.xds_port
@@ -263,7 +277,7 @@ class LocalRuntime:
             "HTTP_PROXY": f"http://{sc.address}:{sc.outbound_port}",
             "http_proxy": f"http://{sc.address}:{sc.outbound_port}",
         })
-        slug = node_id.replace("/", "_")
+        slug = NodeId.parse(node_id).slug
         app = Supervised(name=f"workload {node_id}", argv=argv, env=env,
                          log_path=self.state_dir / "logs" / f"app-{slug}.log")
         envoy = self._envoy(node_id=node_id, cluster=cluster, address=c.address, xds_port=c.xds_port,
@@ -272,7 +286,8 @@ class LocalRuntime:
         app.on_exit = envoy.on_exit = lambda _s: self._unready(inst)
         app.on_start = envoy.on_start = lambda _s: self._started(inst)
         self._instances[key] = inst
-        if rec is not None and adoptable and envoy.adopt(rec["envoy_pid"]) and app.adopt(rec["app_pid"]):
+        if rec is not None and adoptable and envoy.adopt(rec["envoy_pid"], started=rec.get("envoy_started")) \
+                and app.adopt(rec["app_pid"], started=rec.get("app_started")):
             return  # both still serving: taken over as they are
         for sup in (envoy, app):
             if sup.pid is not None:  # half adopted: start the pair afresh
@@ -287,7 +302,7 @@ class LocalRuntime:
     def _unready(self, inst: _Instance) -> None:
         if inst.ready:
             inst.ready = False
-            self.on_change()
+            self._changed()
 
     def _probe(self, inst: _Instance) -> None:
         if inst.probe is not None and not inst.probe.done():
@@ -296,17 +311,18 @@ class LocalRuntime:
 
     async def _wait_ready(self, inst: _Instance) -> None:
         sc = inst.sidecar
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
         try:
-            async with asyncio.timeout(READY_TIMEOUT):
-                await _wait_tcp(sc.address, sc.app_port)
-                await wait_ready(sc.address, inst.admin_port, timeout=READY_TIMEOUT)
+            await wait_tcp(sc.address, sc.app_port, timeout=READY_TIMEOUT,
+                           name=f"{sc.node_id}'s app at {sc.address}:{sc.app_port}")
+            await wait_ready(sc.address, inst.admin_port, timeout=max(deadline - loop.time(), 0.0))
         except (TimeoutError, OSError) as exc:
-            log.warning("%s is not ready after %.0fs: %s (logs in %s)", sc.node_id, READY_TIMEOUT, exc,
-                        self.state_dir / "logs")
+            log.warning("%s is not ready: %s (logs in %s)", sc.node_id, exc, self.state_dir / "logs")
             return
         if inst.app.pid is not None and inst.envoy.pid is not None and not inst.ready:
             inst.ready = True
-            self.on_change()
+            self._changed()
 
     async def _drain(self, leaving: list[_Instance]) -> None:
         await asyncio.sleep(DRAIN_S)
@@ -333,33 +349,30 @@ class LocalRuntime:
         return ClusterTopology(
             cluster=cluster,
             ingress=c.ingress if c else None,
-            eastwest=c.eastwest if c else None,
+            gateways=(c.eastwest,) if c else (),
             sidecars=tuple(sorted((inst.sidecar for inst in mine), key=lambda s: s.node_id)),
             ready=frozenset(inst.sidecar.node_id for inst in mine if inst.ready),
         )
 
-    def describe(self) -> dict[str, Any]:
-        """Processes, for the status file."""
-        proxies: dict[str, dict[str, Any]] = {}
+    def status(self) -> RuntimeStatus:
+        proxies: dict[str, ProxyProcess] = {}
         workloads = []
         for c in self._clusters.values():
             gateways = ((c.ingress, c.envoy, c.admin_port), (c.eastwest, c.eastwest_envoy, c.eastwest_admin))
             for gw, sup, admin in gateways:
-                proxies[gw.node_id] = {"pid": sup.info.pid, "state": sup.info.state, "restarts": sup.info.restarts,
-                                       "admin": f"{c.address}:{admin}"}
+                proxies[gw.node_id] = ProxyProcess(pid=sup.info.pid, state=sup.info.state,
+                                                   restarts=sup.info.restarts, admin=f"{c.address}:{admin}")
         for inst in self._instances.values():
             sc = inst.sidecar
-            proxies[sc.node_id] = {"pid": inst.envoy.info.pid, "state": inst.envoy.info.state,
-                                   "restarts": inst.envoy.info.restarts,
-                                   "admin": f"{sc.address}:{inst.admin_port}"}
-            workloads.append({
-                "id": sc.node_id, "cluster": inst.cluster, "namespace": sc.namespace, "service": sc.service,
-                "version": sc.version, "workload": sc.workload, "pid": inst.app.info.pid,
-                "state": inst.app.info.state, "restarts": inst.app.info.restarts, "ready": inst.ready,
-                "address": f"{sc.address}:{sc.app_port}", "endpoint": f"{sc.address}:{sc.inbound_port}",
-                "httpProxy": f"http://{sc.address}:{sc.outbound_port}",
-            })
-        return {"proxies": proxies, "workloads": workloads}
+            proxies[sc.node_id] = ProxyProcess(pid=inst.envoy.info.pid, state=inst.envoy.info.state,
+                                               restarts=inst.envoy.info.restarts,
+                                               admin=f"{sc.address}:{inst.admin_port}")
+            workloads.append(WorkloadInstance(
+                id=sc.node_id, cluster=inst.cluster, namespace=sc.namespace, service=sc.service,
+                version=sc.version, workload=sc.workload, pid=inst.app.info.pid, state=inst.app.info.state,
+                restarts=inst.app.info.restarts, ready=inst.ready, address=f"{sc.address}:{sc.app_port}",
+                endpoint=f"{sc.address}:{sc.inbound_port}", http_proxy=f"http://{sc.address}:{sc.outbound_port}"))
+        return RuntimeStatus(proxies=proxies, workloads=workloads)
 
     async def close(self) -> None:
         """Stop every process this runtime started: workloads first, then their sidecars, then gateways."""
@@ -374,20 +387,15 @@ class LocalRuntime:
         await stop_all([inst.app for inst in self._instances.values()])
         await stop_all([inst.envoy for inst in self._instances.values()]
                        + [e for c in self._clusters.values() for e in (c.envoy, c.eastwest_envoy)])
+        for c in self._clusters.values():
+            await c.discovery.stop()
+            if c.prometheus is not None:
+                await c.prometheus.stop()
+        # Nothing left running, so nothing to adopt; the ports stay as preferences (stable URLs next time).
+        preferred = {c.name: {"xds_port": c.xds_port, "ingress_port": c.ingress.port,
+                              "prometheus_port": c.prometheus.port if c.prometheus else None}
+                     for c in self._clusters.values()}
         self._instances.clear()
         self._clusters.clear()
         self._orphans_checked = True
-        self._save()  # nothing left running: nothing to adopt
-
-
-async def _wait_tcp(address: str, port: int, interval: float = 0.025) -> None:
-    while True:
-        try:
-            _, writer = await asyncio.open_connection(address, port)
-        except OSError:
-            await asyncio.sleep(interval)
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return
+        write_json(self.state_dir / PROCESSES_FILE, {"clusters": preferred, "instances": {}})

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped, unused-ignore]  # typed by types-psutil where installed
+import psutil
 
 log = logging.getLogger(__name__)
 _SETPRIV = shutil.which("setpriv")

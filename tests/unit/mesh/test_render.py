@@ -82,31 +82,34 @@ def test_duration(ms: int, text: str) -> None:
     assert duration(ms) == text
 
 
-def test_rollout_weights_replace_the_default_rule_only() -> None:
-    from mesh.intent import Destination
+def test_a_gateway_of_an_unknown_kind_gets_an_empty_configuration_unless_an_extension_renders_it() -> None:
+    from typing import Any
 
-    loaded = load(read_worktree(GOLDEN / "matches"))
+    from mesh.intent import Intent
+    from mesh.render import Extension, GatewayResources
+
+    loaded = load(read_worktree(GOLDEN / "template"))
     assert loaded.intent is not None
-    weights = {("shop", "reviews"): [Destination(version="v1", weight=90), Destination(version="v3", weight=10)]}
-    snap = render(intent=loaded.intent, topology=topology(), weights=weights)["east/ingress"]
-    vhost = next(v for v in snap.items(ROUTE)["ingress"]["virtual_hosts"] if v["name"] == "reviews.shop")
-    by_name = {r["name"]: r["route"] for r in vhost["routes"]}
-    assert by_name["default"]["weighted_clusters"]["clusters"] == [
-        {"name": "outbound|reviews.shop|v1", "weight": 90}, {"name": "outbound|reviews.shop|v3", "weight": 10}]
-    assert by_name["default"]["timeout"] == "2s"  # the rest of the rule stays
-    assert by_name["exact"] == {"cluster": "outbound|reviews.shop|v1"}  # rules with matches stay
-    # A service without a Route gets the override as its only rule.
-    weights = {("data", "ratings"): [Destination(version="v1", weight=100)]}
-    side = render(intent=loaded.intent, topology=topology(), weights=weights)["east/shop/frontend-v1-0"]
-    vh = next(v for v in side.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "ratings.data")
-    assert vh["routes"][0]["route"] == {"cluster": "outbound|ratings.data|v1"}
+    egress_gw = Gateway("east/egress", "127.0.1.1", 15000, kind="eastwest")
+    topo = ClusterTopology(cluster="east", ingress=topology().ingress, gateways=(egress_gw,))
+    plain = render(intent=loaded.intent, topology=topo)["east/egress"]
+    assert plain.items(LISTENER) == {} and plain.items(CLUSTER) == {}  # answered, with nothing
+
+    class Egress(Extension):
+        def gateway(self, proxy: Gateway, *, intent: Intent, topology: ClusterTopology) -> GatewayResources | None:
+            listener: dict[str, Any] = {"name": "egress", "address": {"socket_address": {
+                "address": proxy.address, "port_value": proxy.port}}, "filter_chains": []}
+            return GatewayResources(listeners=[listener]) if proxy.kind == "eastwest" else None
+
+    made = render(intent=loaded.intent, topology=topo, extensions=[Egress()])["east/egress"]
+    assert list(made.items(LISTENER)) == ["egress"]
 
 
 def test_extensions_see_every_resource_and_add_secrets() -> None:
     from typing import Any
 
     from mesh.render import Extension, Proxy
-    from mesh.xds.snapshot import LISTENER, SECRET
+    from mesh.xds.snapshot import SECRET
 
     class Tag(Extension):
         def listener(self, proxy: Proxy, listener: dict[str, Any]) -> dict[str, Any]:
@@ -148,42 +151,3 @@ def test_render_cache_changes_the_work_not_the_result() -> None:
     # Sidecars of one namespace share one route configuration object.
     sidecars = [s for n, s in second.items() if n.startswith("east/shop/")]
     assert len({id(s.items(ROUTE)["outbound"]) for s in sidecars}) == 1
-
-
-def test_other_clusters_are_failover_through_their_east_west_gateways() -> None:
-    from mesh.render import sni
-    from mesh.topology import RemoteCluster
-
-    loaded = load(read_worktree(GOLDEN / "template"))
-    assert loaded.intent is not None
-    base = topology()
-    west = RemoteCluster(cluster="west", address="127.0.2.1", port=15443,
-                         instances=((("shop", "reviews", "v1"), 2), (("shop", "reviews", "v2"), 1)))
-    ew = Gateway("east/eastwest", "127.0.1.1", 15443)
-    ready = base.ready - {"east/shop/reviews-v2-0"}  # east's v2 instance is not ready
-    topo = ClusterTopology(cluster="east", ingress=base.ingress, sidecars=base.sidecars, ready=ready,
-                           eastwest=ew, remotes=(west,))
-    snaps = render(intent=loaded.intent, topology=topo)
-    eds = snaps["east/ingress"].items(ENDPOINT)
-    v1 = eds[cluster_name("shop", "reviews", "v1")]["endpoints"]
-    # Local instance first (priority 0), the other cluster's gateway as failover, weighted by its instances.
-    assert [(g.get("priority", 0), g["locality"]["zone"], len(g["lb_endpoints"])) for g in v1] == [
-        (0, "east", 1), (1, "west", 1)]
-    assert v1[1]["lb_endpoints"][0]["load_balancing_weight"] == 2
-    assert v1[1]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] == {"address": "127.0.2.1",
-                                                                                 "port_value": 15443}
-    # A version with no ready local instance goes to the other cluster, at priority 0.
-    v2 = eds[cluster_name("shop", "reviews", "v2")]["endpoints"]
-    assert [(g["priority"], g["locality"]["zone"]) for g in v2] == [(0, "west")]
-    # A service the other cluster does not run has no remote endpoints at all.
-    fe = eds[cluster_name("shop", "frontend", "v1")]["endpoints"]
-    assert all("priority" not in g for g in fe)
-    # This cluster's gateway passes TLS through by SNI, to local instances only.
-    gw = snaps["east/eastwest"]
-    [listener] = gw.items(LISTENER).values()
-    names = [c["filter_chain_match"]["server_names"][0] for c in listener["filter_chains"]]
-    assert sni("shop", "reviews", "v1") in names and sni("shop", "reviews", None) in names
-    assert all(not n.startswith("outbound|") for n in gw.items(CLUSTER))  # never onward to another cluster
-    gw.consistent()
-    for snap in snaps.values():
-        snap.consistent()

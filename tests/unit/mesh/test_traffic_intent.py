@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import pytest
 
-from mesh.intent import Destination, ResourceBase, Route, TrafficPolicy
+from mesh.intent import Destination, Intent, ResourceBase, Route, TrafficPolicy
 from mesh.render import egress_key, fractional, render
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.validate import validate
@@ -143,17 +143,27 @@ def test_a_policy_that_sets_nothing_is_a_warning() -> None:
         "policy.yaml:4: warning: spec: sets nothing: give loadBalancer, connectionPool or outlierDetection"]
 
 
+def _default_rule(intent: Intent, destinations: list[Destination]) -> Intent:
+    """carts.data's Route with these destinations in its catch-all rule (as a person, or a rollout, writes)."""
+    route = intent.routes[("data", "carts")]
+    http = [r.model_copy(update={"route": destinations}) if not r.match else r for r in route.spec.http]
+    routes = {**intent.routes, ("data", "carts"): route.model_copy(
+        update={"spec": route.spec.model_copy(update={"http": http})})}
+    return intent.model_copy(update={"routes": routes})
+
+
 def test_hash_policy_follows_the_destinations_ring_hash_clusters() -> None:
     loaded = load(read_worktree(GOLDEN / "policy"))
     assert loaded.intent is not None
-    # A rollout's weights for carts (v1 cookie-hashed, v2 RANDOM): only v1's key is carried.
-    weights = {("data", "carts"): [Destination(version="v1", weight=10), Destination(version="v2", weight=90)]}
-    snap = render(intent=loaded.intent, topology=topology(), weights=weights)["east/shop/frontend-v1-0"]
+    # Weights for carts (v1 cookie-hashed, v2 RANDOM): only v1's key is carried.
+    weighted = _default_rule(loaded.intent, [Destination(version="v1", weight=10),
+                                             Destination(version="v2", weight=90)])
+    snap = render(intent=weighted, topology=topology())["east/shop/frontend-v1-0"]
     vhost = next(v for v in snap.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "carts.data")
     default = vhost["routes"][-1]["route"]
     assert default["hash_policy"] == [{"cookie": {"name": "session", "ttl": "3600s", "path": "/"}}]
-    weights = {("data", "carts"): [Destination(version="v2", weight=100)]}
-    snap = render(intent=loaded.intent, topology=topology(), weights=weights)["east/shop/frontend-v1-0"]
+    weighted = _default_rule(loaded.intent, [Destination(version="v2", weight=100)])
+    snap = render(intent=weighted, topology=topology())["east/shop/frontend-v1-0"]
     vhost = next(v for v in snap.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "carts.data")
     assert "hash_policy" not in vhost["routes"][-1]["route"]
 

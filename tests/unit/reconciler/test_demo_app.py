@@ -186,7 +186,7 @@ def test_identity_comes_from_env(start: Callable[..., DemoServer]) -> None:
     assert status == 200
     assert body == {
         "service": "reviews", "version": "v2", "cluster": "east", "namespace": "shop",
-        "instance": "reviews-7", "path": "/a/b?c=1", "method": "POST",
+        "instance": "reviews-7", "path": "/a/b?c=1", "method": "POST", "forwardedFor": None,
     }
     assert headers["content-type"] == "application/json"
     assert headers["x-lockgate-version"] == "v2"

@@ -61,12 +61,16 @@ def test_missing_prometheus_names_the_install_command(monkeypatch: pytest.Monkey
 
 
 def test_discovery_targets_label_every_proxy_of_the_cluster() -> None:
-    describe = {
-        "proxies": {"east/ingress": {"admin": "127.0.1.1:1"}, "east/shop/reviews-v2-0": {"admin": "127.0.1.1:2"},
-                    "west/ingress": {"admin": "127.0.2.1:3"}},
-        "workloads": [{"id": "east/shop/reviews-v2-0", "service": "reviews", "version": "v2", "namespace": "shop"}],
-    }
-    assert scrape_targets(describe, "east") == [
+    from reconciler.runtime.base import ProxyProcess, RuntimeStatus, WorkloadInstance
+
+    status = RuntimeStatus(
+        proxies={"east/ingress": ProxyProcess(admin="127.0.1.1:1"), "east/shop/reviews-v2-0": ProxyProcess(
+            admin="127.0.1.1:2"), "west/ingress": ProxyProcess(admin="127.0.2.1:3"),
+            "east/eastwest": ProxyProcess(admin=None)},
+        workloads=[WorkloadInstance(id="east/shop/reviews-v2-0", cluster="east", namespace="shop", service="reviews",
+                                    version="v2", workload="reviews-v2", ready=True, address="", endpoint="",
+                                    http_proxy="")])
+    assert scrape_targets(status, "east") == [
         {"targets": ["127.0.1.1:1"], "labels": {"__metrics_path__": "/stats/prometheus", "cluster": "east",
                                                 "node": "east/ingress", "kind": "ingress"}},
         {"targets": ["127.0.1.1:2"], "labels": {"__metrics_path__": "/stats/prometheus", "cluster": "east",

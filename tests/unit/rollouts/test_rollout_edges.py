@@ -124,7 +124,7 @@ def _ingress_routes(rollout: str, state: RolloutState) -> list[dict[str, object]
     loaded = load(files(rollout))
     assert loaded.intent is not None, loaded.problems
     shaped = overlay(loaded.intent, {("shop", "reviews"): state})
-    snaps = render(intent=shaped.intent, topology=_topology(), weights=shaped.weights, extensions=shaped.extensions)
+    snaps = render(intent=shaped, topology=_topology())
     routes = snaps["east/ingress"].resources[ROUTE]["ingress"]
     vhost = next(v for v in routes["virtual_hosts"] if v["name"] == "reviews.shop")
     return list(vhost["routes"])
@@ -136,6 +136,30 @@ def test_overlay_canary_weights_replace_the_default_rule() -> None:
     clusters = route["route"]["weighted_clusters"]["clusters"]  # type: ignore[index]
     assert [(c["name"], c["weight"]) for c in clusters] == [("outbound|reviews.shop|v1", 90),
                                                             ("outbound|reviews.shop|v2", 10)]
+
+
+def test_overlay_writes_weights_into_a_copy_of_the_default_rule_only() -> None:
+    from mesh.intent import HTTPMatch, HTTPRule, Route, StringMatch
+
+    loaded = load(files())
+    assert loaded.intent is not None, loaded.problems
+    route = loaded.intent.routes[("shop", "reviews")]
+    exact = HTTPRule(name="exact", match=[HTTPMatch(uri=StringMatch(exact="/pinned"))],
+                     route=[{"version": "v1"}])  # type: ignore[list-item]
+    default = next(r for r in route.spec.http if not r.match).model_copy(update={"timeout": "2s"})
+    edited: Route = route.model_copy(update={"spec": route.spec.model_copy(update={"http": [exact, default]})})
+    intent = loaded.intent.model_copy(update={"routes": {**loaded.intent.routes, ("shop", "reviews"): edited}})
+    st = RolloutState(phase="progressing", stable="v1", canary="v2", observed_canary="v2", weight=10)
+    shaped = overlay(intent, {("shop", "reviews"): st})
+    assert intent.routes[("shop", "reviews")] is edited  # the intent itself is untouched
+    rules = shaped.routes[("shop", "reviews")].spec.http
+    assert rules[0] == exact  # rules with matches stay as written
+    assert [(d.version, d.weight) for d in rules[1].route] == [("v1", 90), ("v2", 10)]
+    assert rules[1].timeout == "2s"  # the rest of the default rule stays
+    # A governed service without a Route gets one, with the weights as its only rule.
+    bare = intent.model_copy(update={"routes": {k: v for k, v in intent.routes.items() if k != ("shop", "reviews")}})
+    [rule] = overlay(bare, {("shop", "reviews"): st}).routes[("shop", "reviews")].spec.http
+    assert rule.name == "default" and [(d.version, d.weight) for d in rule.route] == [("v1", 90), ("v2", 10)]
 
 
 def test_overlay_ab_sends_only_matching_requests_to_the_canary() -> None:

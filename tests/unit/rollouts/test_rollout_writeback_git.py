@@ -9,20 +9,14 @@ from pathlib import Path
 import pygit2
 
 from reconciler.rollout.controller import RolloutController
-from reconciler.runtime.local.runtime import LocalRuntime
 from reconciler.source.git import Pygit2Source, init_repo
 from reconciler.state import read_json, write_json
 from rollouts.advance import Decision, RolloutState
+from tests.fixtures.intents import rollout_yaml
+from tests.fixtures.runtime import FakeRuntime
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
-ROLLOUT = """apiVersion: lockgate.io/v1alpha1
-kind: Rollout
-metadata: {name: reviews, namespace: shop}
-spec:
-  service: reviews
-  stable: v1
-  canary: v2
-"""
+ROLLOUT = rollout_yaml()
 HUMAN = ("dev", "dev@example.org")
 
 
@@ -49,7 +43,7 @@ def _setup(tmp_path: Path, human: Mapping[str, bytes]) -> tuple[RacingSource, Ro
     source = RacingSource(pygit2.Repository(str(repo)), branch="main", location=str(repo), url=None)
     source.human = human
     ctl = RolloutController(state_dir=tmp_path / "state", source=source,
-                            runtime=LocalRuntime(state_dir=tmp_path / "state", on_change=lambda: None),
+                            runtime=FakeRuntime(),
                             on_change=lambda: None)
     decision = Decision(action="promote", at=1.0, reasons=("analysis passed",),
                         state=RolloutState(phase="promoted", stable="v2", canary="v2", observed_canary="v2"))
@@ -82,7 +76,7 @@ def test_an_outcome_not_yet_committed_is_committed_after_a_restart(tmp_path: Pat
               "writeBackPending": {"stableBefore": "v1"}}
     write_json(tmp_path / "state" / "rollouts" / "shop.reviews.json", record)
     restarted = RolloutController(state_dir=tmp_path / "state", source=source,
-                                  runtime=LocalRuntime(state_dir=tmp_path / "state", on_change=lambda: None),
+                                  runtime=FakeRuntime(),
                                   on_change=lambda: None)
     restarted._retry_write_back(("shop", "reviews"))
     assert source.log("HEAD", limit=1)[0].message.startswith("rollout shop/reviews: promote v2")

@@ -1,0 +1,189 @@
+"""What every part of one render shares: the extension hooks, the per-render memo, the cross-render cache.
+
+Also the small value helpers (durations, percentages) that listeners, routes and clusters all need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.intent import Intent, PolicySettings, parse_duration_ms
+from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.xds.snapshot import ResourceSet
+
+Proxy = Sidecar | Gateway
+
+
+class Extension:
+    """Hooks through which higher layers (policies, multicluster) shape what render produces.
+
+    Each hook gets one resource as rendered so far and returns it (changed or not); this base class
+    changes nothing. Hooks must be pure, like render itself.
+    """
+
+    def listener(self, proxy: Proxy, listener: dict[str, Any]) -> dict[str, Any]:
+        return listener
+
+    def cluster(self, proxy: Proxy, cluster: dict[str, Any]) -> dict[str, Any]:
+        return cluster
+
+    clusters_per_proxy: bool = False
+    """Set True if `cluster()` depends on the proxy. Otherwise render calls it once per cluster per
+    render and shares the result between proxies (what keeps a thousand-service mesh cheap)."""
+
+    def fingerprint(self) -> object:
+        """Equal fingerprints promise equal `cluster()` results for the same input, so results can be
+        reused across renders. The default (the instance itself) reuses them within one render only."""
+        return self
+
+    def route(self, proxy: Proxy, *, namespace: str, service: str, rule: str,
+              route: dict[str, Any]) -> dict[str, Any]:
+        return route
+
+    routes_per_proxy: bool = False
+    """Set True if `route()` depends on the proxy; otherwise it runs once per route entry per render."""
+
+    def secrets(self, proxy: Proxy) -> list[dict[str, Any]]:
+        return []
+
+    def endpoints(self, cla: dict[str, Any], *, namespace: str, service: str, version: str | None
+                  ) -> dict[str, Any]:
+        """One ClusterLoadAssignment of this cluster's instances (`version` None: every version). Endpoints
+        are shared by every proxy of a cluster, so this hook cannot depend on the proxy; results are reused
+        across renders while `fingerprint()` is equal."""
+        return cla
+
+    def gateway(self, proxy: Gateway, *, intent: Intent, topology: ClusterTopology) -> GatewayResources | None:
+        """The whole configuration of a gateway whose kind render does not know (render knows `ingress`);
+        None: not this extension's kind."""
+        return None
+
+
+@dataclass(frozen=True)
+class GatewayResources:
+    """What an extension renders for a gateway of its own kind."""
+
+    listeners: Sequence[dict[str, Any]] = ()
+    clusters: Sequence[dict[str, Any]] = ()
+    endpoints: Sequence[dict[str, Any]] = ()
+
+
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+
+FAULT_FILTER = "envoy.filters.http.fault"
+
+
+FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+
+
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+ADS = {"ads": {}, "resource_api_version": "V3"}
+
+
+NOT_FOUND_BODY = "lockgate: no route for this host\n"
+
+
+@dataclass
+class Shared:
+    """What every proxy of one render shares: route entries per service, virtual hosts and route
+    configurations. Sharing objects is what makes a big mesh cheap: each is built, hashed and
+    serialised once, however many proxies carry it (per-resource digests are memoised by identity)."""
+
+    intent: Intent
+    cache: RenderCache
+    prints: tuple[object, ...] = ()
+    hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = field(default_factory=dict)
+    routes: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
+    vhosts: dict[tuple[str, str, bool], dict[str, Any]] = field(default_factory=dict)
+    faults: dict[tuple[str, str], bool] = field(default_factory=dict)
+    hooked_routes: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
+    """This render's outbound route configurations, by (namespace, reach)."""
+
+
+@dataclass(frozen=True)
+class Ctx:
+    extensions: Sequence[Extension]
+    proxy: Proxy
+    shared: Shared
+
+    @property
+    def intent(self) -> Intent:
+        return self.shared.intent
+
+    def listener(self, res: dict[str, Any]) -> dict[str, Any]:
+        for ext in self.extensions:
+            res = ext.listener(self.proxy, res)
+        return res
+
+    def cluster(self, res: dict[str, Any]) -> dict[str, Any]:
+        for ext in self.extensions:
+            res = ext.cluster(self.proxy, res)
+        return res
+
+    def route(self, res: dict[str, Any], *, namespace: str, service: str, rule: str) -> dict[str, Any]:
+        for ext in self.extensions:
+            res = ext.route(self.proxy, namespace=namespace, service=service, rule=rule, route=res)
+        return res
+
+    def secrets(self) -> list[dict[str, Any]]:
+        return [s for ext in self.extensions for s in ext.secrets(self.proxy)]
+
+
+class RenderCache:
+    """What one render leaves for the next: per-service outputs with the inputs they came from.
+
+    A render given the cache reuses an output whenever its inputs are equal, so a one-route commit
+    rebuilds that route and the few objects that hold it, and every unchanged resource keeps its
+    identity (and with it its digest, its serialised form and the versions of the sets holding it).
+    The output is the same as without the cache; only the work differs."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], tuple[tuple[Any, ...], list[tuple[str, dict[str, Any]]]]] = {}
+        self.clusters: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[list[Any], list[Any]]]] = {}
+        # Identity-keyed entries hold the objects themselves (compared with `is`), never bare ids: a freed
+        # object's id can be reused by a different one.
+        self.vhosts: dict[tuple[str, str, bool], tuple[tuple[object, ...], dict[str, Any]]] = {}
+        self.configs: dict[Any, tuple[tuple[object, ...], dict[str, Any]]] = {}
+        self.sets: dict[Any, tuple[tuple[object, ...], ResourceSet]] = {}
+        self.hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = {}
+
+
+def shared_set(cache: RenderCache, memo: Any, items: list[dict[str, Any]], *, key: str = "name") -> ResourceSet:
+    """One ResourceSet for identical item lists (by identity), kept across renders."""
+    hit = cache.sets.get(memo)
+    if hit is not None and same(hit[0], items):
+        return hit[1]
+    made = ResourceSet(items, key=key)
+    cache.sets[memo] = (tuple(items), made)
+    return made
+
+
+def same(a: Sequence[object], b: Sequence[object]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def duration(ms: int) -> str:
+    """Milliseconds -> protobuf JSON Duration (`2s`, `0.250s`)."""
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms // 1000}.{ms % 1000:03d}s"
+
+
+def duration_field(text: str) -> str:
+    return duration(parse_duration_ms(text))
+
+
+def fractional(percentage: float) -> dict[str, Any]:
+    """0-100 -> Envoy FractionalPercent: per hundred when whole, else per million (1/10000 of a percent)."""
+    if percentage == int(percentage):
+        return {"numerator": int(percentage), "denominator": "HUNDRED"}
+    return {"numerator": round(percentage * 10_000), "denominator": "MILLION"}
+
+
+def service_policy(intent: Intent, ns: str, svc: str, version: str | None) -> PolicySettings | None:
+    tp = intent.traffic_policies.get((ns, svc))
+    return tp.spec.settings(version) if tp is not None else None

@@ -1,0 +1,323 @@
+"""Route configurations: Istio VirtualService semantics as Envoy routes, shared between proxies.
+
+A service's route entries are built once per render (once per proxy only where an extension says its
+route hook depends on the proxy) and reused across renders while their inputs are equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mesh.intent import (
+    REDIRECT_CODES,
+    Fault,
+    HeaderOperations,
+    HTTPMatch,
+    HTTPRule,
+    PresenceMatch,
+    Retries,
+    Route,
+    Service,
+    StringMatch,
+)
+from mesh.names import cluster_name
+from mesh.render.context import (
+    FAULT,
+    FAULT_FILTER,
+    NOT_FOUND_BODY,
+    Ctx,
+    duration_field,
+    fractional,
+    same,
+    service_policy,
+    shared_set,
+)
+from mesh.topology import Sidecar
+from mesh.xds.snapshot import ResourceSet
+
+
+def route_config(name: str, vhosts: list[dict[str, Any]]) -> dict[str, Any]:
+    catch_all = {
+        "name": "not-found",
+        "domains": ["*"],
+        "routes": [{"match": {"prefix": "/"},
+                    "direct_response": {"status": 404, "body": {"inline_string": NOT_FOUND_BODY}}}],
+    }
+    return {"name": name, "virtual_hosts": [*vhosts, catch_all]}
+
+
+def inbound_routes() -> dict[str, Any]:
+    return {
+        "name": "inbound",
+        "virtual_hosts": [{
+            "name": "inbound",
+            "domains": ["*"],
+            # The caller's proxy already enforced the route timeout; do not add a second one here.
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inbound|app", "timeout": "0s"}}],
+        }],
+    }
+
+
+def ingress_vhosts(ctx: Ctx) -> list[dict[str, Any]]:
+    vhosts = []
+    for (ns, svc), route in sorted(ctx.intent.routes.items()):
+        if route.spec.hosts:
+            domains = sorted({d for h in route.spec.hosts for d in (h, f"{h}:*")})
+            vhosts.append({"name": f"{svc}.{ns}", "domains": domains, "routes": _routes(ctx, route, ns, svc)})
+    return vhosts
+
+
+def outbound_config(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> ResourceSet:
+    """The sidecar's outbound route configuration: one shared set for every sidecar of the same namespace
+    and egress (unless an extension's route hook depends on the proxy), kept across renders while its
+    virtual hosts are the same objects."""
+    key = (me.namespace, tuple(sorted(reach)))
+    if any(ext.routes_per_proxy for ext in ctx.extensions):
+        return ResourceSet([route_config("outbound", _mesh_vhosts(ctx, me, key[1]))])
+    found = ctx.shared.configs.get(key)
+    if found is None:
+        vhosts = _mesh_vhosts(ctx, me, key[1])
+        prev = ctx.shared.cache.configs.get(key)
+        config = prev[1] if prev is not None and same(prev[0], vhosts) else route_config("outbound", vhosts)
+        ctx.shared.cache.configs[key] = (tuple(vhosts), config)
+        found = ctx.shared.configs[key] = config
+    return shared_set(ctx.shared.cache, ("routes", key), [found])
+
+
+def _mesh_vhosts(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    """One virtual host per Service it may call, addressed as `svc.ns` (and `svc` inside its own namespace).
+
+    Route entries after the extensions' hooks are computed once per service per render (per proxy only
+    when a hook says it depends on the proxy); a virtual host is reused across renders while its entries
+    are the same objects."""
+    per_proxy = any(ext.routes_per_proxy for ext in ctx.extensions)
+    vhosts = []
+    for ns, svc in reach:
+        local = ns == me.namespace
+        routes = _hooked_routes(ctx, ns, svc, per_proxy=per_proxy)
+        memo_key = (ns, svc, local)
+        vhost = None if per_proxy else ctx.shared.vhosts.get(memo_key)
+        if vhost is None:
+            prev = ctx.shared.cache.vhosts.get(memo_key)
+            reuse = prev is not None and same(prev[0], routes)
+            vhost = prev[1] if prev is not None and reuse else _vhost(ns, svc, local, routes)
+            if not per_proxy:
+                ctx.shared.cache.vhosts[memo_key] = (tuple(routes), vhost)
+                ctx.shared.vhosts[memo_key] = vhost
+        vhosts.append(vhost)
+    return vhosts
+
+
+def _hooked_routes(ctx: Ctx, ns: str, svc: str, *, per_proxy: bool) -> list[dict[str, Any]]:
+    found = None if per_proxy else ctx.shared.hooked_routes.get((ns, svc))
+    if found is None:
+        base = _service_routes(ctx, ns, svc)
+        found = [ctx.route(entry, namespace=ns, service=svc, rule=rule) for rule, entry in base]
+        if not per_proxy:
+            ctx.shared.hooked_routes[(ns, svc)] = found
+    return found
+
+
+def _vhost(ns: str, svc: str, local: bool, routes: list[dict[str, Any]]) -> dict[str, Any]:
+    names = [f"{svc}.{ns}"] + ([svc] if local else [])
+    return {"name": f"{svc}.{ns}", "domains": sorted({d for n in names for d in (n, f"{n}:*")}), "routes": routes}
+
+
+def _service_routes(ctx: Ctx, ns: str, svc: str) -> list[tuple[str, dict[str, Any]]]:
+    """(rule name, route entry) of one service, before extensions: built once per render."""
+    found = ctx.shared.routes.get((ns, svc))
+    if found is None:
+        route = ctx.intent.routes.get((ns, svc))
+        service = ctx.intent.services[(ns, svc)]
+        inputs = (route, service, ctx.intent.traffic_policies.get((ns, svc)))
+        prev = ctx.shared.cache.routes.get((ns, svc))
+        if prev is not None and prev[0] == inputs:
+            found = prev[1]
+        else:
+            found = _base_routes(ctx, route, ns, svc) if route else _default_base(ctx, service)
+            ctx.shared.cache.routes[(ns, svc)] = (inputs, found)
+        ctx.shared.routes[(ns, svc)] = found
+    return found
+
+
+def _default_base(ctx: Ctx, service: Service) -> list[tuple[str, dict[str, Any]]]:
+    """No Route: every version's instances share the traffic, as in Istio without a VirtualService."""
+    ns, svc = service.metadata.namespace, service.metadata.name
+    entry = {"name": "default", "match": {"prefix": "/"}, "route": _action(ctx, HTTPRule(), ns, svc)}
+    return [("default", entry)]
+
+
+def default_rule_index(route: Route) -> int | None:
+    """The catch-all: the first rule without match conditions (the rule a Rollout's weights govern)."""
+    return next((i for i, rule in enumerate(route.spec.http) if not rule.match), None)
+
+
+def _routes(ctx: Ctx, route: Route, ns: str, svc: str) -> list[dict[str, Any]]:
+    return [ctx.route(entry, namespace=ns, service=svc, rule=rule) for rule, entry in _service_routes(ctx, ns, svc)]
+
+
+def _base_routes(ctx: Ctx, route: Route, ns: str, svc: str) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for i, rule in enumerate(route.spec.http):
+        body = _rule_body(ctx, rule, ns, svc)
+        name = rule.name or f"rule-{i}"
+        for j, match in enumerate(rule.match or [HTTPMatch()]):
+            entry: dict[str, Any] = {"match": _match(match), **body}
+            entry["name"] = name if len(rule.match) <= 1 else f"{name}-{j}"
+            out.append((name, entry))
+    return out
+
+
+def _rule_body(ctx: Ctx, rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
+    """Everything of a route entry but its name and match: the action, header edits, the fault."""
+    body: dict[str, Any]
+    if rule.redirect is not None:
+        r = rule.redirect
+        body = {"redirect": {
+            **({"path_redirect": r.uri} if r.uri is not None else {}),
+            **({"host_redirect": r.authority} if r.authority is not None else {}),
+            "response_code": REDIRECT_CODES[r.redirect_code],
+        }}
+    elif rule.direct_response is not None:
+        d = rule.direct_response
+        body = {"direct_response": {"status": d.status,
+                                    **({"body": {"inline_string": d.body}} if d.body is not None else {})}}
+    else:
+        body = {"route": _action(ctx, rule, ns, svc)}
+    if rule.headers is not None:
+        for side, ops in (("request", rule.headers.request), ("response", rule.headers.response)):
+            if ops is not None:
+                body.update(_header_operations(side, ops))
+    if rule.fault is not None:
+        body["typed_per_filter_config"] = {FAULT_FILTER: _fault(rule.fault)}
+    return body
+
+
+def _action(ctx: Ctx, rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
+    live = [d for d in rule.route if d.weight > 0]
+    action: dict[str, Any]
+    if not live:  # a rollout-governed rule before the rollout state exists: every version shares
+        action = {"cluster": cluster_name(ns, svc)}
+    elif len(live) == 1:
+        action = {"cluster": cluster_name(ns, svc, live[0].version)}
+    else:
+        action = {"weighted_clusters": {"clusters": [
+            {"name": cluster_name(ns, svc, d.version), "weight": d.weight} for d in live]}}
+    if rule.rewrite is not None:
+        if rule.rewrite.uri is not None:
+            action["prefix_rewrite"] = rule.rewrite.uri
+        if rule.rewrite.authority is not None:
+            action["host_rewrite_literal"] = rule.rewrite.authority
+    if rule.timeout is not None:
+        action["timeout"] = duration_field(rule.timeout)
+    if rule.retries is not None:
+        action["retry_policy"] = _retry_policy(rule.retries)
+    if rule.mirror is not None:
+        mirror: dict[str, Any] = {"cluster": cluster_name(ns, svc, rule.mirror.version)}
+        if rule.mirror.percentage < 100:
+            mirror["runtime_fraction"] = {"default_value": fractional(rule.mirror.percentage)}
+        action["request_mirror_policies"] = [mirror]
+    if hashes := _hash_policies(ctx, ns, svc, [d.version for d in live] or [None]):
+        action["hash_policy"] = hashes
+    return action
+
+
+def _retry_policy(retries: Retries) -> dict[str, Any]:
+    """Istio's retryOn: Envoy conditions, plus bare status codes (-> retriable-status-codes)."""
+    tokens = [t.strip() for t in retries.retry_on.split(",") if t.strip()]
+    codes = [int(t) for t in tokens if t.isdigit()]
+    conditions = [t for t in tokens if not t.isdigit()]
+    if codes and "retriable-status-codes" not in conditions:
+        conditions.append("retriable-status-codes")
+    policy: dict[str, Any] = {"retry_on": ",".join(conditions), "num_retries": retries.attempts}
+    if codes:
+        policy["retriable_status_codes"] = codes
+    if retries.per_try_timeout is not None:
+        policy["per_try_timeout"] = duration_field(retries.per_try_timeout)
+    if retries.backoff is not None:
+        backoff = {"base_interval": duration_field(retries.backoff.base_interval)}
+        if retries.backoff.max_interval is not None:
+            backoff["max_interval"] = duration_field(retries.backoff.max_interval)
+        policy["retry_back_off"] = backoff
+    return policy
+
+
+def _fault(fault: Fault) -> dict[str, Any]:
+    out: dict[str, Any] = {"@type": FAULT}
+    if fault.delay is not None:
+        out["delay"] = {"fixed_delay": duration_field(fault.delay.fixed_delay),
+                        "percentage": fractional(fault.delay.percentage)}
+    if fault.abort is not None:
+        out["abort"] = {"http_status": fault.abort.http_status, "percentage": fractional(fault.abort.percentage)}
+    return out
+
+
+def _header_operations(side: str, ops: HeaderOperations) -> dict[str, Any]:
+    """`set` overwrites, `add` appends; names lower-cased as Envoy stores them."""
+    add = [{"header": {"key": k.lower(), "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+           for k, v in sorted(ops.set.items())]
+    add += [{"header": {"key": k.lower(), "value": v}, "append_action": "APPEND_IF_EXISTS_OR_ADD"}
+            for k, v in sorted(ops.add.items())]
+    out: dict[str, Any] = {}
+    if add:
+        out[f"{side}_headers_to_add"] = add
+    if ops.remove:
+        out[f"{side}_headers_to_remove"] = [h.lower() for h in ops.remove]
+    return out
+
+
+def _hash_policies(ctx: Ctx, ns: str, svc: str, versions: Sequence[str | None]) -> list[dict[str, Any]]:
+    """The hash keys of the ring-hash clusters a route sends to (a route carries them, not the cluster)."""
+    out: list[dict[str, Any]] = []
+    for version in versions:
+        settings = service_policy(ctx.intent, ns, svc, version)
+        ch = settings.load_balancer.consistent_hash if settings and settings.load_balancer else None
+        if ch is None:
+            continue
+        policy: dict[str, Any]
+        if ch.http_header_name is not None:
+            policy = {"header": {"header_name": ch.http_header_name.lower()}}
+        elif ch.http_cookie is not None:
+            policy = {"cookie": {
+                "name": ch.http_cookie.name,
+                **({"ttl": duration_field(ch.http_cookie.ttl)} if ch.http_cookie.ttl is not None else {}),
+                **({"path": ch.http_cookie.path} if ch.http_cookie.path is not None else {}),
+            }}
+        elif ch.http_query_parameter_name is not None:
+            policy = {"query_parameter": {"name": ch.http_query_parameter_name}}
+        else:
+            policy = {"connection_properties": {"source_ip": True}}
+        if policy not in out:
+            out.append(policy)
+    return out
+
+
+def _string_match(m: StringMatch | PresenceMatch) -> dict[str, Any]:
+    if m.exact is not None:
+        return {"exact": m.exact}
+    if m.prefix is not None:
+        return {"prefix": m.prefix}
+    return {"safe_regex": {"regex": m.regex}}
+
+
+def _condition(name: str, m: PresenceMatch) -> dict[str, Any]:
+    return {"name": name, "present_match": True} if m.present else {"name": name, "string_match": _string_match(m)}
+
+
+def _match(m: HTTPMatch) -> dict[str, Any]:
+    out: dict[str, Any]
+    if m.uri is None or m.uri.prefix is not None:
+        out = {"prefix": m.uri.prefix if m.uri else "/"}
+    elif m.uri.exact is not None:
+        out = {"path": m.uri.exact}
+    else:
+        out = {"safe_regex": {"regex": m.uri.regex}}
+    headers = [_condition(name.lower(), hm) for name, hm in sorted(m.headers.items(), key=lambda x: x[0].lower())]
+    if m.method is not None:
+        headers.append({"name": ":method", "string_match": {"exact": m.method}})
+    if headers:
+        out["headers"] = headers
+    if m.query_params:
+        out["query_parameters"] = [_condition(name, qm) for name, qm in sorted(m.query_params.items())]
+    return out

@@ -1,0 +1,54 @@
+"""The composition root of `lockgate up` (and the demo): the one place that picks implementations.
+
+Git through pygit2, proxies and workloads as local processes; the reconcile loop itself knows only the
+protocols (`Runtime`, the Git reader and writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from reconciler.loop import Reconciler, UpConfig
+from reconciler.runtime.local.lock import lock_state_dir
+from reconciler.runtime.local.prometheus import prometheus_binary
+from reconciler.runtime.local.runtime import LocalRuntime
+from reconciler.source.git import Pygit2Source
+
+log = logging.getLogger("lockgate")
+
+
+async def local_reconciler(config: UpConfig, *, announced: bool = False) -> Reconciler:
+    """A reconciler over a pygit2 source and the local runtime, for `up` and the demo. The caller holds
+    the state dir's lock (`lock_state_dir`): two runs on one state dir would stop each other's Envoys."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    if config.prometheus_url is None:
+        prometheus_binary()  # PrometheusMissing names the install command before anything starts
+    # Opening a remote clones it: network I/O, off the event loop.
+    source = await asyncio.to_thread(Pygit2Source.open, config.repo, branch=config.branch,
+                                     cache_dir=config.state_dir / "git")
+    runtime = LocalRuntime(state_dir=config.state_dir, envoy_log_level=config.envoy_log_level,
+                           prometheus_url=config.prometheus_url)
+    return Reconciler(config=config, source=source, runtime=runtime, announced=announced)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM end the run gracefully: every child is stopped before we exit."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_up(config: UpConfig) -> int:
+    """Foreground: returns when SIGINT/SIGTERM arrives, after stopping every process it started."""
+    with lock_state_dir(config.state_dir):  # StateDirBusy names the running lockgate
+        rec = await local_reconciler(config)
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        try:
+            await rec.run(stop)
+        finally:
+            await rec.close()
+            log.info("stopped every process lockgate started")
+    return 0
