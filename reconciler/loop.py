@@ -151,11 +151,12 @@ class Reconciler:
 
     async def _add_plane(self, name: str, bind: Bind) -> None:
         cache = SnapshotCache()
-        server = AdsServer(cache, host=bind.address, port=bind.port)
+        auth = self.runtime.authenticator(name)  # each stream bound to the one proxy its credential names
+        server = AdsServer(cache, host=bind.address, port=bind.port, authenticator=auth)
         try:
             port = await server.start()
         except (OSError, RuntimeError):  # the old port is taken: proxies started here will use a new one
-            server = AdsServer(cache, host=bind.address, port=0)
+            server = AdsServer(cache, host=bind.address, port=0, authenticator=auth)
             port = await server.start()
         self.planes[name] = _Plane(name=name, address=bind.address, cache=cache, server=server, port=port)
         cache.subscribe(lambda _status: self.write_status())

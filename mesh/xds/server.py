@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -27,6 +27,21 @@ EMPTY = Snapshot.of()
 
 DiscoveryRequest = Any  # envoy.service.discovery.v3.DiscoveryRequest (the generated modules are untyped)
 DiscoveryResponse = Any  # what tests and callers receive: our `Response`
+
+
+TOKEN_METADATA = "x-lockgate-token"
+"""The gRPC metadata key a proxy's credential travels in (Envoy: `grpc_services[].initial_metadata`)."""
+
+
+class Authenticator(Protocol):
+    """Who a stream's credential says the proxy is. Local runtime: a per-proxy token written beside its
+    bootstrap; Kubernetes: a service-account token. None: not a credential of this control plane."""
+
+    def node_for(self, token: str) -> str | None: ...
+
+
+class PermissionDenied(ValueError):
+    """A stream asked to be a proxy its credential does not name."""
 
 
 class ProtocolError(ValueError):
@@ -51,9 +66,12 @@ class _StreamState:
     responses to send, in make-before-break order. It registers itself with the cache as a `Watch`.
     """
 
-    def __init__(self, cache: SnapshotCache, *, wake: Callable[[], None] | None = None) -> None:
+    def __init__(self, cache: SnapshotCache, *, wake: Callable[[], None] | None = None,
+                 allowed: str | None = None) -> None:
         self._cache = cache
         self._wake = wake
+        self._allowed = allowed
+        """The only node id this stream may be (its credential's); None: any (no authentication)."""
         self.node_id: str | None = None
         self._names: dict[str, frozenset[str]] = {}
         """Subscribed types -> requested names (empty for wildcard types)."""
@@ -84,8 +102,12 @@ class _StreamState:
             node_id = str(request.node.id)
             if not node_id:
                 raise ProtocolError("the first DiscoveryRequest of a stream must carry node.id")
+            if self._allowed is not None and node_id != self._allowed:
+                raise PermissionDenied(f"this credential is for {self._allowed}, not {node_id}")
             self.node_id = node_id
             self._cache.watch(node_id, self)
+        elif request.node.id and str(request.node.id) != self.node_id:
+            raise PermissionDenied(f"a stream is bound to {self.node_id}; it cannot become {request.node.id}")
         type_url = str(request.type_url)
         if type_url not in PUSH_ORDER:
             log.info("node %s asked for unsupported type %s; ignored", self.node_id, type_url)
@@ -229,14 +251,31 @@ _EOF = object()
 
 
 class _AdsServicer:
-    """gRPC glue: requests and cache wake-ups in, responses out. No protocol decisions here."""
+    """gRPC glue: the credential checked, then requests and cache wake-ups in, responses out."""
 
-    def __init__(self, cache: SnapshotCache) -> None:
+    def __init__(self, cache: SnapshotCache, authenticator: Authenticator | None) -> None:
         self._cache = cache
+        self._authenticator = authenticator
+
+    def _identify(self, context: Any) -> str | None:
+        """The node id the stream's credential names; raises PermissionDenied without a valid one."""
+        if self._authenticator is None:
+            return None
+        token = next((str(v) for k, v in context.invocation_metadata() or () if k == TOKEN_METADATA), None)
+        node = self._authenticator.node_for(token) if token else None
+        if node is None:
+            raise PermissionDenied("no valid credential")
+        return node
 
     async def StreamAggregatedResources(self, request_iterator: Any, context: Any) -> None:
+        try:
+            allowed = self._identify(context)
+        except PermissionDenied as exc:
+            log.warning("refused an ADS stream from %s: %s", context.peer(), exc)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"lockgate: {exc}")
+            return
         queue: asyncio.Queue[object] = asyncio.Queue()
-        state = _StreamState(self._cache, wake=lambda: queue.put_nowait(_WAKE))
+        state = _StreamState(self._cache, wake=lambda: queue.put_nowait(_WAKE), allowed=allowed)
 
         async def read() -> None:
             try:
@@ -255,6 +294,10 @@ class _AdsServicer:
                     break
                 try:
                     responses = state.pending() if item is _WAKE else state.on_request(item)
+                except PermissionDenied as exc:
+                    log.warning("refused an ADS stream from %s: %s", context.peer(), exc)
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"lockgate: {exc}")
+                    return
                 except ProtocolError as exc:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                     return
@@ -275,10 +318,16 @@ class _AdsServicer:
 
 
 class AdsServer:
-    """An ADS gRPC server over a SnapshotCache, bound to one address (plaintext: loopback only)."""
+    """An ADS gRPC server over a SnapshotCache, bound to one address (plaintext: loopback only).
 
-    def __init__(self, cache: SnapshotCache, *, host: str, port: int = 0) -> None:
+    With an `authenticator`, every stream must carry a credential (`TOKEN_METADATA`) and is bound to the
+    one node id it names: a stream claiming another proxy, or carrying no valid credential, is refused
+    before it can read a secret or record an ACK. Without one (tests of the protocol), anyone is served."""
+
+    def __init__(self, cache: SnapshotCache, *, host: str, port: int = 0,
+                 authenticator: Authenticator | None = None) -> None:
         self._cache = cache
+        self._authenticator = authenticator
         self._host = host
         self._port = port
         self._server: Any = None
@@ -295,7 +344,7 @@ class AdsServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ]
         )
-        servicer = _AdsServicer(self._cache)
+        servicer = _AdsServicer(self._cache, self._authenticator)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, {
             "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 servicer.StreamAggregatedResources,

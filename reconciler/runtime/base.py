@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from mesh.intent import Intent
 from mesh.topology import ClusterTopology
+from mesh.xds.server import Authenticator
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class Runtime(Protocol):
 
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever the topology changes (an instance became ready or stopped being ready)."""
+
+    def authenticator(self, cluster: str) -> Authenticator | None:
+        """How the cluster's control plane tells which proxy a stream is: every proxy of this runtime
+        carries a credential naming it (a per-proxy token locally, a service-account token on Kubernetes)."""
 
     def control_plane(self, cluster: str, *, index: int) -> Bind:
         """Where the control plane of the index-th cluster of the Mesh should listen; the same place as

@@ -22,6 +22,7 @@ from mesh.intent import Intent, Workload
 from mesh.names import NodeId
 from mesh.probe import wait_tcp
 from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.xds.server import Authenticator
 from mesh.xds.snapshot import digest
 from multicluster.eastwest import EASTWEST
 from reconciler.runtime.base import Bind, Metrics, ProxyProcess, RuntimeStatus, WorkloadInstance
@@ -127,6 +128,10 @@ class LocalRuntime:
             clusters = {**self._records["clusters"], **clusters}
             instances = {**self._records["instances"], **instances}
         write_json(self.state_dir / PROCESSES_FILE, {"clusters": clusters, "instances": instances})
+
+    def authenticator(self, cluster: str) -> Authenticator | None:
+        """Not yet: proxies carry no credential (issue: an authenticated control plane)."""
+        return None
 
     def control_plane(self, cluster: str, *, index: int) -> Bind:
         """The cluster's loopback address, and the control-plane port an earlier lockgate used for it:
