@@ -1,7 +1,7 @@
 """What the rest of lockgate may assume about an intent repository, without pygit2.
 
-The reconciler only reads (head, resolve, read_tree, log, watch, health); the rollout controller and the CLI
-write (commit, add_note) so that every automated decision lands in ``git log``. Everything outside
+The reconciler only reads (head, resolve, read_tree, commit_signature, log, watch, health); the rollout controller
+and the CLI write (commit, add_note) so that every automated decision lands in ``git log``. Everything outside
 ``reconciler.source`` depends on these protocols, so tests can use a fake and the Git library stays at the edge.
 """
 
@@ -18,9 +18,11 @@ __all__ = [
     "FETCH_IO_TIMEOUT_S",
     "NOTES_REF",
     "CommitInfo",
+    "CommitSignature",
     "GitError",
     "GitReader",
     "GitWriter",
+    "SignatureReader",
     "SourceHealth",
     "StaleParent",
 ]
@@ -64,6 +66,19 @@ class CommitInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CommitSignature:
+    """What a signature check needs from one commit, read by the source so the check never touches pygit2."""
+
+    sha: str
+    signature: bytes | None
+    """The armored signature (the ``gpgsig`` header: SSH or OpenPGP); None for an unsigned commit."""
+    payload: bytes
+    """The exact bytes that were signed: the raw commit object without its ``gpgsig`` header."""
+    committer_email: str
+    """The principal an SSH signature must be allowed for, so a trusted key cannot commit as someone else."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SourceHealth:
     """Whether the source can still reach its repository: a remote that stops answering must show in status,
     since the reconciler otherwise keeps serving the last fetched revision without a word."""
@@ -101,7 +116,15 @@ class SourceHealth:
         }
 
 
-class GitReader(Protocol):
+class SignatureReader(Protocol):
+    """The one read a signature check needs (``reconciler.source.signatures``)."""
+
+    def commit_signature(self, rev: str) -> CommitSignature:
+        """The commit's signature and signed bytes; GitError if ``rev`` is not a commit. Safe on a worker thread."""
+        ...
+
+
+class GitReader(SignatureReader, Protocol):
     """Read-only view of the watched branch of an intent repository."""
 
     def head(self) -> str | None:

@@ -28,12 +28,14 @@ from reconciler.source.base import (
     FETCH_IO_TIMEOUT_S,
     NOTES_REF,
     CommitInfo,
+    CommitSignature,
     GitError,
     GitReader,
     GitWriter,
     SourceHealth,
     StaleParent,
 )
+from reconciler.source.signatures import ssh_sign
 from reconciler.source.watch import local_heads, remote_heads
 
 __all__ = [
@@ -113,8 +115,12 @@ class Pygit2Source(GitReader, GitWriter):
         location: str,
         url: str | None,
         fetch_deadline: float = FETCH_DEADLINE_S,
+        signing_key: Path | None = None,
     ) -> None:
         self._repo = repo
+        # lockgate's own commits are signed with it (SSH, as git's gpg.format=ssh), so a policy that refuses
+        # unsigned heads still applies its write-backs.
+        self._signing_key = signing_key
         self._branch = branch
         self._ref = f"refs/heads/{branch}"
         self._location = location
@@ -132,21 +138,29 @@ class Pygit2Source(GitReader, GitWriter):
     # -- opening -------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, location: str, *, branch: str | None = None, cache_dir: Path | None = None) -> Pygit2Source:
+    def open(
+        cls, location: str, *, branch: str | None = None, cache_dir: Path | None = None, signing_key: Path | None = None
+    ) -> Pygit2Source:
         """Open a local repository path (work tree or bare), or mirror a URL into ``cache_dir`` and fetch it once.
 
         Without ``branch``: the branch HEAD names (for a URL, the remote's HEAD, as `git clone` picks it; for a
         bare repository whose HEAD names a branch that was never pushed: main, master or its only branch).
+        With ``signing_key`` (an SSH private key), every commit() is signed with it.
         """
         if branch is not None:
             branch = branch.removeprefix("refs/heads/")
             if not pygit2.reference_is_valid_name(f"refs/heads/{branch}"):
                 raise GitError(f"{branch!r} is not a valid branch name")
+        if signing_key is not None and not signing_key.is_file():
+            raise GitError(f"signing key {signing_key} is not a file: give an SSH private key (ssh-keygen -t ed25519)")
         if _is_url(location):
             if cache_dir is None:
                 raise GitError(f"{location} is a remote URL: pass a cache directory to hold its mirror")
-            return cls._open_remote(location, branch=branch, cache_dir=cache_dir)
-        return cls._open_local(location, branch=branch)
+            source = cls._open_remote(location, branch=branch, cache_dir=cache_dir)
+        else:
+            source = cls._open_local(location, branch=branch)
+        source._signing_key = signing_key
+        return source
 
     @classmethod
     def _open_local(cls, location: str, *, branch: str | None) -> Pygit2Source:
@@ -305,6 +319,32 @@ class Pygit2Source(GitReader, GitWriter):
                 break
         return out
 
+    @property
+    def signing_key(self) -> Path | None:
+        """The SSH key lockgate signs its commits with, or None (unsigned commits)."""
+        return self._signing_key
+
+    def commit_signature(self, rev: str) -> CommitSignature:
+        sha = rev if _FULL_SHA.match(rev) else self.resolve(rev)
+        # The check runs on a worker thread: a handle of its own, as _fetch_in_thread does for fetches.
+        repo = pygit2.Repository(str(self._git_dir), RepositoryOpenFlag.NO_SEARCH)
+        try:
+            try:
+                obj = repo.get(sha)
+            except ValueError:
+                obj = None
+            if not isinstance(obj, pygit2.Commit):
+                raise GitError(f"{sha} is not a commit in {self._location}")
+            signature, payload = obj.gpg_signature
+            return CommitSignature(
+                sha=sha,
+                signature=signature or None,
+                payload=payload if signature else obj.read_raw(),
+                committer_email=obj.committer.raw_email.decode("utf-8", errors="replace"),
+            )
+        finally:
+            repo.free()
+
     # -- writing -------------------------------------------------------------------------------------
 
     def commit(
@@ -336,8 +376,9 @@ class Pygit2Source(GitReader, GitWriter):
                         raise StaleParent(branch=self._branch, expected=parent, actual=current)
                     parent_commit = self._commit(parent)
                     tree_id = self._write_tree(parent_commit.tree, changes)
-                    new_id = repo.create_commit(
-                        None, _signature(author), committer, message, tree_id, [parent_commit.id]
+                    new_id = self._create_commit(
+                        author=_signature(author), committer=committer, message=message, tree=tree_id,
+                        parent=parent_commit.id,
                     )
                     checked_out = self._update_worktree(new_id, changes)
                     # No reflog signature: pygit2 1.21 hands cffi Signature._pointer (bytes) and raises
@@ -354,6 +395,24 @@ class Pygit2Source(GitReader, GitWriter):
                 # Still under the lock: a background fetch must not reset the mirror's ref before the push.
                 self._push_commit(sha, parent=parent)
         return sha
+
+    def _create_commit(
+        self,
+        *,
+        author: pygit2.Signature,
+        committer: pygit2.Signature,
+        message: str,
+        tree: pygit2.Oid,
+        parent: pygit2.Oid,
+    ) -> pygit2.Oid:
+        """The commit object, signed over its exact bytes when a key is set; no ref moves here."""
+        if self._signing_key is None:
+            return self._repo.create_commit(None, author, committer, message, tree, [parent])
+        content: object = self._repo.create_commit_string(author, committer, message, tree, [parent])
+        if not isinstance(content, str):  # the stub says Oid; pygit2 1.21 returns the commit's text
+            raise GitError(f"cannot sign: pygit2 built a {type(content).__name__}, not the commit's text")
+        signature = ssh_sign(content.encode("utf-8"), key=self._signing_key)
+        return self._repo.create_commit_with_signature(content, signature)
 
     def _write_tree(self, base: pygit2.Tree, changes: Mapping[str, bytes | None]) -> pygit2.Oid:
         """Build the new tree in an in-memory index, so the user's index and working tree are untouched."""
