@@ -9,6 +9,7 @@ it never learns whether proxies are local processes or pods. The CLI picks the i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -33,6 +34,7 @@ from reconciler.pipeline import render_mesh
 from reconciler.rollout.controller import GitSource, RolloutController
 from reconciler.runtime.base import Bind, ProxyProcess, Runtime, RuntimeStatus
 from reconciler.source.base import GitError
+from reconciler.source.worker import GitWorker
 from reconciler.state import STATUS_FILE, write_json
 
 log = logging.getLogger("lockgate")
@@ -49,8 +51,9 @@ class UpConfig:
     envoy_log_level: str = "warning"
     prometheus_url: str | None = None
     """An existing Prometheus that scrapes the discovery endpoints; None starts one per cluster."""
-    cert_ttl: float = 3600.0
-    """Seconds a workload certificate is valid; each is re-issued at half its life."""
+    cert_ttl: float = 86400.0
+    """Seconds a workload certificate is valid (24 h, as Istio); each is re-issued at half its life, so
+    lockgate may be down for half the TTL with no effect on traffic."""
     ca_dir: Path | None = None
     """The CA hierarchy (`root/`, `<cluster>/`); default STATE/ca, created on first use."""
 
@@ -89,41 +92,53 @@ class Reconciler:
     _status_handle: asyncio.TimerHandle | None = None
     _final: RuntimeStatus | None = None
     """The runtime's last status before an explicit stop: status keeps every proxy's fields."""
+    git: GitWorker = field(default_factory=GitWorker)
+    """Every Git operation (reading trees here, commits and notes in the rollout controller), off the loop."""
+    lag: LoopLag = field(default_factory=lambda: LoopLag())
+    push_error: str | None = None
+    """Why the last push did not happen (a render bug), or None."""
 
     def __post_init__(self) -> None:
         self.runtime.on_change(self.schedule_push)
         self.issuer = WorkloadIssuer(ttl=self.config.cert_ttl)
         self.rollouts = RolloutController(state_dir=self.config.state_dir, source=self.source, runtime=self.runtime,
-                                          on_change=self.schedule_push)
+                                          on_change=self.schedule_push, git=self.git)
 
     # --- the loop -----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop` is set; an internal error is raised (the caller decides what stops with it)."""
         watcher = asyncio.create_task(self._watch())
         stopper = asyncio.create_task(stop.wait())
         rollouts = asyncio.create_task(self.rollouts.run(), name="rollout controller")
+        watchdog = asyncio.create_task(self.lag.run(), name="event-loop watchdog")
         try:
             done, _ = await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if watcher in done:
                 watcher.result()  # surface the error
         finally:
-            for t in (watcher, stopper, rollouts):
+            for t in (watcher, stopper, rollouts, watchdog):
                 t.cancel()
-            await asyncio.gather(watcher, stopper, rollouts, return_exceptions=True)
+            await asyncio.gather(watcher, stopper, rollouts, watchdog, return_exceptions=True)
 
     async def _watch(self) -> None:
         async for sha in self.source.watch(poll_interval=self.config.poll_interval):
-            await self.apply_revision(sha)
+            try:
+                await self.apply_revision(sha)
+            except Exception as exc:  # a bug of ours: this revision is refused, the mesh keeps what it has
+                log.exception("applying %s failed", sha[:12])
+                self._fail(sha, [f".:0: lockgate could not apply this revision (internal error: {exc!r}); "
+                                 "still serving the last applied one"])
 
     async def apply_revision(self, sha: str) -> None:
         t0 = time.monotonic()
         self.head = sha
         try:
-            files = self.source.read_tree(sha)
+            files = await self.git.call(self.source.read_tree, sha, timeout=READ_TIMEOUT)
         except GitError as exc:
             self._fail(sha, [f".:0: {exc}"])
             return
-        loaded = load(files)
+        loaded = await asyncio.to_thread(load, files)  # parsing is heavy work: never on the loop
         if not loaded.ok or loaded.intent is None:
             self._fail(sha, [str(p) for p in loaded.problems])
             return
@@ -173,10 +188,23 @@ class Reconciler:
             asyncio.get_running_loop().call_soon(self.push)
 
     def push(self) -> None:
-        """Render every cluster through the one pipeline and set what rendered consistently."""
+        """Render every cluster through the one pipeline and set what rendered consistently. A render that
+        raises (a bug) leaves every proxy with what it has and says so in status."""
         self._push_pending = False
         if self.intent is None or self.applied is None:
             return
+        try:
+            self._push()
+            self.push_error = None
+        except Exception as exc:
+            log.exception("push of %s failed; every proxy keeps what it has", self.applied[:12])
+            self.push_error = f"{exc!r}"
+        self._arm_rotation()
+        self._schedule_gc()
+        self.write_status()
+
+    def _push(self) -> None:
+        assert self.intent is not None and self.applied is not None
         rendered = render_mesh(
             intent=self.intent, states=self.rollouts.states,
             topologies={name: self.runtime.topology(name) for name in self.planes},
@@ -194,9 +222,6 @@ class Reconciler:
             for node_id in set(plane.cache.nodes()) - set(result.snapshots):
                 plane.cache.clear(node_id)
             plane.applied = self.applied
-        self._arm_rotation()
-        self._schedule_gc()
-        self.write_status()
 
     def _schedule_gc(self) -> None:
         """Once a push has settled, collect garbage and freeze what is left (the applied configuration,
@@ -220,11 +245,18 @@ class Reconciler:
         """Identities, chains, expiry and rotation of every proxy's certificate, and whether the proxy
         has ACKed the secrets holding it. Never a key."""
         out = self.issuer.describe()
+        now, warnings = time.time(), []
         for entry in out["proxies"]:
             plane = self.planes.get(entry["cluster"])
             snap = plane.cache.get(entry["proxy"]) if plane else None
             st = plane.cache.status().get(entry["proxy"]) if plane else None
             entry["delivered"] = bool(snap and st and st.acked.get(SECRET) == snap.version(SECRET))
+            # Rotation runs at half the TTL: a certificate this close to its end was not renewed in time.
+            entry["expiringSoon"] = entry["notAfter"] - now < self.issuer.ttl / 10
+            if entry["expiringSoon"]:
+                warnings.append(f"{entry['proxy']}: certificate expires in {max(0.0, entry['notAfter'] - now):.0f}s"
+                                + ("" if entry["delivered"] else " and its renewal is not delivered yet"))
+        out["warnings"] = warnings
         return out
 
     # --- status ------------------------------------------------------------------------------------
@@ -281,7 +313,9 @@ class Reconciler:
             "certs": self._certs_status(),
             "rollouts": self.rollouts.describe(),
             "lockgate": {"pid": os.getpid(), "repo": self.config.repo, "branch": self.source.branch,
-                         "stateDir": str(self.config.state_dir.resolve()), "updatedAt": time.time()},
+                         "stateDir": str(self.config.state_dir.resolve()), "updatedAt": time.time(),
+                         "loopLagMs": round(self.lag.current * 1000, 1),
+                         "loopLagMaxMs": round(self.lag.worst * 1000, 1), "pushError": self.push_error},
             "source": self.source.health().to_json(),
         }
 
@@ -316,6 +350,51 @@ class Reconciler:
         status = self.status()
         status["lockgate"]["pid"] = None
         write_json(self.config.state_dir / STATUS_FILE, status)
+        self.git.close()
+
+    async def detach(self) -> None:
+        """After an internal error: lockgate goes, the data plane stays. Envoys keep their last configuration
+        and the workloads keep running, to be adopted by the next `lockgate up` (only an explicit stop, Ctrl-C
+        or SIGTERM, tears them down)."""
+        for handle in (self._status_handle, self._rotation, self._gc_handle):
+            if handle is not None:
+                handle.cancel()
+        self._status_handle = self._rotation = self._gc_handle = None
+        with contextlib.suppress(Exception):
+            status = self.status()
+            status["lockgate"]["pid"] = None
+            write_json(self.config.state_dir / STATUS_FILE, status)
+        for plane in self.planes.values():
+            with contextlib.suppress(Exception):
+                await plane.server.stop(0.2)
+        self.git.close()
+
+
+READ_TIMEOUT = 30.0
+"""Seconds reading a revision's tree may take before the revision is refused (and retried on the next head)."""
+
+
+@dataclass
+class LoopLag:
+    """How late the event loop runs: a timer that should fire every `interval` measures how much later it
+    does. The loop serves the control planes and rotates certificates: lag there is lag everywhere."""
+
+    interval: float = 0.1
+    current: float = 0.0
+    worst: float = 0.0
+    """The largest lag since start (seconds)."""
+    warn_at: float = 0.5
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval
+            await asyncio.sleep(self.interval)
+            self.current = max(0.0, loop.time() - due)
+            if self.current > self.worst:
+                self.worst = self.current
+            if self.current >= self.warn_at:
+                log.warning("the event loop ran %.0f ms late: something blocked it", self.current * 1000)
 
 
 GC_SETTLE_S = 2.0

@@ -188,7 +188,8 @@ class SnapshotCache:
             waiters = self._changed.setdefault(node_id, [])
             waiters.append(event)
             try:
-                await asyncio.wait_for(event.wait(), remaining)
+                async with asyncio.timeout(remaining):  # not wait_for: it can swallow a cancellation on 3.11
+                    await event.wait()
             except TimeoutError:
                 pass
             finally:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--envoy-log-level", default="warning")
     p.add_argument("--prometheus-url", help="use this Prometheus for rollout analysis instead of starting one per "
                    "cluster (it should scrape each cluster's discovery endpoint, shown in status)")
-    p.add_argument("--cert-ttl", default="1h", help="workload certificate lifetime, e.g. 20s, 1h (rotated at half)")
+    p.add_argument("--cert-ttl", default="24h", help="workload certificate lifetime, e.g. 20s, 1h (rotated at half)")
     p.add_argument("--ca-dir", type=Path, help="CA hierarchy (root/, <cluster>/); default STATE_DIR/ca")
     p.set_defaults(func=cmd_up)
 
@@ -287,6 +287,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f" {p.get('state', '')}{nack}")
         if c.get("prometheus"):
             print(f"  prometheus {c['prometheus']['url']}  (discovery {c['prometheus']['discovery']})")
+    for warning in (status.get("certs") or {}).get("warnings", []):
+        print(f"WARNING  {warning}")
     for r in status.get("rollouts", []):
         where = f"weight {r['weight']}%" + (f", step {r['step']}/{len(r['steps'])}" if r.get("step") else "")
         print(f"rollout {r['namespace']}/{r['name']}: {r['phase']} (stable {r['stable']}, canary {r['canary'] or '-'}"

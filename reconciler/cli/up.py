@@ -46,9 +46,22 @@ async def run_up(config: UpConfig) -> int:
         rec = await local_reconciler(config)
         stop = asyncio.Event()
         install_stop_signals(stop)
-        try:
-            await rec.run(stop)
-        finally:
-            await rec.close()
-            log.info("stopped every process lockgate started")
+        return await serve(rec, stop)
+
+
+async def serve(rec: Reconciler, stop: asyncio.Event) -> int:
+    """Run until `stop`; then stop everything (0). Only an explicit stop tears down the data plane: after an
+    internal error lockgate exits (1) and Envoys and workloads keep serving, to be adopted next time."""
+    try:
+        await rec.run(stop)
+    except Exception:
+        log.exception("lockgate stopped on an internal error; Envoys and workloads keep serving and the next "
+                      "`lockgate up --state-dir %s` adopts them", rec.config.state_dir)
+        await rec.detach()
+        return 1
+    except BaseException:
+        await rec.close()  # cancelled: as good as a stop
+        raise
+    await rec.close()
+    log.info("stopped every process lockgate started")
     return 0

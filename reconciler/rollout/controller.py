@@ -23,6 +23,7 @@ from mesh.intent import Intent
 from reconciler.rollout.commands import COMMANDS_DIR, DECISIONS_FILE, ROLLOUTS_DIR, state_path, summary
 from reconciler.runtime.base import Runtime
 from reconciler.source.base import DEFAULT_AUTHOR, GitError, GitReader, GitWriter, StaleParent
+from reconciler.source.worker import GitWorker
 from reconciler.state import read_json, write_json
 from rollouts.advance import Command, Decision, RolloutState, advance, analysis_due
 from rollouts.analysis import observe
@@ -32,6 +33,8 @@ from rollouts.writeback import commit_message, edit_rollout
 
 log = logging.getLogger("lockgate.rollouts")
 TICK = 0.2
+WRITE_BACK_TIMEOUT = 60.0
+"""Seconds a write-back or a note may take (a push to a remote that does not answer) before it is retried."""
 WRITE_BACK_RETRY = 5.0
 """Seconds between attempts to commit an outcome that could not be committed (Git error, crash)."""
 COMMANDS: tuple[Command, ...] = ("promote", "abort", "pause", "resume")
@@ -74,6 +77,9 @@ class RolloutController:
     records: dict[Key, dict[str, Any]] = field(default_factory=dict)
     providers: dict[str, MetricProvider] = field(default_factory=dict)
     """By Prometheus URL: one client (and connection pool) per server."""
+    git: GitWorker = field(default_factory=GitWorker)
+    """Where every Git operation runs (shared with the loop: one repository, one thread)."""
+    _notes: set[asyncio.Task[None]] = field(default_factory=set)
     intent: Intent | None = None
     revision: str | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -98,8 +104,11 @@ class RolloutController:
 
     async def run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that arrives as the
+            # wake-up does, and this loop would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK)
+                async with asyncio.timeout(TICK):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self.tick()
@@ -116,7 +125,7 @@ class RolloutController:
             state_path(self.state_dir, *key).unlink(missing_ok=True)
             self.on_change()
         for key in sorted(rollouts):
-            self._retry_write_back(key)
+            await self._retry_write_back(key)
         commands = self._commands()
         for key, ro in sorted(rollouts.items()):
             pending = commands.get(key, [])
@@ -167,9 +176,9 @@ class RolloutController:
         if decision.action not in ("wait", "none"):
             self._record(key, decision)
         if write_back:
-            self._retry_write_back(key, force=True)
+            await self._retry_write_back(key, force=True)
 
-    def _retry_write_back(self, key: Key, *, force: bool = False) -> None:
+    async def _retry_write_back(self, key: Key, *, force: bool = False) -> None:
         """Commit a pending outcome: right after the decision, and again after a crash or a Git error."""
         record = self.records.get(key, {})
         pending = record.get("writeBackPending")
@@ -178,7 +187,12 @@ class RolloutController:
         if not force and time.time() - pending.get("triedAt", 0.0) < WRITE_BACK_RETRY:
             return
         decision = Decision.model_validate(record["lastDecision"])
-        sha = self._write_back(key, decision, stable_before=pending["stableBefore"])
+        try:  # off the loop: a commit onto a remote pushes over the network
+            sha = await self.git.call(self._write_back, key, decision, stable_before=pending["stableBefore"],
+                                      timeout=WRITE_BACK_TIMEOUT)
+        except GitError as exc:
+            log.error("rollout %s/%s: write-back failed: %s", key[0], key[1], exc)
+            sha = None
         if sha is None:
             record["writeBackPending"] = {**pending, "triedAt": time.time()}
         else:
@@ -227,18 +241,24 @@ class RolloutController:
         log.info("rollout %s/%s: %s: %s", key[0], key[1], d.action, "; ".join(d.reasons))
         noted = d.action in _NOTED or (d.action == "hold" and any(c.effective == "fail" for c in d.checks))
         if noted and st.canary_revision:
+            self._note(st.canary_revision, "rollout " + json.dumps(
+                {k: entry[k] for k in ("at", "rollout", "action", "step", "weight", "canary", "reasons")}))
+
+    def _note(self, sha: str, message: str) -> None:
+        """A git note on `sha`, added (and pushed, for a remote) on the Git worker: nothing waits for it."""
+        async def add() -> None:
             try:
-                self.source.add_note(st.canary_revision, message="rollout " + json.dumps(
-                    {k: entry[k] for k in ("at", "rollout", "action", "step", "weight", "canary", "reasons")}))
+                await self.git.call(self.source.add_note, sha, message=message, timeout=WRITE_BACK_TIMEOUT)
             except (GitError, ValueError, KeyError) as exc:
-                log.warning("could not note the decision on %s: %s", st.canary_revision[:12], exc)
+                log.warning("could not note %s on %s: %s", message.split(" ", 1)[0], sha[:12], exc)
+
+        task = asyncio.get_running_loop().create_task(add(), name=f"git note {sha[:12]}")
+        self._notes.add(task)
+        task.add_done_callback(self._notes.discard)
 
     def note_applied(self, sha: str, clusters: list[str]) -> None:
         """Applied revisions, as a git note on the applied commit: when, and which clusters."""
-        try:
-            self.source.add_note(sha, message="applied " + json.dumps({"at": time.time(), "clusters": clusters}))
-        except (GitError, ValueError, KeyError) as exc:
-            log.warning("could not note the applied revision %s: %s", sha[:12], exc)
+        self._note(sha, "applied " + json.dumps({"at": time.time(), "clusters": clusters}))
 
     def _write_back(self, key: Key, d: Decision, *, stable_before: str, attempts: int = 5) -> str | None:
         """Commit the outcome; on StaleParent re-read the new tip and re-apply (the human commit stays).
@@ -279,6 +299,8 @@ class RolloutController:
         return out
 
     async def close(self) -> None:
+        if self._notes:  # notes already on their way get a moment; a stuck remote does not hold the stop
+            await asyncio.wait(set(self._notes), timeout=2.0)
         for provider in self.providers.values():
             if isinstance(provider, PrometheusProvider):
                 provider.close()

@@ -153,7 +153,8 @@ async def local_heads(
             wake.clear()  # before reading, so an event during the read wakes the next round
             yield head()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), poll_interval)
+                async with asyncio.timeout(poll_interval):  # not wait_for: it can swallow a cancellation on 3.11
+                    await wake.wait()
     finally:
         loop.remove_reader(watcher.fd)
         watcher.close()

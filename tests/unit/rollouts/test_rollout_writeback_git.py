@@ -3,6 +3,7 @@ human's commit is never lost; if the human changed the canary, lockgate writes n
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def test_an_outcome_not_yet_committed_is_committed_after_a_restart(tmp_path: Pat
     restarted = RolloutController(state_dir=tmp_path / "state", source=source,
                                   runtime=FakeRuntime(),
                                   on_change=lambda: None)
-    restarted._retry_write_back(("shop", "reviews"))
+    asyncio.run(restarted._retry_write_back(("shop", "reviews")))
     assert source.log("HEAD", limit=1)[0].message.startswith("rollout shop/reviews: promote v2")
     saved = read_json(tmp_path / "state" / "rollouts" / "shop.reviews.json")
     assert "writeBackPending" not in saved and saved["writeBack"] == source.head()
