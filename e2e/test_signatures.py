@@ -15,7 +15,7 @@ import pytest
 
 from e2e.harness import GIT_ENV, git, lockgate, running, wait_for
 
-pytestmark = [pytest.mark.e2e, pytest.mark.skip(reason="wiring pending")]
+pytestmark = pytest.mark.e2e
 
 MESH = """\
 apiVersion: lockgate.io/v1alpha1

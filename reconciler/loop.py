@@ -34,6 +34,7 @@ from reconciler.pipeline import render_mesh
 from reconciler.rollout.controller import GitSource, RolloutController
 from reconciler.runtime.base import Bind, ProxyProcess, Runtime, RuntimeStatus
 from reconciler.source.base import GitError
+from reconciler.source.signatures import SignaturePolicy
 from reconciler.source.worker import GitWorker
 from reconciler.state import STATUS_FILE, write_json
 
@@ -56,6 +57,12 @@ class UpConfig:
     lockgate may be down for half the TTL with no effect on traffic."""
     ca_dir: Path | None = None
     """The CA hierarchy (`root/`, `<cluster>/`); default STATE/ca, created on first use."""
+    verify_signatures: Path | None = None
+    """An SSH allowed-signers file: only heads signed by a key in it (for the committer's email) are applied."""
+    verify_gpg_keyring: Path | None = None
+    """A GPG keyring whose keys are trusted too (either file trusts a commit)."""
+    signing_key: Path | None = None
+    """The SSH private key lockgate signs its own write-back commits with."""
 
 
 @dataclass
@@ -90,6 +97,8 @@ class Reconciler:
     _push_pending: bool = False
     _gc_handle: asyncio.TimerHandle | None = None
     _status_handle: asyncio.TimerHandle | None = None
+    trust: SignaturePolicy | None = None
+    """Whose commits may be applied; None applies every valid commit, signed or not."""
     _final: RuntimeStatus | None = None
     """The runtime's last status before an explicit stop: status keeps every proxy's fields."""
     git: GitWorker = field(default_factory=GitWorker)
@@ -102,7 +111,7 @@ class Reconciler:
         self.runtime.on_change(self.schedule_push)
         self.issuer = WorkloadIssuer(ttl=self.config.cert_ttl)
         self.rollouts = RolloutController(state_dir=self.config.state_dir, source=self.source, runtime=self.runtime,
-                                          on_change=self.schedule_push, git=self.git)
+                                          on_change=self.schedule_push, git=self.git, trust=self.trust)
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -133,6 +142,16 @@ class Reconciler:
     async def apply_revision(self, sha: str) -> None:
         t0 = time.monotonic()
         self.head = sha
+        if self.trust is not None:
+            try:  # the signed bytes on the Git worker; ssh-keygen / gpg on a thread of their own
+                signed = await self.git.call(self.source.commit_signature, sha, timeout=READ_TIMEOUT)
+            except GitError as exc:
+                self._fail(sha, [f".:0: {exc}"])
+                return
+            why = await asyncio.to_thread(self.trust.verify_signature, signed)
+            if why is not None:
+                self._fail(sha, [f".:0: commit {sha[:12]} is not trusted: {why}"])
+                return
         try:
             files = await self.git.call(self.source.read_tree, sha, timeout=READ_TIMEOUT)
         except GitError as exc:

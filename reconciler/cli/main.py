@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                    "default its branch tip)")
     p.add_argument("--no-envoy", action="store_true",
                    help="skip asking Envoy itself (`envoy --mode validate`) to check the rendered config")
+    _signature_flags(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="what applying a revision would change in each cluster")
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                    "cluster (it should scrape each cluster's discovery endpoint, shown in status)")
     p.add_argument("--cert-ttl", default="24h", help="workload certificate lifetime, e.g. 20s, 1h (rotated at half)")
     p.add_argument("--ca-dir", type=Path, help="CA hierarchy (root/, <cluster>/); default STATE_DIR/ca")
+    _signature_flags(p)
+    p.add_argument("--signing-key", type=Path, metavar="KEY",
+                   help="SSH private key lockgate signs its own write-back commits with (trust it in the "
+                   "allowed-signers file as lockgate@localhost)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="the one-command tour: a mesh on real Envoys and four commits")
@@ -108,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _signature_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify-signatures", type=Path, metavar="ALLOWED_SIGNERS",
+                   help="apply only commits signed by a key in this SSH allowed-signers file (git's "
+                   "gpg.ssh.allowedSignersFile format; the principal is the committer's email)")
+    p.add_argument("--verify-gpg-keyring", type=Path, metavar="KEYRING",
+                   help="trust commits signed by a key in this GPG keyring too")
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from reconciler.source.git import GitError, init_repo
 
@@ -126,17 +139,23 @@ def _is_url(location: str) -> bool:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from reconciler.load import load, read_worktree
-    from reconciler.source import GitError, reading
+    from reconciler.source import GitError, SignaturePolicy, reading
 
     location = str(args.dir)
+    trust = None
     try:
-        if _is_url(location) or (not Path(location, ".git").exists() and Path(location, "HEAD").is_file()):
-            # A URL or a bare repository: there is no work tree, so a commit (default: the branch tip).
+        if args.verify_signatures is not None or args.verify_gpg_keyring is not None:
+            trust = SignaturePolicy(allowed_signers=args.verify_signatures, keyring=args.verify_gpg_keyring)
+        # A signature belongs to a commit: with a policy, the branch tip rather than the working tree.
+        rev = args.rev or ("HEAD" if trust is not None else None)
+        if rev or _is_url(location) or (not Path(location, ".git").exists() and Path(location, "HEAD").is_file()):
+            # A commit (default: the branch tip): asked for, signature-checked, or a URL / bare repository.
             with reading(location) as source:
-                files = source.read_tree(source.resolve(args.rev or "HEAD"))
-        elif args.rev:
-            with reading(location) as source:
-                files = source.read_tree(source.resolve(args.rev))
+                sha = source.resolve(rev or "HEAD")
+                if trust is not None and (why := trust.verify(source, sha)) is not None:
+                    print(f"{location}:0: commit {sha[:12]} is not trusted: {why}", file=sys.stderr)
+                    return 1
+                files = source.read_tree(sha)
         elif Path(location).is_dir():
             files = read_worktree(Path(location))
         else:
@@ -230,7 +249,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     config = UpConfig(repo=args.repo, branch=args.branch, state_dir=args.state_dir,
                       poll_interval=args.poll_interval, envoy_log_level=args.envoy_log_level,
-                      prometheus_url=args.prometheus_url, cert_ttl=cert_ttl, ca_dir=args.ca_dir)
+                      prometheus_url=args.prometheus_url, cert_ttl=cert_ttl, ca_dir=args.ca_dir,
+                      verify_signatures=args.verify_signatures, verify_gpg_keyring=args.verify_gpg_keyring,
+                      signing_key=args.signing_key)
     try:
         return asyncio.run(run_up(config))
     except (GitError, PrometheusMissing, CAError, StateDirBusy) as exc:

@@ -14,7 +14,9 @@ from reconciler.loop import Reconciler, UpConfig
 from reconciler.runtime.local.lock import lock_state_dir
 from reconciler.runtime.local.prometheus import prometheus_binary
 from reconciler.runtime.local.runtime import LocalRuntime
+from reconciler.source.base import DEFAULT_AUTHOR, GitError
 from reconciler.source.git import Pygit2Source
+from reconciler.source.signatures import SignaturePolicy, ssh_sign
 
 log = logging.getLogger("lockgate")
 
@@ -25,12 +27,25 @@ async def local_reconciler(config: UpConfig, *, announced: bool = False) -> Reco
     config.state_dir.mkdir(parents=True, exist_ok=True)
     if config.prometheus_url is None:
         prometheus_binary()  # PrometheusMissing names the install command before anything starts
+    trust = None
+    if config.verify_signatures is not None or config.verify_gpg_keyring is not None:
+        trust = SignaturePolicy(allowed_signers=config.verify_signatures, keyring=config.verify_gpg_keyring)
+    if config.signing_key is not None:  # a key that cannot sign (passphrase, not trusted) fails now, not mid-rollout
+        if trust is not None:
+            problem = await asyncio.to_thread(trust.check_signer, key=config.signing_key, principal=DEFAULT_AUTHOR[1])
+            if problem is not None:
+                raise GitError(problem)
+        else:
+            await asyncio.to_thread(ssh_sign, b"lockgate: can this key sign?\n", key=config.signing_key)
+    elif trust is not None:
+        log.warning("signatures are verified but lockgate has no --signing-key: its own write-back commits will be "
+                    "unsigned and refused")
     # Opening a remote clones it: network I/O, off the event loop.
     source = await asyncio.to_thread(Pygit2Source.open, config.repo, branch=config.branch,
-                                     cache_dir=config.state_dir / "git")
+                                     cache_dir=config.state_dir / "git", signing_key=config.signing_key)
     runtime = LocalRuntime(state_dir=config.state_dir, envoy_log_level=config.envoy_log_level,
                            prometheus_url=config.prometheus_url)
-    return Reconciler(config=config, source=source, runtime=runtime, announced=announced)
+    return Reconciler(config=config, source=source, runtime=runtime, announced=announced, trust=trust)
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

@@ -23,6 +23,7 @@ from mesh.intent import Intent
 from reconciler.rollout.commands import COMMANDS_DIR, DECISIONS_FILE, ROLLOUTS_DIR, state_path, summary
 from reconciler.runtime.base import Runtime
 from reconciler.source.base import DEFAULT_AUTHOR, GitError, GitReader, GitWriter, StaleParent
+from reconciler.source.signatures import SignaturePolicy
 from reconciler.source.worker import GitWorker
 from reconciler.state import read_json, write_json
 from rollouts.advance import Command, Decision, RolloutState, advance, analysis_due
@@ -79,6 +80,8 @@ class RolloutController:
     """By Prometheus URL: one client (and connection pool) per server."""
     git: GitWorker = field(default_factory=GitWorker)
     """Where every Git operation runs (shared with the loop: one repository, one thread)."""
+    trust: SignaturePolicy | None = None
+    """With a policy, lockgate never signs a write-back on top of a head the policy does not trust."""
     _notes: set[asyncio.Task[None]] = field(default_factory=set)
     intent: Intent | None = None
     revision: str | None = None
@@ -271,6 +274,11 @@ class RolloutController:
                 head = self.source.refresh()
                 if head is None:
                     return ""
+                if self.trust is not None and (why := self.trust.verify(self.source, head)) is not None:
+                    # Signing on top would make lockgate vouch for that commit's tree: wait for a trusted head.
+                    log.error("rollout %s/%s: not writing back onto %s, which is not trusted (%s)", key[0], key[1],
+                              head[:12], why)
+                    return None
                 edited = edit_rollout(self.source.read_tree(head), namespace=key[0], name=key[1], outcome=outcome,
                                       canary=d.state.canary)
                 if edited is None:
