@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,31 +16,8 @@ import pytest
 from reconciler.source import git as gitsource
 from reconciler.source.base import FETCH_IO_TIMEOUT_S, SourceHealth
 from reconciler.source.git import GitError, Pygit2Source
-
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@t",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@t",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
-
-
-def git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, **GIT_ENV}
-    done = subprocess.run(
-        ["git", "-c", "init.defaultBranch=main", *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
-    return done.stdout.strip()
-
-
-def commit(root: Path, name: str) -> str:
-    (root / name).write_text(name)
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", name)
-    return git(root, "rev-parse", "HEAD")
+from tests.fixtures.git import commit_file as commit
+from tests.fixtures.git import git
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,32 +14,10 @@ import pytest
 
 from reconciler.source import watch
 from reconciler.source.git import Pygit2Source
+from tests.fixtures.git import commit_file as commit
+from tests.fixtures.git import git
 
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "t",
-    "GIT_AUTHOR_EMAIL": "t@t",
-    "GIT_COMMITTER_NAME": "t",
-    "GIT_COMMITTER_EMAIL": "t@t",
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_CONFIG_GLOBAL": os.devnull,
-}
 NO_SAFETY_POLL = 60.0  # longer than any test waits: only the watcher can be what notices
-
-
-def git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, **GIT_ENV}
-    done = subprocess.run(
-        ["git", "-c", "init.defaultBranch=main", *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, f"git {' '.join(args)}: {done.stderr}"
-    return done.stdout.strip()
-
-
-def commit(root: Path, name: str) -> str:
-    (root / name).write_text(name)
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", name)
-    return git(root, "rev-parse", "HEAD")
 
 
 @pytest.fixture
