@@ -374,3 +374,51 @@ def test_prometheus_stopped_holds_and_a_sigkilled_lockgate_resumes(mesh: Mesh) -
     last = git(mesh.repo, "log", "-1", "--format=%an|%s")
     assert last == "lockgate|rollout shop/reviews: promote v1 (stable v2 -> v1)", last
     assert prom in mesh.up.child_pids
+
+
+def test_a_restarted_prometheus_is_not_judged_until_it_holds_a_full_window(mesh: Mesh) -> None:
+    """Prometheus SIGKILLed mid-run, restarted at once by its supervisor (its data kept): until it has
+    scraped a full interval again, every analysis holds and says why; then the run steps again."""
+    stable = mesh.rollout()["stable"]
+    canary = "v2" if stable == "v1" else "v1"
+    steps = "[10, 20, 30, 40, 50, 60, 70, 80, 90, 100]"
+    mesh.commit_rollout(rollout(stable=stable, canary=canary, steps=steps), f"reviews: canary {canary}, ten steps")
+    _watch(mesh, lambda s: s["phase"] == "progressing" and s["canary"] == canary and s["weight"] >= 20, timeout=40)
+
+    status = mesh.up.status()["clusters"][0]["prometheus"]
+    prom, ready_url = mesh.prometheus_pid(), f"{status['url']}/-/ready"
+    t_kill = time.time()
+    os.kill(prom, signal.SIGKILL)
+    wait_for("prometheus gone", lambda: not alive({prom}), timeout=10)
+    wait_for("prometheus restarted and ready", lambda: _ready(ready_url), timeout=30)
+    t_ready = time.time()  # the restart happened before this
+    step = wait_for("a step after the restart",
+                    lambda: next((d for d in mesh.decisions(t_kill) if d["action"] == "step"), None),
+                    timeout=30 + 4 * INTERVAL)
+    decisions = mesh.decisions(t_kill)
+    before = [d for d in decisions if d["at"] < step["at"]]
+    assert before and all(d["action"] == "hold" for d in before), decisions  # nothing stepped or promoted
+    assert all(d["action"] == "hold" for d in decisions if d["at"] <= t_ready + INTERVAL), decisions
+    answered = [d for d in before if d["checks"]]  # Prometheus answered (the others: "offline")
+    assert answered, decisions
+    first = " ".join(answered[0]["reasons"])
+    assert "s of 3 s of data (" in first and "Prometheus restarted" in first, first
+    assert all("of data" in " ".join(d["reasons"]) for d in answered), answered
+    assert all(c["result"] == "pass" for c in step["checks"]), step  # judged on a full window
+    assert step["at"] - t_ready >= INTERVAL, (step, t_ready)
+    # The restarted one is tracked, so the teardown checks it is stopped with the mesh.
+    new = wait_for("status shows the restarted prometheus", lambda: (
+        pid if (pid := mesh.up.status()["clusters"][0]["prometheus"]["pid"]) not in (None, prom) else None), timeout=10)
+    mesh.up.child_pids.add(new)
+
+    before_abort = mesh.rollout()
+    lockgate("rollout", "abort", "reviews", "--state-dir", str(mesh.state))
+    _watch(mesh, _written_back("rolled-back", before_abort), timeout=20)
+
+
+def _ready(url: str) -> bool:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=1) as resp:
+        return bool(resp.status == 200)

@@ -64,6 +64,14 @@ class RolloutState(_Frozen):
     """Paused by command (spec.paused pauses from Git)."""
 
 
+class PartialData(_Frozen):
+    """Prometheus holds only part of a cluster's analysis window (restarted, or the canary is new)."""
+
+    covered: float
+    """Seconds of the interval it has samples for."""
+    why: str
+
+
 class Observations(_Frozen):
     """What the metric provider said for one analysis."""
 
@@ -74,6 +82,8 @@ class Observations(_Frozen):
     """metric name -> cluster -> value (None: no values found, e.g. an idle canary)."""
     errors: Mapping[str, str] = Field(default_factory=dict)
     """metric name -> query error, reported in the reasons."""
+    partial: Mapping[str, PartialData] = Field(default_factory=dict)
+    """cluster -> its window is only partly in Prometheus: every check there is no-data, whatever the values."""
 
 
 class Check(_Frozen):
@@ -219,15 +229,25 @@ def advance(
 
 
 def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
-    """Every check of one analysis: canary requests per cluster first, then each metric per cluster."""
+    """Every check of one analysis: canary requests per cluster first, then each metric per cluster.
+
+    A cluster whose window is partial is never judged: each check is no-data (its own policy applies),
+    because `rate()` over a few seconds extrapolated to the interval would pass or fail on noise."""
     a = spec.analysis
     out: list[Check] = []
-    clusters = sorted(obs.requests) or ["*"]
+    clusters = sorted(set(obs.requests) | set(obs.partial)) or ["*"]
     for cluster in clusters:
         req = obs.requests.get(cluster)
         enough = req is not None and req >= a.min_requests  # the raw (extrapolated) count, never rounded up
         where = f"@{cluster}" if len(clusters) > 1 else ""
         shown = format_requests(req, minimum=a.min_requests)
+        if (gap := obs.partial.get(cluster)) is not None:
+            part = f"only {_tenths(gap.covered)} s of {spec.interval_s:g} s of data ({gap.why})"
+            out.append(_no_data(REQUESTS, cluster, req, a.no_data, min_=a.min_requests,
+                                detail=f"requests{where}: {part}"))
+            out.extend(_no_data(m.name, cluster, obs.values.get(m.name, {}).get(cluster), m.no_data or a.no_data,
+                                m=m, requests=req, detail=f"{m.name}{where}: {part}") for m in a.metrics)
+            continue
         if enough:
             out.append(Check(metric=REQUESTS, cluster=cluster, value=req, requests=req, min=a.min_requests,
                              result="pass", effective="pass", detail=f"requests{where} {shown} >= {a.min_requests}"))
@@ -324,6 +344,11 @@ def _within(m: MetricSpec, value: float) -> tuple[bool, str]:
         return False, f"> max {_num(m.max)}"
     parts = ([f">= {_num(m.min)}"] if m.min is not None else []) + ([f"<= {_num(m.max)}"] if m.max is not None else [])
     return True, " and ".join(parts)
+
+
+def _tenths(seconds: float) -> str:
+    """Rounded down: a window 2.97 s of 3 s full reads "2.9 s of 3 s", never "3.0 s of 3 s"."""
+    return f"{math.floor(seconds * 10 + 1e-6) / 10:.1f}"
 
 
 def _num(v: float) -> str:

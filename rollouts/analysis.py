@@ -2,16 +2,22 @@
 
 Built-in metrics read Envoy's own stats of the canary's sidecars on their inbound listener (what the
 canary actually served), so they need no instrumentation in the application.
+
+Before anything is judged, one query per cluster fetches the raw sample times of the canary's series
+over the window (and a little before it): a window Prometheus holds only part of (it restarted, or
+the canary's sidecar is new) is `PartialWindow`, and every check there is no-data.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 
-from rollouts.advance import Observations
+from rollouts.advance import Observations, PartialData
 from rollouts.intent import MetricSpec, RolloutSpec
-from rollouts.provider import MetricProvider, NoValuesFound, ProviderError
+from rollouts.provider import MetricProvider, NoValuesFound, PartialWindow, ProviderError, Samples
 
 _SEL = ('envoy_http_conn_manager_prefix="inbound",kind="sidecar",service="{{ service }}",'
         'version="{{ version }}",namespace="{{ namespace }}",cluster="{{ cluster }}"')
@@ -26,6 +32,17 @@ BUILTIN_QUERIES = {
         f"(rate(envoy_http_downstream_rq_time_bucket{{{_SEL}}}[{{{{ interval }}}}])))"
     ),
 }
+WINDOW_SELECTOR = f"envoy_http_downstream_rq_total{{{_SEL}}}"
+"""The series every built-in (and the requests check) reads: one per canary sidecar. A restarted
+Prometheus lost every series' samples alike, so custom queries are covered by it too."""
+HISTORY_S = 30.0
+"""Seconds fetched before the window: they give the scrape interval when the window has few samples,
+and tell a series Prometheus lost for a while (partial, 0 s) from one it never had (no values)."""
+REACH = 1.1
+"""A sample vouches for 1.1 scrape intervals either side of it, as far as Prometheus extrapolates: one
+missed scrape is no gap, a restart or a series that began inside the window is."""
+LATE = 2.0
+"""Scrape intervals the newest sample vouches for after it: the next one may be late or not yet written."""
 _VAR = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
 
@@ -43,18 +60,101 @@ def window(spec: RolloutSpec) -> str:
     return f"{round(spec.interval_s * 1000)}ms"
 
 
+def scrape_interval(timestamps: Sequence[float]) -> float | None:
+    """The usual spacing of a series' samples (the lower median: a restart's gap is one spacing among
+    many); None with fewer than two samples."""
+    spacings = [b - a for a, b in itertools.pairwise(timestamps) if b - a > 1e-3]
+    return statistics.median_low(spacings) if spacings else None
+
+
+def covered_seconds(timestamps: Sequence[float], *, at: float, window_s: float, step: float | None,
+                    since: float | None = None) -> float:
+    """Seconds of the window (`window_s` before `at`) the samples vouch for: each one for REACH scrape
+    intervals either side, the newest for LATE after it, none across `since` (Prometheus's start). A lone
+    sample (no interval known) only for the time since it was taken, so one sample is never a full window
+    (`rate()` needs two anyway)."""
+    start = at - window_s
+    if not timestamps:
+        return 0.0
+    if step is None:  # one sample: Prometheus has had the series only since it was taken
+        first = timestamps[0]
+        return at - first if first > start and (since is None or first >= since) else 0.0
+    covered, edge = 0.0, start
+    for i, ts in enumerate(timestamps):
+        lo = max(ts - REACH * step, edge)
+        hi = min(ts + (LATE if i == len(timestamps) - 1 else REACH) * step, at)
+        if since is not None:
+            lo, hi = (lo, min(hi, since)) if ts < since else (max(lo, since), hi)
+        if hi > lo:
+            covered += hi - lo
+            edge = hi
+    return covered
+
+
+def check_window(samples: Samples, *, window_s: float) -> None:
+    """Nothing when every current series covers the whole window; else `PartialWindow` with the least
+    covered series' seconds; `NoValuesFound` when Prometheus has no such series at all.
+
+    A series whose samples stopped while the others go on is a removed target (its sidecar went away):
+    it is left out rather than holding the run until it ages out of the history."""
+    series = {k: ts for k, ts in samples.series.items() if ts}
+    if not series:
+        raise NoValuesFound(f"no samples in the last {samples.seconds:g} s")
+    own = {k: scrape_interval(ts) for k, ts in series.items()}
+    known = [s for s in own.values() if s is not None]
+    fallback = statistics.median_low(known) if known else None  # a one-sample series: its siblings' interval
+    steps = {k: s if s is not None else fallback for k, s in own.items()}
+    newest = max(ts[-1] for ts in series.values())
+    current = [k for k, ts in series.items() if ts[-1] >= newest - LATE * (steps[k] or 0.0)]
+    covered = {k: covered_seconds(series[k], at=samples.at, window_s=window_s, step=steps[k], since=samples.since)
+               for k in current}
+    worst = min(sorted(covered), key=lambda k: covered[k])
+    if covered[worst] >= window_s - 1e-3:
+        return
+    last, step = series[worst][-1], steps[worst]
+    stale = samples.at - last > LATE * step if step is not None else last <= samples.at - window_s
+    if samples.since is not None and samples.since > samples.at - window_s:
+        why = f"Prometheus restarted {samples.at - samples.since:.1f} s ago"
+    elif stale:
+        why = f"no sample in the last {samples.at - last:.1f} s: Prometheus restarted or is not scraping the target"
+    else:
+        why = "Prometheus restarted or the target is new"
+    raise PartialWindow(covered_s=max(0.0, covered[worst]), window_s=window_s, why=why)
+
+
+def _window_of(provider: MetricProvider, variables: Mapping[str, str], window_s: float) -> PartialData | None:
+    """None when the canary's series cover the whole window (or do not exist: the queries say so)."""
+    samples = provider.samples(render_query(WINDOW_SELECTOR, variables), seconds=window_s + HISTORY_S)
+    try:
+        check_window(samples, window_s=window_s)
+    except PartialWindow as exc:
+        return PartialData(covered=exc.covered_s, why=exc.why)
+    except NoValuesFound:
+        pass  # no such series at all: the queries answer "no values found", as they always did
+    return None
+
+
 def observe(
     *, spec: RolloutSpec, namespace: str, canary: str, providers: Mapping[str, MetricProvider]
 ) -> Observations:
-    """Query every check for every cluster (cluster -> its provider). Offline if any provider is."""
+    """Query every check for every cluster (cluster -> its provider). Offline if any provider is.
+
+    A cluster whose window is partial is still queried (the numbers are shown), but `partial` says
+    so and `advance.judge` makes every check there no-data."""
     if not providers or not all(p.is_online() for p in providers.values()):
         return Observations(online=False)
     requests: dict[str, float | None] = {}
     values: dict[str, dict[str, float | None]] = {m.name: {} for m in spec.analysis.metrics}
     errors: dict[str, str] = {}
+    partial: dict[str, PartialData] = {}
     for cluster, provider in sorted(providers.items()):
         variables = {"service": spec.service, "version": canary, "namespace": namespace, "cluster": cluster,
                      "interval": window(spec)}
+        try:
+            if (gap := _window_of(provider, variables, spec.interval_s)) is not None:
+                partial[cluster] = gap
+        except ProviderError as exc:
+            return Observations(online=False, errors={"window": str(exc)})
         try:
             requests[cluster] = provider.query(render_query(REQUESTS_QUERY, variables))
         except NoValuesFound:
@@ -69,4 +169,4 @@ def observe(
             except ProviderError as exc:
                 values[m.name][cluster] = None
                 errors[m.name] = str(exc)
-    return Observations(online=True, requests=requests, values=values, errors=errors)
+    return Observations(online=True, requests=requests, values=values, errors=errors, partial=partial)

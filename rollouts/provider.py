@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Protocol
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
 
 import requests
 import tenacity
@@ -27,9 +31,45 @@ class NoValuesFound(ProviderError):
     """The query ran but returned nothing usable (no series, or NaN such as 0/0 on an idle canary)."""
 
 
+class PartialWindow(NoValuesFound):
+    """Prometheus has samples for only part of the analysis window (it restarted, or the target is new).
+
+    `rate()` and `increase()` would extrapolate those few seconds to the whole interval, so the window
+    counts as "no values found" and follows the no-data policy instead of being judged.
+    """
+
+    def __init__(self, *, covered_s: float, window_s: float, why: str) -> None:
+        self.covered_s = covered_s
+        self.window_s = window_s
+        self.why = why
+        super().__init__(f"only {math.floor(covered_s * 10 + 1e-6) / 10:.1f} s of {window_s:g} s of data ({why})")
+
+    @property
+    def fraction(self) -> float:
+        """Share of the window covered, 0..1."""
+        return min(1.0, self.covered_s / self.window_s) if self.window_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Samples:
+    """When Prometheus has samples: the timestamps (ascending) of every series of one selector over the
+    `seconds` before `at`, keyed by the series' labels. Raw times, so gaps are visible, not averaged away."""
+
+    at: float
+    seconds: float
+    series: Mapping[str, tuple[float, ...]]
+    since: float | None = None
+    """When the answering Prometheus started, if it says: nothing before that vouches for the time after
+    it (a restarted one has not scraped yet, however recent its last sample from before the restart)."""
+
+
 class MetricProvider(Protocol):
     def query(self, promql: str) -> float:
         """The query's single value; NoValuesFound when there is none, ProviderError on failure."""
+        ...
+
+    def samples(self, selector: str, *, seconds: float) -> Samples:
+        """Sample times of every series `selector` matches in the last `seconds`; ProviderError on failure."""
         ...
 
     def is_online(self) -> bool: ...
@@ -52,7 +92,7 @@ class PrometheusProvider:
     def __repr__(self) -> str:
         return f"PrometheusProvider({self.url!r})"
 
-    def query(self, promql: str) -> float:
+    def _run(self, promql: str, params: dict[str, str] | None = None) -> list[Any]:
         try:
             for attempt in tenacity.Retrying(
                 stop=tenacity.stop_after_attempt(self._attempts),
@@ -61,11 +101,15 @@ class PrometheusProvider:
                 reraise=True,
             ):
                 with attempt:
-                    result = self._client.custom_query(promql)
+                    result: list[Any] = self._client.custom_query(promql, params=params)
         except requests.RequestException as exc:
             raise ProviderError(f"{self.url} unreachable: {exc}") from None
         except PrometheusApiClientException as exc:
             raise ProviderError(f"query failed: {exc}") from None
+        return result
+
+    def query(self, promql: str) -> float:
+        result = self._run(promql)
         if not result:
             raise NoValuesFound(f"no values found for {promql}")
         try:
@@ -75,6 +119,30 @@ class PrometheusProvider:
         if math.isnan(value):
             raise NoValuesFound(f"NaN for {promql}")
         return value
+
+    def samples(self, selector: str, *, seconds: float) -> Samples:
+        """One instant query of `selector[seconds]`, evaluated at a time we pick (so the window is known):
+        Prometheus answers every raw sample in it, stale markers left out."""
+        at = round(time.time(), 3)
+        since = self._started()
+        result = self._run(f"{selector}[{max(1, round(seconds * 1000))}ms]", {"time": f"{at:.3f}"})
+        series: dict[str, tuple[float, ...]] = {}
+        for item in result:
+            try:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(item["metric"].items()))
+                series[labels] = tuple(sorted(float(point[0]) for point in item["values"]))
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                raise ProviderError(f"unexpected answer {item!r} for {selector}: {exc}") from None
+        return Samples(at=at, seconds=seconds, series=series, since=since)
+
+    def _started(self) -> float | None:
+        """Prometheus's own start time (`/api/v1/status/runtimeinfo`); None from a server without it."""
+        try:
+            resp = self._session.get(f"{self.url}/api/v1/status/runtimeinfo", timeout=self._timeout)
+            return datetime.fromisoformat(resp.json()["data"]["startTime"]).timestamp() if resp.ok else None
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            log.debug("%s: no start time: %s", self.url, exc)
+            return None
 
     def is_online(self) -> bool:
         try:

@@ -3,8 +3,11 @@ through lockgate's HTTP service discovery: the built-in metrics, "no values foun
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import os
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +20,8 @@ import pytest
 from mesh.probe import wait_http
 from mesh.xds.snapshot import HCM, Snapshot
 from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus
-from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, observe, render_query
+from rollouts.advance import Decision, Observations, RolloutState, advance
+from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, WINDOW_SELECTOR, observe, render_query
 from rollouts.intent import RolloutSpec
 from rollouts.provider import NoValuesFound, PrometheusProvider, ProviderError
 
@@ -185,6 +189,111 @@ def test_builtin_metrics_from_real_envoys_through_real_prometheus(
             provider.query(render_query(REQUESTS_QUERY, {**variables, "version": "v2"}))
         assert time.monotonic() - t0 < 10
     finally:
+        control_plane.run(prom.stop())
+        control_plane.run(sd.stop())
+        provider.close()
+
+
+class _Load:
+    """Requests at a steady pace to one sidecar listener, until stopped (errors ignored: Prometheus is what
+    restarts here, not the sidecar)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="load", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                send(self.port, 5)
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def test_a_window_prometheus_has_only_part_of_is_never_judged(
+    control_plane: ControlPlane, envoy: Any, app: Any, tmp_path: Path
+) -> None:
+    """A new target, then a SIGKILLed Prometheus restarted by its supervisor (its data kept): each time the
+    analysis is no-data until Prometheus holds a full interval of the canary's samples, then it is judged."""
+    from conftest import free_port
+
+    node, listen = "reviews-v2-0", free_port()
+    control_plane.set(node, inbound(listen, app(0)))
+    proc = envoy(node_id=node, xds_port=control_plane.port)
+    targets = [{"targets": [f"{LOOPBACK}:{proc.stats_port}"], "labels": {
+        "__metrics_path__": "/stats/prometheus", "cluster": "east", "kind": "sidecar", "service": "reviews",
+        "version": "v2", "namespace": "shop", "node": node}}]
+    sd = DiscoveryServer(address=LOOPBACK, targets=lambda: targets)
+    control_plane.run(sd.start())
+    prom = LocalPrometheus(cluster="east", address=LOOPBACK, port=free_port(), sd_url=sd.url, state_dir=tmp_path)
+    provider = PrometheusProvider(prom.url, timeout=1.0)
+    interval = 4.0
+    spec = RolloutSpec.model_validate({"service": "reviews", "stable": "v1", "canary": "v2", "steps": [10, 50, 100],
+                                       "interval": f"{interval:g}s", "analysis": {"minRequests": 20, "metrics": [
+                                           {"name": "success-rate", "builtin": "request-success-rate", "min": 99}]}})
+    selector = render_query(WINDOW_SELECTOR, {"service": "reviews", "version": "v2", "namespace": "shop",
+                                              "cluster": "east"})
+    providers = {"east": provider}
+
+    def analysis() -> tuple[Observations, Decision]:
+        now = time.time()
+        state = RolloutState(phase="progressing", stable="v1", canary="v2", observed_canary="v2", step=0, weight=10,
+                             started_at=now - 60, next_analysis_at=now)
+        obs = observe(spec=spec, namespace="shop", canary="v2", providers=providers)
+        return obs, advance(spec, state, obs, now=now)
+
+    def sample_times() -> tuple[float, ...]:
+        series = provider.samples(selector, seconds=120).series
+        return next(iter(series.values())) if series else ()
+
+    load = _Load(listen)
+    control_plane.run(prom.start())
+    try:
+        control_plane.run(wait_http(f"{prom.url}/-/ready", timeout=30), timeout=40)
+        # (1) A new target: right after its first sample, the window is partial and nothing is judged.
+        first = wait_for("the sidecar's first sample", lambda: sample_times()[:1], timeout=30)[0]
+        obs, d = analysis()
+        assert time.time() - first < interval - 1.5  # still early: this analysis must not judge
+        assert "east" in obs.partial and obs.partial["east"].covered < interval, obs
+        assert d.action == "hold" and d.state.step == 0, d
+        assert all(c.result == "no-data" for c in d.checks), d.checks
+        assert any("of 4 s of data (Prometheus restarted or the target is new)" in c.detail for c in d.checks), d
+        # ...and once Prometheus holds a full interval of it, the analysis is judged (and passes).
+        obs, d = wait_for("a full window", lambda: (r := analysis())[0].partial == {} and r, timeout=30)
+        assert time.time() - sample_times()[0] >= interval - 1.5  # not before (a sample vouches for 1.1 s)
+        assert d.action == "step" and d.state.weight == 50, d.reasons
+        assert obs.requests["east"] is not None and obs.requests["east"] >= 20
+
+        # (2) Prometheus SIGKILLed mid-run and restarted by its supervisor, its data dir kept: partial again.
+        old = prom.process.pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        wait_for("prometheus restarted", lambda: prom.process.pid not in (None, old), timeout=15)
+        restarted = time.time()
+        wait_for("prometheus ready again", lambda: provider.is_online(), timeout=30)
+        seen: list[tuple[float, Observations, Decision]] = []
+
+        def judged_again() -> bool:
+            obs, d = analysis()
+            seen.append((time.time(), obs, d))
+            return obs.partial == {}
+
+        wait_for("a full window after the restart", judged_again, timeout=40)
+        early = [(t, o, d) for t, o, d in seen if t < restarted + interval]
+        assert early, "no analysis within one interval of the restart"
+        for _t, o, d in early:
+            assert "east" in o.partial and d.action == "hold", (o, d.reasons)
+            assert all("s of 4 s of data" in c.detail for c in d.checks), d.checks
+        assert all(d.action == "hold" for _t, o, d in seen if o.partial)
+        assert seen[-1][2].action == "step", seen[-1][2].reasons
+        assert seen[-1][0] - restarted >= interval  # the new samples alone make a full window
+    finally:
+        load.close()
         control_plane.run(prom.stop())
         control_plane.run(sd.stop())
         provider.close()
