@@ -4,13 +4,20 @@
 each proxy's certificate and the trust bundle; it reads no clock, no environment and no files, so the
 same inputs give the same snapshots. A rotation changes only the SECRET resources: every listener and
 cluster names the secrets (`workload-cert`, `trust-bundle`), never their content.
+
+Authorization and inbound rate limits live in the sidecar's inbound *route configuration* (per-route
+filter config), not in its listener: Envoy applies a new route configuration to the next request on
+connections already open, while a changed listener only reaches new connections and lets old ones drain
+on the old filter chain (a revoked caller kept being served until its connection closed). The inbound
+listener always carries the same neutral filters, so a policy or a rate-limit change leaves it alone;
+only the mTLS mode (a property of the connection) is still the listener's.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -30,6 +37,10 @@ _DOWNSTREAM = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Dow
 _UPSTREAM = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _TLS_INSPECTOR = "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"
 _RBAC = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+_RBAC_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+AUTHZ_FILTERS = {"DENY": "lockgate.authz.deny", "ALLOW": "lockgate.authz.allow"}
+"""Both always in every sidecar's inbound chain, DENY first (as Istio evaluates), each without rules
+(allowing everything) unless the route configuration gives it rules under its name."""
 _LOCAL_RL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 LOCAL_RL_FILTER = "envoy.filters.http.local_ratelimit"
 _ROUTER = "envoy.filters.http.router"
@@ -66,11 +77,24 @@ class SecurityExtension(Extension):
         name = listener.get("name")
         if isinstance(proxy, Sidecar) and name == "inbound":
             return self._inbound(proxy, listener)
-        if name in ("outbound", "ingress") and self._rule_limits:
-            # Per-route buckets need the filter in the chain; without its own bucket it limits nothing.
+        if name in ("outbound", "ingress"):
+            # Rule-scoped buckets come per route and need the filter in the chain; it is always there (without
+            # a bucket of its own it limits nothing), so adding the first RateLimit leaves the listener alone.
             disabled = {"name": LOCAL_RL_FILTER, "typed_config": {"@type": _LOCAL_RL, "stat_prefix": "lockgate_rule"}}
             return _with_http_filters(listener, [disabled])
         return listener
+
+    def inbound_route(self, proxy: Sidecar, route_config: dict[str, Any]) -> dict[str, Any]:
+        """Authorization and the service's rate limit, per route: applied to the next request on open
+        connections. Sidecars without either get `route_config` back (shared); those of one service one
+        object between them (their own only where a rule names ports)."""
+        key = (proxy.namespace, proxy.service, proxy.inbound_port if self._uses_ports(proxy) else None)
+        hit = self._inbound_memo.get(key)
+        if hit is None or hit[0] is not route_config:
+            per_filter = self._inbound_filters(proxy)
+            made = _with_route_filters(route_config, per_filter) if per_filter else route_config
+            hit = self._inbound_memo[key] = (route_config, made)
+        return hit[1]
 
     def fingerprint(self) -> object:
         """What `cluster()` depends on: the trust domain and each cluster's expected identities."""
@@ -113,11 +137,8 @@ class SecurityExtension(Extension):
     # --- inbound ---------------------------------------------------------------------------------------
 
     def _inbound(self, sc: Sidecar, listener: dict[str, Any]) -> dict[str, Any]:
-        filters = [*self._authz_filters(sc)]
-        limit = self._service_limits.get((sc.namespace, sc.service))
-        if limit is not None:
-            filters.append({"name": LOCAL_RL_FILTER, "typed_config": _bucket(limit, stat_prefix="lockgate_ratelimit")})
-        listener = _with_http_filters(listener, filters, first=True)
+        # The same filters for every sidecar and every policy: what they enforce comes per route (RDS).
+        listener = _with_http_filters(listener, _NEUTRAL_INBOUND, first=True)
         td = self.intent.mesh.spec.trust_domain
         # Any peer of the mesh's trust domain may connect; which of them may call is AuthorizationPolicy's job.
         tls = {"name": _TLS, "typed_config": {
@@ -137,26 +158,56 @@ class SecurityExtension(Extension):
             ],
         }
 
-    def _authz_filters(self, sc: Sidecar) -> Iterator[dict[str, Any]]:
-        """DENY first, then ALLOW, as Istio evaluates them; no ALLOW policy means no ALLOW filter."""
-        mine = [p for p in self.intent.of_kind(AuthorizationPolicy)
-                if p.metadata.namespace == sc.namespace
-                and (p.spec.selector is None or p.spec.selector.service == sc.service)]
-        for action in ("DENY", "ALLOW"):
+    def _inbound_filters(self, sc: Sidecar) -> dict[str, Any]:
+        """Filter name -> per-route config for the sidecar's inbound routes: its authorization rules (DENY,
+        ALLOW) and its rate-limit bucket; empty when its service has none."""
+        out: dict[str, Any] = {}
+        for action, policies in self._authz_rules(sc).items():
+            out[AUTHZ_FILTERS[action]] = {"@type": _RBAC_PER_ROUTE, "rbac": {
+                "rules_stat_prefix": _authz_stat_prefix(action), "rules": {"action": action, "policies": policies}}}
+        limit = self._service_limits.get((sc.namespace, sc.service))
+        if limit is not None:
+            out[LOCAL_RL_FILTER] = _bucket(limit, stat_prefix="lockgate_ratelimit")
+        return out
+
+    def _authz_rules(self, sc: Sidecar) -> dict[str, dict[str, Any]]:
+        """Action -> RBAC policies of the sidecar's service, DENY first; no ALLOW policy means no ALLOW
+        rules (the neutral filter allows), while an ALLOW policy without rules denies everything."""
+        mine = self._selecting(sc)
+        out: dict[str, dict[str, Any]] = {}
+        for action in AUTHZ_FILTERS:
             chosen = [p for p in mine if p.spec.action == action]
-            if not chosen:
-                continue
-            policies = {
-                f"{p.metadata.namespace}/{p.metadata.name}[{i}]": {
-                    "permissions": [_operation(op, sc) for op in rule.to] or [{"any": True}],
-                    "principals": [_source(src) for src in rule.from_] or [{"any": True}],
+            if chosen:
+                out[action] = {
+                    f"{p.metadata.namespace}/{p.metadata.name}[{i}]": {
+                        "permissions": [_operation(op, sc) for op in rule.to] or [{"any": True}],
+                        "principals": [_source(src) for src in rule.from_] or [{"any": True}],
+                    }
+                    for p in sorted(chosen, key=lambda p: p.metadata.name)
+                    for i, rule in enumerate(p.spec.rules)
                 }
-                for p in sorted(chosen, key=lambda p: p.metadata.name)
-                for i, rule in enumerate(p.spec.rules)
-            }
-            yield {"name": f"lockgate.authz.{action.lower()}", "typed_config": {
-                "@type": _RBAC, "rules_stat_prefix": f"lockgate_authz_{action.lower()}",
-                "rules": {"action": action, "policies": policies}}}
+        return out
+
+    def _selecting(self, sc: Sidecar) -> list[AuthorizationPolicy]:
+        """The AuthorizationPolicies that select the sidecar's service (its namespace's included)."""
+        return [p for p in self._authz_by_namespace.get(sc.namespace, [])
+                if p.spec.selector is None or p.spec.selector.service == sc.service]
+
+    def _uses_ports(self, sc: Sidecar) -> bool:
+        """Whether the sidecar's rules name ports (rendered with its own inbound port, so not shareable)."""
+        return any(op.ports for p in self._selecting(sc) for rule in p.spec.rules for op in rule.to)
+
+    @cached_property
+    def _authz_by_namespace(self) -> dict[str, list[AuthorizationPolicy]]:
+        out: dict[str, list[AuthorizationPolicy]] = {}
+        for p in self.intent.of_kind(AuthorizationPolicy):
+            out.setdefault(p.metadata.namespace, []).append(p)
+        return out
+
+    @cached_property
+    def _inbound_memo(self) -> dict[tuple[str, str, int | None], tuple[dict[str, Any], dict[str, Any]]]:
+        """Sidecars of one service get one inbound route configuration object (shared, hashed once)."""
+        return {}
 
     # --- shared pieces ---------------------------------------------------------------------------------
 
@@ -188,6 +239,28 @@ class SecurityExtension(Extension):
     def _rule_limits(self) -> dict[tuple[str, str, str], RateLimit]:
         return {(r.metadata.namespace, r.spec.service, r.spec.rule): r
                 for r in self.intent.of_kind(RateLimit) if r.spec.rule is not None}
+
+
+def _authz_stat_prefix(action: str) -> str:
+    return f"lockgate_authz_{action.lower()}"
+
+
+_NEUTRAL_INBOUND: list[dict[str, Any]] = [
+    *({"name": name, "typed_config": {"@type": _RBAC, "rules_stat_prefix": _authz_stat_prefix(action)}}
+      for action, name in AUTHZ_FILTERS.items()),
+    {"name": LOCAL_RL_FILTER, "typed_config": {"@type": _LOCAL_RL, "stat_prefix": "lockgate_inbound"}},
+]
+"""The inbound listener's lockgate filters: RBAC without rules allows, a bucket-less local rate limit limits
+nothing; counters keep their names (`rbac.lockgate_authz_deny.denied`: Envoy counts a per-route decision on
+the filter that made it)."""
+
+
+def _with_route_filters(config: dict[str, Any], per_filter: dict[str, Any]) -> dict[str, Any]:
+    """The route configuration with `per_filter` added to every route entry (a route's own entries kept)."""
+    return {**config, "virtual_hosts": [
+        {**vh, "routes": [{**r, "typed_per_filter_config": {**r.get("typed_per_filter_config", {}), **per_filter}}
+                          for r in vh["routes"]]}
+        for vh in config["virtual_hosts"]]}
 
 
 def _uri(**matcher: str) -> dict[str, Any]:

@@ -35,7 +35,18 @@ def render(
     cache = cache if cache is not None else RenderCache()
     shared = Shared(intent=intent, cache=cache, prints=tuple(ext.fingerprint() for ext in extensions))
     by_service = _with_endpoint_hooks(shared, extensions, outbound_clusters(intent, topology, cache))
-    inbound = ResourceSet([inbound_routes()])
+    base_inbound = inbound_routes()
+    inbound_sets = {id(base_inbound): (base_inbound, ResourceSet([base_inbound]))}
+
+    def inbound_for(ctx: Ctx) -> ResourceSet:
+        """A sidecar's inbound route configuration after the extensions' hooks: one set per distinct result
+        object, so every sidecar the hooks leave alone (or hand the same object) shares one."""
+        config = ctx.inbound_route(base_inbound)
+        found = inbound_sets.get(id(config))
+        if found is None or found[0] is not config:
+            found = inbound_sets[id(config)] = (config, ResourceSet([config]))
+        return found[1]
+
     shared_hooks = not any(ext.clusters_per_proxy for ext in extensions)
     everything = tuple(by_service)
     per_reach: dict[tuple[tuple[str, str], ...], tuple[ResourceSet, ResourceSet, bool]] = {}
@@ -80,7 +91,7 @@ def render(
                 listener_config("outbound", proxy.address, proxy.outbound_port, ingress=False, proxy=True,
                                 fault=fault),
             ]
-            routes = [inbound, outbound_config(ctx, proxy, reach)]
+            routes = [inbound_for(ctx), outbound_config(ctx, proxy, reach)]
             own = [ctx.cluster(inbound_cluster(proxy))]
         if not shared_hooks:
             clusters = ResourceSet([ctx.cluster(c) for key in reach for c in by_service[key][0]])

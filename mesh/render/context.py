@@ -45,6 +45,14 @@ class Extension:
     routes_per_proxy: bool = False
     """Set True if `route()` depends on the proxy; otherwise it runs once per route entry per render."""
 
+    def inbound_route(self, proxy: Sidecar, route_config: dict[str, Any]) -> dict[str, Any]:
+        """A sidecar's inbound route configuration. What a hook puts here (per-route filter configuration,
+        say) applies to the next request on connections already open, because Envoy swaps a route
+        configuration under live connections, while a changed listener reaches only new ones (old
+        connections drain on the old filter chain). Return `route_config` itself where nothing changes:
+        render then keeps one configuration for every such sidecar."""
+        return route_config
+
     def secrets(self, proxy: Proxy) -> list[dict[str, Any]]:
         return []
 
@@ -129,6 +137,12 @@ class Ctx:
     def route(self, res: dict[str, Any], *, namespace: str, service: str, rule: str) -> dict[str, Any]:
         for ext in self.extensions:
             res = ext.route(self.proxy, namespace=namespace, service=service, rule=rule, route=res)
+        return res
+
+    def inbound_route(self, res: dict[str, Any]) -> dict[str, Any]:
+        assert isinstance(self.proxy, Sidecar), "only sidecars have an inbound side"
+        for ext in self.extensions:
+            res = ext.inbound_route(self.proxy, res)
         return res
 
     def secrets(self) -> list[dict[str, Any]]:

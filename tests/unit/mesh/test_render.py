@@ -151,3 +151,36 @@ def test_render_cache_changes_the_work_not_the_result() -> None:
     # Sidecars of one namespace share one route configuration object.
     sidecars = [s for n, s in second.items() if n.startswith("east/shop/")]
     assert len({id(s.items(ROUTE)["outbound"]) for s in sidecars}) == 1
+
+
+def test_the_inbound_route_hook_shapes_one_sidecar_and_leaves_the_rest_shared() -> None:
+    """What an extension adds to a sidecar's inbound route configuration reaches only that sidecar (and
+    only its routes, not its listener); sidecars the hook hands back the configuration keep sharing one."""
+    from typing import Any
+
+    from mesh.render import Extension
+
+    seen: list[str] = []
+
+    class Tag(Extension):
+        def inbound_route(self, proxy: Sidecar, route_config: dict[str, Any]) -> dict[str, Any]:
+            seen.append(proxy.node_id)
+            if proxy.service != "frontend":
+                return route_config
+            (vh,) = route_config["virtual_hosts"]
+            return {**route_config, "virtual_hosts": [{**vh, "request_headers_to_remove": ["x-tag"]}]}
+
+    loaded = load(read_worktree(GOLDEN / "template"))
+    assert loaded.intent is not None
+    plain = render(intent=loaded.intent, topology=topology())
+    tagged = render(intent=loaded.intent, topology=topology(), extensions=[Tag()])
+    assert sorted(seen) == sorted(s.node_id for s in topology().sidecars)  # sidecars only, once each
+    front = tagged["east/shop/frontend-v1-0"].items(ROUTE)["inbound"]
+    assert front["virtual_hosts"][0]["request_headers_to_remove"] == ["x-tag"]
+    others = [s for n, s in tagged.items() if n.startswith("east/shop/reviews-")]
+    assert len({id(s.items(ROUTE)["inbound"]) for s in others}) == 1
+    assert len({id(s.parts[ROUTE][0]) for s in others}) == 1  # one shared ResourceSet, not one per sidecar
+    for node, snap in tagged.items():
+        assert snap.version(LISTENER) == plain[node].version(LISTENER)
+        changed = snap.items(ROUTE).get("inbound") != plain[node].items(ROUTE).get("inbound")
+        assert changed == (node == "east/shop/frontend-v1-0"), node

@@ -1,5 +1,6 @@
 """Golden tests for the security render (intent YAML in, the security-relevant xDS out), and its rules:
-rotation changes only secrets, every SDS name resolves, modes resolve service > namespace > mesh.
+rotation changes only secrets, every SDS name resolves, modes resolve service > namespace > mesh, and
+authorization and rate limits reach a sidecar through its route configuration, never its listener.
 
 `UPDATE_GOLDEN=1` rewrites the golden files. They hold what this layer adds (listeners with their
 transport sockets and our HTTP filters, secrets, the clusters' transport sockets, per-route filter
@@ -13,6 +14,7 @@ import datetime as dt
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,11 @@ from mesh.intent import Intent
 from mesh.render import render
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds import wire as xds
-from mesh.xds.snapshot import LISTENER, PUSH_ORDER, SECRET, InconsistentSnapshot, Snapshot
+from mesh.xds.snapshot import LISTENER, PUSH_ORDER, ROUTE, SECRET, InconsistentSnapshot, Snapshot
 from multicluster.ca import new_intermediate, new_root, pem
 from multicluster.issuer import WorkloadIssuer
 from policies import IssuedCert, SecurityExtension, mtls_mode
-from policies.render import principal_matcher
+from policies.render import AUTHZ_FILTERS, LOCAL_RL_FILTER, principal_matcher
 from reconciler.load import load, read_worktree
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -84,9 +86,9 @@ def security_view(snap: Snapshot) -> dict[str, Any]:
     per_route = {}
     for rc in snap.items("type.googleapis.com/envoy.config.route.v3.RouteConfiguration").values():
         for vh in rc["virtual_hosts"]:
-            for r in vh["routes"]:
+            for i, r in enumerate(vh["routes"]):
                 if "typed_per_filter_config" in r:
-                    per_route[f"{rc['name']}/{vh['name']}/{r['name']}"] = r["typed_per_filter_config"]
+                    per_route[f"{rc['name']}/{vh['name']}/{r.get('name', f'#{i}')}"] = r["typed_per_filter_config"]
     out["route_filters"] = per_route
     return out
 
@@ -170,6 +172,120 @@ def test_missing_secret_is_refused() -> None:
     snaps["east/shop/reviews-v2-0"].consistent()
     with pytest.raises(InconsistentSnapshot, match=r"missing secret\(s\) \['workload-cert'\]"):
         snaps["east/shop/reviews-v1-0"].consistent()
+
+
+REVIEWS = ("east/shop/reviews-v1-0", "east/shop/reviews-v2-0")
+REVIEWS_INBOUND = frozenset((n, "inbound") for n in REVIEWS)
+EVERY_RULE_ROUTE = frozenset({("east/ingress", "ingress"), ("east/shop/frontend-v1-0", "outbound"),
+                              *((n, "outbound") for n in REVIEWS)})
+DENY_FRONTEND = """---
+apiVersion: lockgate.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-frontend, namespace: shop}
+spec:
+  selector: {service: reviews}
+  action: DENY
+  rules:
+    - from: [{principals: [example.org/ns/shop/sa/frontend]}]
+"""
+
+
+def _docs_without(text: str, name: str) -> str:
+    """The YAML stream without the document whose metadata names `name`."""
+    return "---".join(d for d in text.split("---") if f"name: {name}," not in d)
+
+
+def _edited(case: str, edit: Callable[[str], str]) -> Intent:
+    files = read_worktree(GOLDEN / case)
+    text = files["security.yaml"].decode()
+    files["security.yaml"] = edit(text).encode()
+    assert files["security.yaml"].decode() != text, "the edit changed nothing"
+    loaded = load(files)
+    assert loaded.intent is not None, loaded.problems
+    return loaded.intent
+
+
+def _secured(intent: Intent) -> dict[str, Snapshot]:
+    topo = topology()
+    return render(intent=intent, topology=topo, extensions=[
+        SecurityExtension(intent=intent, certs=fake_certs(intent, topo), trust_bundle=BUNDLE)])
+
+
+def _changed_routes(a: dict[str, Snapshot], b: dict[str, Snapshot]) -> set[tuple[str, str]]:
+    return {(n, name) for n in a for name in {*a[n].items(ROUTE), *b[n].items(ROUTE)}
+            if a[n].items(ROUTE).get(name) != b[n].items(ROUTE).get(name)}
+
+
+@pytest.mark.parametrize(("edit", "changed"), [
+    pytest.param(lambda t: t + DENY_FRONTEND, REVIEWS_INBOUND, id="a DENY for a principal added"),
+    pytest.param(lambda t: _docs_without(t, "no-admin"), REVIEWS_INBOUND, id="the only DENY removed"),
+    pytest.param(lambda t: _docs_without(t, "frontend-reads"), REVIEWS_INBOUND, id="the only ALLOW removed"),
+    pytest.param(lambda t: t.replace("methods: [GET, HEAD]", "methods: [GET]"), REVIEWS_INBOUND,
+                 id="an ALLOW rule narrowed"),
+    pytest.param(lambda t: t.replace("burst: 20", "burst: 10"), REVIEWS_INBOUND, id="a service's rate limit changed"),
+    pytest.param(lambda t: _docs_without(t, "reviews"), REVIEWS_INBOUND, id="a service's rate limit removed"),
+    pytest.param(lambda t: _docs_without(t, "frontend-default"), EVERY_RULE_ROUTE, id="a rule's rate limit removed"),
+    pytest.param(lambda t: t.split("---")[0], REVIEWS_INBOUND | EVERY_RULE_ROUTE, id="every policy and limit removed"),
+])
+def test_policy_and_rate_limit_changes_reach_routes_not_listeners(
+        edit: Callable[[str], str], changed: frozenset[tuple[str, str]]) -> None:
+    """A listener change reaches only new connections (old ones drain on the old chain); a route
+    configuration reaches the next request on open ones. So these changes must be route changes only."""
+    before, after = _secured(intent_of("strict")), _secured(_edited("strict", edit))
+    assert {n: s.version(LISTENER) for n, s in before.items()} == {n: s.version(LISTENER) for n, s in after.items()}
+    assert _changed_routes(before, after) == changed
+    assert {n for n in before if before[n].version(ROUTE) != after[n].version(ROUTE)} == {n for n, _ in changed}
+
+
+def test_the_mtls_mode_is_still_the_listeners() -> None:
+    """The mode is what a connection was accepted with: changing it is a listener change (new connections),
+    accepted because it revokes no one principal."""
+    before = _secured(intent_of("strict"))
+    after = _secured(_edited("strict", lambda t: t.replace("mode: STRICT", "mode: PERMISSIVE")))
+    assert {n for n in before if before[n].version(LISTENER) != after[n].version(LISTENER)} == {
+        "east/shop/frontend-v1-0", *REVIEWS}
+    assert _changed_routes(before, after) == set()
+
+
+def _http_filters(snap: Snapshot, listener: str) -> list[dict[str, Any]]:
+    (chain, *_) = snap.items(LISTENER)[listener]["filter_chains"]
+    filters: list[dict[str, Any]] = chain["filters"][0]["typed_config"]["http_filters"]
+    return filters
+
+
+def test_inbound_filters_are_neutral_and_the_rules_come_per_route() -> None:
+    snaps = _secured(intent_of("strict"))
+    reviews, frontend = snaps["east/shop/reviews-v1-0"], snaps["east/shop/frontend-v1-0"]
+    for snap in (reviews, frontend):  # one chain for every sidecar: DENY before ALLOW, then the bucket
+        chain = _http_filters(snap, "inbound")
+        assert [f["name"] for f in chain] == ["lockgate.authz.deny", "lockgate.authz.allow", LOCAL_RL_FILTER,
+                                              "envoy.filters.http.router"]
+        assert not any({"rules", "shadow_rules", "token_bucket"} & set(f["typed_config"]) for f in chain)
+    (vhost,) = reviews.items(ROUTE)["inbound"]["virtual_hosts"]
+    per_route = vhost["routes"][0]["typed_per_filter_config"]
+    assert {name: cfg["rbac"]["rules"]["action"] for name, cfg in per_route.items() if name in AUTHZ_FILTERS.values()
+            } == {"lockgate.authz.deny": "DENY", "lockgate.authz.allow": "ALLOW"}
+    assert list(per_route["lockgate.authz.deny"]["rbac"]["rules"]["policies"]) == ["shop/no-admin[0]"]
+    assert per_route[LOCAL_RL_FILTER]["token_bucket"]["max_tokens"] == 20
+    # frontend has no policy and no service-wide limit: its inbound routes carry no per-route filters.
+    (vhost,) = frontend.items(ROUTE)["inbound"]["virtual_hosts"]
+    assert all("typed_per_filter_config" not in r for r in vhost["routes"])
+
+
+def test_sidecars_of_a_service_share_one_inbound_route_configuration() -> None:
+    """Without port conditions the rules are the service's, so its sidecars share one object (built and
+    hashed once); policy-less sidecars keep the configuration render shares between all of them."""
+    intent = _edited("strict", lambda t: t.replace(", ports: [9080]", ""))
+    snaps = _secured(intent)
+    v1, v2 = snaps["east/shop/reviews-v1-0"].items(ROUTE)["inbound"], snaps["east/shop/reviews-v2-0"].items(ROUTE)[
+        "inbound"]
+    assert v1 is v2
+    plain = render(intent=intent, topology=topology())["east/shop/frontend-v1-0"].items(ROUTE)["inbound"]
+    assert snaps["east/shop/frontend-v1-0"].items(ROUTE)["inbound"] == plain
+    # With a port condition each sidecar's rules name its own inbound port.
+    ported = _secured(intent_of("strict"))
+    assert ported["east/shop/reviews-v1-0"].items(ROUTE)["inbound"] != ported["east/shop/reviews-v2-0"].items(ROUTE)[
+        "inbound"]
 
 
 @pytest.mark.parametrize(("principal", "matcher"), [
