@@ -164,8 +164,8 @@ def _route_parts(entry: Mapping[str, Any]) -> tuple[str, str]:
     for key in ("redirect", "direct_response"):
         if key in entry:
             parts.append(f"{key} {_compact(entry[key])}")
-    if "typed_per_filter_config" in entry:
-        parts.append("filters " + ", ".join(sorted(entry["typed_per_filter_config"])))
+    for name, cfg in sorted(entry.get("typed_per_filter_config", {}).items()):
+        parts.append(_describe_filter(name, cfg))
     match = " & ".join(c for c in cond if c)
     return ("any request" if match in ("", "prefix /") else match), "; ".join(parts)
 
@@ -180,18 +180,27 @@ def describe_listener(listener: Mapping[str, Any]) -> str:
                for f in nf.get("typed_config", {}).get("http_filters", [])]
     for f in filters:
         cfg = f.get("typed_config", {})
-        kind = str(cfg.get("@type", "")).rsplit(".", 1)[-1]
-        if kind == "RBAC" and "rules" in cfg:
-            rules = cfg["rules"]
-            policies = [f"{name}: {_rbac_policy(pol)}" for name, pol in sorted(rules.get("policies", {}).items())]
-            parts.append(f"authorization {rules.get('action', 'ALLOW')} [" + "; ".join(policies) + "]")
-        elif kind == "LocalRateLimit" and "token_bucket" in cfg:
-            bucket = cfg["token_bucket"]
-            parts.append(f"rate limit {bucket.get('tokens_per_fill')} per {bucket.get('fill_interval')}"
-                         f" (burst {bucket.get('max_tokens')})")
-        elif kind == "HTTPFault":
-            parts.append("fault injection")
+        if ("rules" in cfg or "token_bucket" in cfg or "HTTPFault" in str(cfg.get("@type", ""))):
+            parts.append(_describe_filter(str(f.get("name", "")), cfg))
     return ", ".join(parts)
+
+
+def _describe_filter(name: str, cfg: Mapping[str, Any]) -> str:
+    """An HTTP filter's configuration (in a listener, or per route) in words: authorization rules with
+    their paths and principals, a rate limit's bucket, fault injection; else the filter's name."""
+    kind = str(cfg.get("@type", "")).rsplit(".", 1)[-1]
+    rbac = cfg.get("rbac", cfg) if kind in ("RBAC", "RBACPerRoute") else None
+    if rbac is not None and "rules" in rbac:
+        rules = rbac["rules"]
+        policies = [f"{pol_name}: {_rbac_policy(pol)}" for pol_name, pol in sorted(rules.get("policies", {}).items())]
+        return f"authorization {rules.get('action', 'ALLOW')} [" + "; ".join(policies) + "]"
+    if kind == "LocalRateLimit" and "token_bucket" in cfg:
+        bucket = cfg["token_bucket"]
+        return (f"rate limit {bucket.get('tokens_per_fill')} per {bucket.get('fill_interval')}"
+                f" (burst {bucket.get('max_tokens')})")
+    if kind == "HTTPFault":
+        return "fault " + _compact({k: v for k, v in cfg.items() if k != "@type"})
+    return f"filter {name}"
 
 
 def _rbac_policy(policy: Mapping[str, Any]) -> str:
@@ -222,6 +231,8 @@ def _rbac_policy(policy: Mapping[str, Any]) -> str:
 
 
 def _version(cluster: str) -> str:
+    if cluster.startswith("inbound|"):
+        return "the app"
     pieces = cluster.split("|")
     return pieces[2] if len(pieces) > 2 else "all versions"
 

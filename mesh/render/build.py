@@ -33,7 +33,13 @@ def render(
     let higher layers add filters, transport sockets, secrets, endpoints elsewhere and gateways of their
     own kinds; `cache` (from the previous render of the same cluster) makes unchanged parts free."""
     cache = cache if cache is not None else RenderCache()
-    shared = Shared(intent=intent, cache=cache, prints=tuple(ext.fingerprint() for ext in extensions))
+    prints = tuple(ext.fingerprint() for ext in extensions)
+    # Compared once here, then by identity per resource: a deep fingerprint (every service's identities)
+    # compared for each of thousands of clusters cost most of a one-route render.
+    if prints == cache.prints:
+        prints = cache.prints
+    cache.prints = prints
+    shared = Shared(intent=intent, cache=cache, prints=prints)
     by_service = _with_endpoint_hooks(shared, extensions, outbound_clusters(intent, topology, cache))
     base_inbound = inbound_routes()
     inbound_sets = {id(base_inbound): (base_inbound, ResourceSet([base_inbound]))}
@@ -136,7 +142,7 @@ def _hooked(shared: Shared, res: dict[str, Any], hook: Callable[[dict[str, Any]]
         return res
     prints, cache = shared.prints, shared.cache
     hit = cache.hooked.get(id(res))
-    fresh = hit is None or hit[0] is not res or hit[1] != prints
+    fresh = hit is None or hit[0] is not res or hit[1] is not prints
     result = hook(res) if fresh else hit[2]  # type: ignore[index]
     shared.hooked[id(res)] = (res, prints, result)
     return result

@@ -166,6 +166,8 @@ class RenderCache:
         self.configs: dict[Any, tuple[tuple[object, ...], dict[str, Any]]] = {}
         self.sets: dict[Any, tuple[tuple[object, ...], ResourceSet]] = {}
         self.hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = {}
+        self.prints: tuple[object, ...] = ()
+        """The extensions' fingerprints of the last render (one object while they stay equal)."""
 
 
 def shared_set(cache: RenderCache, memo: Any, items: list[dict[str, Any]], *, key: str = "name") -> ResourceSet:

@@ -221,3 +221,4 @@ def test_plan_shows_a_changed_authorization_path(repo: Path, tmp_path: Path) -> 
     (repo / "authz.yaml").write_text(policy.replace("/reviews/*", "/ratings/*"))
     out = _plan_worktree(repo, tmp_path)
     assert "no changes" not in out, out
+    assert "/reviews/*" in out and "/ratings/*" in out, out  # the rule, before and after, in words
