@@ -34,10 +34,16 @@ class ProxyProcess:
     """starting | running | crashed | stopped | unknown"""
     restarts: int = 0
     admin: str | None = None
-    """The proxy's admin address, `host:port` (status and metrics; never for workloads)."""
+    """Where the proxy's admin is: `unix:/path` for a Unix socket (the local runtime: no TCP admin at all),
+    or `host:port`. For status and tools; never reachable for workloads."""
+    admin_socket: str | None = None
+    """The admin Unix socket's path, if admin listens on one (`adminSocket`)."""
+    stats: str | None = None
+    """`host:port` of the read-only stats listener: `GET /stats/prometheus` only (what Prometheus scrapes)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"pid": self.pid, "state": self.state, "restarts": self.restarts, "admin": self.admin}
+        return {"pid": self.pid, "state": self.state, "restarts": self.restarts, "admin": self.admin,
+                "adminSocket": self.admin_socket, "stats": self.stats}
 
 
 @dataclass(frozen=True)

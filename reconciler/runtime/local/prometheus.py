@@ -1,8 +1,9 @@
 """One Prometheus per cluster, and the HTTP service discovery it finds every Envoy through.
 
 The control plane process serves discovery itself (`/sd` on the cluster's address): targets are each
-proxy's admin address with `__metrics_path__: /stats/prometheus` and the labels the rollout queries
-select on (service, version, cluster, namespace, kind). Prometheus is Debian's package, started by us
+proxy's stats listener (`GET /stats/prometheus` and nothing else: admin itself is on a Unix socket no
+scraper or workload can reach over TCP) and the labels the rollout queries select on (service, version,
+cluster, namespace, kind). Prometheus is Debian's package, started by us
 with our own config and data dir under the state dir, supervised like every other child.
 """
 
@@ -46,18 +47,18 @@ Targets = Callable[[], list[dict[str, Any]]]
 
 
 def scrape_targets(status: RuntimeStatus, cluster: str) -> list[dict[str, Any]]:
-    """HTTP SD answer for one cluster from the runtime's status: every proxy with an admin address, labelled
+    """HTTP SD answer for one cluster from the runtime's status: every proxy's stats listener, labelled
     with what rollout queries select on."""
     workloads = {w.id: w for w in status.workloads}
     out = []
     for node_id, proc in sorted(status.proxies.items()):
         node = NodeId.parse(node_id)
-        if node.cluster != cluster or not proc.admin:
+        if node.cluster != cluster or not proc.stats:
             continue
         labels = {"__metrics_path__": "/stats/prometheus", "cluster": cluster, "node": node_id, "kind": node.kind}
         if (w := workloads.get(node_id)) is not None:
             labels |= {"service": w.service, "version": w.version, "namespace": w.namespace}
-        out.append({"targets": [proc.admin], "labels": labels})
+        out.append({"targets": [proc.stats], "labels": labels})
     return out
 
 

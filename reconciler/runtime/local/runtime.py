@@ -3,21 +3,33 @@
 Each cluster lives on its own loopback address (127.0.K.1). An instance is ready for traffic only when
 its app accepts connections and its sidecar has taken its configuration, so render never sends traffic
 to something that would refuse it.
+
+Zero trust, locally: every Envoy gets a fresh random token in its bootstrap (0600, in a 0700 directory)
+each time it is started, and its control plane accepts a stream only with the token of the node it claims
+(lockgate keeps SHA-256 digests only, in memory and in processes.json, so a restarted lockgate still knows
+the Envoys it adopts). Envoy admin listens on a Unix socket, never on TCP; Prometheus scrapes a listener
+that answers `GET /stats/prometheus` and nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import os
+import secrets
+import stat
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh.envoy import bootstrap, envoy_argv, wait_ready
+from mesh.envoy import admin_address, bootstrap, envoy_argv, wait_ready
 from mesh.intent import Intent, Workload
 from mesh.names import NodeId
 from mesh.probe import wait_tcp
@@ -39,6 +51,131 @@ DRAIN_S = 2.0
 pooled connections to a removed host, so none is reused against a process that is gone (a 502)."""
 
 
+SOCKET_PATH_MAX = 107
+"""Bytes a Unix socket path may have on Linux (sun_path is 108 with its terminating NUL)."""
+_SOCKET_NAME_LEN = len("0123456789ab.sock")
+
+
+def socket_dir(state_dir: Path) -> Path:
+    """Where the proxies' admin sockets live: STATE/run, or, when that path is too long for a Unix socket
+    name, a directory named after the state dir under $XDG_RUNTIME_DIR (per user, 0700 already) or /tmp.
+    Created 0700; an existing one must be a real directory of ours that nobody else may enter."""
+    home = state_dir.resolve() / "run"
+    if len(os.fsencode(home)) + 1 + _SOCKET_NAME_LEN <= SOCKET_PATH_MAX:
+        _private_dir(home)
+        return home
+    tag = hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:12]
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if xdg and Path(xdg).is_absolute() and Path(xdg).is_dir():
+        candidate = Path(xdg) / f"lockgate-{tag}"
+        if len(os.fsencode(candidate)) + 1 + _SOCKET_NAME_LEN <= SOCKET_PATH_MAX:
+            _private_dir(candidate, shared_parent=True)
+            return candidate
+    candidate = Path("/tmp") / f"lockgate-{os.getuid()}-{tag}"
+    _private_dir(candidate, shared_parent=True)
+    return candidate
+
+
+def _private_dir(path: Path, *, shared_parent: bool = False) -> None:
+    """`path` as a 0700 directory. Under a directory others can write to (/tmp), one that exists already
+    must be ours and no symlink, or someone else could read or replace the sockets in it."""
+    path.mkdir(mode=0o700, parents=not shared_parent, exist_ok=True)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise RuntimeError(f"{path} is not a directory of this user: refusing to put admin sockets there")
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `path` atomically, 0600 from its first byte (mkstemp) in a 0700 directory: a bootstrap holds
+    its proxy's credential. No fsync: the file is rewritten before every start of the one process that
+    reads it, so after a power loss the next start writes it again."""
+    _private_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass
+class _Credential:
+    cluster: str
+    digest: bytes
+    owner: Supervised | None
+    """The Envoy it was issued to; None: recorded by an earlier lockgate and not (yet) adopted."""
+
+
+class ProxyTokens:
+    """Every proxy's xDS credential, as SHA-256 digests only: the token itself exists in the proxy's
+    bootstrap and nowhere else. A token is issued before each start of an Envoy (a restarted Envoy gets
+    a new one) and revoked when it stops; an adopted Envoy keeps the one recorded for it."""
+
+    def __init__(self, recorded: Mapping[str, object] | None = None) -> None:
+        self._by_node: dict[str, _Credential] = {}
+        for node_id, hexdigest in (recorded or {}).items():
+            with contextlib.suppress(ValueError, TypeError):
+                self._by_node[node_id] = _Credential(cluster=NodeId.parse(node_id).cluster,
+                                                     digest=bytes.fromhex(str(hexdigest)), owner=None)
+
+    def issue(self, node_id: str, owner: Supervised) -> str:
+        token = secrets.token_urlsafe(32)
+        self._by_node[node_id] = _Credential(cluster=NodeId.parse(node_id).cluster, digest=_digest(token),
+                                             owner=owner)
+        return token
+
+    def recorded(self, node_id: str) -> bool:
+        return node_id in self._by_node
+
+    def claim(self, node_id: str, owner: Supervised) -> None:
+        """`owner` adopted the process an earlier lockgate started for `node_id`: its token stays valid."""
+        if (cred := self._by_node.get(node_id)) is not None:
+            cred.owner = owner
+
+    def revoke(self, node_id: str, owner: Supervised) -> None:
+        """`owner` stopped for good: its token goes (not a successor's with the same node id)."""
+        cred = self._by_node.get(node_id)
+        if cred is not None and cred.owner is owner:
+            del self._by_node[node_id]
+
+    def drop_unclaimed(self) -> None:
+        """After the orphan check: tokens of processes no one adopted are of processes that are gone."""
+        self._by_node = {n: c for n, c in self._by_node.items() if c.owner is not None}
+
+    def clear(self) -> None:
+        self._by_node.clear()
+
+    def node_for(self, cluster: str, token: str) -> str | None:
+        """The node of `cluster` whose token this is. Every candidate is compared in constant time."""
+        digest, found = _digest(token), None
+        for node_id, cred in self._by_node.items():
+            if hmac.compare_digest(cred.digest, digest) and cred.cluster == cluster:
+                found = node_id
+        return found
+
+    def to_json(self) -> dict[str, str]:
+        return {node_id: cred.digest.hex() for node_id, cred in sorted(self._by_node.items())}
+
+
+@dataclass(frozen=True)
+class ClusterAuthenticator:
+    """The `Authenticator` of one cluster's control plane: only that cluster's proxies' tokens count."""
+
+    tokens: ProxyTokens
+    cluster: str
+
+    def node_for(self, token: str) -> str | None:
+        return self.tokens.node_for(self.cluster, token)
+
+
 def resolve_command(argv: list[str]) -> list[str]:
     """`lockgate ...` runs this very installation, whether or not it is on PATH."""
     if argv and argv[0] == "lockgate":
@@ -51,7 +188,9 @@ class _Instance:
     fingerprint: str
     sidecar: Sidecar
     cluster: str
-    admin_port: int
+    stats_port: int
+    """The proxy's read-only stats listener (what Prometheus scrapes)."""
+    admin_socket: Path
     app: Supervised
     envoy: Supervised
     ready: bool = False
@@ -64,10 +203,10 @@ class _Cluster:
     address: str
     xds_port: int
     ingress: Gateway
-    admin_port: int
+    stats_port: int
     envoy: Supervised
     eastwest: Gateway
-    eastwest_admin: int
+    eastwest_stats: int
     eastwest_envoy: Supervised
     discovery: DiscoveryServer
     prometheus: LocalPrometheus | None
@@ -95,12 +234,17 @@ class LocalRuntime:
     _records: dict[str, Any] = field(default_factory=dict)
     """What an earlier `lockgate up` on this state dir left running (PIDs, ports), for adoption."""
     _orphans_checked: bool = False
+    _tokens: ProxyTokens = field(default_factory=ProxyTokens)
+    _sockets: Path | None = None
 
     def __post_init__(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self._records = read_json(self.state_dir / PROCESSES_FILE)
         self._records.setdefault("clusters", {})
         self._records.setdefault("instances", {})
+        # Known before any control plane listens: the Envoys an earlier lockgate left reconnect at once.
+        recorded = self._records.get("tokens")
+        self._tokens = ProxyTokens(recorded if isinstance(recorded, dict) else {})
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self._notify = callback
@@ -110,15 +254,15 @@ class LocalRuntime:
 
     def _save(self) -> None:
         """Record every process and its ports, so a lockgate restarted after a crash can adopt them."""
-        clusters = {c.name: {"xds_port": c.xds_port, "ingress_port": c.ingress.port, "ingress_admin": c.admin_port,
+        clusters = {c.name: {"xds_port": c.xds_port, "ingress_port": c.ingress.port, "ingress_stats": c.stats_port,
                              "ingress_pid": c.envoy.pid, "ingress_started": c.envoy.started,
-                             "eastwest_port": c.eastwest.port, "eastwest_admin": c.eastwest_admin,
+                             "eastwest_port": c.eastwest.port, "eastwest_stats": c.eastwest_stats,
                              "eastwest_pid": c.eastwest_envoy.pid, "eastwest_started": c.eastwest_envoy.started,
                              "prometheus_port": c.prometheus.port if c.prometheus else None}
                     for c in self._clusters.values()}
         instances = {inst.sidecar.node_id: {  # leaving ones too: a crash before they stop must not orphan them
             "fingerprint": inst.fingerprint, "inbound": inst.sidecar.inbound_port,
-            "outbound": inst.sidecar.outbound_port, "app_port": inst.sidecar.app_port, "admin": inst.admin_port,
+            "outbound": inst.sidecar.outbound_port, "app_port": inst.sidecar.app_port, "stats": inst.stats_port,
             "app_pid": inst.app.pid, "envoy_pid": inst.envoy.pid, "xds_port": self._clusters[inst.cluster].xds_port,
             "app_started": inst.app.started, "envoy_started": inst.envoy.started,
             "argv": list(inst.app.argv),
@@ -127,11 +271,18 @@ class LocalRuntime:
         if not self._orphans_checked:
             clusters = {**self._records["clusters"], **clusters}
             instances = {**self._records["instances"], **instances}
-        write_json(self.state_dir / PROCESSES_FILE, {"clusters": clusters, "instances": instances})
+        write_json(self.state_dir / PROCESSES_FILE, {"clusters": clusters, "instances": instances,
+                                                     "tokens": self._tokens.to_json()})
 
     def authenticator(self, cluster: str) -> Authenticator | None:
-        """Not yet: proxies carry no credential (issue: an authenticated control plane)."""
-        return None
+        """Each stream must carry the token of one of this cluster's proxies, and is bound to that proxy."""
+        return ClusterAuthenticator(self._tokens, cluster)
+
+    def _admin_socket(self, node_id: str) -> Path:
+        """A short per-proxy name (Unix socket paths are limited to 107 bytes)."""
+        if self._sockets is None:
+            self._sockets = socket_dir(self.state_dir)
+        return self._sockets / f"{hashlib.sha256(node_id.encode()).hexdigest()[:12]}.sock"
 
     def control_plane(self, cluster: str, *, index: int) -> Bind:
         """The cluster's loopback address, and the control-plane port an earlier lockgate used for it:
@@ -145,6 +296,7 @@ class LocalRuntime:
         if self._orphans_checked:
             return
         self._orphans_checked = True
+        self._tokens.drop_unclaimed()
         mine = {pid for c in self._clusters.values() for pid in (c.envoy.pid, c.eastwest_envoy.pid)}
         mine |= {pid for inst in self._instances.values() for pid in (inst.app.pid, inst.envoy.pid)}
         for name, rec in self._records["clusters"].items():
@@ -168,22 +320,24 @@ class LocalRuntime:
             return
         address, xds_port = xds.address, xds.port
         rec = self._records["clusters"].get(name) or {}
-        adopting = rec.get("xds_port") == xds_port and bool(rec.get("ingress_pid") or rec.get("eastwest_pid"))
+        # Records of an older lockgate (TCP admin, no tokens: no "ingress_stats") are not adopted.
+        adopting = (rec.get("xds_port") == xds_port and bool(rec.get("ingress_pid") or rec.get("eastwest_pid"))
+                    and "ingress_stats" in rec)
         if adopting:
             # An earlier lockgate's gateways, still serving: keep their ports and take them over.
-            ingress_port, admin = rec["ingress_port"], rec["ingress_admin"]
-            ew_port, ew_admin = rec["eastwest_port"], rec["eastwest_admin"]
-            self._ports |= {ingress_port, admin, ew_admin, ew_port}
+            ingress_port, stats = rec["ingress_port"], rec["ingress_stats"]
+            ew_port, ew_stats = rec["eastwest_port"], rec["eastwest_stats"]
+            self._ports |= {ingress_port, stats, ew_stats, ew_port}
         else:
             ingress_port = preferred_port(address, rec.get("ingress_port"), self._ports)
-            admin, ew_admin, ew_port = (free_port(address, self._ports) for _ in range(3))
+            stats, ew_stats, ew_port = (free_port(address, self._ports) for _ in range(3))
         ingress_id = str(NodeId.gateway(cluster=name, kind="ingress"))
-        envoy = self._envoy(node_id=ingress_id, cluster=name, address=address, xds_port=xds_port, admin_port=admin)
+        envoy = self._envoy(node_id=ingress_id, cluster=name, address=address, xds_port=xds_port, stats_port=stats)
         gw = Gateway(node_id=ingress_id, address=address, port=ingress_port)
         ew = Gateway(node_id=str(NodeId.gateway(cluster=name, kind=EASTWEST)), address=address, port=ew_port,
                      kind=EASTWEST)
         ew_envoy = self._envoy(node_id=ew.node_id, cluster=name, address=address, xds_port=xds_port,
-                               admin_port=ew_admin)
+                               stats_port=ew_stats)
         sd = DiscoveryServer(address=address, targets=lambda: scrape_targets(self.status(), name))
         await sd.start()
         local: LocalPrometheus | None = None
@@ -193,12 +347,14 @@ class LocalRuntime:
             await local.start()
         metrics = Metrics(url=local.url if local else str(self.prometheus_url), discovery=sd.url,
                           local=local is not None)
-        self._clusters[name] = _Cluster(name, address, xds_port, gw, admin, envoy, ew, ew_admin, ew_envoy,
+        self._clusters[name] = _Cluster(name, address, xds_port, gw, stats, envoy, ew, ew_stats, ew_envoy,
                                         discovery=sd, prometheus=local, metrics=metrics)
-        for sup, kind in ((envoy, "ingress"), (ew_envoy, "eastwest")):
+        for sup, node_id, kind in ((envoy, ingress_id, "ingress"), (ew_envoy, ew.node_id, "eastwest")):
             sup.on_start = lambda _s: self._save()
-            pid = rec.get(f"{kind}_pid") if adopting else None
-            if not (pid and sup.adopt(pid, started=rec.get(f"{kind}_started"))):
+            pid = rec.get(f"{kind}_pid") if adopting and self._tokens.recorded(node_id) else None
+            if pid and sup.adopt(pid, started=rec.get(f"{kind}_started")):
+                self._tokens.claim(node_id, sup)  # it reconnects with the token it was started with
+            else:
                 await sup.start()
         self._save()
 
@@ -209,15 +365,21 @@ class LocalRuntime:
         pid = c.prometheus.process.info.pid if c.prometheus else None
         return Metrics(url=c.metrics.url, discovery=c.metrics.discovery, local=c.metrics.local, pid=pid)
 
-    def _envoy(self, *, node_id: str, cluster: str, address: str, xds_port: int, admin_port: int) -> Supervised:
+    def _envoy(self, *, node_id: str, cluster: str, address: str, xds_port: int, stats_port: int) -> Supervised:
+        """A supervised Envoy whose every start (first and restarts, not adoption) writes its bootstrap
+        with a new token: the old token dies with the process that held it."""
         slug = NodeId.parse(node_id).slug
         cfg = self.state_dir / "envoy" / f"{slug}.json"
-        cfg.parent.mkdir(parents=True, exist_ok=True)
-        cfg.write_text(json.dumps(bootstrap(node_id=node_id, cluster=cluster, xds_host=address,
-                                            xds_port=xds_port, admin_host=address, admin_port=admin_port),
-                                  indent=1))
+        socket = self._admin_socket(node_id)
+
+        def write_bootstrap(sup: Supervised) -> None:
+            token = self._tokens.issue(node_id, sup)
+            write_private(cfg, json.dumps(bootstrap(
+                node_id=node_id, cluster=cluster, xds_host=address, xds_port=xds_port, admin_socket=socket,
+                stats_host=address, stats_port=stats_port, xds_token=token), indent=1))
+
         return Supervised(name=f"envoy {node_id}", argv=self._envoy_argv(node_id), env=child_env({}),
-                          log_path=self.state_dir / "logs" / f"envoy-{slug}.log")
+                          log_path=self.state_dir / "logs" / f"envoy-{slug}.log", before_spawn=write_bootstrap)
 
     def _envoy_argv(self, node_id: str) -> list[str]:
         cfg = self.state_dir / "envoy" / f"{NodeId.parse(node_id).slug}.json"
@@ -263,9 +425,9 @@ class LocalRuntime:
         rec = self._records["instances"].get(node_id)
         argv = resolve_command(list(w.spec.command))
         adoptable = (rec is not None and rec.get("fingerprint") == fp and rec.get("xds_port") == c.xds_port
-                     and rec.get("argv") == argv)
+                     and rec.get("argv") == argv and "stats" in rec and self._tokens.recorded(node_id))
         if rec is not None and adoptable:
-            ports = (rec["inbound"], rec["outbound"], rec["app_port"], rec["admin"])
+            ports = (rec["inbound"], rec["outbound"], rec["app_port"], rec["stats"])
         else:
             ports = tuple(free_port(c.address, self._ports) for _ in range(4))  # type: ignore[assignment]
         self._ports |= set(ports)
@@ -273,7 +435,7 @@ class LocalRuntime:
             node_id=node_id, namespace=ns, service=w.spec.service, version=w.spec.version, workload=name,
             address=c.address, inbound_port=ports[0], outbound_port=ports[1], app_port=ports[2],
         )
-        admin = ports[3]
+        stats = ports[3]
         env = child_env({
             **w.spec.env,
             "HOST": sc.address, "PORT": str(sc.app_port),
@@ -286,14 +448,16 @@ class LocalRuntime:
         app = Supervised(name=f"workload {node_id}", argv=argv, env=env,
                          log_path=self.state_dir / "logs" / f"app-{slug}.log")
         envoy = self._envoy(node_id=node_id, cluster=cluster, address=c.address, xds_port=c.xds_port,
-                            admin_port=admin)
-        inst = _Instance(fingerprint=fp, sidecar=sc, cluster=cluster, admin_port=admin, app=app, envoy=envoy)
+                            stats_port=stats)
+        inst = _Instance(fingerprint=fp, sidecar=sc, cluster=cluster, stats_port=stats,
+                         admin_socket=self._admin_socket(node_id), app=app, envoy=envoy)
         app.on_exit = envoy.on_exit = lambda _s: self._unready(inst)
         app.on_start = envoy.on_start = lambda _s: self._started(inst)
         self._instances[key] = inst
-        if rec is not None and adoptable and envoy.adopt(rec["envoy_pid"], started=rec.get("envoy_started")) \
-                and app.adopt(rec["app_pid"], started=rec.get("app_started")):
-            return  # both still serving: taken over as they are
+        if rec is not None and adoptable and envoy.adopt(rec["envoy_pid"], started=rec.get("envoy_started")):
+            self._tokens.claim(node_id, envoy)  # it reconnects with the token it was started with
+            if app.adopt(rec["app_pid"], started=rec.get("app_started")):
+                return  # both still serving: taken over as they are
         for sup in (envoy, app):
             if sup.pid is not None:  # half adopted: start the pair afresh
                 await sup.stop()
@@ -321,7 +485,7 @@ class LocalRuntime:
         try:
             await wait_tcp(sc.address, sc.app_port, timeout=READY_TIMEOUT,
                            name=f"{sc.node_id}'s app at {sc.address}:{sc.app_port}")
-            await wait_ready(sc.address, inst.admin_port, timeout=max(deadline - loop.time(), 0.0))
+            await wait_ready(inst.admin_socket, timeout=max(deadline - loop.time(), 0.0))
         except (TimeoutError, OSError) as exc:
             log.warning("%s is not ready: %s (logs in %s)", sc.node_id, exc, self.state_dir / "logs")
             return
@@ -341,9 +505,12 @@ class LocalRuntime:
         if inst.probe is not None:
             inst.probe.cancel()
         await stop_all([inst.app, inst.envoy])
+        self._tokens.revoke(inst.sidecar.node_id, inst.envoy)
+        if not any(i.sidecar.node_id == inst.sidecar.node_id for i in self._instances.values()):
+            inst.admin_socket.unlink(missing_ok=True)  # no successor binds it: Envoy leaves the file behind
         self._save()
         for port in (inst.sidecar.inbound_port, inst.sidecar.outbound_port, inst.sidecar.app_port,
-                     inst.admin_port):
+                     inst.stats_port):
             self._ports.discard(port)
 
     # --- what render and status read ------------------------------------------------------------------
@@ -363,15 +530,12 @@ class LocalRuntime:
         proxies: dict[str, ProxyProcess] = {}
         workloads = []
         for c in self._clusters.values():
-            gateways = ((c.ingress, c.envoy, c.admin_port), (c.eastwest, c.eastwest_envoy, c.eastwest_admin))
-            for gw, sup, admin in gateways:
-                proxies[gw.node_id] = ProxyProcess(pid=sup.info.pid, state=sup.info.state,
-                                                   restarts=sup.info.restarts, admin=f"{c.address}:{admin}")
+            gateways = ((c.ingress, c.envoy, c.stats_port), (c.eastwest, c.eastwest_envoy, c.eastwest_stats))
+            for gw, sup, stats in gateways:
+                proxies[gw.node_id] = _proxy(sup, self._admin_socket(gw.node_id), f"{c.address}:{stats}")
         for inst in self._instances.values():
             sc = inst.sidecar
-            proxies[sc.node_id] = ProxyProcess(pid=inst.envoy.info.pid, state=inst.envoy.info.state,
-                                               restarts=inst.envoy.info.restarts,
-                                               admin=f"{sc.address}:{inst.admin_port}")
+            proxies[sc.node_id] = _proxy(inst.envoy, inst.admin_socket, f"{sc.address}:{inst.stats_port}")
             workloads.append(WorkloadInstance(
                 id=sc.node_id, cluster=inst.cluster, namespace=sc.namespace, service=sc.service,
                 version=sc.version, workload=sc.workload, pid=inst.app.info.pid, state=inst.app.info.state,
@@ -400,7 +564,17 @@ class LocalRuntime:
         preferred = {c.name: {"xds_port": c.xds_port, "ingress_port": c.ingress.port,
                               "prometheus_port": c.prometheus.port if c.prometheus else None}
                      for c in self._clusters.values()}
+        nodes = [inst.sidecar.node_id for inst in self._instances.values()]
+        nodes += [g.node_id for c in self._clusters.values() for g in (c.ingress, c.eastwest)]
+        for node_id in nodes:
+            self._admin_socket(node_id).unlink(missing_ok=True)  # Envoy leaves its socket file behind
         self._instances.clear()
         self._clusters.clear()
         self._orphans_checked = True
-        write_json(self.state_dir / PROCESSES_FILE, {"clusters": preferred, "instances": {}})
+        self._tokens.clear()
+        write_json(self.state_dir / PROCESSES_FILE, {"clusters": preferred, "instances": {}, "tokens": {}})
+
+
+def _proxy(envoy: Supervised, socket: Path, stats: str) -> ProxyProcess:
+    return ProxyProcess(pid=envoy.info.pid, state=envoy.info.state, restarts=envoy.info.restarts,
+                        admin=admin_address(socket), admin_socket=str(socket), stats=stats)

@@ -48,6 +48,9 @@ class Supervised:
     log_path: Path
     on_exit: Callable[[Supervised], None] = lambda _s: None
     on_start: Callable[[Supervised], None] = lambda _s: None
+    before_spawn: Callable[[Supervised], None] = lambda _s: None
+    """Called before every spawn, the first and each restart (not on adoption): e.g. to write a fresh
+    credential into the config the new process reads."""
     dies_with_lockgate: bool = False
     """True for what serves no traffic: the kernel ends it when lockgate dies (no orphans to adopt)."""
     info: ProcessInfo = field(init=False)
@@ -102,6 +105,7 @@ class Supervised:
         return await self._proc.wait()
 
     async def _spawn(self) -> None:
+        self.before_spawn(self)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         argv = list(self.argv)
         if _SETPRIV and self.dies_with_lockgate:

@@ -64,9 +64,9 @@ def test_discovery_targets_label_every_proxy_of_the_cluster() -> None:
     from reconciler.runtime.base import ProxyProcess, RuntimeStatus, WorkloadInstance
 
     status = RuntimeStatus(
-        proxies={"east/ingress": ProxyProcess(admin="127.0.1.1:1"), "east/shop/reviews-v2-0": ProxyProcess(
-            admin="127.0.1.1:2"), "west/ingress": ProxyProcess(admin="127.0.2.1:3"),
-            "east/eastwest": ProxyProcess(admin=None)},
+        proxies={"east/ingress": ProxyProcess(stats="127.0.1.1:1"), "east/shop/reviews-v2-0": ProxyProcess(
+            stats="127.0.1.1:2"), "west/ingress": ProxyProcess(stats="127.0.2.1:3"),
+            "east/eastwest": ProxyProcess(admin="unix:/run/x.sock")},
         workloads=[WorkloadInstance(id="east/shop/reviews-v2-0", cluster="east", namespace="shop", service="reviews",
                                     version="v2", workload="reviews-v2", ready=True, address="", endpoint="",
                                     http_proxy="")])
