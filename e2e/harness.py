@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from mesh.envoy import admin_request
+
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+
 GIT_ENV = {"GIT_AUTHOR_NAME": "dev", "GIT_AUTHOR_EMAIL": "dev@example.org",
            "GIT_COMMITTER_NAME": "dev", "GIT_COMMITTER_EMAIL": "dev@example.org"}
 
@@ -193,15 +197,10 @@ def split(client: Client, host: str, n: int) -> Counter[str]:
 
 
 def envoy_stats(admin: str, contains: str = "") -> dict[str, int]:
-    """Counters and gauges from an Envoy admin `/stats` (`host:port`), optionally only names containing
-    `contains` (matched here, not by Envoy's regex filter, so `|` in cluster names needs no escaping)."""
-    host, port = admin.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=5)
-    try:
-        conn.request("GET", "/stats")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
+    """Counters and gauges from an Envoy admin `/stats` (status' `admin`: `unix:/path`, or `host:port`),
+    optionally only names containing `contains` (matched here, not by Envoy's regex filter, so `|` in
+    cluster names needs no escaping)."""
+    text = admin_request(admin, "/stats")[1].decode()
     out: dict[str, int] = {}
     for line in text.splitlines():
         name, sep, value = line.rpartition(": ")
@@ -211,7 +210,8 @@ def envoy_stats(admin: str, contains: str = "") -> dict[str, int]:
 
 
 def proxy_admin(status: dict[str, Any], *, service: str | None = None, version: str | None = None) -> str:
-    """Admin address of the ingress (no service given) or of the first instance of service/version."""
+    """Admin address (`unix:/path`) of the ingress (no service given) or of the first instance of
+    service/version: what `envoy_stats` takes."""
     proxies = {p["id"]: p for c in status["clusters"] for p in c["proxies"]}
     if service is None:
         return str(next(p["admin"] for p in proxies.values() if p["kind"] == "ingress"))
@@ -235,3 +235,46 @@ def request(address: tuple[str, int], host: str, path: str = "/", headers: dict[
         return resp.status, head, json.loads(body)
     except ValueError:
         return resp.status, head, body.decode(errors="replace")
+
+
+# --- the control plane as an attacker sees it (e2e/test_zero_trust.py, tests/integration) -------------
+
+
+def ads_attempt(address: str, *, node_id: str, token: str | None, type_url: str = SECRET_TYPE,
+                names: tuple[str, ...] = ("workload-cert",), wait: float = 1.0) -> tuple[str, list[Any]]:
+    """Open one ADS stream to `address` (`host:port`) as a raw gRPC client claiming `node_id` (with
+    `token` in the credential metadata, or none), ask for `names` of `type_url`, and read for `wait`
+    seconds: (the stream's final status code name, or "OPEN" if it was still open then; the responses).
+
+    gRPC's blocking API, not grpc.aio: when the server ends a stream as it arrives (no credential), an aio
+    write racing that end fails locally and replaces the server's status with INTERNAL; here the request
+    is sent from a background thread that just stops, and the status read is the server's."""
+    import threading
+
+    import grpc
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    from mesh.xds.server import TOKEN_METADATA
+
+    request = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=list(names))
+    request.node.id = node_id
+    done = threading.Event()
+
+    def requests() -> Iterator[Any]:
+        yield request
+        done.wait(wait + 5)  # keep the stream open (no half-close) until we stop reading
+
+    responses: list[Any] = []
+    metadata = ((TOKEN_METADATA, token),) if token is not None else ()
+    with grpc.insecure_channel(address) as channel:
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        call = stub.StreamAggregatedResources(requests(), metadata=metadata, timeout=wait)
+        try:
+            for response in call:
+                responses.append(response)
+            code = call.code()
+        except grpc.RpcError:
+            code = call.code()
+        finally:
+            done.set()
+    return ("OPEN" if code == grpc.StatusCode.DEADLINE_EXCEEDED else code.name), responses

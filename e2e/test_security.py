@@ -29,6 +29,7 @@ import pytest
 from cryptography import x509
 
 from e2e.harness import Client, Up, commit_file, envoy_stats, git, lockgate, running, wait_for
+from mesh.envoy import admin_request
 from multicluster import ca
 from policies import IssuedCert
 
@@ -444,13 +445,7 @@ def test_revocation_applies_to_the_next_request_on_open_connections(mesh: tuple[
 
 def envoy_serials(admin: str) -> set[int]:
     """Serial numbers of the workload certificates this Envoy holds right now (its admin /certs)."""
-    host, port = admin.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=2)
-    try:
-        conn.request("GET", "/certs")
-        data = json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
+    data = json.loads(admin_request(admin, "/certs", timeout=2)[1])
     return {int(c["serial_number"], 16) for entry in data["certificates"] for c in entry.get("cert_chain", [])}
 
 

@@ -1,5 +1,6 @@
 """Fixtures for one real part at a time: an in-process ADS server on a background event loop, tiny HTTP
-backends, and Envoy subprocesses that are always stopped by PID, even when a test fails."""
+backends, and Envoy subprocesses that are always stopped by PID, even when a test fails. Each Envoy's admin
+listens on a Unix socket (as in the runtime); its stats listener is the only TCP port it opens itself."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,9 +20,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from mesh.envoy import bootstrap, envoy_argv, wait_ready
+from mesh.envoy import admin_address, admin_request, bootstrap, envoy_argv, wait_ready
 from mesh.xds.cache import ProxyStatus, SnapshotCache
-from mesh.xds.server import AdsServer
+from mesh.xds.server import AdsServer, Authenticator
 from mesh.xds.snapshot import Snapshot
 
 LOOPBACK = "127.0.0.1"
@@ -36,13 +38,24 @@ def free_port() -> int:
 class ControlPlane:
     """A SnapshotCache and AdsServer living on their own event loop thread, driven from the test thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, authenticator: Authenticator | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="ads-loop", daemon=True)
         self._thread.start()
+        self.authenticator = authenticator
         self.cache = SnapshotCache()
-        self.server = AdsServer(self.cache, host=LOOPBACK)
+        self.server = AdsServer(self.cache, host=LOOPBACK, authenticator=authenticator)
         self.port = self.run(self.server.start())
+
+    def restart(self, *, down: float = 0.0) -> float:
+        """Play a control-plane restart: stop the server, wait `down` seconds, serve a new, empty cache on
+        the same port (as a restarted lockgate does). Returns the monotonic time the new one listened."""
+        self.run(self.server.stop(0))
+        time.sleep(down)
+        self.cache = SnapshotCache()
+        self.server = AdsServer(self.cache, host=LOOPBACK, port=self.port, authenticator=self.authenticator)
+        self.run(self.server.start())
+        return time.monotonic()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -133,16 +146,25 @@ def backend() -> Iterator[Callable[[str], int]]:
 @dataclass
 class EnvoyProcess:
     node_id: str
-    admin_port: int
+    admin_socket: Path
+    stats_port: int
+    """The read-only stats listener (`GET /stats/prometheus` only) on 127.0.0.1."""
     proc: subprocess.Popen[bytes]
     log_path: Path
+    token: str | None = None
+    """The xDS credential in its bootstrap, if it was given one."""
 
     def admin(self, path: str) -> str:
-        """GET `path` from this Envoy's admin endpoint."""
-        conn = http.client.HTTPConnection(LOOPBACK, self.admin_port, timeout=5)
+        """GET `path` from this Envoy's admin, through its Unix socket."""
+        return admin_request(admin_address(self.admin_socket), path)[1].decode()
+
+    def stats_get(self, path: str, method: str = "GET") -> tuple[int, bytes]:
+        """A request to the stats listener over TCP, as Prometheus (or anyone on the host) would send it."""
+        conn = http.client.HTTPConnection(LOOPBACK, self.stats_port, timeout=5)
         try:
-            conn.request("GET", path)
-            return conn.getresponse().read().decode()
+            conn.request(method, path)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
         finally:
             conn.close()
 
@@ -161,21 +183,24 @@ def envoy(tmp_path: Path) -> Iterator[Callable[..., EnvoyProcess]]:
     """Start real Envoys (own temp dir, free ports, one worker); each is stopped by PID at teardown."""
     started: list[EnvoyProcess] = []
 
-    def start(*, node_id: str, xds_port: int, ready_timeout: float = 10) -> EnvoyProcess:
-        work = tmp_path / node_id.replace("~", "_")
+    def start(*, node_id: str, xds_port: int, ready_timeout: float = 10, token: str | None = None) -> EnvoyProcess:
+        work = tmp_path / node_id.replace("~", "_").replace("/", "_")
         work.mkdir()
-        admin_port = free_port()
+        admin_socket, stats_port = work / "admin.sock", free_port()
+        assert len(str(admin_socket)) <= 107, f"Unix socket path too long: {admin_socket}"
         config = bootstrap(node_id=node_id, cluster="test", xds_host=LOOPBACK, xds_port=xds_port,
-                           admin_host=LOOPBACK, admin_port=admin_port)  # fmt: skip
+                           admin_socket=admin_socket, stats_host=LOOPBACK, stats_port=stats_port,
+                           xds_token=token)  # fmt: skip
         config_path = work / "envoy.json"
         config_path.write_text(json.dumps(config, indent=2))
         log_path = work / "envoy.log"
         argv = envoy_argv(config_path=config_path, log_level="info", log_path=log_path)
         proc = subprocess.Popen(argv, cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)  # fmt: skip
-        env = EnvoyProcess(node_id=node_id, admin_port=admin_port, proc=proc, log_path=log_path)
+        env = EnvoyProcess(node_id=node_id, admin_socket=admin_socket, stats_port=stats_port, proc=proc,
+                           log_path=log_path, token=token)
         started.append(env)
-        asyncio.run(wait_ready(LOOPBACK, admin_port, timeout=ready_timeout))
+        asyncio.run(wait_ready(admin_socket, timeout=ready_timeout))
         return env
 
     try:

@@ -128,7 +128,7 @@ def test_builtin_metrics_from_real_envoys_through_real_prometheus(
         proc = envoy(node_id=node, xds_port=control_plane.port)
         proxies[version] = (proc, listen)
 
-    targets = [{"targets": [f"{LOOPBACK}:{proc.admin_port}"], "labels": {
+    targets = [{"targets": [f"{LOOPBACK}:{proc.stats_port}"], "labels": {
         "__metrics_path__": "/stats/prometheus", "cluster": "east", "kind": "sidecar", "service": "reviews",
         "version": version, "namespace": "shop"}} for version, (proc, _) in proxies.items()]
     sd = DiscoveryServer(address=LOOPBACK, targets=lambda: targets)
