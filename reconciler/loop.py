@@ -26,9 +26,9 @@ from mesh.render import RenderCache
 from mesh.xds.cache import SnapshotCache
 from mesh.xds.server import AdsServer
 from mesh.xds.snapshot import SECRET
-from multicluster.ca import ensure_hierarchy
+from multicluster.ca import CADirectoryWatch, CAError, ensure_hierarchy
 from multicluster.eastwest import eastwest_gateway
-from multicluster.issuer import WorkloadIssuer
+from multicluster.issuer import WorkloadIssuer, bundle_acked
 from reconciler.load import load
 from reconciler.pipeline import render_mesh
 from reconciler.rollout.controller import GitSource, RolloutController
@@ -121,14 +121,15 @@ class Reconciler:
         stopper = asyncio.create_task(stop.wait())
         rollouts = asyncio.create_task(self.rollouts.run(), name="rollout controller")
         watchdog = asyncio.create_task(self.lag.run(), name="event-loop watchdog")
+        ca = asyncio.create_task(self._follow_ca(), name="CA directory")
         try:
             done, _ = await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if watcher in done:
                 watcher.result()  # surface the error
         finally:
-            for t in (watcher, stopper, rollouts, watchdog):
+            for t in (watcher, stopper, rollouts, watchdog, ca):
                 t.cancel()
-            await asyncio.gather(watcher, stopper, rollouts, watchdog, return_exceptions=True)
+            await asyncio.gather(watcher, stopper, rollouts, watchdog, ca, return_exceptions=True)
 
     async def _watch(self) -> None:
         async for sha in self.source.watch(poll_interval=self.config.poll_interval):
@@ -184,6 +185,10 @@ class Reconciler:
         self.write_status()
 
     async def _add_plane(self, name: str, bind: Bind) -> None:
+        # The cluster's intermediate first: a cluster that has none (and no root key to make one: it belongs
+        # offline) is refused before anything listens for it. Only the default STATE/ca may get a new root.
+        ca_dir = self.config.ca_dir or self.config.state_dir / "ca"
+        authority = ensure_hierarchy(ca_dir, [name], now=datetime.now(UTC), create_root=self.config.ca_dir is None)
         cache = SnapshotCache()
         auth = self.runtime.authenticator(name)  # each stream bound to the one proxy its credential names
         server = AdsServer(cache, host=bind.address, port=bind.port, authenticator=auth)
@@ -194,8 +199,7 @@ class Reconciler:
             port = await server.start()
         self.planes[name] = _Plane(name=name, address=bind.address, cache=cache, server=server, port=port)
         cache.subscribe(lambda _status: self.write_status())
-        ca_dir = self.config.ca_dir or self.config.state_dir / "ca"
-        self.issuer.add_authority(name, ensure_hierarchy(ca_dir, [name], now=datetime.now(UTC))[name])
+        self.issuer.add_authority(name, authority[name])
         await self.runtime.add_cluster(name=name, xds=Bind(address=bind.address, port=port))
 
     # --- pushing -----------------------------------------------------------------------------------
@@ -259,6 +263,35 @@ class Reconciler:
         due = self.issuer.next_rotation()
         if due is not None:
             self._rotation = asyncio.get_running_loop().call_later(max(0.0, due - time.time()), self.push)
+
+    async def _follow_ca(self, *, interval: float = 0.5) -> None:
+        """Pick up what `lockgate ca rotate-cluster|rotate-root|finish-root-rotation` (or a copy by hand) wrote
+        to the CA directory. Polled by stat, not told by a command file: the files are the truth, however they
+        got there, and a directory that does not load (a copy half done) changes nothing until it does. A new
+        intermediate re-issues every certificate of its cluster in one push (only secrets change); one under
+        a root the proxies do not trust yet waits until every connected proxy has ACKed the bundle holding it."""
+        watch = CADirectoryWatch(self.config.ca_dir or self.config.state_dir / "ca")
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                changed = False
+                for cluster, found in (await asyncio.to_thread(watch.changed, sorted(self.planes))).items():
+                    if isinstance(found, CAError):
+                        log.warning("cluster %s: the CA directory does not load, its intermediate stays as it is: %s",
+                                    cluster, found)
+                    elif self.issuer.replace_authority(cluster, found):
+                        changed = True
+                        log.info("cluster %s: CA directory changed (intermediate %s)%s", cluster, found.name,
+                                 "; it signs once every proxy has the bundle with its root"
+                                 if self.issuer.awaiting_bundle else "")
+                bundle = self.issuer.trust_bundle
+                if (not changed and self.issuer.awaiting_bundle and self.push_error is None
+                        and all(bundle_acked(plane.cache, bundle) for plane in self.planes.values())):
+                    changed = bool(self.issuer.bundle_delivered())
+                if changed:
+                    self.push()
+            except Exception:  # a bug of ours: the certificates in place keep serving
+                log.exception("following the CA directory failed")
 
     def _certs_status(self) -> dict[str, Any]:
         """Identities, chains, expiry and rotation of every proxy's certificate, and whether the proxy

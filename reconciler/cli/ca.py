@@ -1,4 +1,9 @@
-"""`lockgate ca init|cluster` and `lockgate certs`: the CA hierarchy by hand, and what every proxy holds.
+"""`lockgate ca init|cluster|rotate-cluster|rotate-root|finish-root-rotation` and `lockgate certs`: the CA
+hierarchy by hand, and what every proxy holds.
+
+The root key is meant to stay on an offline machine: `init` and `cluster` run there, the rotations take
+what was made there (or the root directory itself, where the CA directory is reachable from it). A running
+`lockgate up` follows its CA directory, so every command here is just a change of files.
 
 Heavy imports (cryptography, pygit2) happen inside the commands: `lockgate demo-app` must start fast.
 """
@@ -28,11 +33,40 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--root", type=Path, required=True, help="the directory `ca init` wrote")
     q.add_argument("--out", type=Path, help="where to write the files (default: ROOT/../NAME)")
     q.set_defaults(func=cmd_ca_cluster)
+    q = ca.add_parser("rotate-cluster", help="install a new intermediate for a cluster (same root)")
+    q.add_argument("name")
+    source = q.add_mutually_exclusive_group(required=True)
+    source.add_argument("--root", type=Path, help="the root directory (with its key): sign the new intermediate now")
+    source.add_argument("--from", dest="from_dir", type=Path,
+                        help="an intermediate made where the root key is (`lockgate ca cluster NAME --root ROOTDIR`)")
+    _ca_dir_arguments(q)
+    q.set_defaults(func=cmd_ca_rotate_cluster)
+    q = ca.add_parser("rotate-root", help="step 1 of a root rotation: bundles hold old and new root, "
+                                          "every cluster gets an intermediate of the new root")
+    q.add_argument("--new-root", type=Path, required=True,
+                   help="root-cert.pem of the new root, and its key or NAME/ intermediates made with it")
+    _ca_dir_arguments(q)
+    q.set_defaults(func=cmd_ca_rotate_root)
+    q = ca.add_parser("finish-root-rotation", help="step 2: drop the old root from every bundle, once every "
+                                                   "proxy holds a certificate of the new one")
+    _ca_dir_arguments(q)
+    q.add_argument("--force", action="store_true", help="skip the check of the running mesh's status")
+    q.set_defaults(func=cmd_ca_finish_root_rotation)
 
     p = sub.add_parser("certs", help="each proxy's identity, issuer chain, expiry and next rotation")
     p.add_argument("--json", action="store_true")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     p.set_defaults(func=cmd_certs)
+
+
+def _ca_dir_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--ca-dir", type=Path, help="the CA directory `lockgate up` uses (default: STATE_DIR/ca)")
+    q.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                   help="the running mesh's state directory (its status says what every proxy holds)")
+
+
+def _ca_dir(args: argparse.Namespace) -> Path:
+    return Path(args.ca_dir if args.ca_dir is not None else args.state_dir / "ca")
 
 
 def inside_git_worktree(path: Path) -> Path | None:
@@ -107,6 +141,95 @@ def cmd_ca_cluster(args: argparse.Namespace) -> int:
     print(f"intermediate CA {ca.name} in {out} (root-cert.pem, ca-cert.pem, ca-key.pem, cert-chain.pem); "
           f"valid until {ca.cert.not_valid_after_utc:%Y-%m-%d}")
     return 0
+
+
+def cmd_ca_rotate_cluster(args: argparse.Namespace) -> int:
+    from multicluster.ca import CAError, load_cluster, load_root, rotate_cluster
+
+    ca_dir = _ca_dir(args)
+    if _refuse_git(ca_dir):
+        return 1
+    try:
+        root = load_root(args.root) if args.root is not None else None
+        made = load_cluster(args.from_dir) if args.from_dir is not None else None
+        ca = rotate_cluster(ca_dir, args.name, root=root, replacement=made, now=dt.datetime.now(dt.UTC))
+    except CAError as exc:
+        print(f"lockgate ca rotate-cluster: {exc}", file=sys.stderr)
+        return 1
+    print(f"intermediate CA {ca.name} installed in {ca_dir / args.name}; valid until "
+          f"{ca.cert.not_valid_after_utc:%Y-%m-%d}. A running `lockgate up` on {ca_dir} re-issues every certificate "
+          f"of cluster {args.name} from it within a second (`lockgate certs` shows the new issuer); certificates "
+          "of the old intermediate stay valid until they expire")
+    return 0
+
+
+def cmd_ca_rotate_root(args: argparse.Namespace) -> int:
+    from multicluster.ca import CAError, anchor_of, rotate_root
+
+    ca_dir = _ca_dir(args)
+    if _refuse_git(ca_dir):
+        return 1
+    try:
+        made = rotate_root(ca_dir, args.new_root, now=dt.datetime.now(dt.UTC))
+    except CAError as exc:
+        print(f"lockgate ca rotate-root: {exc}", file=sys.stderr)
+        return 1
+    first = next(iter(made.values()))
+    print(f"every bundle in {ca_dir} now holds {len(first.roots)} roots; new intermediates under "
+          f"{anchor_of(first).subject.rfc4514_string()}: " + ", ".join(f"{c} ({ca.name})" for c, ca in made.items()))
+    print("A running `lockgate up` first delivers the bundle to every proxy, then re-issues every certificate from "
+          "the new intermediates. Once `lockgate certs` shows every proxy under the new root: "
+          f"lockgate ca finish-root-rotation --ca-dir {ca_dir} --state-dir {args.state_dir}")
+    return 0
+
+
+def cmd_ca_finish_root_rotation(args: argparse.Namespace) -> int:
+    from multicluster.ca import CAError, fingerprint, finish_root_rotation, retiring_roots, subject
+
+    ca_dir = _ca_dir(args)
+    try:
+        kept, dropped = retiring_roots(ca_dir)
+        if not dropped:
+            raise CAError(f"{ca_dir}: no root rotation in progress (every root of the bundle signs an intermediate)")
+        if not args.force:
+            problems = rotation_blockers(args.state_dir, {fingerprint(r) for r in kept})
+            if problems:
+                print(f"lockgate ca finish-root-rotation: not yet, the old root is still needed ({len(problems)}):\n  "
+                      + "\n  ".join(problems), file=sys.stderr)
+                return 1
+        kept, dropped = finish_root_rotation(ca_dir)
+    except CAError as exc:
+        print(f"lockgate ca finish-root-rotation: {exc}", file=sys.stderr)
+        return 1
+    print(f"dropped {', '.join(subject(r) for r in dropped)} from every bundle in {ca_dir}; trusted now: "
+          f"{', '.join(subject(r) for r in kept)}. A running `lockgate up` sends the new bundle to every proxy")
+    return 0
+
+
+def rotation_blockers(state_dir: Path, keep: set[str]) -> list[str]:
+    """Why the roots outside `keep` (SHA-256) cannot be dropped yet, from the running mesh's status: an
+    intermediate still waiting or signing under another root, a proxy holding (or not yet having ACKed) a
+    certificate of the new chain. Empty when the old roots verify nothing any more."""
+    path = state_dir / "status.json"
+    try:
+        status: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return [f"no readable {path} to check what every proxy holds (give --state-dir, or --force)"]
+    certs = status.get("certs") or {}
+    out = []
+    for a in certs.get("authorities", []):
+        if a.get("pending"):
+            out.append(f"cluster {a['cluster']}: intermediate {a['subject']} waits for every proxy to have the "
+                       "new bundle")
+        elif a.get("rootSha256") not in keep:
+            out.append(f"cluster {a['cluster']}: lockgate up still signs with {a['subject']}, under a root being "
+                       "dropped")
+    for p in certs.get("proxies", []):
+        if p.get("rootSha256") not in keep:
+            out.append(f"{p['proxy']}: its certificate chains to a root being dropped")
+        elif not p.get("delivered"):
+            out.append(f"{p['proxy']}: has not ACKed its certificate of the new chain yet")
+    return out
 
 
 def cmd_certs(args: argparse.Namespace) -> int:

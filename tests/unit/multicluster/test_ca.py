@@ -55,8 +55,12 @@ def test_chain_verifies_to_the_root_and_carries_one_spiffe_san(hierarchy: tuple[
     assert leaf.not_valid_after_utc - NOW == dt.timedelta(seconds=20)
     assert cert.not_after - NOW.timestamp() == 20
     assert cert.serial == format(leaf.serial_number, "x")
-    assert cert.issuer_chain == ("CN=lockgate intermediate CA east,OU=cluster east,O=lockgate",
-                                 "CN=lockgate root CA,O=lockgate")
+    # Each CA generation has its own subject (a short key id): a rotation shows in the issuer chain.
+    root_id = root.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()[:8]
+    east_id = east.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()[:8]
+    assert cert.issuer_chain == (f"CN=lockgate intermediate CA east {east_id},OU=cluster east,O=lockgate",
+                                 f"CN=lockgate root CA {root_id},O=lockgate")
+    assert ca.new_intermediate(root, cluster="east", now=NOW).name != east.name
     path = verify(cert.cert_chain_pem, [root.cert], at=NOW + dt.timedelta(seconds=5))
     assert [c.subject for c in path] == [leaf.subject, east.cert.subject, root.cert.subject]
     # The intermediate may sign leaves only; the root is self-signed and long-lived.
@@ -258,8 +262,9 @@ def test_certs_command_reads_the_status_file(tmp_path: Path, capsys: pytest.Capt
     proxy = next(p for p in got["proxies"] if p["proxy"] == "east/shop/reviews-v1-0")
     assert proxy["spiffeId"] == SPIFFE
     assert 1795 <= proxy["rotatesIn"] <= 1800
-    assert proxy["issuer"][-1] == "CN=lockgate root CA,O=lockgate"
+    assert proxy["issuer"][-1] == hierarchy[0].name and proxy["rootSha256"] == ca.fingerprint(hierarchy[0].cert)
     assert main(["certs", "--state-dir", str(tmp_path)]) == 0
     text = capsys.readouterr().out
-    assert "east/shop/reviews-v1-0" in text and "lockgate intermediate CA east < lockgate root CA" in text
+    assert "east/shop/reviews-v1-0" in text
+    assert f"{hierarchy[1].name.split(',')[0][3:]} < {hierarchy[0].name.split(',')[0][3:]}" in text
     assert main(["certs", "--state-dir", str(tmp_path / "nowhere")]) == 1
