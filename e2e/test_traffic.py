@@ -8,6 +8,11 @@ statistical bound is several standard deviations wide.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +26,7 @@ from e2e.harness import Up, envoy_stats, git, lockgate, proxy_admin, request, ru
 pytestmark = pytest.mark.e2e
 
 WEB, POOL, BACKEND = "web.example.com", "pool.example.com", "backend.example.com"
+REPLICAS, FRONT = "replicas.example.com", "front.example.com"
 
 INTENT = """\
 apiVersion: lockgate.io/v1alpha1
@@ -125,6 +131,43 @@ spec:
   service: backend
   loadBalancer: {simple: ROUND_ROBIN}
   outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}
+---
+# Only the `idempotent` rule sets retries: every other route of these two gets the mesh's defaults.
+apiVersion: lockgate.io/v1alpha1
+kind: Service
+metadata: {name: replicas, namespace: e2e}
+spec:
+  ports: [{name: http, port: 8080}]
+  versions: [v1]
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Route
+metadata: {name: replicas, namespace: e2e}
+spec:
+  service: replicas
+  hosts: [replicas.example.com]
+  http:
+    - name: idempotent
+      match: [{uri: {prefix: /idempotent}}]
+      retries: {attempts: 2, retryOn: "connect-failure,refused-stream,unavailable,cancelled,503,reset"}
+      route: [{version: v1}]
+    - name: default
+      route: [{version: v1}]
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Service
+metadata: {name: front, namespace: e2e}
+spec:
+  ports: [{name: http, port: 8080}]
+  versions: [v1]
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Route
+metadata: {name: front, namespace: e2e}
+spec:
+  service: front
+  hosts: [front.example.com]
+  http: [{route: [{version: v1}]}]
 """
 
 
@@ -144,6 +187,11 @@ WORKLOADS = "---\n".join([
     # Two workloads of one version: the cluster outbound|backend.e2e|v1 holds 2 healthy instances, 1 failing.
     _workload("backend-ok", "backend", "v1", replicas=2),
     _workload("backend-bad", "backend", "v1", env='{FAIL_RATE: "1"}'),
+    _workload("replicas-v1", "replicas", "v1", replicas=2),
+    # Calls `replicas` through its own sidecar on every request: the sidecar outbound path.
+    "apiVersion: lockgate.io/v1alpha1\nkind: Workload\nmetadata: {name: front-v1, namespace: e2e}\n"
+    "spec:\n  service: front\n  version: v1\n  replicas: 1\n  clusters: [east]\n"
+    "  command: [lockgate, demo-app, --call, 'http://replicas.e2e:8080/']\n  egress: [replicas]\n",
 ])
 
 
@@ -302,3 +350,103 @@ def test_egress_scoping_keeps_outbound_clusters_off_sidecars_that_call_nothing(m
     assert sidecar == {}  # `egress: []`: only its inbound cluster
     ingress = envoy_stats(proxy_admin(mesh.status), "cluster.outbound|")
     assert any(name.startswith("cluster.outbound|backend.e2e|v1.") for name in ingress)
+
+
+
+IN_FLIGHT = "reset reason: connection termination"
+"""How Envoy answers for a request the upstream proxy held when it died: the request may have reached the
+app, so only a rule that retries `reset` retries it (not the default: Istio's, which avoids repeating
+a request that may have been served)."""
+
+ENDPOINT_LAG_S = 1.0
+"""How long the dead instance stays an endpoint. Here lockgate notices a crash within milliseconds; a real
+mesh takes seconds to withdraw an endpoint, and until then callers keep picking it."""
+
+
+def test_killing_a_replicas_sidecar_fails_only_the_request_it_held(mesh: Mesh) -> None:
+    """Found: SIGKILLing one of two replicas' sidecars under load gave a handful of 502s: nothing retried
+    a connect failure. With the default retries (connect-failure, refused-stream, 503; on another instance)
+    every request sent to the dead instance is answered by the other one, through the ingress and through
+    a caller's sidecar (front -> replicas), while the endpoint lingers and until the supervisor has
+    restarted the killed sidecar. The one request a stream may have had inside it at that instant is the
+    only possible failure, and a rule that also retries `reset` loses none."""
+    streams = {"ingress": (REPLICAS, "/"), "ingress, rule retrying resets": (REPLICAS, "/idempotent"),
+               "front's sidecar": (FRONT, "/")}
+    victim = "replicas-v1-0"
+
+    def proxy(status: dict[str, Any], instance: str) -> dict[str, Any]:
+        return next(p for c in status["clusters"] for p in c["proxies"] if p["id"] == f"east/e2e/{instance}")
+
+    def ready(status: dict[str, Any], instance: str) -> bool:
+        return bool(next(w["ready"] for w in status["workloads"] if w["id"] == f"east/e2e/{instance}"))
+
+    def connect_failures() -> dict[str, int]:
+        """Failed connects to replicas, seen by the ingress and by front's sidecar."""
+        key = "cluster.outbound|replicas.e2e|v1.upstream_cx_connect_fail"
+        return {who: envoy_stats(admin, "outbound|replicas.e2e|v1.").get(key, 0) for who, admin in (
+            ("ingress", proxy_admin(mesh.status)), ("front", proxy_admin(mesh.status, service="front")))}
+
+    stop = threading.Event()
+    seen: dict[str, Counter[str]] = {name: Counter() for name in streams}
+
+    def stream(name: str) -> None:
+        """Requests one after another, each on a fresh connection (no client-side retry hides a failure)."""
+        host, path = streams[name]
+        out = seen[name]
+        while not stop.is_set():
+            try:
+                status, _, body = mesh.get(host, path, timeout=10)
+            except OSError as exc:
+                out[f"error {type(exc).__name__}"] += 1
+                continue
+            if status == 200:
+                out[(body if host == REPLICAS else body["upstreams"][0]["body"])["instance"]] += 1
+            else:
+                text = body if isinstance(body, str) else json.dumps(body)
+                out["in flight" if IN_FLIGHT in text else f"HTTP {status}: {text[:300]}"] += 1
+
+    def all_answer(instance: str, *, more_than: dict[str, int]) -> bool:
+        return all(seen[name][instance] > more_than[name] for name in seen)
+
+    def restarted(killed_pid: int) -> dict[str, Any] | None:
+        """The victim's sidecar entry once a new process runs and the instance is ready again."""
+        st = mesh.up.status()
+        found = proxy(st, victim)
+        fresh = found["pid"] not in (None, killed_pid) and found["state"] == "running"
+        return found if fresh and ready(st, victim) else None
+
+    before = proxy(mesh.up.status(), victim)
+    assert before["state"] == "running" and before["pid"], before
+    failed_connects = connect_failures()
+    with ThreadPoolExecutor(max_workers=len(streams)) as pool:
+        running_streams = [pool.submit(stream, name) for name in streams]
+        try:
+            none = {name: 0 for name in seen}
+            wait_for("both replicas answering every stream",
+                     lambda: all_answer(victim, more_than=none) and all_answer("replicas-v1-1", more_than=none),
+                     timeout=20)
+            os.kill(mesh.up.proc.pid, signal.SIGSTOP)  # lockgate, started by this test: endpoints lag
+            try:
+                os.kill(before["pid"], signal.SIGKILL)  # that one sidecar, by the PID lockgate reports
+                time.sleep(ENDPOINT_LAG_S)
+            finally:
+                os.kill(mesh.up.proc.pid, signal.SIGCONT)
+            after = wait_for("the supervisor to restart the killed sidecar",
+                             functools.partial(restarted, before["pid"]), timeout=30)
+            # Back in rotation: the restarted instance answers every stream again.
+            mark = {name: seen[name][victim] for name in seen}
+            wait_for("the restarted replica to answer again", functools.partial(all_answer, victim, more_than=mark),
+                     timeout=20)
+        finally:
+            stop.set()
+        for f in running_streams:
+            f.result()
+    assert after["restarts"] == before["restarts"] + 1, after
+    # The dead instance was picked (and refused the connection) on both paths: the retries had work to do.
+    assert all(n > failed_connects[who] for who, n in connect_failures().items()), (failed_connects, seen)
+    failed = {name: {k: n for k, n in counts.items() if not k.startswith("replicas-v1-")}
+              for name, counts in seen.items()}
+    assert failed["ingress, rule retrying resets"] == {}, seen
+    for name in ("ingress", "front's sidecar"):  # at most the one request each stream had in flight
+        assert set(failed[name]) <= {"in flight"} and failed[name].get("in flight", 0) <= 1, seen
+    assert all(sum(counts.values()) >= 50 for counts in seen.values()), seen  # streams, not a handful

@@ -229,7 +229,7 @@ class RetryBackoff(Model):
 
 class Retries(Model):
     attempts: int = Field(ge=0, le=10)
-    """Retries after the first try (Envoy's num_retries)."""
+    """Retries after the first try (Envoy's num_retries); 0 turns retries off, the mesh's default too."""
     per_try_timeout: Duration | None = None
     retry_on: str = "connect-failure,refused-stream,unavailable,cancelled,5xx"
     """Comma-separated Envoy retry conditions; a bare status code (`503`) retries on that status."""
@@ -335,8 +335,10 @@ class HTTPRule(Model):
     direct_response: DirectResponse | None = None
     """Answer directly instead of routing (instead of `route`)."""
     timeout: Duration | None = None
-    """Whole request, retries included; 0s disables."""
+    """Whole request, retries included; 0s disables, and so does leaving it out (as in Istio)."""
     retries: Retries | None = None
+    """Replaces the mesh's default (2 retries on connect-failure, refused-stream, unavailable, cancelled
+    and 503, each to an instance not tried yet); `attempts: 0` leaves the rule without any."""
     fault: Fault | None = None
     mirror: Mirror | None = None
     rewrite: Rewrite | None = None

@@ -9,6 +9,11 @@ from mesh.names import cluster_name
 from mesh.render.context import ADS, HTTP_OPTIONS, RenderCache, duration_field, service_policy
 from mesh.topology import ClusterTopology, Sidecar
 
+UNLIMITED = 4_294_967_295
+"""2^32-1, Istio's connection-pool default. Envoy's own (1024 connections, pending and active requests,
+3 retries in flight) sheds load nobody asked it to shed, and 3 parallel retries run out exactly when
+instances churn and retries are needed most."""
+
 
 def outbound_clusters(
     intent: Intent, topology: ClusterTopology, cache: RenderCache
@@ -38,8 +43,7 @@ def outbound_clusters(
                 "eds_cluster_config": {"service_name": name, "eds_config": ADS},
             }
             settings = service_policy(intent, ns, svc, version)
-            if settings is not None:
-                cluster.update(_cluster_policy(settings))
+            cluster.update(_cluster_policy(settings) if settings is not None else _unlimited())
             clusters.append(cluster)
             members = sorted((sc.address, sc.inbound_port) for sc in ready.get((ns, svc), ())
                              if version is None or sc.version == version)
@@ -51,14 +55,21 @@ def outbound_clusters(
     return out
 
 
+def _unlimited() -> dict[str, Any]:
+    """Circuit breakers as Istio sets them without a connection pool: effectively none (track_remaining
+    stays off: it adds gauges per cluster that nothing here reads)."""
+    return {"circuit_breakers": {"thresholds": [{key: UNLIMITED for key in (
+        "max_connections", "max_pending_requests", "max_requests", "max_retries")}]}}
+
+
 def _cluster_policy(p: PolicySettings) -> dict[str, Any]:
     """DestinationRule semantics on one EDS cluster: balancing, circuit breaking, outlier ejection."""
-    out: dict[str, Any] = {}
+    out = _unlimited()
     if p.load_balancer is not None:
         out["lb_policy"] = "RING_HASH" if p.load_balancer.consistent_hash else p.load_balancer.simple
     pool = p.connection_pool
     if pool is not None:
-        thresholds: dict[str, Any] = {}
+        thresholds: dict[str, Any] = out["circuit_breakers"]["thresholds"][0]  # a value set wins for its field
         if pool.tcp is not None:
             if pool.tcp.connect_timeout is not None:
                 out["connect_timeout"] = duration_field(pool.tcp.connect_timeout)
@@ -76,8 +87,6 @@ def _cluster_policy(p: PolicySettings) -> dict[str, Any]:
                     "common_http_protocol_options": {"max_requests_per_connection": h.max_requests_per_connection},
                     "explicit_http_config": {"http_protocol_options": {}},  # HTTP/1.1, as without the option
                 }}
-        if thresholds:
-            out["circuit_breakers"] = {"thresholds": [thresholds]}
     od = p.outlier_detection
     if od is not None:
         # As Istio: only the consecutive-5xx rule ejects; Envoy's success-rate rule is switched off.

@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+# The retry host predicate travels as a typed Any: importing its generated module registers the type in
+# protobuf's default pool, from which mesh.xds.wire packs resources for the wire.
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+
 from mesh.intent import (
     REDIRECT_CODES,
     Fault,
@@ -36,6 +40,19 @@ from mesh.render.context import (
 from mesh.topology import Sidecar
 from mesh.xds.snapshot import ResourceSet
 
+DEFAULT_RETRY_ON = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+"""Istio's default: the request never reached an app (connect-failure, refused-stream), gRPC's unavailable
+and cancelled, and 503 (what a proxy answers for an instance going away); not a reset mid-request nor
+another 5xx, after which a retry might repeat what the app already did."""
+DEFAULT_RETRIABLE_CODES = (503,)
+DEFAULT_ATTEMPTS = 2
+HOST_SELECTION_ATTEMPTS = 5
+"""How often Envoy re-picks when the pick is an instance this request already tried (Istio's value)."""
+PREVIOUS_HOSTS = "envoy.retry_host_predicates.previous_hosts"
+PREVIOUS_HOSTS_TYPE = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+NO_TIMEOUT = "0s"
+"""Envoy's default route timeout is 15 s; Istio, and so lockgate, sets none unless a rule asks."""
+
 
 def route_config(name: str, vhosts: list[dict[str, Any]]) -> dict[str, Any]:
     catch_all = {
@@ -54,7 +71,7 @@ def inbound_routes() -> dict[str, Any]:
             "name": "inbound",
             "domains": ["*"],
             # The caller's proxy already enforced the route timeout; do not add a second one here.
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inbound|app", "timeout": "0s"}}],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inbound|app", "timeout": NO_TIMEOUT}}],
         }],
     }
 
@@ -64,7 +81,8 @@ def ingress_vhosts(ctx: Ctx) -> list[dict[str, Any]]:
     for (ns, svc), route in sorted(ctx.intent.routes.items()):
         if route.spec.hosts:
             domains = sorted({d for h in route.spec.hosts for d in (h, f"{h}:*")})
-            vhosts.append({"name": f"{svc}.{ns}", "domains": domains, "routes": _routes(ctx, route, ns, svc)})
+            vhosts.append({"name": f"{svc}.{ns}", "domains": domains, "routes": _routes(ctx, route, ns, svc),
+                           "retry_policy": default_retry_policy(sticky=False)})
     return vhosts
 
 
@@ -121,7 +139,8 @@ def _hooked_routes(ctx: Ctx, ns: str, svc: str, *, per_proxy: bool) -> list[dict
 
 def _vhost(ns: str, svc: str, local: bool, routes: list[dict[str, Any]]) -> dict[str, Any]:
     names = [f"{svc}.{ns}"] + ([svc] if local else [])
-    return {"name": f"{svc}.{ns}", "domains": sorted({d for n in names for d in (n, f"{n}:*")}), "routes": routes}
+    return {"name": f"{svc}.{ns}", "domains": sorted({d for n in names for d in (n, f"{n}:*")}), "routes": routes,
+            "retry_policy": default_retry_policy(sticky=False)}
 
 
 def _service_routes(ctx: Ctx, ns: str, svc: str) -> list[tuple[str, dict[str, Any]]]:
@@ -209,10 +228,7 @@ def _action(ctx: Ctx, rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
             action["prefix_rewrite"] = rule.rewrite.uri
         if rule.rewrite.authority is not None:
             action["host_rewrite_literal"] = rule.rewrite.authority
-    if rule.timeout is not None:
-        action["timeout"] = duration_field(rule.timeout)
-    if rule.retries is not None:
-        action["retry_policy"] = _retry_policy(rule.retries)
+    action["timeout"] = duration_field(rule.timeout) if rule.timeout is not None else NO_TIMEOUT
     if rule.mirror is not None:
         mirror: dict[str, Any] = {"cluster": cluster_name(ns, svc, rule.mirror.version)}
         if rule.mirror.percentage < 100:
@@ -220,10 +236,47 @@ def _action(ctx: Ctx, rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
         action["request_mirror_policies"] = [mirror]
     if hashes := _hash_policies(ctx, ns, svc, [d.version for d in live] or [None]):
         action["hash_policy"] = hashes
+    if (retry := _retry_policy(rule.retries, sticky=bool(hashes))) is not None:
+        action["retry_policy"] = retry
     return action
 
 
-def _retry_policy(retries: Retries) -> dict[str, Any]:
+def default_retry_policy(*, sticky: bool) -> dict[str, Any]:
+    """The retries of a rule that does not set `retries` (a fresh dict each call).
+
+    Every virtual host that routes to clusters carries the non-sticky one, once, rather than each of its
+    route entries: Envoy applies it to every entry without a policy of its own (an entry's own replaces it
+    whole), and a thousand services' worth of route entries stays as small as before."""
+    policy: dict[str, Any] = {"retry_on": DEFAULT_RETRY_ON, "num_retries": DEFAULT_ATTEMPTS,
+                              "retriable_status_codes": list(DEFAULT_RETRIABLE_CODES)}
+    return policy if sticky else _to_other_instances(policy)
+
+
+NO_RETRIES: dict[str, Any] = {"num_retries": 0}
+"""A route entry's own policy that retries nothing: `attempts: 0` must override the virtual host's default."""
+
+
+def _retry_policy(retries: Retries | None, *, sticky: bool) -> dict[str, Any] | None:
+    """What a route entry sets over its virtual host's default (None: the default applies).
+
+    Istio's semantics: no `retries` gets the default; `attempts: 0` none at all; a rule's own replaces the
+    default's conditions and counts. Either way a retry goes to an instance not tried yet, unless the route
+    hashes requests onto instances (`sticky`: the key's instance keeps the request, as in Istio)."""
+    if retries is None:
+        return default_retry_policy(sticky=True) if sticky else None
+    if retries.attempts == 0:
+        return dict(NO_RETRIES)
+    policy = _rule_retries(retries)
+    return policy if sticky else _to_other_instances(policy)
+
+
+def _to_other_instances(policy: dict[str, Any]) -> dict[str, Any]:
+    policy["retry_host_predicate"] = [{"name": PREVIOUS_HOSTS, "typed_config": {"@type": PREVIOUS_HOSTS_TYPE}}]
+    policy["host_selection_retry_max_attempts"] = HOST_SELECTION_ATTEMPTS
+    return policy
+
+
+def _rule_retries(retries: Retries) -> dict[str, Any]:
     """Istio's retryOn: Envoy conditions, plus bare status codes (-> retriable-status-codes)."""
     tokens = [t.strip() for t in retries.retry_on.split(",") if t.strip()]
     codes = [int(t) for t in tokens if t.isdigit()]

