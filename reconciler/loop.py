@@ -165,7 +165,12 @@ class Reconciler:
         intent = loaded.intent
         for i, c in enumerate(intent.mesh.spec.clusters):
             if c.name not in self.planes:
-                await self._add_plane(c.name, self.runtime.control_plane(c.name, index=i))
+                try:
+                    await self._add_plane(c.name, self.runtime.control_plane(c.name, index=i))
+                except CAError as exc:  # no intermediate for a new cluster: the operator's move, not a bug
+                    where = loaded.where(intent.mesh, ("spec", "clusters", i))
+                    self._fail(sha, [f"{where[0]}:{where[1]}: cluster {c.name}: {exc}"])
+                    return
         self.intent = intent
         self.applied, self.failed, self.last_error = sha, None, []
         await self.runtime.apply(intent)
