@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -125,13 +128,19 @@ def test_admin_sockets_live_in_a_private_dir_with_short_names(tmp_path: Path) ->
     assert len(str(socket)) <= 107 and socket != rt._admin_socket(EAST_INGRESS)
 
 
-def test_a_state_dir_too_deep_for_socket_paths_falls_back_to_the_runtime_dir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short $XDG_RUNTIME_DIR (a pytest tmp_path is too long to hold socket paths itself), removed after."""
+    short = Path(tempfile.mkdtemp(prefix="lgx-", dir="/tmp"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short))
+    try:
+        yield short
+    finally:
+        shutil.rmtree(short)  # does not follow a symlink planted in it
+
+
+def test_a_state_dir_too_deep_for_socket_paths_falls_back_to_the_runtime_dir(tmp_path: Path, runtime_dir: Path) -> None:
     deep = tmp_path / ("d" * 60) / ("e" * 60) / "state"
-    runtime_dir = tmp_path / "xdg"
-    runtime_dir.mkdir(mode=0o700)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime_dir))
     socket = LocalRuntime(state_dir=deep)._admin_socket(EAST_SIDECAR)
     assert socket.parent.parent == runtime_dir and socket.parent.name.startswith("lockgate-")
     assert len(str(socket)) <= 107
@@ -139,19 +148,17 @@ def test_a_state_dir_too_deep_for_socket_paths_falls_back_to_the_runtime_dir(
     assert LocalRuntime(state_dir=deep)._admin_socket(EAST_SIDECAR) == socket  # the same after a restart
 
 
-
-def test_a_symlink_in_place_of_the_socket_dir_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_symlink_in_place_of_the_socket_dir_is_refused(tmp_path: Path, runtime_dir: Path) -> None:
     deep = tmp_path / ("d" * 120) / "state"
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared))
     chosen = socket_dir(deep)
+    assert chosen.parent == runtime_dir
     chosen.rmdir()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.symlink(elsewhere, chosen)  # planted by someone who wants our sockets
     with pytest.raises(RuntimeError, match="not a directory of this user"):
         socket_dir(deep)
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_without_a_runtime_dir_the_fallback_is_a_private_dir_under_tmp(
