@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mesh.intent import Intent
+from mesh.render.routes import NO_TIMEOUT
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from reconciler.pipeline import Certificates, RolloutStates, ephemeral_certificates, render_planned
 
@@ -159,7 +160,8 @@ def _route_parts(entry: Mapping[str, Any]) -> tuple[str, str]:
         elif "cluster" in action:
             parts.append(f"{_version(action['cluster'])} 100%")
         for key in sorted(action):
-            if key not in ("cluster", "weighted_clusters"):
+            # No timeout is every route's unless its rule sets one (render's default): not worth a word.
+            if key not in ("cluster", "weighted_clusters") and (key, action[key]) != ("timeout", NO_TIMEOUT):
                 parts.append(f"{key} {_compact(action[key])}")
     for key in ("redirect", "direct_response"):
         if key in entry:

@@ -11,8 +11,6 @@ from typing import Any
 
 # The retry host predicate travels as a typed Any: importing its generated module registers the type in
 # protobuf's default pool, from which mesh.xds.wire packs resources for the wire.
-from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
-
 from mesh.intent import (
     REDIRECT_CODES,
     Fault,

@@ -94,9 +94,11 @@ def test_serves_without_the_root_key_and_refuses_a_cluster_without_intermediate(
                 "    - name: east\n", "    - name: east\n    - name: west\n")
             source = Pygit2Source.open(str(tmp_path / "repo"))
             sha = source.commit(files={"mesh.yaml": mesh.encode()}, message="west", parent=head, author=USER)
-            with pytest.raises(ca.CAError) as err:
-                await rec.apply_revision(sha)
-            assert f"lockgate ca cluster west --root ROOTDIR --out {ca_dir / 'west'}" in str(err.value)
+            await rec.apply_revision(sha)  # refused like an invalid commit, at the cluster's line of the Mesh
+            assert rec.failed == sha and rec.applied == head
+            [error] = rec.last_error
+            assert error.startswith("mesh.yaml:") and "cluster west" in error, error
+            assert f"lockgate ca cluster west --root ROOTDIR --out {ca_dir / 'west'}" in error
             assert set(rec.planes) == {"east"} and set(rec.runtime.clusters) == {"east"}  # type: ignore[attr-defined]
         finally:
             await rec.close()
