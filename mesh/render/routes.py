@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# The retry host predicate travels as a typed Any: importing its generated module registers the type in
-# protobuf's default pool, from which mesh.xds.wire packs resources for the wire.
 from mesh.intent import (
     REDIRECT_CODES,
     Fault,
