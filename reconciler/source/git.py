@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import pygit2
 from pygit2.enums import CheckoutStrategy, FetchPrune, FileMode, FileStatus, RepositoryOpenFlag, SortMode
@@ -37,6 +38,9 @@ from reconciler.source.base import (
 )
 from reconciler.source.signatures import ssh_sign
 from reconciler.source.watch import local_heads, remote_heads
+
+if TYPE_CHECKING:
+    from reconciler.load import Tree
 
 __all__ = [
     "DEFAULT_AUTHOR",
@@ -82,6 +86,22 @@ def _clean_path(path: str) -> str:
     ):
         raise ValueError(f"invalid path in commit: {path!r} (want a relative posix path without . or ..)")
     return pure.as_posix()
+
+
+_MAX_TREE_OBJECT_BYTES = 16 << 20
+"""A directory listing larger than this (some 300,000 entries) is refused before it is inflated."""
+
+
+def _entry_problem(raw_name: bytes, path: str) -> str | None:
+    """Why a tree entry cannot be taken as the path it spells. Git never writes these names; a tree that
+    holds one was crafted, and skipping it quietly would apply a revision that is not what it seems."""
+    from reconciler.load import path_problem
+
+    if (why := path_problem(path)) is not None:
+        return why
+    if b"/" in raw_name:
+        return "a '/' inside one name (a crafted tree entry that would pass for another path)"
+    return None
 
 
 def _common_dir(git_dir: Path) -> Path:
@@ -287,18 +307,107 @@ class Pygit2Source(GitReader, GitWriter):
         return str(self._commit(rev).id)
 
     def read_tree(self, rev: str) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        self._collect(self._commit(rev).tree, "", out)
+        """The commit's files as a ``reconciler.load.Tree``: a dict of path -> content, whose ``refused`` names
+        each entry a checkout would not reproduce as the plain file it claims to be, and each file past the
+        limits of ``reconciler.load`` (which reports them as ``path:0`` errors). Hidden directories are not
+        intent and not read; files that are not intent are read within the same limits, else left out.
+        Bounded in entries, depth and bytes inflated, whatever the commit holds."""
+        from reconciler.load import Tree  # the loader's type; imported here so opening a source stays light
+
+        out = Tree()
+        self._collect(self._commit(rev).tree_id, out)
         return out
 
-    def _collect(self, tree: pygit2.Tree, prefix: str, out: dict[str, bytes]) -> None:
-        for entry in tree:
-            path = f"{prefix}{entry.name}"
-            if isinstance(entry, pygit2.Tree):
-                self._collect(entry, f"{path}/", out)
-            elif isinstance(entry, pygit2.Blob):
-                out[path] = entry.data
-            # Submodule entries (commits) have no content in this repository: skipped.
+    def _collect(self, root: pygit2.Oid, out: Tree) -> None:
+        """Walk the tree with a stack, not recursion (a crafted commit can nest trees thousands deep), sizing
+        every object from its header before it is inflated (a blob of zeros compresses a thousandfold)."""
+        from reconciler.load import MAX_DIRECTORY_DEPTH, MAX_ENTRIES, MAX_TOTAL_BYTES, printable
+
+        odb = self._repo.odb
+        budget = {True: MAX_TOTAL_BYTES, False: MAX_TOTAL_BYTES}  # intent files, other files
+        entries = 0
+        stack: list[tuple[pygit2.Oid, str, int]] = [(root, "", 0)]
+        while stack:
+            oid, prefix, depth = stack.pop()
+            where = prefix.rstrip("/") or "."
+            try:
+                if odb.read_header(oid)[1] > _MAX_TREE_OBJECT_BYTES:
+                    out.refused[where] = f"a directory of more than {_MAX_TREE_OBJECT_BYTES >> 20} MiB: not read"
+                    continue
+                tree = self._repo[oid]
+                listing = list(tree) if isinstance(tree, pygit2.Tree) else None
+            except Exception as exc:  # a corrupt or missing object: whatever libgit2 raises, it is refused
+                out.refused[where] = f"cannot read this directory from the repository: {exc}"
+                continue
+            if listing is None:
+                out.refused[where] = f"a {tree.type_str} where the tree says a directory"
+                continue
+            for entry in listing:
+                entries += 1
+                if entries > MAX_ENTRIES:
+                    out.refused["."] = f"more than {MAX_ENTRIES} files and directories: not read further"
+                    return
+                raw = entry.raw_name or b""
+                path = prefix + raw.decode("utf-8", "surrogateescape")
+                shown = printable(path)
+                why = _entry_problem(raw, path)
+                if why is not None:
+                    out.refused[shown] = why
+                    continue
+                if raw.startswith(b"."):
+                    continue  # hidden: not intent (mesh.intent.is_intent_file), not read
+                mode = int(entry.filemode)
+                if mode == FileMode.TREE:
+                    if depth + 1 > MAX_DIRECTORY_DEPTH:
+                        out.refused[shown] = f"directories nested more than {MAX_DIRECTORY_DEPTH} deep: not read"
+                    else:
+                        stack.append((entry.id, f"{path}/", depth + 1))
+                elif mode == FileMode.LINK:
+                    out.refused[shown] = (f"a symbolic link{self._link_target(entry.id)}: intent must be plain files "
+                                          "(a checkout would follow it, the commit holds only the link)")
+                elif mode == FileMode.COMMIT:
+                    out.refused[shown] = (f"a submodule (commit {str(entry.id)[:12]}): its files are not in this "
+                                          "repository; copy the intent in")
+                elif mode & 0o170000 != 0o100000:
+                    out.refused[shown] = f"an entry of unknown mode {mode:o}"
+                else:
+                    self._read_blob(entry.id, path, out, budget)
+
+    def _read_blob(self, oid: pygit2.Oid, path: str, out: Tree, budget: dict[bool, int]) -> None:
+        """One file, sized from its header first: intent past a limit is refused, anything else left out."""
+        from mesh.intent import is_intent_file
+        from reconciler.load import MAX_FILE_BYTES, MAX_TOTAL_BYTES
+
+        intent = is_intent_file(path)
+        why: str | None = None
+        try:
+            size = self._repo.odb.read_header(oid)[1]
+            if size > MAX_FILE_BYTES:
+                why = (f"file is {size} bytes, more than the {MAX_FILE_BYTES >> 20} MiB limit for one intent file: "
+                       "split it")
+            elif size > budget[intent]:
+                why = f"not read: the revision's intent files total more than {MAX_TOTAL_BYTES >> 20} MiB"
+            else:
+                blob = self._repo[oid]
+                if isinstance(blob, pygit2.Blob):
+                    out[path] = blob.data
+                    budget[intent] -= size
+                else:
+                    why = f"a {blob.type_str} where the tree says a file"
+        except Exception as exc:  # a corrupt or missing object, as above
+            why = f"cannot read this file from the repository: {exc}"
+        if why is not None and intent:
+            out.refused[path] = why
+
+    def _link_target(self, oid: pygit2.Oid) -> str:
+        """` (to 'target')`, when the link's blob is small enough to show."""
+        try:
+            if self._repo.odb.read_header(oid)[1] > 256:
+                return ""
+            blob = self._repo[oid]
+        except Exception:  # only the message's detail is lost
+            return ""
+        return f" (to {blob.data.decode('utf-8', 'backslashreplace')!r})" if isinstance(blob, pygit2.Blob) else ""
 
     def log(self, rev: str, *, limit: int) -> list[CommitInfo]:
         if limit < 1:

@@ -274,3 +274,43 @@ def test_a_rule_that_lost_its_match_is_not_taken_for_the_default_rule() -> None:
         "routes.yaml:8: spec.hosts[0]: invalid host 'reviews example': use a DNS name, optionally *.prefixed or :port",
         "routes.yaml:10: spec.http[0].match: Input should be a valid list",
     ]
+
+
+# --- what a revision may hold (the limits themselves: tests/unit/reconciler/test_hostile_*.py) -----------
+
+
+def test_a_syntax_error_names_the_character_libyaml_leaves_out() -> None:
+    errs = errors(with_file("tabs.yaml", "spec:\n\tports: []\n"))
+    assert errs == ["tabs.yaml:2: YAML syntax error: while scanning for the next token found character '\\t' that "
+                    "cannot start any token"]
+
+
+def test_a_document_that_moved_reports_its_new_lines() -> None:
+    text = ROUTE.replace("weight: 30", "weight: 40").replace("weight: 60", "wieght: 60")
+    before = [(p.path, p.line, p.message) for p in load(with_file("bad.yaml", text)).problems]
+    after = [(p.path, p.line, p.message) for p in load(with_file("bad.yaml", "# one\n# two\n" + text)).problems]
+    assert ("bad.yaml", 11, "spec.http[0].route[0].wieght: unknown field 'wieght' (did you mean 'weight'?)") in before
+    assert after == [(path, line + 2 if path == "bad.yaml" else line, message) for path, line, message in before]
+
+
+def test_where_points_into_the_document_after_it_moved() -> None:
+    first = load(template())
+    files = template()
+    files["routes.yaml"] = b"# one more line\n" + files["routes.yaml"]
+    second = load(files)
+    assert second.ok and first.ok
+    old = next(r for r in first.resources if r.key == ("Route", "shop", "reviews"))
+    new = next(r for r in second.resources if r.key == ("Route", "shop", "reviews"))
+    assert old is new  # the same content: the very same model
+    assert second.where(new, ("spec", "http", 0, "route", 1)) == ("routes.yaml", first.where(old, (
+        "spec", "http", 0, "route", 1))[1] + 1)
+
+
+def test_the_caches_hold_about_two_revisions() -> None:
+    from reconciler import load as loader
+
+    for i in range(200):
+        files = template()
+        files["routes.yaml"] = files["routes.yaml"].replace(b"shop.example.com", f"shop{i}.example.com".encode())
+        assert load(files).ok
+    assert len(loader._files._data) < 200 and len(loader._models._data) < 200
