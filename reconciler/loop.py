@@ -49,6 +49,8 @@ class UpConfig:
     branch: str | None = None
     poll_interval: float = 5.0
     """Seconds between fetches of a remote repository (a local one is watched, not polled)."""
+    fetch_timeout: float = 120.0
+    """Seconds one fetch of a remote may take before the source is reported unreachable (it is retried)."""
     envoy_log_level: str = "warning"
     prometheus_url: str | None = None
     """An existing Prometheus that scrapes the discovery endpoints; None starts one per cluster."""

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--branch", help="branch to follow (default: the repository's HEAD branch)")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between fetches of a remote")
+    p.add_argument("--fetch-timeout", type=float, default=120.0,
+                   help="seconds one fetch of a remote may take before status says it is unreachable")
     p.add_argument("--envoy-log-level", default="warning")
     p.add_argument("--prometheus-url", help="use this Prometheus for rollout analysis instead of starting one per "
                    "cluster (it should scrape each cluster's discovery endpoint, shown in status)")
@@ -248,7 +250,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"lockgate up: {problem}", file=sys.stderr)
         return 1
     config = UpConfig(repo=args.repo, branch=args.branch, state_dir=args.state_dir,
-                      poll_interval=args.poll_interval, envoy_log_level=args.envoy_log_level,
+                      poll_interval=args.poll_interval, fetch_timeout=args.fetch_timeout,
+                      envoy_log_level=args.envoy_log_level,
                       prometheus_url=args.prometheus_url, cert_ttl=cert_ttl, ca_dir=args.ca_dir,
                       verify_signatures=args.verify_signatures, verify_gpg_keyring=args.verify_gpg_keyring,
                       signing_key=args.signing_key)

@@ -42,7 +42,8 @@ async def local_reconciler(config: UpConfig, *, announced: bool = False) -> Reco
                     "unsigned and refused")
     # Opening a remote clones it: network I/O, off the event loop.
     source = await asyncio.to_thread(Pygit2Source.open, config.repo, branch=config.branch,
-                                     cache_dir=config.state_dir / "git", signing_key=config.signing_key)
+                                     cache_dir=config.state_dir / "git", signing_key=config.signing_key,
+                                     fetch_deadline=config.fetch_timeout)
     runtime = LocalRuntime(state_dir=config.state_dir, envoy_log_level=config.envoy_log_level,
                            prometheus_url=config.prometheus_url)
     return Reconciler(config=config, source=source, runtime=runtime, announced=announced, trust=trust)

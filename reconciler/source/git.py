@@ -159,7 +159,8 @@ class Pygit2Source(GitReader, GitWriter):
 
     @classmethod
     def open(
-        cls, location: str, *, branch: str | None = None, cache_dir: Path | None = None, signing_key: Path | None = None
+        cls, location: str, *, branch: str | None = None, cache_dir: Path | None = None,
+        signing_key: Path | None = None, fetch_deadline: float | None = None,
     ) -> Pygit2Source:
         """Open a local repository path (work tree or bare), or mirror a URL into ``cache_dir`` and fetch it once.
 
@@ -180,6 +181,8 @@ class Pygit2Source(GitReader, GitWriter):
         else:
             source = cls._open_local(location, branch=branch)
         source._signing_key = signing_key
+        if fetch_deadline is not None:
+            source._fetch_deadline = fetch_deadline
         return source
 
     @classmethod
