@@ -29,7 +29,7 @@ from mesh.xds.snapshot import SECRET
 from multicluster.ca import CADirectoryWatch, CAError, ensure_hierarchy
 from multicluster.eastwest import eastwest_gateway
 from multicluster.issuer import WorkloadIssuer, bundle_acked
-from reconciler.load import load
+from reconciler.isolate import load_isolated
 from reconciler.pipeline import render_mesh
 from reconciler.rollout.controller import GitSource, RolloutController
 from reconciler.runtime.base import Bind, ProxyProcess, Runtime, RuntimeStatus
@@ -160,7 +160,8 @@ class Reconciler:
         except GitError as exc:
             self._fail(sha, [f".:0: {exc}"])
             return
-        loaded = await asyncio.to_thread(load, files)  # parsing is heavy work: never on the loop
+        # In a worker process, bounded in time and memory: nothing a commit holds can freeze or bloat `up`.
+        loaded = await asyncio.to_thread(load_isolated, files)
         if not loaded.ok or loaded.intent is None:
             self._fail(sha, [str(p) for p in loaded.problems])
             return

@@ -19,6 +19,10 @@ TRAILER_ROLLOUT = "Lockgate-Rollout"
 TRAILER_DECISION = "Lockgate-Decision"
 
 
+MAX_FILE_BYTES = 1 << 20
+"""As the loader's limit: a bigger file is refused before parsing, so it cannot hold an applied Rollout."""
+
+
 def _scalar(node: yaml.Node, key: str) -> tuple[yaml.Node, yaml.Node] | None:
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
@@ -47,12 +51,12 @@ def edit_rollout(
     """The changed file(s), or None when there is nothing to write: the Rollout is gone, or its canary
     is no longer `canary` (a human changed it since; their change wins)."""
     for path in sorted(files):
-        if not is_intent_file(path):
-            continue
+        if not is_intent_file(path) or len(files[path]) > MAX_FILE_BYTES:
+            continue  # a file the loader refuses holds no Rollout lockgate applied: nothing to edit there
         try:
             text = files[path].decode("utf-8")
             docs = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
-        except (UnicodeDecodeError, yaml.YAMLError):
+        except (UnicodeDecodeError, yaml.YAMLError, RecursionError, MemoryError):
             continue
         for doc in docs:
             if doc is None or _value(doc, "kind") != "Rollout" or _value(doc, "metadata", "name") != name:

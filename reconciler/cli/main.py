@@ -140,7 +140,8 @@ def _is_url(location: str) -> bool:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from reconciler.load import load, read_worktree
+    from reconciler.isolate import load_isolated
+    from reconciler.load import read_worktree
     from reconciler.source import GitError, SignaturePolicy, reading
 
     location = str(args.dir)
@@ -166,17 +167,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except GitError as exc:
         print(f"{location}:0: {exc}", file=sys.stderr)
         return 1
-    loaded = load(files)
+    loaded = load_isolated(files)
     if loaded.intent is not None and not args.no_envoy:
         import asyncio
 
         from reconciler.envoycheck import check_with_envoy, locate
 
         loaded.problems += locate(asyncio.run(check_with_envoy(loaded.intent)), loaded)
-    for problem in sorted([*loaded.problems, *loaded.warnings]):
+    for problem in [*loaded.problems, *loaded.warnings]:  # each already sorted; ".:0: N more" stays last
         print(problem, file=sys.stderr)
     if not loaded.ok:
-        print(f"invalid: {len(loaded.problems)} error(s)", file=sys.stderr)
+        print(f"invalid: {loaded.error_count} error(s)", file=sys.stderr)
         return 1
     kinds: dict[str, int] = {}
     for r in loaded.resources:
@@ -186,7 +187,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from reconciler.load import load, read_worktree
+    from reconciler.isolate import load_isolated as load
+    from reconciler.load import read_worktree
     from reconciler.plan import plan, render_text, to_json
     from reconciler.rollout.controller import read_states
     from reconciler.source import GitError, reading
@@ -216,7 +218,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if new.intent is None:
         for problem in new.problems:
             print(problem, file=sys.stderr)
-        print(f"invalid: {len(new.problems)} error(s); nothing would be applied", file=sys.stderr)
+        print(f"invalid: {new.error_count} error(s); nothing would be applied", file=sys.stderr)
         return 1
     states, _ = read_states(args.state_dir)  # what `up` overlays now: the plan shows rollout-owned weights
     plans = plan(old=old.intent if old else None, new=new.intent, states=states)

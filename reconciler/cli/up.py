@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 
+from reconciler.isolate import warm
 from reconciler.loop import Reconciler, UpConfig
 from reconciler.runtime.local.lock import lock_state_dir
 from reconciler.runtime.local.prometheus import prometheus_binary
@@ -59,6 +60,7 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 async def run_up(config: UpConfig) -> int:
     """Foreground: returns when SIGINT/SIGTERM arrives, after stopping every process it started."""
     with lock_state_dir(config.state_dir):  # StateDirBusy names the running lockgate
+        await asyncio.to_thread(warm)  # the loading worker, started before the first commit needs it
         rec = await local_reconciler(config)
         stop = asyncio.Event()
         install_stop_signals(stop)
