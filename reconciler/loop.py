@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -469,3 +470,10 @@ def settle_gc() -> None:
 
 def _address(gw: Any) -> str | None:
     return f"{gw.address}:{gw.port}" if gw is not None else None
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM end the run gracefully: every child is stopped before we exit."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)

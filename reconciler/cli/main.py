@@ -272,7 +272,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.dir is not None and args.dir.exists() and any(args.dir.iterdir()):
         print(f"lockgate demo: {args.dir} is not empty; give a new directory", file=sys.stderr)
         return 1
-    return asyncio.run(run_demo(workdir=args.dir, keep_running=args.keep_running))
+    from reconciler.cli.up import local_reconciler
+    from reconciler.loop import Reconciler, UpConfig
+
+    async def make(config: UpConfig) -> Reconciler:
+        return await local_reconciler(config, announced=True)  # the tour announces itself
+
+    return asyncio.run(run_demo(workdir=args.dir, keep_running=args.keep_running, make=make))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from reconciler.isolate import warm
-from reconciler.loop import Reconciler, UpConfig
+from reconciler.loop import Reconciler, UpConfig, install_stop_signals
 from reconciler.runtime.local.lock import lock_state_dir
 from reconciler.runtime.local.prometheus import prometheus_binary
 from reconciler.runtime.local.runtime import LocalRuntime
@@ -48,13 +47,6 @@ async def local_reconciler(config: UpConfig, *, announced: bool = False) -> Reco
     runtime = LocalRuntime(state_dir=config.state_dir, envoy_log_level=config.envoy_log_level,
                            prometheus_url=config.prometheus_url)
     return Reconciler(config=config, source=source, runtime=runtime, announced=announced, trust=trust)
-
-
-def install_stop_signals(stop: asyncio.Event) -> None:
-    """SIGINT (Ctrl-C) and SIGTERM end the run gracefully: every child is stopped before we exit."""
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
 
 
 async def run_up(config: UpConfig) -> int:

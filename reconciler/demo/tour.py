@@ -17,12 +17,12 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from reconciler.cli.up import install_stop_signals, local_reconciler
 from reconciler.load import load
-from reconciler.loop import Reconciler, UpConfig
+from reconciler.loop import Reconciler, UpConfig, install_stop_signals
 from reconciler.source.git import Pygit2Source, init_repo
 from reconciler.state import TEMPLATE
 
@@ -60,7 +60,9 @@ def _bar(seen: Counter[str]) -> str:
                        for k, v in sorted(seen.items()))
 
 
-async def run_demo(*, workdir: Path | None, keep_running: bool) -> int:
+async def run_demo(*, workdir: Path | None, keep_running: bool,
+                   make: Callable[[UpConfig], Awaitable[Reconciler]]) -> int:
+    """The tour. `make` builds the reconciler (the CLI, the one composition root, picks the implementations)."""
     logging.getLogger("lockgate").setLevel(logging.CRITICAL)  # the tour reports invalid commits itself
     root = Path(tempfile.mkdtemp(prefix="lockgate-demo-")) if workdir is None else workdir
     repo, state = root / "mesh-repo", root / "state"
@@ -71,7 +73,7 @@ async def run_demo(*, workdir: Path | None, keep_running: bool) -> int:
 
     config = UpConfig(repo=str(repo), state_dir=state)
     source = Pygit2Source.open(str(repo))  # the tour's own commits: it plays the person using lockgate
-    rec = await local_reconciler(config, announced=True)  # the tour announces itself
+    rec = await make(config)
     stop = asyncio.Event()
     install_stop_signals(stop)
     runner = asyncio.create_task(rec.run(stop))
