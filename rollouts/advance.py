@@ -24,11 +24,12 @@ from pydantic.alias_generators import to_camel
 
 from mesh.intent import Destination
 from rollouts.intent import MetricSpec, NoData, RolloutSpec
+from rollouts.statistics import Comparison, compare_counts, compare_series, describe
 
 Phase = Literal["idle", "progressing", "promoted", "rolled-back"]
 Action = Literal["none", "wait", "start", "step", "hold", "promote", "rollback", "pause", "resume", "reset"]
 Command = Literal["promote", "abort", "pause", "resume"]
-Result = Literal["pass", "fail", "no-data"]
+Result = Literal["pass", "fail", "no-data", "inconclusive"]
 REQUESTS = "requests"
 """Name of the check every analysis makes first: enough canary requests to judge anything."""
 
@@ -72,6 +73,16 @@ class PartialData(_Frozen):
     why: str
 
 
+class CompareData(_Frozen):
+    """What a `compare` metric measured in one cluster: the canary's and the baseline's per-sample
+    series (values, one per scrape step), or their error and request counts (request-success-rate)."""
+
+    canary: tuple[float, ...] = ()
+    baseline: tuple[float, ...] = ()
+    counts: tuple[float, float, float, float] | None = None
+    """canary errors, canary requests, baseline errors, baseline requests."""
+
+
 class Observations(_Frozen):
     """What the metric provider said for one analysis."""
 
@@ -84,6 +95,22 @@ class Observations(_Frozen):
     """metric name -> query error, reported in the reasons."""
     partial: Mapping[str, PartialData] = Field(default_factory=dict)
     """cluster -> its window is only partly in Prometheus: every check there is no-data, whatever the values."""
+    compared: Mapping[str, Mapping[str, CompareData]] = Field(default_factory=dict)
+    """metric name -> cluster -> what its comparison measured (metrics with `compare`)."""
+
+
+class CheckComparison(_Frozen):
+    """The numbers of a comparison check (see rollouts.statistics.Comparison)."""
+
+    baseline: str
+    test: Literal["mann-whitney", "fisher"]
+    statistic: float | None
+    p_value: float | None
+    effect: float | None
+    relative: float | None
+    n_canary: float
+    n_baseline: float
+    why: str
 
 
 class Check(_Frozen):
@@ -95,8 +122,9 @@ class Check(_Frozen):
     max: float | None = None
     result: Result
     effective: Literal["pass", "fail", "hold"]
-    """The result after the no-data policy."""
+    """The result after the no-data policy (which an inconclusive comparison follows too)."""
     detail: str
+    comparison: CheckComparison | None = None
 
 
 class Decision(_Frozen):
@@ -245,8 +273,9 @@ def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
             part = f"only {_tenths(gap.covered)} s of {spec.interval_s:g} s of data ({gap.why})"
             out.append(_no_data(REQUESTS, cluster, req, a.no_data, min_=a.min_requests,
                                 detail=f"requests{where}: {part}"))
-            out.extend(_no_data(m.name, cluster, obs.values.get(m.name, {}).get(cluster), m.no_data or a.no_data,
-                                m=m, requests=req, detail=f"{m.name}{where}: {part}") for m in a.metrics)
+            out.extend(_no_data(name, cluster, obs.values.get(m.name, {}).get(cluster), m.no_data or a.no_data,
+                                m=m, requests=req, detail=f"{name}{where}: {part}")
+                       for m in a.metrics for name in _check_names(m))
             continue
         if enough:
             out.append(Check(metric=REQUESTS, cluster=cluster, value=req, requests=req, min=a.min_requests,
@@ -258,9 +287,15 @@ def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
             value = obs.values.get(m.name, {}).get(cluster)
             policy = m.no_data or a.no_data
             if not enough:
-                out.append(_no_data(m.name, cluster, value, policy, m=m, requests=req,
-                                    detail=f"{m.name}{where}: no data (too few requests)"))
-            elif value is None or math.isnan(value):
+                out.extend(_no_data(name, cluster, value, policy, m=m, requests=req,
+                                    detail=f"{name}{where}: no data (too few requests)") for name in _check_names(m))
+                continue
+            if m.compare is not None:
+                out.append(_compare_check(m, cluster, where, req, obs.compared.get(m.name, {}).get(cluster), policy,
+                                          min_requests=a.min_requests))
+                if not has_bounds(m):
+                    continue
+            if value is None or math.isnan(value):
                 out.append(_no_data(m.name, cluster, None, policy, m=m, requests=req,
                                     detail=f"{m.name}{where}: no values found"))
             else:
@@ -269,6 +304,55 @@ def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
                                  result="pass" if ok else "fail", effective="pass" if ok else "fail",
                                  detail=f"{m.name}{where} {_num(value)} {bound}"))
     return out
+
+
+def _check_names(m: MetricSpec) -> list[str]:
+    return ([m.name] if has_bounds(m) else []) + ([compare_name(m)] if m.compare is not None else [])
+
+
+def has_bounds(m: MetricSpec) -> bool:
+    return m.min is not None or m.max is not None
+
+
+def compare_name(m: MetricSpec) -> str:
+    """The comparison's check name: the metric's own, or `NAME vs stable` when it also has bounds."""
+    assert m.compare is not None
+    return f"{m.name} vs {m.compare.baseline}" if has_bounds(m) else m.name
+
+
+def _compare_check(m: MetricSpec, cluster: str, where: str, req: float | None, data: CompareData | None,
+                   policy: NoData, *, min_requests: float) -> Check:
+    """One comparison: the statistics decide; inconclusive follows the no-data policy, like no data."""
+    assert m.compare is not None
+    name, baseline = compare_name(m), m.compare.baseline
+    margin, confidence = m.compare.max_increase_fraction, m.compare.confidence
+    if data is None:
+        return _no_data(name, cluster, None, policy, m=m, requests=req, detail=f"{name}{where}: no values found")
+    if data.counts is not None:
+        ec, nc, eb, nb = data.counts
+        result = compare_counts(canary_errors=ec, canary_total=nc, baseline_errors=eb, baseline_total=nb,
+                                max_increase=margin, confidence=confidence)
+        if result.verdict != "inconclusive" and nb < min_requests:
+            result = _inconclusive(result, f"{baseline} requests {format_requests(nb, minimum=min_requests)} "
+                                           f"< minRequests {min_requests:g}")
+    else:
+        result = compare_series(data.canary, data.baseline, max_increase=margin, confidence=confidence)
+    numbers = CheckComparison(baseline=baseline, test=result.test, statistic=result.statistic,
+                              p_value=result.p_value, effect=result.effect, relative=result.relative,
+                              n_canary=result.n_canary, n_baseline=result.n_baseline, why=result.why)
+    detail = f"{name}{where} vs {baseline}: {result.why} [{describe(result, baseline=baseline)}]"
+    if result.verdict == "inconclusive":
+        effective: Literal["pass", "fail", "hold"] = "hold" if policy == "hold" else policy
+        return Check(metric=name, cluster=cluster, value=result.effect, requests=req, result="inconclusive",
+                     effective=effective, detail=f"{name}{where} vs {baseline}: inconclusive, {result.why} "
+                     f"[{describe(result, baseline=baseline)}] (noData: {policy})", comparison=numbers)
+    return Check(metric=name, cluster=cluster, value=result.effect, requests=req, result=result.verdict,
+                 effective=result.verdict, detail=detail, comparison=numbers)
+
+
+def _inconclusive(c: Comparison, why: str) -> Comparison:
+    return Comparison(verdict="inconclusive", test=c.test, statistic=c.statistic, p_value=c.p_value, effect=c.effect,
+                      relative=c.relative, n_canary=c.n_canary, n_baseline=c.n_baseline, why=why, errors=c.errors)
 
 
 def format_requests(count: float | None, *, minimum: float | None = None) -> str:

@@ -11,11 +11,13 @@ the canary's sidecar is new) is `PartialWindow`, and every check there is no-dat
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import statistics
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
-from rollouts.advance import Observations, PartialData
+from rollouts.advance import CompareData, Observations, PartialData
 from rollouts.intent import MetricSpec, RolloutSpec
 from rollouts.provider import MetricProvider, NoValuesFound, PartialWindow, ProviderError, Samples
 
@@ -32,6 +34,22 @@ BUILTIN_QUERIES = {
         f"(rate(envoy_http_downstream_rq_time_bucket{{{_SEL}}}[{{{{ interval }}}}])))"
     ),
 }
+COMPARE_QUERIES = {
+    # One p99 per scrape: irate() reads the last two samples in its window, so consecutive steps use
+    # disjoint scrape intervals (independent samples, as the test assumes); the window only makes sure
+    # there are two.
+    "request-duration-p99": (
+        "histogram_quantile(0.99, sum by (le) "
+        f"(irate(envoy_http_downstream_rq_time_bucket{{{_SEL}}}[{{{{ interval }}}}])))"
+    ),
+}
+ERRORS_QUERY = (f"sum(increase(envoy_http_downstream_rq_xx{{{_SEL},envoy_response_code_class=\"5\"}}"
+                f"[{{{{ interval }}}}]))")
+"""request-success-rate compared: errors and requests over the interval, a count each (Fisher's test)."""
+SAMPLE_WINDOW_STEPS = 3
+"""A compared query's `{{ interval }}`: this many scrape steps, so irate()/rate() always have two samples."""
+DEFAULT_STEP_S = 1.0
+"""The range queries' step when the scrape interval cannot be learnt (no canary samples yet)."""
 WINDOW_SELECTOR = f"envoy_http_downstream_rq_total{{{_SEL}}}"
 """The series every built-in (and the requests check) reads: one per canary sidecar. A restarted
 Prometheus lost every series' samples alike, so custom queries are covered by it too."""
@@ -122,20 +140,61 @@ def check_window(samples: Samples, *, window_s: float) -> None:
     raise PartialWindow(covered_s=max(0.0, covered[worst]), window_s=window_s, why=why)
 
 
-def _window_of(provider: MetricProvider, variables: Mapping[str, str], window_s: float) -> PartialData | None:
-    """None when the canary's series cover the whole window (or do not exist: the queries say so)."""
+def _window_of(provider: MetricProvider, variables: Mapping[str, str],
+               window_s: float) -> tuple[PartialData | None, float | None]:
+    """None when the canary's series cover the whole window (or do not exist: the queries say so); and
+    the scrape interval the samples show (None without two samples)."""
     samples = provider.samples(render_query(WINDOW_SELECTOR, variables), seconds=window_s + HISTORY_S)
+    known = [s for ts in samples.series.values() if (s := scrape_interval(ts)) is not None]
+    step = statistics.median_low(known) if known else None
     try:
         check_window(samples, window_s=window_s)
     except PartialWindow as exc:
-        return PartialData(covered=exc.covered_s, why=exc.why)
+        return PartialData(covered=exc.covered_s, why=exc.why), step
     except NoValuesFound:
         pass  # no such series at all: the queries answer "no values found", as they always did
-    return None
+    return None, step
+
+
+def _series(provider: MetricProvider, promql: str, *, start: float, end: float, step: float) -> tuple[float, ...]:
+    try:
+        return tuple(provider.query_range(promql, start=start, end=end, step=step))
+    except NoValuesFound:
+        return ()
+
+
+def _count(provider: MetricProvider, promql: str, *, end: float, step: float) -> float | None:
+    """One value at `end` (a range query of one point: the same instant for canary and baseline)."""
+    try:
+        values = provider.query_range(promql, start=end, end=end, step=step)
+    except NoValuesFound:
+        return None
+    return values[-1]
+
+
+def compare_data(metric: MetricSpec, provider: MetricProvider, *, variables: Mapping[str, str], baseline: str,
+                 window_s: float, step: float, end: float) -> CompareData:
+    """Canary and baseline measured alike: same cluster, same queries, same instants. ProviderError through."""
+    if metric.builtin == "request-success-rate":
+        counted = {**variables, "interval": f"{round(window_s * 1000)}ms"}
+        base = {**counted, "version": baseline}
+        totals = [_count(provider, render_query(REQUESTS_QUERY, v), end=end, step=step) for v in (counted, base)]
+        errors = [_count(provider, render_query(ERRORS_QUERY, v), end=end, step=step) for v in (counted, base)]
+        # No 5xx series: that version answered no 5xx; no request series: it served nothing (inconclusive).
+        return CompareData(counts=(errors[0] or 0.0, totals[0] or 0.0, errors[1] or 0.0, totals[1] or 0.0))
+    template = COMPARE_QUERIES[metric.builtin] if metric.builtin is not None else str(metric.query)
+    sample = {**variables, "interval": f"{round(SAMPLE_WINDOW_STEPS * step * 1000)}ms"}
+    points = max(1, math.floor(window_s / step + 1e-6))
+    start = end - (points - 1) * step
+    return CompareData(
+        canary=_series(provider, render_query(template, sample), start=start, end=end, step=step),
+        baseline=_series(provider, render_query(template, {**sample, "version": baseline}), start=start, end=end,
+                         step=step))
 
 
 def observe(
-    *, spec: RolloutSpec, namespace: str, canary: str, providers: Mapping[str, MetricProvider]
+    *, spec: RolloutSpec, namespace: str, canary: str, providers: Mapping[str, MetricProvider],
+    stable: str | None = None, now: Callable[[], float] = time.time,
 ) -> Observations:
     """Query every check for every cluster (cluster -> its provider). Offline if any provider is.
 
@@ -147,11 +206,14 @@ def observe(
     values: dict[str, dict[str, float | None]] = {m.name: {} for m in spec.analysis.metrics}
     errors: dict[str, str] = {}
     partial: dict[str, PartialData] = {}
+    compared: dict[str, dict[str, CompareData]] = {m.name: {} for m in spec.analysis.metrics if m.compare}
+    baselines = {"stable": stable or spec.stable}
     for cluster, provider in sorted(providers.items()):
         variables = {"service": spec.service, "version": canary, "namespace": namespace, "cluster": cluster,
                      "interval": window(spec)}
         try:
-            if (gap := _window_of(provider, variables, spec.interval_s)) is not None:
+            gap, step = _window_of(provider, variables, spec.interval_s)
+            if gap is not None:
                 partial[cluster] = gap
         except ProviderError as exc:
             return Observations(online=False, errors={"window": str(exc)})
@@ -162,6 +224,8 @@ def observe(
         except ProviderError as exc:
             return Observations(online=False, errors={"requests": str(exc)})
         for m in spec.analysis.metrics:
+            if m.min is None and m.max is None:
+                continue  # compared only: its range queries follow
             try:
                 values[m.name][cluster] = provider.query(render_query(query_of(m), variables))
             except NoValuesFound:
@@ -169,4 +233,17 @@ def observe(
             except ProviderError as exc:
                 values[m.name][cluster] = None
                 errors[m.name] = str(exc)
-    return Observations(online=True, requests=requests, values=values, errors=errors, partial=partial)
+        if gap is not None:
+            continue  # a partial window is not judged: nothing to compare
+        end = float(math.floor(now()))  # whole seconds: what the range API takes
+        for m in spec.analysis.metrics:
+            if m.compare is None:
+                continue
+            try:
+                compared[m.name][cluster] = compare_data(
+                    m, provider, variables=variables, baseline=baselines[m.compare.baseline],
+                    window_s=spec.interval_s, step=step or DEFAULT_STEP_S, end=end)
+            except ProviderError as exc:
+                errors[m.name] = str(exc)
+    return Observations(online=True, requests=requests, values=values, errors=errors, partial=partial,
+                        compared=compared)

@@ -6,6 +6,7 @@ from the rollout state, not from the Route (see `governs()`).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -18,8 +19,43 @@ BUILTINS = ("request-success-rate", "request-duration-p99")
 """Metrics computed from Envoy's own inbound stats, so they work without app instrumentation."""
 
 
+BASELINES = ("stable",)
+"""What a `compare` metric measures the canary against."""
+
+
+class CompareSpec(Model):
+    """Judge the canary against a baseline measured in the same clusters over the same interval."""
+
+    baseline: str = "stable"
+    """One of BASELINES (checked by validate, with its line)."""
+    max_increase: str | int | float
+    """How much worse than the baseline the canary may be, as a percentage (`20%`) of the baseline's
+    median (values) or error rate (request-success-rate)."""
+    confidence: float = 0.98
+    """1 - the p-value below which a difference counts as real (Kayenta's default: 0.98)."""
+
+    @property
+    def max_increase_fraction(self) -> float:
+        value = parse_percent(self.max_increase)
+        if value is None:
+            raise ValueError(f"bad percentage {self.max_increase!r}")
+        return value
+
+
+def parse_percent(text: str | float) -> float | None:
+    """`20%` -> 0.2; None for anything else (a bare number is ambiguous: 20 or 2000%?)."""
+    if not isinstance(text, str) or not text.strip().endswith("%"):
+        return None
+    try:
+        value = float(text.strip()[:-1])
+    except ValueError:
+        return None
+    return value / 100 if math.isfinite(value) and value >= 0 else None
+
+
 class MetricSpec(Model):
-    """One check of an analysis: a built-in or a PromQL query, with a lower and/or upper bound."""
+    """One check of an analysis: a built-in or a PromQL query, with a lower and/or upper bound and/or a
+    comparison with the stable."""
 
     name: Name
     builtin: str | None = None
@@ -29,14 +65,15 @@ class MetricSpec(Model):
     min: float | None = None
     max: float | None = None
     no_data: NoData | None = None
-    """Overrides analysis.noData for this metric."""
+    """Overrides analysis.noData for this metric (and for an inconclusive comparison)."""
+    compare: CompareSpec | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> MetricSpec:
         if (self.builtin is None) == (self.query is None):
             raise ValueError("give exactly one of builtin, query")
-        if self.min is None and self.max is None:
-            raise ValueError("give min, max or both: a metric without a threshold judges nothing")
+        if self.min is None and self.max is None and self.compare is None:
+            raise ValueError("give min, max or compare: a metric without a threshold judges nothing")
         return self
 
 

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import requests
@@ -72,6 +72,11 @@ class MetricProvider(Protocol):
         """Sample times of every series `selector` matches in the last `seconds`; ProviderError on failure."""
         ...
 
+    def query_range(self, promql: str, *, start: float, end: float, step: float) -> list[float]:
+        """Every value of every series the query gives at start, start + step, ... end (NaN left out, in
+        time order); NoValuesFound when there is none, ProviderError on failure."""
+        ...
+
     def is_online(self) -> bool: ...
 
 
@@ -92,7 +97,9 @@ class PrometheusProvider:
     def __repr__(self) -> str:
         return f"PrometheusProvider({self.url!r})"
 
-    def _run(self, promql: str, params: dict[str, str] | None = None) -> list[Any]:
+    def _run(self, promql: str, params: dict[str, str] | None = None, *,
+             span: tuple[float, float, float] | None = None) -> list[Any]:
+        """An instant query, or with `span` (start, end, step) a range query."""
         try:
             for attempt in tenacity.Retrying(
                 stop=tenacity.stop_after_attempt(self._attempts),
@@ -101,7 +108,13 @@ class PrometheusProvider:
                 reraise=True,
             ):
                 with attempt:
-                    result: list[Any] = self._client.custom_query(promql, params=params)
+                    if span is None:
+                        result: list[Any] = self._client.custom_query(promql, params=params)
+                    else:
+                        start, end, step = span
+                        result = self._client.custom_query_range(
+                            promql, start_time=datetime.fromtimestamp(start, tz=UTC),
+                            end_time=datetime.fromtimestamp(end, tz=UTC), step=f"{step:g}", params=params)
         except requests.RequestException as exc:
             raise ProviderError(f"{self.url} unreachable: {exc}") from None
         except PrometheusApiClientException as exc:
@@ -119,6 +132,19 @@ class PrometheusProvider:
         if math.isnan(value):
             raise NoValuesFound(f"NaN for {promql}")
         return value
+
+    def query_range(self, promql: str, *, start: float, end: float, step: float) -> list[float]:
+        result = self._run(promql, span=(start, end, step))
+        points: list[tuple[float, float]] = []
+        for item in result:
+            try:
+                points += [(float(t), float(v)) for t, v in item["values"]]
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                raise ProviderError(f"unexpected answer {item!r} for {promql}: {exc}") from None
+        values = [v for _, v in sorted(points) if not math.isnan(v)]
+        if not values:
+            raise NoValuesFound(f"no values found for {promql} over {end - start:g} s")
+        return values
 
     def samples(self, selector: str, *, seconds: float) -> Samples:
         """One instant query of `selector[seconds]`, evaluated at a time we pick (so the window is known):

@@ -6,13 +6,15 @@ Pure, like mesh.validate: findings point at a resource index and a field path; t
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 
 from mesh.intent import ResourceBase, Service, parse_duration_ms
 from mesh.validate import Finding
-from rollouts.intent import BUILTINS, Rollout
+from rollouts.intent import BASELINES, BUILTINS, Rollout, parse_percent
 
 MIN_INTERVAL_MS = 500
+_VERSION = re.compile(r"\{\{\s*version\s*\}\}")
 
 
 def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
@@ -65,4 +67,18 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
                 out.append(Finding(i, (*loc, "builtin"), f"unknown builtin metric {m.builtin!r} ({hint})"))
             if m.min is not None and m.max is not None and m.min > m.max:
                 out.append(Finding(i, (*loc, "min"), f"min {m.min} is above max {m.max}"))
+            if (c := m.compare) is not None:
+                at = (*loc, "compare")
+                if c.baseline not in BASELINES:
+                    out.append(Finding(i, (*at, "baseline"), f"unknown baseline {c.baseline!r} "
+                                       f"(known: {', '.join(BASELINES)})"))
+                if parse_percent(c.max_increase) is None:
+                    out.append(Finding(i, (*at, "maxIncrease"), f"maxIncrease {c.max_increase!r} is not a "
+                                       "percentage such as 20% (0% or more)"))
+                if not 0.5 < c.confidence < 1:
+                    out.append(Finding(i, (*at, "confidence"), f"confidence {c.confidence:g} is not between "
+                                       "0.5 and 1 (exclusive), e.g. 0.98"))
+                if m.query is not None and not _VERSION.search(m.query):
+                    out.append(Finding(i, (*loc, "query"), "a compared query must select `{{ version }}`: "
+                                       "otherwise canary and stable read the same series"))
     return out

@@ -7,13 +7,14 @@ the write-back commit cannot start a new run.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Literal
 
 import yaml
 
 from mesh.intent import is_intent_file
-from rollouts.advance import REQUESTS, Check, Decision, format_requests
+from rollouts.advance import REQUESTS, Check, CheckComparison, Decision, format_requests
 
 TRAILER_ROLLOUT = "Lockgate-Rollout"
 TRAILER_DECISION = "Lockgate-Decision"
@@ -115,9 +116,23 @@ def format_check(c: Check) -> str:
     """One check as a line of the commit message and of `rollout status`."""
     bounds = ", ".join(x for x in (f"min {c.min:g}" if c.min is not None else "",
                                    f"max {c.max:g}" if c.max is not None else "") if x)
+    held = f" [{c.effective}]" if c.result in ("no-data", "inconclusive") else ""
+    if (n := c.comparison) is not None:
+        return f"{c.metric}@{c.cluster}: vs {n.baseline}: {compared(n)} -> {c.result}{held}"
     if c.metric == REQUESTS:  # a count: whole numbers, though increase() extrapolates to fractions
         value = format_requests(c.value, minimum=c.min)
     else:
         value = "no values" if c.value is None else f"{c.value:.4g}"
-    return f"{c.metric}@{c.cluster}: {value} ({bounds}) -> {c.result}" + (
-        f" [{c.effective}]" if c.result == "no-data" else "")
+    return f"{c.metric}@{c.cluster}: {value} ({bounds}) -> {c.result}{held}"
+
+
+def compared(n: CheckComparison) -> str:
+    """A comparison's numbers: the test, its statistic and one-sided p-value, the effect, the samples."""
+    if n.p_value is None:
+        return f"{n.why}, n={n.n_canary:g} vs {n.n_baseline:g}"
+    rel = "n/a" if n.relative is None else "+inf%" if math.isinf(n.relative) else f"{n.relative * 100:+.3g}%"
+    effect = "n/a" if n.effect is None else f"{n.effect:+.4g}"
+    name = {"mann-whitney": "Mann-Whitney U", "fisher": "Fisher errors"}[n.test]
+    label = "Hodges-Lehmann" if n.test == "mann-whitney" else "error rate"
+    return (f"{name}={n.statistic:g} p={n.p_value:.3g} {label} {effect} ({rel}) "
+            f"n={n.n_canary:g} vs {n.n_baseline:g}; {n.why}")

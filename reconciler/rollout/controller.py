@@ -150,7 +150,7 @@ class RolloutController:
             providers = {c: p for c in self._canary_clusters(ro, before.canary)
                          if (p := self._provider(c)) is not None}
             obs = await asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
-                                          providers=providers)
+                                          stable=before.stable, providers=providers)
             now = time.time()
         decision = advance(spec, before, obs, now=now, revision=self.revision, command=command)
         if decision.state == before and decision.action in ("wait", "none") and cmd is None:

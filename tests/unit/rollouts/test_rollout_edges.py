@@ -70,7 +70,8 @@ def test_a_metric_needs_a_threshold_and_one_source() -> None:
         "rollout.yaml:15: spec.analysis.metrics[0]: give exactly one of builtin, query"]
     unbounded = ROLLOUT.replace("builtin: request-success-rate, min: 99", "builtin: request-success-rate")
     assert [str(p) for p in load(files(unbounded)).problems] == [
-        "rollout.yaml:15: spec.analysis.metrics[0]: give min, max or both: a metric without a threshold judges nothing"]
+        "rollout.yaml:15: spec.analysis.metrics[0]: give min, max or compare: a metric without a threshold judges "
+        "nothing"]
 
 
 def test_write_back_promotion_keeps_comments_and_clears_the_canary() -> None:
