@@ -104,7 +104,7 @@ class Runtime(Protocol):
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever the topology changes (an instance became ready or stopped being ready)."""
 
-    def authenticator(self, cluster: str) -> Authenticator | None:
+    def authenticator(self, cluster: str) -> Authenticator:
         """How the cluster's control plane tells which proxy a stream is: every proxy of this runtime
         carries a credential naming it (a per-proxy token locally, a service-account token on Kubernetes)."""
 

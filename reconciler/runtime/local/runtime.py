@@ -274,7 +274,7 @@ class LocalRuntime:
         write_json(self.state_dir / PROCESSES_FILE, {"clusters": clusters, "instances": instances,
                                                      "tokens": self._tokens.to_json()})
 
-    def authenticator(self, cluster: str) -> Authenticator | None:
+    def authenticator(self, cluster: str) -> Authenticator:
         """Each stream must carry the token of one of this cluster's proxies, and is bound to that proxy."""
         return ClusterAuthenticator(self._tokens, cluster)
 
