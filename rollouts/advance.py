@@ -340,11 +340,12 @@ def _compare_check(m: MetricSpec, cluster: str, where: str, req: float | None, d
     numbers = CheckComparison(baseline=baseline, test=result.test, statistic=result.statistic,
                               p_value=result.p_value, effect=result.effect, relative=result.relative,
                               n_canary=result.n_canary, n_baseline=result.n_baseline, why=result.why)
-    detail = f"{name}{where} vs {baseline}: {result.why} [{describe(result, baseline=baseline)}]"
+    label = f"{m.name}{where} vs {baseline}"
+    detail = f"{label}: {result.why} [{describe(result, baseline=baseline)}]"
     if result.verdict == "inconclusive":
         effective: Literal["pass", "fail", "hold"] = "hold" if policy == "hold" else policy
         return Check(metric=name, cluster=cluster, value=result.effect, requests=req, result="inconclusive",
-                     effective=effective, detail=f"{name}{where} vs {baseline}: inconclusive, {result.why} "
+                     effective=effective, detail=f"{label}: inconclusive, {result.why} "
                      f"[{describe(result, baseline=baseline)}] (noData: {policy})", comparison=numbers)
     return Check(metric=name, cluster=cluster, value=result.effect, requests=req, result=result.verdict,
                  effective=result.verdict, detail=detail, comparison=numbers)

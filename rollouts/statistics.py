@@ -198,7 +198,7 @@ def describe(c: Comparison, *, baseline: str) -> str:
     """The numbers of a comparison in one line, as the decision reasons and the commit message show them."""
     if c.p_value is None:
         return f"n={c.n_canary:g} vs {c.n_baseline:g} {baseline}"
-    rel = "n/a" if c.relative is None else f"{'+' if c.relative >= 0 else ''}{_pct(c.relative)}"
+    rel = "n/a" if c.relative is None else percent(c.relative)
     if c.test == "fisher" and c.errors is not None:
         return (f"Fisher errors {c.errors[0]}/{c.n_canary:g} vs {c.errors[1]}/{c.n_baseline:g} {baseline}, "
                 f"p={c.p_value:.3g}, error rate {rel}")
@@ -211,6 +211,13 @@ def _signed(v: float | None) -> str:
 
 
 def _pct(fraction: float) -> str:
+    """A fraction as an unsigned percentage: 0.0441 -> 4.41%, 10.1 -> 1010%."""
     if math.isinf(fraction):
         return "inf%"
-    return f"{abs(fraction) * 100:.3g}%"
+    value = abs(fraction) * 100
+    return f"{value:.0f}%" if value >= 100 else f"{value:.3g}%"
+
+
+def percent(fraction: float) -> str:
+    """A relative change, signed: +4.41%, -12%, +inf%."""
+    return f"{'-' if fraction < 0 else '+'}{_pct(fraction)}"

@@ -7,7 +7,6 @@ the write-back commit cannot start a new run.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Literal
 
@@ -15,6 +14,7 @@ import yaml
 
 from mesh.intent import is_intent_file
 from rollouts.advance import REQUESTS, Check, CheckComparison, Decision, format_requests
+from rollouts.statistics import percent
 
 TRAILER_ROLLOUT = "Lockgate-Rollout"
 TRAILER_DECISION = "Lockgate-Decision"
@@ -130,7 +130,7 @@ def compared(n: CheckComparison) -> str:
     """A comparison's numbers: the test, its statistic and one-sided p-value, the effect, the samples."""
     if n.p_value is None:
         return f"{n.why}, n={n.n_canary:g} vs {n.n_baseline:g}"
-    rel = "n/a" if n.relative is None else "+inf%" if math.isinf(n.relative) else f"{n.relative * 100:+.3g}%"
+    rel = "n/a" if n.relative is None else percent(n.relative)
     effect = "n/a" if n.effect is None else f"{n.effect:+.4g}"
     name = {"mann-whitney": "Mann-Whitney U", "fisher": "Fisher errors"}[n.test]
     label = "Hodges-Lehmann" if n.test == "mann-whitney" else "error rate"

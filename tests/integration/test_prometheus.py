@@ -8,6 +8,7 @@ import http.client
 import os
 import shutil
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Iterator
@@ -297,3 +298,100 @@ def test_a_window_prometheus_has_only_part_of_is_never_judged(
         control_plane.run(prom.stop())
         control_plane.run(sd.stop())
         provider.close()
+
+
+class _Slow(BaseHTTPRequestHandler):
+    """Answers 200 after `delay` seconds: a version a few milliseconds slower than another."""
+
+    disable_nagle_algorithm = True
+    protocol_version = "HTTP/1.1"
+    delay = 0.0
+
+    def do_GET(self) -> None:
+        if self.delay:
+            time.sleep(self.delay)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_compare_reads_canary_and_stable_series_at_the_scrape_step(
+    control_plane: ControlPlane, envoy: Any, tmp_path: Path
+) -> None:
+    """Two sidecars, the canary's app 6 ms slower: the range queries give one p99 per scrape for each
+    version, and the comparison fails the canary against the stable, then passes the stable against itself."""
+    from conftest import free_port
+
+    servers: list[ThreadingHTTPServer] = []
+    proxies: dict[str, tuple[EnvoyProcess, int]] = {}
+    for version, delay in (("v1", 0.0), ("v2", 0.006)):
+        server = ThreadingHTTPServer((LOOPBACK, 0), type(f"Slow{version}", (_Slow,), {"delay": delay}))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        node, listen = f"reviews-{version}-0", free_port()
+        control_plane.set(node, inbound(listen, int(server.server_address[1])))
+        proxies[version] = (envoy(node_id=node, xds_port=control_plane.port), listen)
+    targets = [{"targets": [f"{LOOPBACK}:{proc.stats_port}"], "labels": {
+        "__metrics_path__": "/stats/prometheus", "cluster": "east", "kind": "sidecar", "service": "reviews",
+        "version": version, "namespace": "shop"}} for version, (proc, _) in proxies.items()]
+    sd = DiscoveryServer(address=LOOPBACK, targets=lambda: targets)
+    control_plane.run(sd.start())
+    prom = LocalPrometheus(cluster="east", address=LOOPBACK, port=free_port(), sd_url=sd.url, state_dir=tmp_path)
+    provider = PrometheusProvider(prom.url, timeout=1.0)
+    interval = 6.0
+    spec = RolloutSpec.model_validate({
+        "service": "reviews", "stable": "v1", "canary": "v2", "interval": f"{interval:g}s",
+        "analysis": {"minRequests": 20, "metrics": [
+            {"name": "latency", "builtin": "request-duration-p99",
+             "compare": {"baseline": "stable", "maxIncrease": "20%", "confidence": 0.98}},
+            {"name": "errors", "builtin": "request-success-rate",
+             "compare": {"baseline": "stable", "maxIncrease": "20%"}}]}})
+    loads: list[_Load] = []
+    control_plane.run(prom.start())
+    try:
+        control_plane.run(wait_http(f"{prom.url}/-/ready", timeout=30), timeout=40)
+        loads = [_Load(listen) for _, listen in proxies.values()]
+        selector = render_query(WINDOW_SELECTOR, {"service": "reviews", "version": "v2", "namespace": "shop",
+                                                  "cluster": "east"})
+        wait_for("a full window of the canary", lambda: check_full(provider, selector, interval + 1), timeout=40)
+
+        obs = observe(spec=spec, namespace="shop", canary="v2", stable="v1", providers={"east": provider})
+        assert obs.online and obs.errors == {} and obs.partial == {}, obs
+        data = obs.compared["latency"]["east"]
+        assert 4 <= len(data.canary) <= 6 and 4 <= len(data.baseline) <= 6, data  # one a scrape (1 s) of 6 s
+        # ms: the slow app shows in the samples (medians: one scrape of a busy machine may spike)
+        assert statistics.median(data.canary) > 5.0 > statistics.median(data.baseline), data
+        counts = obs.compared["errors"]["east"].counts
+        assert counts is not None and counts[0] == 0 and counts[2] == 0 and counts[1] > 20 and counts[3] > 20
+        state = RolloutState(phase="progressing", stable="v1", canary="v2", observed_canary="v2", step=3,
+                             weight=100, started_at=time.time() - 60, next_analysis_at=time.time())
+        d = advance(spec, state, obs, now=time.time())
+        by = {c.metric: c for c in d.checks}
+        assert by["latency"].result == "fail" and by["errors"].result == "pass", d.reasons
+        assert d.action == "hold" and "Mann-Whitney U=" in d.reasons[0], d.reasons
+
+        same = observe(spec=spec, namespace="shop", canary="v1", stable="v1", providers={"east": provider})
+        assert same.compared["latency"]["east"].canary == same.compared["latency"]["east"].baseline
+        d = advance(spec, state.model_copy(update={"canary": "v1"}), same, now=time.time())
+        assert all(c.result == "pass" for c in d.checks), d.reasons
+    finally:
+        for load in loads:
+            load.close()
+        control_plane.run(prom.stop())
+        control_plane.run(sd.stop())
+        provider.close()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+
+
+def check_full(provider: PrometheusProvider, selector: str, seconds: float) -> bool:
+    from rollouts.analysis import check_window
+
+    check_window(provider.samples(selector, seconds=seconds + 30), window_s=seconds)
+    return True

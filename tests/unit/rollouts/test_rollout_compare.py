@@ -161,6 +161,7 @@ def test_bounds_and_compare_are_two_checks() -> None:
     checks = judge(s, obs(CompareData(canary=SLOW, baseline=STABLE), value=7.0))
     assert [(c.metric, c.result) for c in checks] == [("requests", "pass"), ("latency vs stable", "fail"),
                                                         ("latency", "pass")]
+    assert checks[1].detail.startswith("latency vs stable: significantly higher"), checks[1].detail
 
 
 def test_error_counts_are_compared_with_fisher() -> None:
