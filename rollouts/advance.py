@@ -108,6 +108,7 @@ class CheckComparison(_Frozen):
     p_value: float | None
     effect: float | None
     relative: float | None
+    """None also when the baseline's is 0 (an infinite increase: `why` says +inf%), so JSON stays JSON."""
     n_canary: float
     n_baseline: float
     why: str
@@ -338,7 +339,9 @@ def _compare_check(m: MetricSpec, cluster: str, where: str, req: float | None, d
     else:
         result = compare_series(data.canary, data.baseline, max_increase=margin, confidence=confidence)
     numbers = CheckComparison(baseline=baseline, test=result.test, statistic=result.statistic,
-                              p_value=result.p_value, effect=result.effect, relative=result.relative,
+                              p_value=result.p_value, effect=result.effect,
+                              relative=None if result.relative is None or math.isinf(result.relative)
+                              else result.relative,
                               n_canary=result.n_canary, n_baseline=result.n_baseline, why=result.why)
     label = f"{m.name}{where} vs {baseline}"
     detail = f"{label}: {result.why} [{describe(result, baseline=baseline)}]"

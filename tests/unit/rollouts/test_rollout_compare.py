@@ -258,3 +258,14 @@ def test_observe_a_failing_range_query_is_reported_and_holds() -> None:
     assert o.errors == {"latency": "query failed: bad_data"} and o.compared == {"latency": {}}
     d = advance(spec(), running(), o, now=T)
     assert d.action == "hold" and d.reasons[-1] == "latency: query failed: bad_data"
+
+
+def test_an_infinite_increase_stays_valid_json() -> None:
+    import json
+
+    d = advance(spec(builtin="request-success-rate"), running(), obs(CompareData(counts=(30.0, 1000.0, 0.0, 4000.0))),
+                now=T)
+    assert d.action == "rollback" and "error rate +inf%" in d.reasons[0], d.reasons
+    n = d.checks[-1].comparison
+    assert n is not None and n.relative is None
+    json.dumps(d.model_dump(mode="json", by_alias=True), allow_nan=False)  # no Infinity in status files

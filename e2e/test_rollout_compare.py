@@ -1,0 +1,202 @@
+"""Canary judged against the stable, on real processes: Envoys, demo apps, Prometheus, `lockgate up`, Git.
+
+(a) A canary whose app is 6 ms slower than the stable's (`LATENCY_MS`), far under the absolute bound
+`max: 500`, is rolled back by a `compare` metric (Mann-Whitney U on one p99 per scrape of each version),
+while a canary identical to the stable is promoted. One mesh, the identical canary first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from e2e.harness import Up, alive, commit_file, git, lockgate, wait_for
+
+pytestmark = pytest.mark.e2e
+
+HOST = "reviews.example.com"
+INTERVAL = 5.0
+MESH = """\
+apiVersion: lockgate.io/v1alpha1
+kind: Mesh
+metadata: {name: mesh}
+spec: {trustDomain: example.org, clusters: [{name: east}]}
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec: {ports: [{name: http, port: 9080}], versions: [v1, v2, v3]}
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Route
+metadata: {name: reviews, namespace: shop}
+spec:
+  service: reviews
+  hosts: [reviews.example.com]
+  http:
+    - name: default          # weights come from the Rollout
+""" + "".join(f"""---
+apiVersion: lockgate.io/v1alpha1
+kind: Workload
+metadata: {{name: reviews-{v}, namespace: shop}}
+spec: {{service: reviews, version: {v}, clusters: [east], command: [lockgate, demo-app], env: {{LATENCY_MS: "{ms}"}}}}
+""" for v, ms in (("v1", 0), ("v2", 0), ("v3", 6)))
+
+
+def rollout(*, stable: str, canary: str | None) -> str:
+    return f"""\
+apiVersion: lockgate.io/v1alpha1
+kind: Rollout
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  service: reviews
+  stable: {stable}
+{f"  canary: {canary}" + chr(10) if canary else ""}  steps: [50]              # half the traffic each: measured alike
+  interval: {INTERVAL:g}s
+  analysis:
+    failureThreshold: 2
+    minRequests: 20
+    noData: hold
+    metrics:
+      - {{name: latency, builtin: request-duration-p99, max: 500}}
+      - name: latency-vs-stable
+        builtin: request-duration-p99
+        compare: {{baseline: stable, maxIncrease: 20%, confidence: 0.98}}
+"""
+
+
+@dataclass
+class Load:
+    """A steady keep-alive client at the ingress, counting answers per version."""
+
+    address: tuple[str, int]
+    versions: dict[str, int] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="load", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection(*self.address, timeout=5)
+        while not self.stop.is_set():
+            try:
+                conn.request("GET", "/", headers={"Host": HOST})
+                resp = conn.getresponse()
+                body = resp.read()
+                version = str(json.loads(body).get("version")) if resp.status == 200 else f"HTTP {resp.status}"
+                self.versions[version] = self.versions.get(version, 0) + 1
+            except (OSError, http.client.HTTPException, ValueError):
+                conn.close()
+                conn = http.client.HTTPConnection(*self.address, timeout=5)
+                time.sleep(0.05)
+            time.sleep(0.004)
+        conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(10)
+
+
+@dataclass
+class Mesh:
+    repo: Path
+    state: Path
+    up: Up
+
+    def rollout(self) -> dict[str, Any]:
+        out = lockgate("rollout", "status", "reviews", "--json", "--state-dir", str(self.state))
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+    def decisions(self, since: float) -> list[dict[str, Any]]:
+        path = self.state / "rollouts" / "decisions.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [d for d in map(json.loads, lines) if d["at"] >= since]
+
+    def run(self, *, stable: str, canary: str, phase: str, timeout: float) -> tuple[str, dict[str, Any]]:
+        """Commit a canary; wait until the run ended in `phase` and its outcome is committed."""
+        before = self.rollout().get("writeBack")
+        text = rollout(stable=stable, canary=canary)
+        start = commit_file(self.repo, "rollout.yaml", text, f"reviews: canary {canary}")
+        status = wait_for(f"{canary} {phase} and written back", lambda: (
+            s if (s := self.rollout())["phase"] == phase and s.get("writeBack") not in (None, before)
+            and s.get("canary") == canary else None), timeout=timeout, interval=0.2)
+        return start, status
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    tmp = tmp_path_factory.mktemp("compare")
+    repo, state = tmp / "repo", tmp / "state"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "mesh.yaml").write_text(MESH)
+    (repo / "rollout.yaml").write_text(rollout(stable="v1", canary=None))
+    git(repo, "add", ".")
+    git(repo, "commit", "-q", "-m", "reviews on v1, with a Rollout")
+    up = Up(repo=repo, state_dir=state)
+    load: Load | None = None
+    try:
+        up.wait_converged(git(repo, "rev-parse", "HEAD"))
+        load = Load(up.ingress())
+        load.start()
+        wait_for("traffic through the ingress", lambda: load is not None and load.versions.get("v1", 0) > 20,
+                 timeout=20)
+        yield Mesh(repo=repo, state=state, up=up)
+    finally:
+        if load is not None:
+            load.close()
+        children = set(up.child_pids)
+        with contextlib.suppress(Exception):
+            children.add(up.status()["clusters"][0]["prometheus"]["pid"])
+        up.stop()
+        assert not alive(children), "processes left behind"
+
+
+def _compare_checks(decision: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in decision["checks"] if c["metric"] == "latency-vs-stable"]
+
+
+def test_a_canary_identical_to_the_stable_is_promoted(mesh: Mesh) -> None:
+    t0 = time.time()
+    start, status = mesh.run(stable="v1", canary="v2", phase="promoted", timeout=8 * INTERVAL)
+    assert status["stable"] == "v2"
+    runs = [d for d in mesh.decisions(t0) if d["canaryRevision"] == start]
+    promote = next(d for d in runs if d["action"] == "promote")
+    (compare,) = _compare_checks(promote)
+    assert compare["result"] == "pass" and compare["comparison"]["test"] == "mann-whitney", compare
+    assert compare["comparison"]["nCanary"] >= 4 and compare["comparison"]["nBaseline"] >= 4, compare
+    body = git(mesh.repo, "log", "-1", "--format=%B")
+    assert "Lockgate-Decision: promote" in body and "latency-vs-stable@east: vs stable: Mann-Whitney U=" in body, body
+
+
+def test_a_canary_a_few_ms_slower_is_rolled_back_under_the_absolute_bound(mesh: Mesh) -> None:
+    t0 = time.time()
+    start, status = mesh.run(stable="v2", canary="v3", phase="rolled-back", timeout=10 * INTERVAL)
+    assert status["stable"] == "v2"
+    runs = [d for d in mesh.decisions(t0) if d["canaryRevision"] == start]
+    rollback = next(d for d in runs if d["action"] == "rollback")
+    by = {c["metric"]: c for c in rollback["checks"]}
+    assert by["latency"]["result"] == "pass" and by["latency"]["value"] < 500, by["latency"]  # the bound holds
+    compare = by["latency-vs-stable"]
+    n = compare["comparison"]
+    assert compare["result"] == "fail" and n["pValue"] < 0.02 and n["relative"] > 0.2, compare
+    assert 0 < n["effect"] < 50, n  # milliseconds: a few, not a broken canary
+    assert all(d["action"] in ("start", "hold", "rollback") for d in runs), runs  # never stepped or promoted
+    reasons = " ".join(rollback["reasons"])
+    assert "latency-vs-stable vs stable: significantly higher" in reasons and "Mann-Whitney U=" in reasons, reasons
+    body = git(mesh.repo, "log", "-1", "--format=%B")
+    assert git(mesh.repo, "log", "-1", "--format=%an|%s") == "lockgate|rollout shop/reviews: roll back v3 (100% to v2)"
+    assert "Hodges-Lehmann +" in body and "p=" in body and "n=" in body, body
