@@ -87,6 +87,20 @@ class AnalysisSpec(Model):
     metrics: list[MetricSpec] = Field(default_factory=list)
 
 
+class NotificationSpec(Model):
+    """Where every decision of the rollout is sent: a generic JSON webhook or a Slack-compatible one."""
+
+    name: Name
+    type: Literal["webhook", "slack"] = "webhook"
+    url: str
+    timeout: Duration = "2s"
+    """Per delivery; a sink slower than this (or down) counts a failure and never holds the rollout."""
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration_ms(self.timeout) / 1000.0
+
+
 class RolloutSpec(Model):
     service: Name
     stable: Name
@@ -102,6 +116,8 @@ class RolloutSpec(Model):
     interval: Duration = "30s"
     paused: bool = False
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    notifications: list[NotificationSpec] = Field(default_factory=list)
+    """Sinks for this rollout's decisions (Mesh-wide sinks are not implemented yet)."""
     write_back: Literal["commit", "off"] = "commit"
     """commit: promotion and rollback are committed to the intent repo, so Git never goes stale."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import urllib.parse
 from collections.abc import Sequence
 
 from mesh.intent import ResourceBase, Service, parse_duration_ms
@@ -14,6 +15,9 @@ from mesh.validate import Finding
 from rollouts.intent import BASELINES, BUILTINS, Rollout, parse_percent
 
 MIN_INTERVAL_MS = 500
+MIN_SINK_TIMEOUT_MS = 50
+MAX_SINK_TIMEOUT_MS = 10_000
+"""A notification is sent off the loop, but a sink that takes longer than this is down."""
 _VERSION = re.compile(r"\{\{\s*version\s*\}\}")
 
 
@@ -55,6 +59,18 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
                                warning=True))
         if parse_duration_ms(spec.interval) < MIN_INTERVAL_MS:
             out.append(Finding(i, ("spec", "interval"), f"interval must be at least {MIN_INTERVAL_MS}ms"))
+        sinks: set[str] = set()
+        for j, n in enumerate(spec.notifications):
+            sink = ("spec", "notifications", j)
+            if n.name in sinks:
+                out.append(Finding(i, (*sink, "name"), f"duplicate notification {n.name!r}"))
+            sinks.add(n.name)
+            url = urllib.parse.urlsplit(n.url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                out.append(Finding(i, (*sink, "url"), f"url {n.url!r} is not an http:// or https:// URL with a host"))
+            if not MIN_SINK_TIMEOUT_MS <= parse_duration_ms(n.timeout) <= MAX_SINK_TIMEOUT_MS:
+                out.append(Finding(i, (*sink, "timeout"), f"timeout {n.timeout} is not between "
+                                   f"{MIN_SINK_TIMEOUT_MS}ms and {MAX_SINK_TIMEOUT_MS // 1000}s"))
         names: set[str] = set()
         for j, m in enumerate(spec.analysis.metrics):
             loc = ("spec", "analysis", "metrics", j)

@@ -60,6 +60,7 @@ def summary(spec: dict[str, Any], record: dict[str, Any], *, namespace: str, nam
         "lastDecision": {"action": last.get("action"), "at": last.get("at"), "reasons": last.get("reasons", []),
                          "checks": last.get("checks", [])} if last else None,
         "lastCommand": record.get("lastCommand"), "writeBack": record.get("writeBack"),
+        "notifications": record.get("notifications", {}),
     }
 
 

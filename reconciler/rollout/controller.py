@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, cast
 
 from mesh.intent import Intent
 from reconciler.rollout.commands import COMMANDS_DIR, DECISIONS_FILE, ROLLOUTS_DIR, state_path, summary
+from reconciler.rollout.notify import Notifier, SinkStats
 from reconciler.runtime.base import Runtime
 from reconciler.source.base import DEFAULT_AUTHOR, GitError, GitReader, GitWriter, StaleParent
 from reconciler.source.signatures import SignaturePolicy
@@ -29,6 +30,7 @@ from reconciler.state import read_json, write_json
 from rollouts.advance import Command, Decision, RolloutState, advance, analysis_due
 from rollouts.analysis import observe
 from rollouts.intent import Rollout
+from rollouts.notify import event
 from rollouts.provider import MetricProvider, PrometheusProvider
 from rollouts.writeback import commit_message, edit_rollout
 
@@ -86,10 +88,13 @@ class RolloutController:
     intent: Intent | None = None
     revision: str | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    notifier: Notifier = field(default_factory=Notifier)
+    """Sends every decision to the Rollout's sinks, off the tick (a sink that is down never holds a run)."""
 
     def __post_init__(self) -> None:
         """Resume: every persisted rollout state is back before the first render."""
         self.states, self.records = read_states(self.state_dir)
+        self.notifier.on_result = self._notified
 
     def _provider(self, cluster: str) -> MetricProvider | None:
         metrics = self.runtime.metrics(cluster)
@@ -125,6 +130,7 @@ class RolloutController:
         for key in set(self.states) - set(rollouts):
             self.states.pop(key)
             self.records.pop(key, None)
+            self.notifier.forget(key)
             state_path(self.state_dir, *key).unlink(missing_ok=True)
             self.on_change()
         for key in sorted(rollouts):
@@ -178,6 +184,10 @@ class RolloutController:
             self.on_change()
         if decision.action not in ("wait", "none"):
             self._record(key, decision)
+            if spec.notifications:
+                clusters = self._canary_clusters(ro, decision.state.canary) if decision.state.canary else []
+                self.notifier.send(key, spec.notifications, event(namespace=key[0], name=key[1], decision=decision,
+                                                                  clusters=clusters))
         if write_back:
             await self._retry_write_back(key, force=True)
 
@@ -229,6 +239,14 @@ class RolloutController:
         (self.state_dir / ROLLOUTS_DIR / COMMANDS_DIR / f"{cmd['id']}.json").unlink(missing_ok=True)
 
     # --- audit --------------------------------------------------------------------------------------
+
+    def _notified(self, key: Key, sink: str, stats: SinkStats) -> None:
+        """A delivery ended (or an event was dropped): its counters into the rollout's status."""
+        record = self.records.get(key)
+        if record is None:
+            return
+        record["notifications"] = {**record.get("notifications", {}), sink: stats.as_json()}
+        write_json(state_path(self.state_dir, *key), record)
 
     def _record(self, key: Key, d: Decision) -> None:
         """Every decision in decisions.jsonl; the ones that matter also as a git note on the run's commit."""
@@ -307,6 +325,7 @@ class RolloutController:
         return out
 
     async def close(self) -> None:
+        await self.notifier.close()
         if self._notes:  # notes already on their way get a moment; a stuck remote does not hold the stop
             await asyncio.wait(set(self._notes), timeout=2.0)
         for provider in self.providers.values():
