@@ -23,8 +23,10 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The fault suite runs after everything else, on its own (it writes docs/reliability.md).
 test: install lint
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -m "not faults"
+	$(BIN)/pytest -q -p no:cacheprovider -m faults e2e/test_faults.py
 
 demo: install
 	$(BIN)/lockgate demo
