@@ -1,19 +1,27 @@
-"""Canary judged against the stable, on real processes: Envoys, demo apps, Prometheus, `lockgate up`, Git.
+"""Canary judged against the stable, and its notifications, on real processes: Envoys, demo apps,
+Prometheus, `lockgate up`, Git, and HTTP sinks on 127.0.0.1.
 
 (a) A canary whose app is 6 ms slower than the stable's (`LATENCY_MS`), far under the absolute bound
 `max: 500`, is rolled back by a `compare` metric (Mann-Whitney U on one p99 per scrape of each version),
 while a canary identical to the stable is promoted. One mesh, the identical canary first.
+(c) A JSON webhook and a Slack-compatible sink receive every decision (start, step, promote; start,
+hold, rollback) in order.
+(d) Beside them, a sink that refuses connections and one that accepts but never answers: the runs keep
+their cadence, and the failures are counted in the rollout's status.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +60,10 @@ spec: {{service: reviews, version: {v}, clusters: [east], command: [lockgate, de
 """ for v, ms in (("v1", 0), ("v2", 0), ("v3", 6)))
 
 
+SINKS: dict[str, str] = {}
+"""Notification sink name -> URL (set by the `sinks` fixture before the mesh starts)."""
+
+
 def rollout(*, stable: str, canary: str | None) -> str:
     return f"""\
 apiVersion: lockgate.io/v1alpha1
@@ -60,7 +72,7 @@ metadata: {{name: reviews, namespace: shop}}
 spec:
   service: reviews
   stable: {stable}
-{f"  canary: {canary}" + chr(10) if canary else ""}  steps: [50]              # half the traffic each: measured alike
+{f"  canary: {canary}" + chr(10) if canary else ""}  steps: [25, 50]          # the stable keeps half or more
   interval: {INTERVAL:g}s
   analysis:
     failureThreshold: 2
@@ -71,7 +83,9 @@ spec:
       - name: latency-vs-stable
         builtin: request-duration-p99
         compare: {{baseline: stable, maxIncrease: 20%, confidence: 0.98}}
-"""
+  notifications:
+{"".join(f"    - {{name: {n}, type: {'slack' if n == 'chat' else 'webhook'}, url: '{u}', timeout: 1s}}" + chr(10)
+         for n, u in SINKS.items())}"""
 
 
 @dataclass
@@ -136,8 +150,59 @@ class Mesh:
         return start, status
 
 
+class Received:
+    """What the sinks on 127.0.0.1 were posted, in arrival order: (path, time, JSON body)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+
+    def of(self, path: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [b for p, _, b in self.events if p == path]
+
+
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def sinks() -> Iterator[Received]:
+    received = Received()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            with received.lock:
+                received.events.append((self.path, time.time(), body))
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    with socket.socket() as free:  # refuses: nothing listens on a port just freed
+        free.bind(("127.0.0.1", 0))
+        refused = free.getsockname()[1]
+    stuck = socket.socket()  # accepts connections (the kernel's backlog) but never answers
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(64)
+    SINKS.update({"events": f"http://127.0.0.1:{port}/events", "chat": f"http://127.0.0.1:{port}/slack",
+                  "down": f"http://127.0.0.1:{refused}/events", "stuck": f"http://127.0.0.1:{stuck.getsockname()[1]}/x"})
+    try:
+        yield received
+    finally:
+        SINKS.clear()
+        stuck.close()
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory, sinks: Received) -> Iterator[Mesh]:
     tmp = tmp_path_factory.mktemp("compare")
     repo, state = tmp / "repo", tmp / "state"
     repo.mkdir()
@@ -200,3 +265,34 @@ def test_a_canary_a_few_ms_slower_is_rolled_back_under_the_absolute_bound(mesh: 
     body = git(mesh.repo, "log", "-1", "--format=%B")
     assert git(mesh.repo, "log", "-1", "--format=%an|%s") == "lockgate|rollout shop/reviews: roll back v3 (100% to v2)"
     assert "Hodges-Lehmann +" in body and "p=" in body and "n=" in body, body
+
+
+def test_sinks_got_every_decision_in_order_and_a_down_sink_did_not_slow_the_runs(mesh: Mesh, sinks: Received) -> None:
+    decided = [d for d in mesh.decisions(0.0) if d["action"] not in ("wait", "none")]
+    runs = [d["canaryRevision"] for d in decided if d["action"] == "start"]
+    assert len(runs) == 2, decided
+    wait_for("every decision delivered", lambda: len(sinks.of("/events")) >= len(decided), timeout=10)
+    got = sinks.of("/events")
+    assert [(e["action"], e["canary"]) for e in got] == [(d["action"], d["canary"]) for d in decided]  # in order
+    first, second = ([e["action"] for e in got if e["canaryRevision"] == r] for r in runs)
+    assert first[0] == "start" and "step" in first and first[-1] == "promote", first
+    assert second[0] == "start" and second[-1] == "rollback" and "promote" not in second, second
+    rollback = got[-1]
+    assert rollback["rollout"] == "shop/reviews" and rollback["clusters"] == ["east"]
+    assert any("Mann-Whitney U=" in r for r in rollback["reasons"]), rollback
+    assert any(c["comparison"] and c["comparison"]["pValue"] is not None for c in rollback["checks"]), rollback
+    slack = sinks.of("/slack")
+    assert len(slack) == len(got) and all(set(m) == {"text"} for m in slack)
+    assert slack[-1]["text"].startswith(":rewind: *rollout shop/reviews*: rollback (canary v3"), slack[-1]
+
+    # (d) The refusing and the silent sink: every analysis came on time, and their failures are in status.
+    for run in runs:
+        times = [d["at"] for d in decided if d["canaryRevision"] == run]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert all(gap < INTERVAL + 1.5 for gap in gaps), (run, gaps)
+    status = wait_for("failures counted", lambda: (s if (s := mesh.rollout())["notifications"].get("stuck", {})
+                                                   .get("failed", 0) >= 2 else None), timeout=len(decided) * 1.5 + 5)
+    notes = status["notifications"]
+    assert notes["down"]["failed"] == len(decided) and notes["down"]["sent"] == 0, notes
+    assert notes["events"]["sent"] == len(decided) and notes["events"]["failed"] == 0, notes
+    assert "Timeout" in (notes["stuck"]["lastError"] or ""), notes

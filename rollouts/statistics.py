@@ -202,22 +202,27 @@ def describe(c: Comparison, *, baseline: str) -> str:
     if c.test == "fisher" and c.errors is not None:
         return (f"Fisher errors {c.errors[0]}/{c.n_canary:g} vs {c.errors[1]}/{c.n_baseline:g} {baseline}, "
                 f"p={c.p_value:.3g}, error rate {rel}")
-    return (f"Mann-Whitney U={c.statistic:g} p={c.p_value:.3g}, Hodges-Lehmann {_signed(c.effect)} ({rel}), "
+    return (f"Mann-Whitney U={c.statistic:g} p={c.p_value:.3g}, Hodges-Lehmann {signed(c.effect)} ({rel}), "
             f"n={c.n_canary:g} vs {c.n_baseline:g} {baseline}")
 
 
-def _signed(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:+.4g}"
+_TINY = 1e-9
+"""Below this an effect is rounding noise (a median of differences of equal floats): shown as 0."""
+
+
+def signed(v: float | None) -> str:
+    """An effect with its sign, 4 significant digits: +3.997, -0.7, +0."""
+    return "n/a" if v is None else "+0" if abs(v) < _TINY else f"{v:+.4g}"
 
 
 def _pct(fraction: float) -> str:
     """A fraction as an unsigned percentage: 0.0441 -> 4.41%, 10.1 -> 1010%."""
     if math.isinf(fraction):
         return "inf%"
-    value = abs(fraction) * 100
+    value = abs(fraction) * 100 if abs(fraction) >= _TINY else 0.0
     return f"{value:.0f}%" if value >= 100 else f"{value:.3g}%"
 
 
 def percent(fraction: float) -> str:
     """A relative change, signed: +4.41%, -12%, +inf%."""
-    return f"{'-' if fraction < 0 else '+'}{_pct(fraction)}"
+    return f"{'-' if fraction < -_TINY else '+'}{_pct(fraction)}"

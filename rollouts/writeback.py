@@ -14,7 +14,7 @@ import yaml
 
 from mesh.intent import is_intent_file
 from rollouts.advance import REQUESTS, Check, CheckComparison, Decision, format_requests
-from rollouts.statistics import percent
+from rollouts.statistics import percent, signed
 
 TRAILER_ROLLOUT = "Lockgate-Rollout"
 TRAILER_DECISION = "Lockgate-Decision"
@@ -131,7 +131,7 @@ def compared(n: CheckComparison) -> str:
     if n.p_value is None:
         return f"{n.why}, n={n.n_canary:g} vs {n.n_baseline:g}"
     rel = "n/a" if n.relative is None else percent(n.relative)
-    effect = "n/a" if n.effect is None else f"{n.effect:+.4g}"
+    effect = signed(n.effect)
     name = {"mann-whitney": "Mann-Whitney U", "fisher": "Fisher errors"}[n.test]
     label = "Hodges-Lehmann" if n.test == "mann-whitney" else "error rate"
     return (f"{name}={n.statistic:g} p={n.p_value:.3g} {label} {effect} ({rel}) "

@@ -140,3 +140,12 @@ def test_compare_counts_verdicts(canary: tuple[float, float], baseline: tuple[fl
         ref = stats.fisher_exact([[ec, nc - ec], [eb, nb - eb]], alternative="greater")
         assert c.p_value == pytest.approx(float(ref.pvalue), rel=1e-9)
         assert c.errors == (ec, eb)
+
+
+def test_rounding_noise_reads_as_zero() -> None:
+    from rollouts.statistics import describe, percent, signed
+
+    assert (signed(5.551e-17), percent(2.55e-17), signed(-0.7), percent(-0.191), percent(10.1)) == (
+        "+0", "+0%", "-0.7", "-19.1%", "+1010%")
+    c = compare_series([0.1 + 0.2] * 5, [0.3] * 5, max_increase=0.2, confidence=0.98)
+    assert "Hodges-Lehmann +0 (+0%)" in describe(c, baseline="stable"), describe(c, baseline="stable")
