@@ -12,21 +12,9 @@ from mesh.render import cluster_name, duration, render
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from reconciler.load import load, read_worktree
+from tests.fixtures.topology import golden_topology as topology
 
 GOLDEN = Path(__file__).parent / "golden"
-
-
-def topology() -> ClusterTopology:
-    def sc(ns: str, svc: str, ver: str, i: int, base: int) -> Sidecar:
-        return Sidecar(node_id=f"east/{ns}/{svc}-{ver}-{i}", namespace=ns, service=svc, version=ver,
-                       workload=f"{svc}-{ver}", address="127.0.1.1", inbound_port=base,
-                       outbound_port=base + 1, app_port=base + 2)
-
-    sidecars = (sc("shop", "frontend", "v1", 0, 20000), sc("shop", "reviews", "v1", 0, 20010),
-                sc("shop", "reviews", "v1", 1, 20020), sc("shop", "reviews", "v2", 0, 20030))
-    ready = frozenset(s.node_id for s in sidecars if not s.node_id.endswith("v1-1"))
-    return ClusterTopology(cluster="east", ingress=Gateway("east/ingress", "127.0.1.1", 18080),
-                           sidecars=sidecars, ready=ready)
 
 
 @pytest.mark.parametrize("case", sorted(p.name for p in GOLDEN.iterdir() if p.is_dir()))

@@ -13,9 +13,9 @@ from typing import Any
 
 from mesh.intent import Retries
 from mesh.render import cluster_name, render
-from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.snapshot import CLUSTER, ROUTE
 from reconciler.load import Loaded, load, read_worktree
+from tests.fixtures.topology import topology
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
 UNLIMITED = 4_294_967_295
@@ -41,17 +41,6 @@ spec:
   http:
 """
 FRONTEND = "frontend"
-
-
-def topology() -> ClusterTopology:
-    def sc(svc: str, ver: str, i: int, base: int) -> Sidecar:
-        return Sidecar(node_id=f"east/shop/{svc}-{ver}-{i}", namespace="shop", service=svc, version=ver,
-                       workload=f"{svc}-{ver}", address="127.0.1.1", inbound_port=base,
-                       outbound_port=base + 1, app_port=base + 2)
-
-    sidecars = (sc("frontend", "v1", 0, 20000), sc("reviews", "v1", 0, 20010), sc("reviews", "v2", 0, 20030))
-    return ClusterTopology(cluster="east", ingress=Gateway("east/ingress", "127.0.1.1", 18080),
-                           sidecars=sidecars, ready=frozenset(s.node_id for s in sidecars))
 
 
 def intent(rules: str | None, extra: str = "") -> Loaded:

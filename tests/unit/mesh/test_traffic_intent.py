@@ -10,27 +10,14 @@ import pytest
 
 from mesh.intent import Destination, Intent, ResourceBase, Route, TrafficPolicy
 from mesh.render import egress_key, fractional, render
-from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.validate import validate
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, ROUTE
 from reconciler.load import load, read_worktree
+from tests.fixtures.topology import golden_topology as topology
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
 GOLDEN = Path(__file__).parent / "golden"
 
-
-def topology() -> ClusterTopology:
-    """The golden files' topology (test_render.py): frontend v1, reviews v1 x2 (one unready), reviews v2."""
-    def sc(svc: str, ver: str, i: int, base: int) -> Sidecar:
-        return Sidecar(node_id=f"east/shop/{svc}-{ver}-{i}", namespace="shop", service=svc, version=ver,
-                       workload=f"{svc}-{ver}", address="127.0.1.1", inbound_port=base,
-                       outbound_port=base + 1, app_port=base + 2)
-
-    sidecars = (sc("frontend", "v1", 0, 20000), sc("reviews", "v1", 0, 20010), sc("reviews", "v1", 1, 20020),
-                sc("reviews", "v2", 0, 20030))
-    ready = frozenset(s.node_id for s in sidecars if not s.node_id.endswith("v1-1"))
-    return ClusterTopology(cluster="east", ingress=Gateway("east/ingress", "127.0.1.1", 18080),
-                           sidecars=sidecars, ready=ready)
 
 ROUTE_HEAD = """\
 apiVersion: lockgate.io/v1alpha1

@@ -6,10 +6,11 @@ from pathlib import Path
 
 from mesh.names import cluster_name, sni
 from mesh.render import render
-from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.topology import ClusterTopology, Gateway
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER
 from multicluster.eastwest import EASTWEST, EastWestExtension, RemoteCluster, remote_view
 from reconciler.load import load, read_worktree
+from tests.fixtures.topology import topology as shop_topology
 
 GOLDEN = Path(__file__).parents[1] / "mesh" / "golden"
 WEST = RemoteCluster(cluster="west", address="127.0.2.1", port=15443,
@@ -17,15 +18,8 @@ WEST = RemoteCluster(cluster="west", address="127.0.2.1", port=15443,
 
 
 def topology(ready_v2: bool = True) -> ClusterTopology:
-    def sc(svc: str, ver: str, i: int, base: int) -> Sidecar:
-        return Sidecar(node_id=f"east/shop/{svc}-{ver}-{i}", namespace="shop", service=svc, version=ver,
-                       workload=f"{svc}-{ver}", address="127.0.1.1", inbound_port=base, outbound_port=base + 1,
-                       app_port=base + 2)
-
-    sidecars = (sc("frontend", "v1", 0, 20000), sc("reviews", "v1", 0, 20010), sc("reviews", "v2", 0, 20030))
-    ready = frozenset(s.node_id for s in sidecars if ready_v2 or "v2" not in s.node_id)
-    return ClusterTopology(cluster="east", ingress=Gateway("east/ingress", "127.0.1.1", 18080), sidecars=sidecars,
-                           ready=ready, gateways=(Gateway("east/eastwest", "127.0.1.1", 15443, kind=EASTWEST),))
+    return shop_topology(ready=lambda s: ready_v2 or "v2" not in s.node_id,
+                         gateways=(Gateway("east/eastwest", "127.0.1.1", 15443, kind=EASTWEST),))
 
 
 def test_other_clusters_are_failover_through_their_east_west_gateways() -> None:

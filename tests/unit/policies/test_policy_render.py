@@ -31,21 +31,11 @@ from multicluster.issuer import WorkloadIssuer
 from policies import IssuedCert, SecurityExtension, mtls_mode
 from policies.render import AUTHZ_FILTERS, LOCAL_RL_FILTER, principal_matcher
 from reconciler.load import load, read_worktree
+from tests.fixtures.topology import topology
 
 GOLDEN = Path(__file__).parent / "golden"
 BUNDLE = ("-----BEGIN CERTIFICATE-----\nROOT-A\n-----END CERTIFICATE-----\n",
           "-----BEGIN CERTIFICATE-----\nROOT-B\n-----END CERTIFICATE-----\n")
-
-
-def topology() -> ClusterTopology:
-    def sc(svc: str, ver: str, i: int, base: int) -> Sidecar:
-        return Sidecar(node_id=f"east/shop/{svc}-{ver}-{i}", namespace="shop", service=svc, version=ver,
-                       workload=f"{svc}-{ver}", address="127.0.1.1", inbound_port=base,
-                       outbound_port=base + 1, app_port=base + 2)
-
-    sidecars = (sc("frontend", "v1", 0, 20000), sc("reviews", "v1", 0, 20010), sc("reviews", "v2", 0, 20030))
-    return ClusterTopology(cluster="east", ingress=Gateway("east/ingress", "127.0.1.1", 18080),
-                           sidecars=sidecars, ready=frozenset(s.node_id for s in sidecars))
 
 
 def intent_of(case: str) -> Intent:
