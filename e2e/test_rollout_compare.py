@@ -8,6 +8,7 @@ while a canary identical to the stable is promoted. One mesh, the identical cana
 hold, rollback) in order.
 (d) Beside them, a sink that refuses connections and one that accepts but never answers: the runs keep
 their cadence, and the failures are counted in the rollout's status.
+(b) A `confirm-promotion` webhook answering 403 holds the run at its last step until it answers 200.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ SINKS: dict[str, str] = {}
 """Notification sink name -> URL (set by the `sinks` fixture before the mesh starts)."""
 
 
-def rollout(*, stable: str, canary: str | None) -> str:
+def rollout(*, stable: str, canary: str | None, extra: str = "") -> str:
     return f"""\
 apiVersion: lockgate.io/v1alpha1
 kind: Rollout
@@ -74,7 +75,7 @@ spec:
   stable: {stable}
 {f"  canary: {canary}" + chr(10) if canary else ""}  steps: [25, 50]          # the stable keeps half or more
   interval: {INTERVAL:g}s
-  analysis:
+{extra}  analysis:
     failureThreshold: 2
     minRequests: 20
     noData: hold
@@ -139,10 +140,11 @@ class Mesh:
         lines = path.read_text().splitlines() if path.exists() else []
         return [d for d in map(json.loads, lines) if d["at"] >= since]
 
-    def run(self, *, stable: str, canary: str, phase: str, timeout: float) -> tuple[str, dict[str, Any]]:
+    def run(self, *, stable: str, canary: str, phase: str, timeout: float,
+            extra: str = "") -> tuple[str, dict[str, Any]]:
         """Commit a canary; wait until the run ended in `phase` and its outcome is committed."""
         before = self.rollout().get("writeBack")
-        text = rollout(stable=stable, canary=canary)
+        text = rollout(stable=stable, canary=canary, extra=extra)
         start = commit_file(self.repo, "rollout.yaml", text, f"reviews: canary {canary}")
         status = wait_for(f"{canary} {phase} and written back", lambda: (
             s if (s := self.rollout())["phase"] == phase and s.get("writeBack") not in (None, before)
@@ -296,3 +298,61 @@ def test_sinks_got_every_decision_in_order_and_a_down_sink_did_not_slow_the_runs
     assert notes["down"]["failed"] == len(decided) and notes["down"]["sent"] == 0, notes
     assert notes["events"]["sent"] == len(decided) and notes["events"]["failed"] == 0, notes
     assert "Timeout" in (notes["stuck"]["lastError"] or ""), notes
+
+
+def test_a_confirm_promotion_hook_answering_403_holds_the_last_step_until_it_answers_200(mesh: Mesh) -> None:
+    calls: list[dict[str, Any]] = []
+    gate = {"status": 403}
+
+    class Gate(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            calls.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+            body = b"not yet" if gate["status"] != 200 else b"go"
+            self.send_response(gate["status"])
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Gate)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/gate"
+    hooks = (f"  webhooks:\n    - {{name: gate, type: confirm-promotion, url: '{url}', timeout: 2s, "
+             "metadata: {team: shop}}\n")
+    try:
+        t0 = time.time()
+        stable = mesh.rollout()["stable"]
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            result["run"] = mesh.run(stable=stable, canary="v1", phase="promoted", timeout=12 * INTERVAL, extra=hooks)
+
+        runner = threading.Thread(target=run, daemon=True)
+        runner.start()
+        waiting = "waiting for confirm-promotion webhook: gate: HTTP 403 not yet"
+        wait_for("two analyses held by the gate", lambda: sum(
+            1 for d in mesh.decisions(t0) if d["action"] == "hold" and waiting in d["reasons"]) >= 2,
+            timeout=6 * INTERVAL)
+        held = mesh.rollout()
+        assert held["phase"] == "progressing" and held["weight"] == 50 and held["step"] == 2, held  # the last step
+        assert held["failedChecks"] == 0, held
+        assert not any(d["action"] == "promote" for d in mesh.decisions(t0))
+        t_open = time.time()
+        gate["status"] = 200
+        runner.join(timeout=4 * INTERVAL)
+        assert "run" in result, "not promoted after the gate opened"
+        start, status = result["run"]
+        assert status["stable"] == "v1"
+        promote = next(d for d in mesh.decisions(t0) if d["action"] == "promote" and d["canaryRevision"] == start)
+        assert promote["at"] - t_open <= INTERVAL + 1.5, promote
+        assert all(c["type"] == "confirm-promotion" and c["metadata"] == {"team": "shop"} and c["canary"] == "v1"
+                   for c in calls), calls
+        assert len(calls) >= 3
+    finally:
+        server.shutdown()
+        server.server_close()

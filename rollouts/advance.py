@@ -83,6 +83,13 @@ class CompareData(_Frozen):
     """canary errors, canary requests, baseline errors, baseline requests."""
 
 
+class HookAnswer(_Frozen):
+    """What a webhook answered this analysis: ok means 2xx."""
+
+    ok: bool
+    detail: str
+
+
 class Observations(_Frozen):
     """What the metric provider said for one analysis."""
 
@@ -97,6 +104,8 @@ class Observations(_Frozen):
     """cluster -> its window is only partly in Prometheus: every check there is no-data, whatever the values."""
     compared: Mapping[str, Mapping[str, CompareData]] = Field(default_factory=dict)
     """metric name -> cluster -> what its comparison measured (metrics with `compare`)."""
+    hooks: Mapping[str, HookAnswer] = Field(default_factory=dict)
+    """webhook name -> its answer (the `rollout` hooks, and the gate `gate_for` names)."""
 
 
 class CheckComparison(_Frozen):
@@ -242,6 +251,12 @@ def advance(
         return Decision(action="hold", state=later, at=now, checks=tuple(checks),
                         reasons=("holding: " + "; ".join(c.detail for c in held), *errors))
     passed = "analysis passed: " + "; ".join(c.detail for c in checks)
+    gate = gate_for(spec, st)
+    closed = [(h.name, observations.hooks.get(h.name)) for h in spec.webhooks if h.type == gate]
+    if closed := [(n, a) for n, a in closed if a is None or not a.ok]:
+        why = "; ".join(f"{n}: {a.detail if a else 'not called'}" for n, a in closed)
+        return Decision(action="hold", state=later, at=now, checks=tuple(checks),
+                        reasons=(passed, f"waiting for {gate} webhook: {why}"))
     if spec.strategy == "canary":
         if st.step + 1 >= len(spec.steps):
             return _promote(later, now=now, reasons=(passed,), checks=tuple(checks))
@@ -255,6 +270,23 @@ def advance(
                         checks=tuple(checks))
     return Decision(action="step", state=later.model_copy(update={"iteration": iteration}), at=now,
                     checks=tuple(checks), reasons=(passed, f"iteration {iteration}/{spec.iterations} passed"))
+
+
+def gate_for(spec: RolloutSpec, state: RolloutState) -> Literal["confirm-traffic-increase", "confirm-promotion"] | None:
+    """Which gate a passed analysis must clear now: promotion at the last step (or iteration), a step up
+    before it (canary only: other strategies do not change the traffic until promotion)."""
+    if state.phase != "progressing":
+        return None
+    last = state.step + 1 >= len(spec.steps) if spec.strategy == "canary" else state.iteration + 1 >= spec.iterations
+    if last:
+        return "confirm-promotion"
+    return "confirm-traffic-increase" if spec.strategy == "canary" else None
+
+
+def hooks_due(spec: RolloutSpec, state: RolloutState) -> list[str]:
+    """The webhooks an analysis calls: every `rollout` hook and the gate's."""
+    gate = gate_for(spec, state)
+    return [h.name for h in spec.webhooks if h.type == "rollout" or h.type == gate]
 
 
 def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
@@ -304,6 +336,14 @@ def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
                 out.append(Check(metric=m.name, cluster=cluster, value=value, requests=req, min=m.min, max=m.max,
                                  result="pass" if ok else "fail", effective="pass" if ok else "fail",
                                  detail=f"{m.name}{where} {_num(value)} {bound}"))
+    for h in spec.webhooks:  # a failing `rollout` hook is a failed check, like a metric out of bounds
+        if h.type != "rollout":
+            continue
+        answer = obs.hooks.get(h.name)
+        ok = answer is not None and answer.ok
+        out.append(Check(metric=f"webhook/{h.name}", cluster="*", value=None, requests=None,
+                         result="pass" if ok else "fail", effective="pass" if ok else "fail",
+                         detail=f"webhook {h.name}: {answer.detail if answer else 'not called'}"))
     return out
 
 

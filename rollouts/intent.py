@@ -101,6 +101,26 @@ class NotificationSpec(Model):
         return parse_duration_ms(self.timeout) / 1000.0
 
 
+HookType = Literal["rollout", "confirm-traffic-increase", "confirm-promotion"]
+"""Implemented of Flagger's set: `rollout` (called every analysis; a failure is a failed check) and the
+gates before a step up and before promotion (closed until the hook answers 2xx)."""
+
+
+class WebhookSpec(Model):
+    """An HTTP hook called with the run's state (POST, JSON); its answer gates or checks the run."""
+
+    name: Name
+    type: HookType
+    url: str
+    timeout: Duration = "5s"
+    metadata: dict[str, str] = Field(default_factory=dict)
+    """Sent as is in the call's `metadata`."""
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration_ms(self.timeout) / 1000.0
+
+
 class RolloutSpec(Model):
     service: Name
     stable: Name
@@ -116,6 +136,7 @@ class RolloutSpec(Model):
     interval: Duration = "30s"
     paused: bool = False
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    webhooks: list[WebhookSpec] = Field(default_factory=list)
     notifications: list[NotificationSpec] = Field(default_factory=list)
     """Sinks for this rollout's decisions (Mesh-wide sinks are not implemented yet)."""
     write_back: Literal["commit", "off"] = "commit"

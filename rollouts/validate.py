@@ -59,6 +59,21 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
                                warning=True))
         if parse_duration_ms(spec.interval) < MIN_INTERVAL_MS:
             out.append(Finding(i, ("spec", "interval"), f"interval must be at least {MIN_INTERVAL_MS}ms"))
+        hooks: set[str] = set()
+        for j, h in enumerate(spec.webhooks):
+            hook = ("spec", "webhooks", j)
+            if h.name in hooks:
+                out.append(Finding(i, (*hook, "name"), f"duplicate webhook {h.name!r}"))
+            hooks.add(h.name)
+            url = urllib.parse.urlsplit(h.url)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                out.append(Finding(i, (*hook, "url"), f"url {h.url!r} is not an http:// or https:// URL with a host"))
+            if not MIN_SINK_TIMEOUT_MS <= parse_duration_ms(h.timeout) <= MAX_SINK_TIMEOUT_MS:
+                out.append(Finding(i, (*hook, "timeout"), f"timeout {h.timeout} is not between "
+                                   f"{MIN_SINK_TIMEOUT_MS}ms and {MAX_SINK_TIMEOUT_MS // 1000}s"))
+            if h.timeout_s >= spec.interval_s:
+                out.append(Finding(i, (*hook, "timeout"), f"timeout {h.timeout} is not shorter than the interval "
+                                   f"{spec.interval}: the hook would delay every analysis", warning=True))
         sinks: set[str] = set()
         for j, n in enumerate(spec.notifications):
             sink = ("spec", "notifications", j)

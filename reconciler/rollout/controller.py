@@ -21,13 +21,14 @@ from typing import Any, Literal, Protocol, cast
 
 from mesh.intent import Intent
 from reconciler.rollout.commands import COMMANDS_DIR, DECISIONS_FILE, ROLLOUTS_DIR, state_path, summary
+from reconciler.rollout.hooks import call_hooks
 from reconciler.rollout.notify import Notifier, SinkStats
 from reconciler.runtime.base import Runtime
 from reconciler.source.base import DEFAULT_AUTHOR, GitError, GitReader, GitWriter, StaleParent
 from reconciler.source.signatures import SignaturePolicy
 from reconciler.source.worker import GitWorker
 from reconciler.state import read_json, write_json
-from rollouts.advance import Command, Decision, RolloutState, advance, analysis_due
+from rollouts.advance import Command, Decision, RolloutState, advance, analysis_due, hooks_due
 from rollouts.analysis import observe
 from rollouts.intent import Rollout
 from rollouts.notify import event
@@ -155,8 +156,16 @@ class RolloutController:
                 and analysis_due(spec, before, now=now) and before.canary:
             providers = {c: p for c in self._canary_clusters(ro, before.canary)
                          if (p := self._provider(c)) is not None}
-            obs = await asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
+            due = set(hooks_due(spec, before))
+            hooks = [h for h in spec.webhooks if h.name in due]
+            observing = asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
                                           stable=before.stable, providers=providers)
+            if hooks:  # called beside the queries, each in its own thread
+                obs, answers = await asyncio.gather(observing, asyncio.to_thread(
+                    call_hooks, hooks, namespace=key[0], name=key[1], state=before))
+                obs = obs.model_copy(update={"hooks": answers})
+            else:
+                obs = await observing
             now = time.time()
         decision = advance(spec, before, obs, now=now, revision=self.revision, command=command)
         if decision.state == before and decision.action in ("wait", "none") and cmd is None:
