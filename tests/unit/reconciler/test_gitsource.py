@@ -17,17 +17,13 @@ import pytest
 
 from reconciler.source import watch
 from reconciler.source.git import GitError, Pygit2Source, StaleParent, init_repo
-from tests.fixtures.git import commit_all, git, write
+from tests.fixtures.git import bare_remote, commit_all, git, new_repo, write
 
 
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
     """A working-tree repository on main with two commits and a nested file."""
-    root = tmp_path / "work"
-    root.mkdir()
-    git(root, "init", "-q")
-    write(root, "mesh.yaml", "kind: Mesh\n")
-    commit_all(root, "first")
+    root = new_repo(tmp_path / "work", {"mesh.yaml": "kind: Mesh\n"}, "first")
     write(root, "services/shop/reviews.yaml", "kind: Service\n")
     commit_all(root, "second")
     return root
@@ -211,11 +207,7 @@ def test_init_repo_refuses_a_non_empty_directory(tmp_path: Path) -> None:
 @pytest.fixture
 def remote(tmp_path: Path, work: Path) -> Path:
     """A bare remote that `work` pushes to."""
-    bare = tmp_path / "remote.git"
-    git(tmp_path, "init", "-q", "--bare", str(bare))
-    git(work, "remote", "add", "origin", str(bare))
-    git(work, "push", "-q", "origin", "main")
-    return bare
+    return bare_remote(work, tmp_path / "remote.git")
 
 
 def test_remote_mirror_reads_fetches_and_pushes(tmp_path: Path, work: Path, remote: Path) -> None:

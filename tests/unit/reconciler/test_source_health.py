@@ -16,26 +16,20 @@ import pytest
 from reconciler.source import git as gitsource
 from reconciler.source.base import FETCH_IO_TIMEOUT_S, SourceHealth
 from reconciler.source.git import GitError, Pygit2Source
+from tests.fixtures.git import bare_remote, git, new_repo
 from tests.fixtures.git import commit_file as commit
-from tests.fixtures.git import git
 
 
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
-    root = tmp_path / "work"
-    root.mkdir()
-    git(root, "init", "-q")
+    root = new_repo(tmp_path / "work")
     commit(root, "mesh.yaml")
     return root
 
 
 @pytest.fixture
 def remote(tmp_path: Path, work: Path) -> Path:
-    bare = tmp_path / "remote.git"
-    git(tmp_path, "init", "-q", "--bare", str(bare))
-    git(work, "remote", "add", "origin", str(bare))
-    git(work, "push", "-q", "origin", "main")
-    return bare
+    return bare_remote(work, tmp_path / "remote.git")
 
 
 @pytest.fixture

@@ -10,22 +10,15 @@ import pytest
 import reconciler.source
 from reconciler.source import git as gitsource
 from reconciler.source.git import GitError, Pygit2Source, reading
-from tests.fixtures.git import git
+from tests.fixtures.git import commit_all, git, new_repo, write
 
 
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
     """A work tree on main with two commits."""
-    root = tmp_path / "work"
-    root.mkdir()
-    git(root, "init", "-q")
-    (root / "mesh.yaml").write_text("kind: Mesh\n")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "first")
-    (root / "services").mkdir()
-    (root / "services/reviews.yaml").write_text("kind: Service\n")
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "second")
+    root = new_repo(tmp_path / "work", {"mesh.yaml": "kind: Mesh\n"}, "first")
+    write(root, "services/reviews.yaml", "kind: Service\n")
+    commit_all(root, "second")
     return root
 
 

@@ -20,6 +20,9 @@ import pytest
 import reconciler.source
 from reconciler.source import DEFAULT_AUTHOR, CommitSignature, GitError, Pygit2Source
 from reconciler.source.signatures import BAD_SIGNATURE, UNSIGNED, SignaturePolicy, SigningError, ssh_fingerprint
+from tests.fixtures.git import git as fixture_git
+from tests.fixtures.git import git_env as fixture_git_env
+from tests.fixtures.git import new_repo
 
 DEV = ("dev", "dev@example.org")
 LOCKGATE_EMAIL = DEFAULT_AUTHOR[1]
@@ -33,13 +36,11 @@ def run(*argv: str, cwd: Path | None = None, env: dict[str, str] | None = None) 
 
 
 def git_env(who: tuple[str, str] = DEV) -> dict[str, str]:
-    name, email = who
-    return {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_COMMITTER_NAME": name,
-            "GIT_COMMITTER_EMAIL": email, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+    return fixture_git_env(who)
 
 
 def git(repo: Path, *args: str, who: tuple[str, str] = DEV, env: dict[str, str] | None = None) -> str:
-    return run("git", "-c", "init.defaultBranch=main", *args, cwd=repo, env={**git_env(who), **(env or {})})
+    return fixture_git(repo, *args, who=who, env=env)
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,7 @@ def allowed(tmp_path: Path, keys: Keys) -> Path:
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = tmp_path / "repo"
-    root.mkdir()
-    git(root, "init", "-q")
-    (root / "mesh.yaml").write_text("kind: Mesh\n")
-    git(root, "add", "mesh.yaml")
-    git(root, "commit", "-q", "-m", "first (unsigned)")
-    return root
+    return new_repo(tmp_path / "repo", {"mesh.yaml": "kind: Mesh\n"}, "first (unsigned)", who=DEV)
 
 
 def ssh_commit(repo: Path, key: Path, message: str, *, who: tuple[str, str] = DEV) -> str:

@@ -15,16 +15,14 @@ import pytest
 from reconciler.source import watch
 from reconciler.source.git import Pygit2Source
 from tests.fixtures.git import commit_file as commit
-from tests.fixtures.git import git
+from tests.fixtures.git import git, new_repo
 
 NO_SAFETY_POLL = 60.0  # longer than any test waits: only the watcher can be what notices
 
 
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
-    root = tmp_path / "work"
-    root.mkdir()
-    git(root, "init", "-q")
+    root = new_repo(tmp_path / "work")
     commit(root, "mesh.yaml")
     return root
 
