@@ -8,16 +8,15 @@ asked for either.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from mesh.intent import Retries
 from mesh.render import cluster_name, render
 from mesh.xds.snapshot import CLUSTER, ROUTE
-from reconciler.load import Loaded, load, read_worktree
+from reconciler.load import Loaded, load
+from tests.fixtures.intents import with_reviews_rules
 from tests.fixtures.topology import topology
 
-TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
 UNLIMITED = 4_294_967_295
 PREVIOUS_HOSTS = [{"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
     "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]
@@ -31,25 +30,12 @@ DEFAULT_RETRIES = {
 NO_LIMITS = {"max_connections": UNLIMITED, "max_pending_requests": UNLIMITED, "max_requests": UNLIMITED,
              "max_retries": UNLIMITED}
 
-REVIEWS = """\
-apiVersion: lockgate.io/v1alpha1
-kind: Route
-metadata: {name: reviews, namespace: shop}
-spec:
-  service: reviews
-  hosts: [reviews.example.com]
-  http:
-"""
 FRONTEND = "frontend"
 
 
 def intent(rules: str | None, extra: str = "") -> Loaded:
     """The template's mesh with reviews' rules replaced (None: no Route for reviews at all)."""
-    files = read_worktree(TEMPLATE)
-    frontend = (TEMPLATE / "routes.yaml").read_text().split("---")[0]
-    reviews = "" if rules is None else "---\n" + REVIEWS + rules
-    files["routes.yaml"] = (frontend + reviews + extra).encode()
-    loaded = load(files)
+    loaded = load(with_reviews_rules(rules, extra))
     assert loaded.ok, loaded.problems
     return loaded
 

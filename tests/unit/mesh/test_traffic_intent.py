@@ -13,28 +13,16 @@ from mesh.render import egress_key, fractional, render
 from mesh.validate import validate
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, ROUTE
 from reconciler.load import load, read_worktree
+from tests.fixtures.intents import with_reviews_rules
 from tests.fixtures.topology import golden_topology as topology
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
 GOLDEN = Path(__file__).parent / "golden"
 
 
-ROUTE_HEAD = """\
-apiVersion: lockgate.io/v1alpha1
-kind: Route
-metadata: {name: reviews, namespace: shop}
-spec:
-  service: reviews
-  hosts: [reviews.example.com]
-  http:
-"""
-
-
 def with_routes(rules: str, extra: str = "") -> dict[str, bytes]:
-    files = read_worktree(TEMPLATE)
-    frontend = (TEMPLATE / "routes.yaml").read_text().split("---")[0]
-    files["routes.yaml"] = (frontend + "---\n" + ROUTE_HEAD + rules + extra).encode()
-    return files
+    """The template with reviews' rules replaced: the first line of `rules` is routes.yaml line 22."""
+    return with_reviews_rules(rules, extra)
 
 
 def test_istio_spellings_are_accepted() -> None:
