@@ -8,7 +8,6 @@ import math
 import random
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,8 @@ from rollouts.analysis import COMPARE_QUERIES, ERRORS_QUERY, observe
 from rollouts.intent import RolloutSpec
 from rollouts.provider import NoValuesFound, ProviderError, Samples
 from rollouts.writeback import commit_message
+from tests.fixtures.intents import with_rollout
 
-TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
 T = 10_000.0
 W = 6.0
 ROLLOUT = """\
@@ -43,9 +42,7 @@ spec:
 
 
 def files(rollout: str) -> dict[str, bytes]:
-    out = {p.name: p.read_bytes() for p in TEMPLATE.glob("*.yaml")}
-    out["rollout.yaml"] = rollout.encode()
-    return out
+    return with_rollout(rollout)
 
 
 def test_a_compare_metric_loads() -> None:

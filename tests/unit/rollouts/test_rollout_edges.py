@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 
 from mesh.render import render
-from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.topology import ClusterTopology, Gateway
 from mesh.xds.snapshot import ROUTE
 from reconciler.load import load
 from rollouts.advance import Decision, RolloutState
@@ -15,8 +13,9 @@ from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, render_query
 from rollouts.intent import Rollout
 from rollouts.routing import overlay
 from rollouts.writeback import commit_message, edit_rollout
+from tests.fixtures.intents import with_rollout
+from tests.fixtures.topology import topology
 
-TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
 ROLLOUT = """\
 # the reviews rollout
 apiVersion: lockgate.io/v1alpha1
@@ -37,9 +36,7 @@ spec:
 
 
 def files(rollout: str = ROLLOUT) -> dict[str, bytes]:
-    out = {p.name: p.read_bytes() for p in TEMPLATE.glob("*.yaml")}
-    out["rollout.yaml"] = rollout.encode()
-    return out
+    return with_rollout(rollout)
 
 
 def test_a_valid_rollout_loads_and_governs_its_service() -> None:
@@ -114,11 +111,8 @@ def test_commit_message_carries_reason_numbers_and_trailers() -> None:
 
 
 def _topology() -> ClusterTopology:
-    sidecars = tuple(Sidecar(node_id=f"east/shop/reviews-{v}-0", namespace="shop", service="reviews", version=v,
-                             workload=f"reviews-{v}", address="127.0.1.1", inbound_port=p, outbound_port=p + 1,
-                             app_port=p + 2) for v, p in (("v1", 1000), ("v2", 2000)))
-    return ClusterTopology(cluster="east", ingress=Gateway(node_id="east/ingress", address="127.0.1.1", port=80),
-                           sidecars=sidecars, ready=frozenset(s.node_id for s in sidecars))
+    return topology((("reviews", "v1", 0, 1000), ("reviews", "v2", 0, 2000)),
+                    ingress=Gateway(node_id="east/ingress", address="127.0.1.1", port=80))
 
 
 def _ingress_routes(rollout: str, state: RolloutState) -> list[dict[str, object]]:

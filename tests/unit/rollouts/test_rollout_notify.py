@@ -21,8 +21,8 @@ from reconciler.rollout.notify import Notifier, SinkStats
 from rollouts.advance import Check, CheckComparison, Decision, RolloutState
 from rollouts.intent import NotificationSpec
 from rollouts.notify import event, payload, slack
+from tests.fixtures.intents import TEMPLATE, with_rollout
 
-TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
 ROLLOUT = """\
 apiVersion: lockgate.io/v1alpha1
 kind: Rollout
@@ -41,9 +41,7 @@ KEY = ("shop", "reviews")
 
 
 def files(rollout: str) -> dict[str, bytes]:
-    out = {p.name: p.read_bytes() for p in TEMPLATE.glob("*.yaml")}
-    out["rollout.yaml"] = rollout.encode()
-    return out
+    return with_rollout(rollout)
 
 
 def test_notifications_load() -> None:
