@@ -14,7 +14,7 @@ from mesh.intent import Retries
 from mesh.render import cluster_name, render
 from mesh.xds.snapshot import CLUSTER, ROUTE
 from reconciler.load import Loaded, load
-from tests.fixtures.intents import with_reviews_rules
+from tests.fixtures.intents import reviews_policy_yaml, with_reviews_rules
 from tests.fixtures.topology import topology
 
 UNLIMITED = 4_294_967_295
@@ -152,15 +152,7 @@ def test_the_inbound_route_has_no_timeout_and_no_retries() -> None:
 
 def test_hashed_routes_retry_on_the_same_instance() -> None:
     """As Istio: with consistent hashing a retry keeps the key's instance, so no previous-hosts predicate."""
-    policy = """\
----
-apiVersion: lockgate.io/v1alpha1
-kind: TrafficPolicy
-metadata: {name: reviews, namespace: shop}
-spec:
-  service: reviews
-  loadBalancer: {consistentHash: {httpHeaderName: x-user}}
-"""
+    policy = reviews_policy_yaml("  loadBalancer: {consistentHash: {httpHeaderName: x-user}}\n")
     s = snaps(RULES, policy)
     action = entries(s)["default"]["route"]
     assert action["hash_policy"] == [{"header": {"header_name": "x-user"}}]
@@ -177,18 +169,12 @@ def test_clusters_have_no_connection_limits_unless_a_policy_sets_them() -> None:
 
 
 def test_a_policy_value_wins_for_its_field_only() -> None:
-    policy = """\
----
-apiVersion: lockgate.io/v1alpha1
-kind: TrafficPolicy
-metadata: {name: reviews, namespace: shop}
-spec:
-  service: reviews
+    policy = reviews_policy_yaml("""\
   connectionPool: {tcp: {maxConnections: 7}}
   versions:
     - version: v2
       connectionPool: {http: {http2MaxRequests: 9, maxRetries: 0}}
-"""
+""")
     s = snaps(RULES, policy)
     assert thresholds(s, None) == [{**NO_LIMITS, "max_connections": 7}]
     assert thresholds(s, "v1") == [{**NO_LIMITS, "max_connections": 7}]
