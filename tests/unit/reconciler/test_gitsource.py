@@ -17,16 +17,13 @@ import pytest
 
 from reconciler.source import watch
 from reconciler.source.git import GitError, Pygit2Source, StaleParent, init_repo
-from tests.fixtures.git import bare_remote, commit_all, git, new_repo, write
+from tests.fixtures.git import bare_remote, commit_all, git, mesh_repo, write
 
 
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
     """A working-tree repository on main with two commits and a nested file."""
-    root = new_repo(tmp_path / "work", {"mesh.yaml": "kind: Mesh\n"}, "first")
-    write(root, "services/shop/reviews.yaml", "kind: Service\n")
-    commit_all(root, "second")
-    return root
+    return mesh_repo(tmp_path / "work", "services/shop/reviews.yaml")
 
 
 # -- reading -----------------------------------------------------------------------------------------

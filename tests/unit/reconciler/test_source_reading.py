@@ -10,16 +10,13 @@ import pytest
 import reconciler.source
 from reconciler.source import git as gitsource
 from reconciler.source.git import GitError, Pygit2Source, reading
-from tests.fixtures.git import commit_all, git, new_repo, write
+from tests.fixtures.git import git, mesh_repo
 
 
 @pytest.fixture
 def work(tmp_path: Path) -> Path:
     """A work tree on main with two commits."""
-    root = new_repo(tmp_path / "work", {"mesh.yaml": "kind: Mesh\n"}, "first")
-    write(root, "services/reviews.yaml", "kind: Service\n")
-    commit_all(root, "second")
-    return root
+    return mesh_repo(tmp_path / "work", "services/reviews.yaml")
 
 
 @pytest.fixture
