@@ -15,6 +15,7 @@ import pytest
 
 from reconciler.runtime.local.lock import LOCK_FILE, StateDirBusy, lock_state_dir
 from reconciler.runtime.local.supervisor import running
+from tests.fixtures.processes import reap
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -134,9 +135,4 @@ def spawn_holder() -> Iterator[Callable[[Path], tuple[subprocess.Popen[str], int
     try:
         yield start
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+        reap(procs, timeout=10)

@@ -15,6 +15,7 @@ import psutil  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from reconciler.runtime.local.supervisor import Supervised, running, runs, start_time, stop_orphan
+from tests.fixtures.processes import reap
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
 
@@ -32,10 +33,7 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     try:
         yield start
     finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(5)
+        reap(started, timeout=5)
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 5.0) -> None:
