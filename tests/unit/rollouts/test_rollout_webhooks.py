@@ -3,6 +3,7 @@ against a real HTTP server on 127.0.0.1 (2xx, 403, refused, too slow)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -166,10 +167,11 @@ def server() -> Iterator[Server]:
             s.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             time.sleep(s.delay)
             body = b"not yet" if s.status >= 300 else b""
-            self.send_response(s.status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the caller gave up (timeout)
+                self.send_response(s.status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
