@@ -90,7 +90,11 @@ class Notifier:
                 await self._post(sink.spec, payload(sink.spec, body))
                 sink.stats.sent += 1
                 sink.stats.last_error = None
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            except TimeoutError:
+                sink.stats.failed += 1
+                sink.stats.last_error = f"Timeout: no answer within {sink.spec.timeout}"
+                log.warning("rollout %s/%s: notification %s failed: %s", *key, sink.spec.name, sink.stats.last_error)
+            except (aiohttp.ClientError, OSError, ValueError) as exc:
                 sink.stats.failed += 1
                 sink.stats.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("rollout %s/%s: notification %s failed: %s", *key, sink.spec.name, sink.stats.last_error)
