@@ -457,7 +457,11 @@ class LocalRuntime:
         if rec is not None and adoptable and envoy.adopt(rec["envoy_pid"], started=rec.get("envoy_started")):
             self._tokens.claim(node_id, envoy)  # it reconnects with the token it was started with
             if app.adopt(rec["app_pid"], started=rec.get("app_started")):
-                return  # both still serving: taken over as they are
+                # Both still serving, taken over as they are: an endpoint at once, as before the crash. Waiting
+                # for the probe would push empty endpoints to proxies that reconnect within half a second
+                # ("no healthy upstream"); the probe still runs, and a failed one takes the instance out.
+                inst.ready = True
+                return
         for sup in (envoy, app):
             if sup.pid is not None:  # half adopted: start the pair afresh
                 await sup.stop()
@@ -488,6 +492,9 @@ class LocalRuntime:
             await wait_ready(inst.admin_socket, timeout=max(deadline - loop.time(), 0.0))
         except (TimeoutError, OSError) as exc:
             log.warning("%s is not ready: %s (logs in %s)", sc.node_id, exc, self.state_dir / "logs")
+            if inst.ready:  # an adopted instance that does not answer after all
+                inst.ready = False
+                self._changed()
             return
         if inst.app.pid is not None and inst.envoy.pid is not None and not inst.ready:
             inst.ready = True

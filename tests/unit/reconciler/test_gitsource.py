@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import shutil
 import statistics
@@ -18,6 +17,7 @@ import pytest
 from reconciler.source import watch
 from reconciler.source.git import GitError, Pygit2Source, StaleParent, init_repo
 from tests.fixtures.git import bare_remote, commit_all, git, mesh_repo, write
+from tests.fixtures.processes import open_fds
 
 
 @pytest.fixture
@@ -261,8 +261,6 @@ async def _next(it: AsyncIterator[str], timeout: float = 5.0) -> str:
     return await asyncio.wait_for(anext(it), timeout)
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_watch_local_notices_a_git_commit_quickly(work: Path) -> None:
@@ -275,7 +273,7 @@ def test_watch_local_notices_a_git_commit_quickly(work: Path) -> None:
 
     async def scenario() -> list[float]:
         latencies: list[float] = []
-        fds_before = _open_fds()
+        fds_before = open_fds()
         gen = source.watch(poll_interval=60.0)  # the safety poll cannot be what notices
         async with contextlib.aclosing(gen):
             assert await _next(gen) == source.head()
@@ -286,7 +284,7 @@ def test_watch_local_notices_a_git_commit_quickly(work: Path) -> None:
                 await task
                 assert seen == git(work, "rev-parse", "HEAD")
                 latencies.append(seen_at - ref_file.stat().st_mtime)
-        assert _open_fds() == fds_before  # inotify fd closed with the generator
+        assert open_fds() == fds_before  # inotify fd closed with the generator
         return latencies
 
     latencies = asyncio.run(scenario())

@@ -16,6 +16,7 @@ from reconciler.source import watch
 from reconciler.source.git import Pygit2Source
 from tests.fixtures.git import commit_file as commit
 from tests.fixtures.git import git, new_repo
+from tests.fixtures.processes import open_fds
 
 NO_SAFETY_POLL = 60.0  # longer than any test waits: only the watcher can be what notices
 
@@ -31,8 +32,6 @@ async def _next(it: AsyncIterator[str], timeout: float = 5.0) -> str:
     return await asyncio.wait_for(anext(it), timeout)
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.mark.parametrize("branch", ["feature/x", "feature/deep/x"])
@@ -139,13 +138,13 @@ def test_without_watches_it_falls_back_to_polling_and_leaks_no_fd(work: Path, mo
     source = Pygit2Source.open(str(work))
 
     async def scenario() -> tuple[str, str]:
-        fds = _open_fds()
+        fds = open_fds()
         gen = source.watch(poll_interval=NO_SAFETY_POLL)
         async with contextlib.aclosing(gen):
             first = await _next(gen)
             second = await asyncio.to_thread(commit, work, "polled.yaml")
             assert await _next(gen, 2.0) == second
-        assert _open_fds() == fds
+        assert open_fds() == fds
         return first, second
 
     first, second = asyncio.run(scenario())
