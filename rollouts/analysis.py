@@ -184,7 +184,7 @@ def compare_data(metric: MetricSpec, provider: MetricProvider, *, variables: Map
         return CompareData(counts=(errors[0] or 0.0, totals[0] or 0.0, errors[1] or 0.0, totals[1] or 0.0))
     template = COMPARE_QUERIES[metric.builtin] if metric.builtin is not None else str(metric.query)
     sample = {**variables, "interval": f"{round(SAMPLE_WINDOW_STEPS * step * 1000)}ms"}
-    points = max(1, math.floor(window_s / step + 1e-6))
+    points = max(1, round(window_s / step))  # a learnt step of 1.0003 s still gives 5 points in 5 s
     start = end - (points - 1) * step
     return CompareData(
         canary=_series(provider, render_query(template, sample), start=start, end=end, step=step),

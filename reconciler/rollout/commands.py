@@ -79,4 +79,9 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  last decision: {last['action']}: " + "; ".join(last["reasons"]))
         for c in last["checks"]:
             lines.append(f"    {format_check(Check.model_validate(c))}")
+    sinks = s.get("notifications") or {}
+    if sinks:
+        lines.append("  notifications: " + "; ".join(
+            f"{name} sent {n.get('sent', 0)} failed {n.get('failed', 0)} dropped {n.get('dropped', 0)}"
+            + (f" ({n['lastError']})" if n.get("lastError") else "") for name, n in sorted(sinks.items())))
     return "\n".join(lines)

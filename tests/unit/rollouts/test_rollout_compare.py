@@ -266,3 +266,15 @@ def test_an_infinite_increase_stays_valid_json() -> None:
     n = d.checks[-1].comparison
     assert n is not None and n.relative is None
     json.dumps(d.model_dump(mode="json", by_alias=True), allow_nan=False)  # no Infinity in status files
+
+
+def test_a_step_learnt_slightly_off_still_gives_one_point_a_scrape() -> None:
+    class Skewed(RangeProm):
+        def samples(self, selector: str, *, seconds: float) -> Samples:
+            return Samples(at=T, seconds=seconds, series={"a": tuple(T - 40 * 1.0003 + i * 1.0003 for i in range(41))})
+
+    prom = Skewed({"v2": SLOW, "v1": STABLE})
+    o = observe(spec=spec(), namespace="shop", canary="v2", stable="v1", providers={"east": prom}, now=lambda: T)
+    _, start, end, step = prom.ranges[0]
+    assert step == pytest.approx(1.0003) and round((end - start) / step) + 1 == 6
+    assert len(o.compared["latency"]["east"].canary) == 6

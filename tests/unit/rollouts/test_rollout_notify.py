@@ -218,7 +218,7 @@ def test_stats_json() -> None:
 def test_the_controller_sends_each_decision_and_counts_a_down_sink_in_status(tmp_path: Path) -> None:
     """A run starts: the start event reaches the sink that is up, the one that refuses counts a failure in
     the rollout's status, and the tick that decided did not wait for either."""
-    from reconciler.rollout.commands import summary
+    from reconciler.rollout.commands import format_summary, summary
     from reconciler.rollout.controller import RolloutController
     from reconciler.source.git import Pygit2Source, init_repo
     from reconciler.state import read_json
@@ -249,5 +249,8 @@ def test_the_controller_sends_each_decision_and_counts_a_down_sink_in_status(tmp
             assert status["notifications"]["ops"]["sent"] == 1
             assert status["notifications"]["chat"]["failed"] == 1 and status["notifications"]["chat"]["sent"] == 0
             assert status["phase"] == "progressing"
+            human = format_summary(status)
+            assert "  notifications: chat sent 0 failed 1 dropped 0 (ClientConnectorError: " in human, human
+            assert "; ops sent 1 failed 0 dropped 0" in human, human
             await ctl.close()
     run(main())
