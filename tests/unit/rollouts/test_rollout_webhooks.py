@@ -216,3 +216,8 @@ def test_a_refused_or_slow_hook_is_not_ok_within_its_timeout(server: Server) -> 
     assert answer == HookAnswer(ok=False, detail="no answer within 200ms")
     assert time.monotonic() - t0 < 0.9
     assert len(server.bodies) == 1  # a timeout is not retried (the server may be acting on it)
+
+
+def test_a_manual_promote_does_not_ask_the_gate() -> None:
+    d = advance(spec(GATE), at(2), obs(gate=NO), now=T, command="promote")
+    assert d.action == "promote" and d.reasons[0] == "promoted by command"
