@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from reconciler.pipeline import render_planned
 from reconciler.plan import plan
 from reconciler.source.git import Pygit2Source, init_repo
 from reconciler.state import STATUS_FILE, read_json
+from rollouts.provider import Samples
 from tests.fixtures.intents import TEMPLATE, peer_authentication_yaml, rollout_yaml
 from tests.fixtures.runtime import FakeRuntime
 
@@ -29,7 +31,7 @@ FRONTEND = "east/shop/frontend-v1-0"
 
 
 class FakeProvider:
-    """A Prometheus that always answers `value` (and is online)."""
+    """A Prometheus that always answers `value`, scraped every second since long ago (and is online)."""
 
     def __init__(self, value: float) -> None:
         self.value = value
@@ -38,6 +40,15 @@ class FakeProvider:
     def query(self, promql: str) -> float:
         self.queries.append(promql)
         return self.value
+
+    def samples(self, selector: str, *, seconds: float) -> Samples:
+        now = time.time()
+        times = tuple(float(t) for t in range(int(now - seconds - 30), int(now) + 1))
+        return Samples(at=now, seconds=seconds, series={"{}": times})
+
+    def query_range(self, promql: str, *, start: float, end: float, step: float) -> list[float]:
+        self.queries.append(promql)
+        return [self.value] * max(1, int((end - start) / step) + 1)
 
     def is_online(self) -> bool:
         return True
@@ -122,10 +133,14 @@ def test_a_rollout_tick_moves_the_weights_that_are_served(repo: Path, tmp_path: 
             await rec.rollouts.tick()  # the run starts: the first step's weight
             await asyncio.sleep(0)  # the push the controller scheduled
             assert reviews_weights(plane.cache.get(FRONTEND)) == [("v1", 90), ("v2", 10)]  # type: ignore[arg-type]
+            await asyncio.sleep(1.1)  # one interval: an analysis is due; the fake Prometheus says all is well
+            await rec.rollouts.tick()
+            await asyncio.sleep(0)
+            assert reviews_weights(plane.cache.get(FRONTEND)) == [("v1", 50), ("v2", 50)]  # type: ignore[arg-type]
             # A topology change re-renders with the rollout's weights still in place.
             runtime.set_ready("east/shop/reviews-v2-0", False)
             await asyncio.sleep(0)
-            assert reviews_weights(plane.cache.get(FRONTEND)) == [("v1", 90), ("v2", 10)]  # type: ignore[arg-type]
+            assert reviews_weights(plane.cache.get(FRONTEND)) == [("v1", 50), ("v2", 50)]  # type: ignore[arg-type]
         finally:
             await rec.close()
 
