@@ -61,31 +61,15 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
             out.append(Finding(i, ("spec", "interval"), f"interval must be at least {MIN_INTERVAL_MS}ms"))
         hooks: set[str] = set()
         for j, h in enumerate(spec.webhooks):
-            hook = ("spec", "webhooks", j)
-            if h.name in hooks:
-                out.append(Finding(i, (*hook, "name"), f"duplicate webhook {h.name!r}"))
-            hooks.add(h.name)
-            url = urllib.parse.urlsplit(h.url)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                out.append(Finding(i, (*hook, "url"), f"url {h.url!r} is not an http:// or https:// URL with a host"))
-            if not MIN_SINK_TIMEOUT_MS <= parse_duration_ms(h.timeout) <= MAX_SINK_TIMEOUT_MS:
-                out.append(Finding(i, (*hook, "timeout"), f"timeout {h.timeout} is not between "
-                                   f"{MIN_SINK_TIMEOUT_MS}ms and {MAX_SINK_TIMEOUT_MS // 1000}s"))
+            out += _endpoint(i, ("spec", "webhooks", j), what="webhook", name=h.name, url=h.url, timeout=h.timeout,
+                             seen=hooks)
             if h.timeout_s >= spec.interval_s:
-                out.append(Finding(i, (*hook, "timeout"), f"timeout {h.timeout} is not shorter than the interval "
-                                   f"{spec.interval}: the hook would delay every analysis", warning=True))
+                out.append(Finding(i, ("spec", "webhooks", j, "timeout"), f"timeout {h.timeout} is not shorter than "
+                                   f"the interval {spec.interval}: the hook would delay every analysis", warning=True))
         sinks: set[str] = set()
         for j, n in enumerate(spec.notifications):
-            sink = ("spec", "notifications", j)
-            if n.name in sinks:
-                out.append(Finding(i, (*sink, "name"), f"duplicate notification {n.name!r}"))
-            sinks.add(n.name)
-            url = urllib.parse.urlsplit(n.url)
-            if url.scheme not in ("http", "https") or not url.hostname:
-                out.append(Finding(i, (*sink, "url"), f"url {n.url!r} is not an http:// or https:// URL with a host"))
-            if not MIN_SINK_TIMEOUT_MS <= parse_duration_ms(n.timeout) <= MAX_SINK_TIMEOUT_MS:
-                out.append(Finding(i, (*sink, "timeout"), f"timeout {n.timeout} is not between "
-                                   f"{MIN_SINK_TIMEOUT_MS}ms and {MAX_SINK_TIMEOUT_MS // 1000}s"))
+            out += _endpoint(i, ("spec", "notifications", j), what="notification", name=n.name, url=n.url,
+                             timeout=n.timeout, seen=sinks)
         names: set[str] = set()
         for j, m in enumerate(spec.analysis.metrics):
             loc = ("spec", "analysis", "metrics", j)
@@ -112,4 +96,20 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
                 if m.query is not None and not _VERSION.search(m.query):
                     out.append(Finding(i, (*loc, "query"), "a compared query must select `{{ version }}`: "
                                        "otherwise canary and stable read the same series"))
+    return out
+
+
+def _endpoint(i: int, loc: tuple[str | int, ...], *, what: str, name: str, url: str, timeout: str,
+              seen: set[str]) -> list[Finding]:
+    """A webhook's or a notification sink's name (unique), URL (http/https with a host) and timeout."""
+    out = []
+    if name in seen:
+        out.append(Finding(i, (*loc, "name"), f"duplicate {what} {name!r}"))
+    seen.add(name)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        out.append(Finding(i, (*loc, "url"), f"url {url!r} is not an http:// or https:// URL with a host"))
+    if not MIN_SINK_TIMEOUT_MS <= parse_duration_ms(timeout) <= MAX_SINK_TIMEOUT_MS:
+        out.append(Finding(i, (*loc, "timeout"), f"timeout {timeout} is not between {MIN_SINK_TIMEOUT_MS}ms and "
+                           f"{MAX_SINK_TIMEOUT_MS // 1000}s"))
     return out
