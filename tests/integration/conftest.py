@@ -217,3 +217,23 @@ def envoy(tmp_path: Path) -> Iterator[Callable[..., EnvoyProcess]]:
             if env.log_path.exists():  # shown by pytest only when the test failed
                 tail = env.log_path.read_text(errors="replace").splitlines()[-40:]
                 print(f"--- envoy {env.node_id} (pid {env.proc.pid}) log tail ---", *tail, sep="\n")
+
+
+@pytest.fixture
+def tokens() -> Any:
+    """The local runtime's per-proxy tokens (digests only), empty: a test issues what it needs."""
+    from reconciler.runtime.local.runtime import ProxyTokens
+
+    return ProxyTokens()
+
+
+@pytest.fixture
+def authed_plane(tokens: Any) -> Iterator[ControlPlane]:
+    """A control plane that serves only streams carrying a token of cluster east's proxies."""
+    from reconciler.runtime.local.runtime import ClusterAuthenticator
+
+    cp = ControlPlane(authenticator=ClusterAuthenticator(tokens, "east"))
+    try:
+        yield cp
+    finally:
+        cp.close()

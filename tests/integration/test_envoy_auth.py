@@ -5,7 +5,7 @@ reads a secret, and what the real proxy ACKed stays as it was."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +14,7 @@ import pytest
 from e2e.harness import SECRET_TYPE, ads_attempt
 from mesh.xds.snapshot import Snapshot
 from multicluster import ca
-from reconciler.runtime.local.runtime import ClusterAuthenticator, ProxyTokens
+from reconciler.runtime.local.runtime import ProxyTokens
 from reconciler.runtime.local.supervisor import Supervised
 
 if TYPE_CHECKING:
@@ -44,21 +44,6 @@ def secured_snapshot(revision: str) -> Snapshot:
         revision=revision,
     )
 
-
-@pytest.fixture
-def tokens() -> ProxyTokens:
-    return ProxyTokens()
-
-
-@pytest.fixture
-def authed_plane(tokens: ProxyTokens) -> Iterator[ControlPlane]:
-    from conftest import ControlPlane
-
-    cp = ControlPlane(authenticator=ClusterAuthenticator(tokens, "east"))
-    try:
-        yield cp
-    finally:
-        cp.close()
 
 
 def owner(tmp_path: Path, name: str) -> Supervised:

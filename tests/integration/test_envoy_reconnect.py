@@ -5,14 +5,14 @@ back on the new one within a second of it listening, not after Envoy's default b
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from mesh.xds.snapshot import Snapshot
-from reconciler.runtime.local.runtime import ClusterAuthenticator, ProxyTokens
+from reconciler.runtime.local.runtime import ProxyTokens
 from reconciler.runtime.local.supervisor import Supervised
 
 if TYPE_CHECKING:
@@ -31,21 +31,6 @@ def snapshot(revision: str) -> Snapshot:
     return Snapshot.of(clusters=[{"name": f"c-{revision}", "type": "STATIC", "connect_timeout": "1s"}],
                        revision=revision)
 
-
-@pytest.fixture
-def tokens() -> ProxyTokens:
-    return ProxyTokens()
-
-
-@pytest.fixture
-def authed_plane(tokens: ProxyTokens) -> Iterator[ControlPlane]:
-    from conftest import ControlPlane
-
-    cp = ControlPlane(authenticator=ClusterAuthenticator(tokens, "east"))
-    try:
-        yield cp
-    finally:
-        cp.close()
 
 
 def test_envoy_is_back_within_a_second_of_a_control_plane_restart(

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,8 @@ from reconciler.load import load
 from reconciler.rollout.hooks import call_hooks
 from rollouts.advance import HookAnswer, Observations, RolloutState, advance, gate_for, hooks_due
 from rollouts.intent import RolloutSpec, WebhookSpec
+from tests.fixtures.intents import with_rollout
 
-TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
 T = 10_000.0
 ROLLOUT = """\
 apiVersion: lockgate.io/v1alpha1
@@ -39,14 +38,8 @@ spec:
 """
 
 
-def files(rollout: str) -> dict[str, bytes]:
-    out = {p.name: p.read_bytes() for p in TEMPLATE.glob("*.yaml")}
-    out["rollout.yaml"] = rollout.encode()
-    return out
-
-
 def test_webhooks_load() -> None:
-    loaded = load(files(ROLLOUT))
+    loaded = load(with_rollout(ROLLOUT))
     assert loaded.ok, loaded.problems
 
 
@@ -59,16 +52,16 @@ def test_webhooks_load() -> None:
 ])
 def test_webhook_errors_point_at_file_and_line(old: str, new: str, problem: str) -> None:
     assert old in ROLLOUT
-    assert problem in [str(p) for p in load(files(ROLLOUT.replace(old, new))).problems]
+    assert problem in [str(p) for p in load(with_rollout(ROLLOUT.replace(old, new))).problems]
 
 
 def test_an_unknown_hook_type_is_a_located_error() -> None:
-    problems = [str(p) for p in load(files(ROLLOUT.replace("type: rollout", "type: pre-rollout"))).problems]
+    problems = [str(p) for p in load(with_rollout(ROLLOUT.replace("type: rollout", "type: pre-rollout"))).problems]
     assert len(problems) == 1 and problems[0].startswith("rollout.yaml:13: spec.webhooks[1].type"), problems
 
 
 def test_a_hook_slower_than_the_interval_is_a_warning() -> None:
-    loaded = load(files(ROLLOUT.replace("interval: 10s", "interval: 4s")))
+    loaded = load(with_rollout(ROLLOUT.replace("interval: 10s", "interval: 4s")))
     assert loaded.ok and any("not shorter than the interval 4s" in str(w) for w in loaded.warnings), loaded.warnings
 
 
