@@ -10,7 +10,12 @@ Lifecycle of one run::
     idle ──spec.canary changes──► progressing ──analyses pass through every step──► promoted
                                      │  ▲ hold (no data, provider offline, paused)
                                      │  └─ failed analysis below failureThreshold
-                                     └──failureThreshold failed analyses, or abort──► rolled-back
+                                     └──failureThreshold failed analyses, abort, or a `rollback` hook──► rolled-back
+
+A run with `confirm-rollout` or `pre-rollout` hooks starts with no traffic on the canary (`waiting_for`):
+the `confirm-rollout` gate first (until it answers 2xx), then the `pre-rollout` hooks (once; each failure
+is a failed check); only then does the first step move traffic. A run that ends by promotion or rollback
+has its `post-rollout` hooks called once afterwards (`post_rollout_due`); their answer never changes it.
 """
 
 from __future__ import annotations
@@ -23,13 +28,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from mesh.intent import Destination
-from rollouts.intent import MetricSpec, NoData, RolloutSpec
+from rollouts.intent import HookType, MetricSpec, NoData, RolloutSpec
 from rollouts.statistics import Comparison, compare_counts, compare_series, describe
 
 Phase = Literal["idle", "progressing", "promoted", "rolled-back"]
 Action = Literal["none", "wait", "start", "step", "hold", "promote", "rollback", "pause", "resume", "reset"]
 Command = Literal["promote", "abort", "pause", "resume"]
 Result = Literal["pass", "fail", "no-data", "inconclusive"]
+PreTraffic = Literal["confirm-rollout", "pre-rollout"]
 REQUESTS = "requests"
 """Name of the check every analysis makes first: enough canary requests to judge anything."""
 
@@ -63,6 +69,11 @@ class RolloutState(_Frozen):
     """None while paused: the countdown restarts on resume."""
     paused: bool = False
     """Paused by command (spec.paused pauses from Git)."""
+    waiting_for: PreTraffic | None = None
+    """The hooks a run started in Git waits for before any traffic moves (the phase stays progressing, so
+    every reader of `phase` sees a run in progress; the weight stays 0 and render sees no canary)."""
+    post_rollout_due: bool = False
+    """The run ended by promotion or rollback and its `post-rollout` hooks are yet to be called (once)."""
 
 
 class PartialData(_Frozen):
@@ -105,7 +116,7 @@ class Observations(_Frozen):
     compared: Mapping[str, Mapping[str, CompareData]] = Field(default_factory=dict)
     """metric name -> cluster -> what its comparison measured (metrics with `compare`)."""
     hooks: Mapping[str, HookAnswer] = Field(default_factory=dict)
-    """webhook name -> its answer (the `rollout` hooks, and the gate `gate_for` names)."""
+    """webhook name -> its answer (the hooks `hooks_due` named)."""
 
 
 class CheckComparison(_Frozen):
@@ -160,9 +171,17 @@ def initial_state(spec: RolloutSpec) -> RolloutState:
 
 
 def analysis_due(spec: RolloutSpec, state: RolloutState, *, now: float) -> bool:
-    """Whether the controller should query metrics before calling advance."""
+    """Whether the controller should observe before calling advance: query metrics (an analysis) and/or
+    call the hooks `hooks_due` names (also for a finished run whose post-rollout hooks are due)."""
+    if state.phase in ("promoted", "rolled-back"):
+        return state.post_rollout_due
     return (state.phase == "progressing" and not (spec.paused or state.paused)
             and state.next_analysis_at is not None and now >= state.next_analysis_at)
+
+
+def needs_metrics(state: RolloutState) -> bool:
+    """Whether an observation due now queries Prometheus: not before traffic moves, nor after the run."""
+    return state.phase == "progressing" and state.waiting_for is None
 
 
 def advance(
@@ -174,7 +193,15 @@ def advance(
     revision: str | None = None,
     command: Command | None = None,
 ) -> Decision:
-    """The next step of one rollout. `observations` matter only when an analysis is due."""
+    """The next step of one rollout. `observations` matter only when `analysis_due` said so."""
+    d = _advance(spec, state, observations, now=now, revision=revision, command=command)
+    if d.outcome is not None and any(h.type == "post-rollout" for h in spec.webhooks):
+        return d.model_copy(update={"state": d.state.model_copy(update={"post_rollout_due": True})})
+    return d
+
+
+def _advance(spec: RolloutSpec, state: RolloutState | None, observations: Observations | None, *, now: float,
+             revision: str | None, command: Command | None) -> Decision:
     st = state if state is not None else initial_state(spec)
     canary = spec.active_canary
 
@@ -189,15 +216,20 @@ def advance(
             reason = (f"canary removed in Git: run ended, 100% to {spec.stable}" if ended
                       else f"no canary: 100% to {spec.stable}")
             return Decision(action="reset" if ended else "none", state=new, reasons=(reason,), at=now)
+        waiting = _pre_traffic(spec)
         new = RolloutState(
             phase="progressing", stable=spec.stable, canary=canary, observed_canary=spec.canary,
-            canary_revision=revision, step=0, weight=_first_weight(spec), started_at=now,
-            next_analysis_at=None if spec.paused else now + spec.interval_s,
+            canary_revision=revision, step=0, weight=0 if waiting else _first_weight(spec), started_at=now,
+            next_analysis_at=None if spec.paused else now if waiting else now + spec.interval_s,
+            waiting_for=waiting,
         )
-        return Decision(action="start", state=new, at=now,
-                        reasons=(f"new canary {canary} in Git: {_exposure(spec, new)}",))
+        exposure = (f"no traffic to {canary} until its {waiting} webhooks answer 2xx" if waiting
+                    else _exposure(spec, new))
+        return Decision(action="start", state=new, at=now, reasons=(f"new canary {canary} in Git: {exposure}",))
 
     if st.phase != "progressing":
+        if st.post_rollout_due and observations is not None:
+            return _post_rollout(spec, st, observations, now=now)
         # Git's stable rules once Git has no canary; before that (writeBack: off) a promoted stable stays.
         if st.stable != spec.stable and (st.phase == "idle" or canary is None):
             return Decision(action="none", state=st.model_copy(update={"stable": spec.stable}), at=now,
@@ -231,6 +263,12 @@ def advance(
                         reasons=(f"next analysis in {max(0.0, st.next_analysis_at - now):.1f}s",))
 
     later = st.model_copy(update={"next_analysis_at": now + spec.interval_s})
+    if asked := [(h.name, a) for h in spec.webhooks if h.type == "rollback"
+                 and (a := observations.hooks.get(h.name)) is not None and a.ok]:
+        why = "; ".join(f"{n}: {a.detail}" for n, a in asked)
+        return _rollback(later, now=now, reasons=(f"rollback webhook answered 2xx (a manual rollback): {why}",))
+    if st.waiting_for is not None:
+        return _before_traffic(spec, st, later, observations, now=now)
     if not observations.online:
         return Decision(action="hold", state=later, at=now,
                         reasons=("metrics provider offline: holding at the current step, never promoting blind",))
@@ -272,11 +310,18 @@ def advance(
                     checks=tuple(checks), reasons=(passed, f"iteration {iteration}/{spec.iterations} passed"))
 
 
-def gate_for(spec: RolloutSpec, state: RolloutState) -> Literal["confirm-traffic-increase", "confirm-promotion"] | None:
-    """Which gate a passed analysis must clear now: promotion at the last step (or iteration), a step up
-    before it (canary only: other strategies do not change the traffic until promotion)."""
+Gate = Literal["confirm-rollout", "confirm-traffic-increase", "confirm-promotion"]
+
+
+def gate_for(spec: RolloutSpec, state: RolloutState) -> Gate | None:
+    """Which gate the run must clear now: the start of traffic while the run waits for `confirm-rollout`;
+    then promotion at the last step (or iteration), or a step up before it (canary only: other strategies
+    do not change the traffic until promotion). None while `pre-rollout` hooks are due: they are checks
+    (a failure counts), not a gate."""
     if state.phase != "progressing":
         return None
+    if state.waiting_for is not None:
+        return "confirm-rollout" if state.waiting_for == "confirm-rollout" else None
     last = state.step + 1 >= len(spec.steps) if spec.strategy == "canary" else state.iteration + 1 >= spec.iterations
     if last:
         return "confirm-promotion"
@@ -284,9 +329,80 @@ def gate_for(spec: RolloutSpec, state: RolloutState) -> Literal["confirm-traffic
 
 
 def hooks_due(spec: RolloutSpec, state: RolloutState) -> list[str]:
-    """The webhooks an analysis calls: every `rollout` hook and the gate's."""
-    gate = gate_for(spec, state)
-    return [h.name for h in spec.webhooks if h.type == "rollout" or h.type == gate]
+    """The webhooks to call now, in spec order: before traffic moves, the hooks it waits for; during the
+    analyses, every `rollout` hook and the gate's; in both, the `rollback` hooks (a 2xx rolls back); after
+    a promotion or rollback, the `post-rollout` hooks once."""
+    types: set[HookType]
+    if state.phase in ("promoted", "rolled-back"):
+        types = {"post-rollout"} if state.post_rollout_due else set()
+    elif state.phase != "progressing":
+        types = set()
+    elif state.waiting_for is not None:
+        types = {state.waiting_for, "rollback"}
+    else:
+        types = {"rollout", "rollback"}
+        if (gate := gate_for(spec, state)) is not None:
+            types.add(gate)
+    return [h.name for h in spec.webhooks if h.type in types]
+
+
+def _pre_traffic(spec: RolloutSpec) -> PreTraffic | None:
+    """What a new run waits for before its first step: the confirm-rollout gate first, then pre-rollout."""
+    types = {h.type for h in spec.webhooks}
+    return "confirm-rollout" if "confirm-rollout" in types else "pre-rollout" if "pre-rollout" in types else None
+
+
+def _answers(spec: RolloutSpec, obs: Observations, kind: HookType) -> tuple[list[str], list[str]]:
+    """The answers of the hooks of one type, as `name: answer`: (the 2xx ones, the others)."""
+    ok: list[str] = []
+    bad: list[str] = []
+    for h in spec.webhooks:
+        if h.type == kind:
+            a = obs.hooks.get(h.name)
+            (ok if a is not None and a.ok else bad).append(f"{h.name}: {a.detail if a else 'not called'}")
+    return ok, bad
+
+
+def _before_traffic(spec: RolloutSpec, st: RolloutState, later: RolloutState, obs: Observations, *,
+                    now: float) -> Decision:
+    """A run waiting for its confirm-rollout gate (closed: it waits, never fails) or its pre-rollout hooks
+    (a failure is a failed check: retried each interval, rolled back at failureThreshold)."""
+    kind = st.waiting_for
+    assert kind is not None
+    ok, bad = _answers(spec, obs, kind)
+    if kind == "confirm-rollout":
+        if bad:
+            return Decision(action="hold", state=later, at=now,
+                            reasons=(f"waiting for confirm-rollout webhook: {'; '.join(bad)}",))
+        opened = f"confirm-rollout webhook {'; '.join(ok)}"
+        if any(h.type == "pre-rollout" for h in spec.webhooks):  # called at the next tick, not an interval later
+            return Decision(action="hold", state=later.model_copy(update={"waiting_for": "pre-rollout",
+                                                                          "next_analysis_at": now}), at=now,
+                            reasons=(opened, "calling the pre-rollout webhooks before any traffic moves"))
+        return _first_step(spec, later, now=now, reasons=(opened,))
+    if bad:
+        count = st.failed_checks + 1
+        reasons = (f"pre-rollout webhook failed ({count}/{spec.analysis.failure_threshold}): {'; '.join(bad)}",)
+        failed = later.model_copy(update={"failed_checks": count})
+        if count >= spec.analysis.failure_threshold:
+            return _rollback(failed, now=now, reasons=reasons)
+        return Decision(action="hold", state=failed, at=now, reasons=reasons)
+    return _first_step(spec, later, now=now, reasons=(f"pre-rollout webhook {'; '.join(ok)}",))
+
+
+def _first_step(spec: RolloutSpec, later: RolloutState, *, now: float, reasons: tuple[str, ...]) -> Decision:
+    """Traffic moves: the first step's weight (or the ab/bluegreen/mirror exposure), analyses from now on."""
+    nxt = later.model_copy(update={"waiting_for": None, "weight": _first_weight(spec),
+                                   "next_analysis_at": now + spec.interval_s})
+    return Decision(action="step", state=nxt, at=now, reasons=(*reasons, _exposure(spec, nxt)))
+
+
+def _post_rollout(spec: RolloutSpec, st: RolloutState, obs: Observations, *, now: float) -> Decision:
+    """The post-rollout hooks were called: their answers are reported, the outcome stands whatever they said."""
+    ok, bad = _answers(spec, obs, "post-rollout")
+    reasons = ((f"post-rollout webhook {'; '.join(ok)}",) if ok else ()) + (
+        (f"post-rollout webhook failed (the {st.phase} outcome stands): {'; '.join(bad)}",) if bad else ())
+    return Decision(action="none", state=st.model_copy(update={"post_rollout_due": False}), at=now, reasons=reasons)
 
 
 def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
@@ -445,14 +561,14 @@ def _exposure(spec: RolloutSpec, st: RolloutState) -> str:
 def _promote(st: RolloutState, *, now: float, reasons: tuple[str, ...], checks: tuple[Check, ...] = ()) -> Decision:
     assert st.canary is not None
     done = st.model_copy(update={"phase": "promoted", "stable": st.canary, "weight": 0, "finished_at": now,
-                                 "next_analysis_at": None, "paused": False})
+                                 "next_analysis_at": None, "paused": False, "waiting_for": None})
     return Decision(action="promote", state=done, at=now, checks=checks,
                     reasons=(*reasons, f"promoted: {st.canary} is the stable at 100%"))
 
 
 def _rollback(st: RolloutState, *, now: float, reasons: tuple[str, ...], checks: tuple[Check, ...] = ()) -> Decision:
     done = st.model_copy(update={"phase": "rolled-back", "weight": 0, "finished_at": now,
-                                 "next_analysis_at": None, "paused": False})
+                                 "next_analysis_at": None, "paused": False, "waiting_for": None})
     return Decision(action="rollback", state=done, at=now, checks=checks,
                     reasons=(*reasons, f"rolled back: 100% to {st.stable}"))
 

@@ -101,9 +101,13 @@ class NotificationSpec(Model):
         return parse_duration_ms(self.timeout) / 1000.0
 
 
-HookType = Literal["rollout", "confirm-traffic-increase", "confirm-promotion"]
-"""Implemented of Flagger's set: `rollout` (called every analysis; a failure is a failed check) and the
-gates before a step up and before promotion (closed until the hook answers 2xx)."""
+HookType = Literal["confirm-rollout", "pre-rollout", "rollout", "confirm-traffic-increase", "confirm-promotion",
+                   "post-rollout", "rollback"]
+"""Flagger's set. Before any traffic moves: `confirm-rollout` (a gate: the run waits until it answers 2xx),
+then `pre-rollout` (once; a failure is a failed check, retried each interval). Every analysis: `rollout`
+(a failure is a failed check). Gates before a step up and before promotion: `confirm-traffic-increase`,
+`confirm-promotion`. `rollback`: called with every analysis (and while waiting); a 2xx rolls the run back.
+`post-rollout`: called once after promotion or rollback; its answer never changes the outcome."""
 
 
 class WebhookSpec(Model):

@@ -27,7 +27,7 @@ def overlay(intent: Intent, states: Mapping[tuple[str, str], RolloutState]) -> I
         st = states.get((ro.metadata.namespace, ro.metadata.name))
         key = (ro.metadata.namespace, ro.spec.service)
         route = _with_weights(routes.get(key), ro, destinations(ro.spec, st))
-        if st is not None and st.phase == "progressing" and st.canary is not None:
+        if st is not None and st.phase == "progressing" and st.canary is not None and st.waiting_for is None:
             if ro.spec.strategy in ("ab", "bluegreen") and ro.spec.match:
                 route = _with_canary_rule(route, ro, st.canary)
             if ro.spec.strategy == "mirror":

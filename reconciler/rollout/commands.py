@@ -60,7 +60,8 @@ def summary(spec: dict[str, Any], record: dict[str, Any], *, namespace: str, nam
         "lastDecision": {"action": last.get("action"), "at": last.get("at"), "reasons": last.get("reasons", []),
                          "checks": last.get("checks", [])} if last else None,
         "lastCommand": record.get("lastCommand"), "writeBack": record.get("writeBack"),
-        "notifications": record.get("notifications", {}),
+        "notifications": record.get("notifications", {}), "waitingFor": st.get("waitingFor"),
+        "webhooks": record.get("webhooks", {}),
     }
 
 
@@ -79,6 +80,13 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  last decision: {last['action']}: " + "; ".join(last["reasons"]))
         for c in last["checks"]:
             lines.append(f"    {format_check(Check.model_validate(c))}")
+    if s.get("waitingFor"):
+        lines.append(f"  waiting for its {s['waitingFor']} webhooks before any traffic moves")
+    hooks = s.get("webhooks") or {}
+    if hooks:
+        lines.append("  webhooks: " + "; ".join(
+            f"{name} ({h.get('type')}) called {h.get('calls', 0)}, not 2xx {h.get('not2xx', 0)}, last {h.get('last')}"
+            for name, h in sorted(hooks.items())))
     sinks = s.get("notifications") or {}
     if sinks:
         lines.append("  notifications: " + "; ".join(

@@ -28,9 +28,19 @@ from reconciler.source.base import DEFAULT_AUTHOR, GitError, GitReader, GitWrite
 from reconciler.source.signatures import SignaturePolicy
 from reconciler.source.worker import GitWorker
 from reconciler.state import read_json, write_json
-from rollouts.advance import Command, Decision, RolloutState, advance, analysis_due, hooks_due
+from rollouts.advance import (
+    Command,
+    Decision,
+    HookAnswer,
+    Observations,
+    RolloutState,
+    advance,
+    analysis_due,
+    hooks_due,
+    needs_metrics,
+)
 from rollouts.analysis import observe
-from rollouts.intent import Rollout
+from rollouts.intent import Rollout, RolloutSpec
 from rollouts.notify import event
 from rollouts.provider import MetricProvider, PrometheusProvider
 from rollouts.writeback import commit_message, edit_rollout
@@ -152,20 +162,25 @@ class RolloutController:
         command = cast(Command, cmd["command"]) if cmd and cmd.get("command") in COMMANDS else None
         obs = None
         now = time.time()
+        answers: dict[str, HookAnswer] = {}
         if before is not None and command is None and spec.canary == before.observed_canary \
                 and analysis_due(spec, before, now=now) and before.canary:
-            providers = {c: p for c in self._canary_clusters(ro, before.canary)
-                         if (p := self._provider(c)) is not None}
             due = set(hooks_due(spec, before))
             hooks = [h for h in spec.webhooks if h.name in due]
-            observing = asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
-                                          stable=before.stable, providers=providers)
-            if hooks:  # called beside the queries, each in its own thread
-                obs, answers = await asyncio.gather(observing, asyncio.to_thread(
-                    call_hooks, hooks, namespace=key[0], name=key[1], state=before))
-                obs = obs.model_copy(update={"hooks": answers})
-            else:
-                obs = await observing
+            calling = asyncio.to_thread(call_hooks, hooks, namespace=key[0], name=key[1], state=before)
+            if needs_metrics(before):
+                providers = {c: p for c in self._canary_clusters(ro, before.canary)
+                             if (p := self._provider(c)) is not None}
+                observing = asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
+                                              stable=before.stable, providers=providers)
+                if hooks:  # called beside the queries, each in its own thread
+                    obs, answers = await asyncio.gather(observing, calling)
+                    obs = obs.model_copy(update={"hooks": answers})
+                else:
+                    obs = await observing
+            else:  # before traffic moves, or after the run: only hooks, nothing to measure
+                answers = await calling if hooks else {}
+                obs = Observations(hooks=answers)
             now = time.time()
         decision = advance(spec, before, obs, now=now, revision=self.revision, command=command)
         if decision.state == before and decision.action in ("wait", "none") and cmd is None:
@@ -176,6 +191,11 @@ class RolloutController:
                   "state": decision.state.model_dump(mode="json", by_alias=True), "updatedAt": time.time()}
         if decision.action not in ("wait", "none"):
             record["lastDecision"] = decision.model_dump(mode="json", by_alias=True)
+        if answers:
+            record["webhooks"] = _count_calls(record.get("webhooks", {}), spec, answers)
+            if before is not None and before.post_rollout_due and decision.reasons:
+                log.log(logging.WARNING if any(not a.ok for a in answers.values()) else logging.INFO,
+                        "rollout %s/%s: %s", key[0], key[1], "; ".join(decision.reasons))
         write_back = decision.outcome is not None and spec.write_back == "commit" and before is not None
         if write_back:
             assert before is not None
@@ -340,3 +360,14 @@ class RolloutController:
         for provider in self.providers.values():
             if isinstance(provider, PrometheusProvider):
                 provider.close()
+
+
+def _count_calls(counts: dict[str, Any], spec: RolloutSpec, answers: dict[str, HookAnswer]) -> dict[str, Any]:
+    """Per webhook, in the rollout's status: calls, the ones not answered 2xx, and the last answer."""
+    types = {h.name: h.type for h in spec.webhooks}
+    out = dict(counts)
+    for name, a in answers.items():
+        was = out.get(name, {})
+        out[name] = {"type": types.get(name), "calls": was.get("calls", 0) + 1,
+                     "not2xx": was.get("not2xx", 0) + (not a.ok), "last": a.detail, "lastAt": time.time()}
+    return out

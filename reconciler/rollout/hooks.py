@@ -2,7 +2,9 @@
 
 Run in a worker thread next to the metric queries, never on the event loop. Failure policy: anything
 but a 2xx within the hook's timeout (after one retry of a failed connection, tenacity) is "not ok": a
-gate stays closed and the run holds at its step; a `rollout` hook counts a failed check.
+gate (confirm-*) stays closed and the run waits; a `rollout` or `pre-rollout` hook counts a failed check;
+a `rollback` hook's "not ok" is its usual answer (only a 2xx rolls back); a `post-rollout` hook's is
+logged and counted, and the outcome stands.
 """
 
 from __future__ import annotations
@@ -52,6 +54,6 @@ def _call(session: requests.Session, hook: WebhookSpec, body: dict[str, Any]) ->
         return HookAnswer(ok=False, detail=f"unreachable: {type(exc).__name__}")
     text = resp.text.strip().replace("\n", " ")[:120]
     detail = f"HTTP {resp.status_code}" + (f" {text}" if text else "")
-    if not 200 <= resp.status_code < 300:
+    if not 200 <= resp.status_code < 300 and hook.type != "rollback":  # a rollback hook's usual answer
         log.info("webhook %s: %s", hook.name, detail)
     return HookAnswer(ok=200 <= resp.status_code < 300, detail=detail)

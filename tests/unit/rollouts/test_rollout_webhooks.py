@@ -56,7 +56,7 @@ def test_webhook_errors_point_at_file_and_line(old: str, new: str, problem: str)
 
 
 def test_an_unknown_hook_type_is_a_located_error() -> None:
-    problems = [str(p) for p in load(with_rollout(ROLLOUT.replace("type: rollout", "type: pre-rollout"))).problems]
+    problems = [str(p) for p in load(with_rollout(ROLLOUT.replace("type: rollout", "type: pre-deploy"))).problems]
     assert len(problems) == 1 and problems[0].startswith("rollout.yaml:13: spec.webhooks[1].type"), problems
 
 
