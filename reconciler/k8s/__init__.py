@@ -1,0 +1,1 @@
+"""Kubernetes-facing renders: CRDs, install manifests, injection. Pure."""
