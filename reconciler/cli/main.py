@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_ca_commands(sub)  # ca init|cluster, certs
 
+    from reconciler.cli import k8s as k8s_cli
+
+    k8s_cli.add_parser(sub)  # k8s crds|install|inject: dispatched through args.func = k8s_cli.run
+
     p = sub.add_parser("demo-app", help="the demo workload: a small fast HTTP service")
     demo_app.add_arguments(p)
     p.set_defaults(func=demo_app.run)
