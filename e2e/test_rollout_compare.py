@@ -5,7 +5,8 @@ Prometheus, `lockgate up`, Git, and HTTP sinks on 127.0.0.1.
 `max: 500`, is rolled back by a `compare` metric (Mann-Whitney U on one p99 per scrape of each version),
 while a canary identical to the stable is promoted. One mesh, the identical canary first.
 (c) A JSON webhook and a Slack-compatible sink receive every decision (start, step, promote; start,
-hold, rollback) in order.
+hold, rollback) in order. The Slack one is Mesh-wide (`Mesh.spec.notifications`); the JSON one is in both
+the Mesh and the Rollout, and gets each decision once.
 (d) Beside them, a sink that refuses connections and one that accepts but never answers: the runs keep
 their cadence, and the failures are counted in the rollout's status.
 (b) A `confirm-promotion` webhook answering 403 holds the run at its last step until it answers 200.
@@ -38,7 +39,7 @@ MESH = """\
 apiVersion: lockgate.io/v1alpha1
 kind: Mesh
 metadata: {name: mesh}
-spec: {trustDomain: example.org, clusters: [{name: east}]}
+spec: {trustDomain: example.org, clusters: [{name: east}]MESH_SINKS}
 ---
 apiVersion: lockgate.io/v1alpha1
 kind: Service
@@ -63,6 +64,16 @@ spec: {{service: reviews, version: {v}, clusters: [east], command: [lockgate, de
 
 SINKS: dict[str, str] = {}
 """Notification sink name -> URL (set by the `sinks` fixture before the mesh starts)."""
+MESH_WIDE = ("chat", "events")
+"""Sinks in Mesh.spec.notifications; `events` is in the Rollout too (one sink, one delivery per decision)."""
+
+
+def _sink(name: str) -> str:
+    return f"{{name: {name}, type: {'slack' if name == 'chat' else 'webhook'}, url: '{SINKS[name]}', timeout: 1s}}"
+
+
+def mesh_yaml() -> str:
+    return MESH.replace("MESH_SINKS", ", notifications: [" + ", ".join(_sink(n) for n in MESH_WIDE) + "]")
 
 
 def rollout(*, stable: str, canary: str | None, extra: str = "") -> str:
@@ -85,8 +96,7 @@ spec:
         builtin: request-duration-p99
         compare: {{baseline: stable, maxIncrease: 20%, confidence: 0.98}}
   notifications:
-{"".join(f"    - {{name: {n}, type: {'slack' if n == 'chat' else 'webhook'}, url: '{u}', timeout: 1s}}" + chr(10)
-         for n, u in SINKS.items())}"""
+{"".join(f"    - {_sink(n)}" + chr(10) for n in SINKS if n != "chat")}"""
 
 
 @dataclass
@@ -209,7 +219,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, sinks: Received) -> Iterator[
     repo, state = tmp / "repo", tmp / "state"
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
-    (repo / "mesh.yaml").write_text(MESH)
+    (repo / "mesh.yaml").write_text(mesh_yaml())
     (repo / "rollout.yaml").write_text(rollout(stable="v1", canary=None))
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "reviews on v1, with a Rollout")
@@ -296,7 +306,8 @@ def test_sinks_got_every_decision_in_order_and_a_down_sink_did_not_slow_the_runs
                                                    .get("failed", 0) >= 2 else None), timeout=len(decided) * 1.5 + 5)
     notes = status["notifications"]
     assert notes["down"]["failed"] == len(decided) and notes["down"]["sent"] == 0, notes
-    assert notes["events"]["sent"] == len(decided) and notes["events"]["failed"] == 0, notes
+    assert notes["events"]["sent"] == len(decided) and notes["events"]["failed"] == 0, notes  # in both: once
+    assert notes["chat"]["sent"] == len(decided), notes  # the Mesh-wide sink is counted like the Rollout's own
     assert "Timeout" in (notes["stuck"]["lastError"] or ""), notes
 
 

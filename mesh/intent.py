@@ -104,11 +104,30 @@ class MeshMTLS(Model):
     """Mesh-wide default for what sidecars accept; sidecars always originate mTLS to each other."""
 
 
+class NotificationSpec(Model):
+    """Where every decision of a rollout is sent: a generic JSON webhook or a Slack-compatible one.
+
+    Defined here, not in rollouts, because the Mesh has sinks too (for every rollout of the mesh) and
+    mesh imports nothing of ours; rollouts.intent re-exports it."""
+
+    name: Name
+    type: Literal["webhook", "slack"] = "webhook"
+    url: str
+    timeout: Duration = "2s"
+    """Per delivery; a sink slower than this (or down) counts a failure and never holds the rollout."""
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration_ms(self.timeout) / 1000.0
+
+
 class MeshSpec(Model):
     trust_domain: str = Field(pattern=r"^[a-z0-9.-]+$")
     """SPIFFE trust domain shared by every cluster (spiffe://<trustDomain>/ns/..)."""
     clusters: list[MeshCluster] = Field(min_length=1)
     mtls: MeshMTLS = Field(default_factory=MeshMTLS)
+    notifications: list[NotificationSpec] = Field(default_factory=list)
+    """Sinks that get the decisions of every Rollout in the mesh (besides each Rollout's own)."""
 
 
 # --- Service ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from mesh.intent import Duration, HTTPMatch, Model, Name, ResourceBase, parse_duration_ms
+from mesh.intent import NotificationSpec as NotificationSpec  # defined in mesh (Mesh.spec has sinks too)
 
 Strategy = Literal["canary", "ab", "bluegreen", "mirror"]
 NoData = Literal["fail", "hold", "pass"]
@@ -87,20 +88,6 @@ class AnalysisSpec(Model):
     metrics: list[MetricSpec] = Field(default_factory=list)
 
 
-class NotificationSpec(Model):
-    """Where every decision of the rollout is sent: a generic JSON webhook or a Slack-compatible one."""
-
-    name: Name
-    type: Literal["webhook", "slack"] = "webhook"
-    url: str
-    timeout: Duration = "2s"
-    """Per delivery; a sink slower than this (or down) counts a failure and never holds the rollout."""
-
-    @property
-    def timeout_s(self) -> float:
-        return parse_duration_ms(self.timeout) / 1000.0
-
-
 HookType = Literal["confirm-rollout", "pre-rollout", "rollout", "confirm-traffic-increase", "confirm-promotion",
                    "post-rollout", "rollback"]
 """Flagger's set. Before any traffic moves: `confirm-rollout` (a gate: the run waits until it answers 2xx),
@@ -142,7 +129,8 @@ class RolloutSpec(Model):
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
     webhooks: list[WebhookSpec] = Field(default_factory=list)
     notifications: list[NotificationSpec] = Field(default_factory=list)
-    """Sinks for this rollout's decisions (Mesh-wide sinks are not implemented yet)."""
+    """Sinks for this rollout's decisions, beside the Mesh-wide ones (`Mesh.spec.notifications`); a sink
+    named in both is one sink, this Rollout's, and gets each decision once."""
     write_back: Literal["commit", "off"] = "commit"
     """commit: promotion and rollback are committed to the intent repo, so Git never goes stale."""
 

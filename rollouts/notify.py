@@ -2,6 +2,7 @@
 
 `event` is the generic webhook's body (every number a receiver may act on); `slack` turns it into a
 Slack-compatible incoming-webhook message (`text`, mrkdwn), which Mattermost and Rocket.Chat accept too.
+`sinks_for` says where one rollout's decisions go: the Mesh-wide sinks and its own.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def slack(body: dict[str, Any]) -> dict[str, Any]:
     if checks:
         lines.append("```" + "\n".join(checks) + "```")
     return {"text": "\n".join(lines)}
+
+
+def sinks_for(mesh: Sequence[NotificationSpec], own: Sequence[NotificationSpec]) -> list[NotificationSpec]:
+    """The Mesh-wide sinks, then the Rollout's own; a name in both is one sink (the Rollout's, the more
+    specific), so it gets each decision once."""
+    mine = {n.name for n in own}
+    return [n for n in mesh if n.name not in mine] + list(own)
 
 
 def payload(sink: NotificationSpec, body: dict[str, Any]) -> dict[str, Any]:

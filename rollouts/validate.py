@@ -1,4 +1,5 @@
-"""Checks on Rollouts across resources: service and versions exist, steps make sense, metrics are known.
+"""Checks on Rollouts across resources: service and versions exist, steps make sense, metrics are known;
+and the Mesh's notification sinks (the same check as a Rollout's).
 
 Pure, like mesh.validate: findings point at a resource index and a field path; the loader adds file:line.
 """
@@ -10,7 +11,7 @@ import re
 import urllib.parse
 from collections.abc import Sequence
 
-from mesh.intent import ResourceBase, Service, parse_duration_ms
+from mesh.intent import Mesh, NotificationSpec, ResourceBase, Service, parse_duration_ms
 from mesh.validate import Finding
 from rollouts.intent import BASELINES, BUILTINS, Rollout, parse_percent
 
@@ -23,6 +24,14 @@ _VERSION = re.compile(r"\{\{\s*version\s*\}\}")
 
 def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
     out: list[Finding] = []
+    mesh_sinks: dict[str, NotificationSpec] = {}
+    for i, r in enumerate(resources):  # Mesh-wide sinks: the same one check as a Rollout's
+        if isinstance(r, Mesh):
+            seen: set[str] = set()
+            for j, n in enumerate(r.spec.notifications):
+                out += _endpoint(i, ("spec", "notifications", j), what="notification", name=n.name, url=n.url,
+                                 timeout=n.timeout, seen=seen)
+                mesh_sinks.setdefault(n.name, n)
     services = {(r.metadata.namespace, r.metadata.name): r for r in resources if isinstance(r, Service)}
     owner: dict[tuple[str, str], Rollout] = {}
     for i, r in enumerate(resources):
@@ -70,6 +79,10 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
         for j, n in enumerate(spec.notifications):
             out += _endpoint(i, ("spec", "notifications", j), what="notification", name=n.name, url=n.url,
                              timeout=n.timeout, seen=sinks)
+            if (wide := mesh_sinks.get(n.name)) is not None and wide != n:
+                out.append(Finding(i, ("spec", "notifications", j, "name"), f"notification {n.name!r} is also a "
+                                   "Mesh-wide sink, set differently: this Rollout's decisions go to this one only",
+                                   warning=True))
         names: set[str] = set()
         for j, m in enumerate(spec.analysis.metrics):
             loc = ("spec", "analysis", "metrics", j)

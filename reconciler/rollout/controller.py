@@ -41,7 +41,7 @@ from rollouts.advance import (
 )
 from rollouts.analysis import observe
 from rollouts.intent import Rollout, RolloutSpec
-from rollouts.notify import event
+from rollouts.notify import event, sinks_for
 from rollouts.provider import MetricProvider, PrometheusProvider
 from rollouts.writeback import commit_message, edit_rollout
 
@@ -100,7 +100,8 @@ class RolloutController:
     revision: str | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     notifier: Notifier = field(default_factory=Notifier)
-    """Sends every decision to the Rollout's sinks, off the tick (a sink that is down never holds a run)."""
+    """Sends every decision to the Mesh-wide sinks and the Rollout's, off the tick (a sink that is down never
+    holds a run)."""
 
     def __post_init__(self) -> None:
         """Resume: every persisted rollout state is back before the first render."""
@@ -213,10 +214,11 @@ class RolloutController:
             self.on_change()
         if decision.action not in ("wait", "none"):
             self._record(key, decision)
-            if spec.notifications:
+            assert self.intent is not None
+            if sinks := sinks_for(self.intent.mesh.spec.notifications, spec.notifications):
                 clusters = self._canary_clusters(ro, decision.state.canary) if decision.state.canary else []
-                self.notifier.send(key, spec.notifications, event(namespace=key[0], name=key[1], decision=decision,
-                                                                  clusters=clusters))
+                self.notifier.send(key, sinks, event(namespace=key[0], name=key[1], decision=decision,
+                                                     clusters=clusters))
         if write_back:
             await self._retry_write_back(key, force=True)
 

@@ -254,3 +254,85 @@ def test_the_controller_sends_each_decision_and_counts_a_down_sink_in_status(tmp
             assert "; ops sent 1 failed 0 dropped 0" in human, human
             await ctl.close()
     run(main())
+
+
+# --- Mesh-wide sinks -------------------------------------------------------------------------------
+
+
+def mesh_with(sinks: str) -> dict[str, bytes]:
+    """The template with `sinks` (YAML list items, indented 4) as Mesh.spec.notifications: mesh.yaml line 11 on."""
+    f = files(ROLLOUT)
+    f["mesh.yaml"] = f["mesh.yaml"] + b"  notifications:\n" + sinks.encode()
+    return f
+
+
+def n(name: str, url: str = "http://127.0.0.1:9000/events", **kw: Any) -> NotificationSpec:
+    return NotificationSpec.model_validate({"name": name, "url": url, **kw})
+
+
+@pytest.mark.parametrize(("mesh", "own", "expected"), [
+    ([], [n("ops")], [n("ops")]),
+    ([n("all")], [], [n("all")]),
+    ([n("all")], [n("ops")], [n("all"), n("ops")]),
+    ([n("ops"), n("all")], [n("ops")], [n("all"), n("ops")]),  # named in both: once
+    ([n("ops", "http://a/")], [n("ops", "http://b/", type="slack")], [n("ops", "http://b/", type="slack")]),
+])
+def test_a_rollout_goes_to_the_mesh_sinks_and_its_own_each_name_once(
+        mesh: list[NotificationSpec], own: list[NotificationSpec], expected: list[NotificationSpec]) -> None:
+    from rollouts.notify import sinks_for
+
+    assert sinks_for(mesh, own) == expected
+
+
+def test_mesh_sinks_load_and_are_checked_like_a_rollouts() -> None:
+    assert load(mesh_with('    - {name: all, type: slack, url: "https://hooks.example.com/T/B/x"}\n')).ok
+    bad = mesh_with("    - {name: all, url: ftp://x/y}\n    - {name: all, url: 'http://127.0.0.1:1/', timeout: 20s}\n")
+    problems = [str(p) for p in load(bad).problems]
+    assert problems == [
+        "mesh.yaml:11: spec.notifications[0].url: url 'ftp://x/y' is not an http:// or https:// URL with a host",
+        "mesh.yaml:12: spec.notifications[1].name: duplicate notification 'all'",
+        "mesh.yaml:12: spec.notifications[1].timeout: timeout 20s is not between 50ms and 10s"], problems
+
+
+def test_a_rollout_sink_set_differently_from_the_mesh_one_of_its_name_is_a_warning() -> None:
+    def sink_warnings(loaded: Any) -> list[str]:
+        return [str(w) for w in loaded.warnings if "notifications" in str(w)]
+
+    same = load(mesh_with('    - {name: ops, type: webhook, url: "http://127.0.0.1:9000/events"}\n'))
+    assert same.ok and sink_warnings(same) == [], same.warnings
+    other = load(mesh_with('    - {name: ops, url: "http://127.0.0.1:9001/all"}\n'))
+    assert other.ok and sink_warnings(other) == [
+        "rollout.yaml:11: warning: spec.notifications[0].name: notification 'ops' is also a Mesh-wide sink, set "
+        "differently: this Rollout's decisions go to this one only"], other.warnings
+
+
+def test_the_controller_sends_to_mesh_sinks_too_and_a_sink_in_both_once(tmp_path: Path) -> None:
+    from reconciler.rollout.controller import RolloutController
+    from reconciler.source.git import Pygit2Source, init_repo
+    from tests.fixtures.runtime import FakeRuntime
+
+    repo = tmp_path / "repo"
+    init_repo(repo, template=TEMPLATE)
+    source = Pygit2Source.open(str(repo))
+
+    async def main() -> None:
+        async with sink() as ops, sink() as wide:
+            text = ROLLOUT.replace('url: "http://127.0.0.1:9000/events"', f'url: "{ops.url}"').replace(
+                "https://hooks.example.com/T0/B0/x", refused_url())
+            f = with_rollout(text)
+            f["mesh.yaml"] += (f"  notifications:\n    - {{name: ops, url: '{ops.url}'}}\n"
+                               f"    - {{name: all, url: '{wide.url}', timeout: 1s}}\n").encode()
+            loaded = load(f)
+            assert loaded.ok and loaded.intent is not None, loaded.problems
+            ctl = RolloutController(state_dir=tmp_path / "state", source=source, runtime=FakeRuntime(),
+                                    on_change=lambda: None)
+            ctl.on_revision(loaded.intent, source.head() or "")
+            await ctl.tick()
+            await wait_until(lambda: len(wide.got) == 1 and len(ops.got) == 1
+                             and set(ctl.records[KEY].get("notifications", {})) == {"ops", "chat", "all"})
+            await asyncio.sleep(0.2)  # a second delivery to `ops` would have arrived by now
+            assert len(ops.got) == 1 and wide.got[0]["action"] == "start" == ops.got[0]["action"]
+            assert wide.got[0]["rollout"] == "shop/reviews"
+            assert ctl.records[KEY]["notifications"]["all"]["sent"] == 1
+            await ctl.close()
+    run(main())
