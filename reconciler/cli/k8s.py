@@ -52,8 +52,8 @@ def add_parser(sub: Any) -> None:
                    help="add a PodMonitor (Prometheus Operator) scraping every injected sidecar")
     q = k8s.add_parser("inject", help="print a manifest with the lockgate sidecar injected into its pods")
     q.add_argument("-f", "--filename", required=True, metavar="FILE", help="the manifest, or - for stdin")
-    q.add_argument("--cluster", help="the cluster the workloads run in")
-    q.add_argument("--image", help=f"the image of the injected proxy (default: {IMAGE_REPOSITORY}:<this version>)")
+    q.add_argument("--cluster", required=True, help="the cluster the workloads run in")
+    q.add_argument("--image", help="the image of the injected proxy (default: the injector's)")
     q.add_argument("--xds", metavar="HOST:PORT", help="the control plane the sidecar connects to")
     p.set_defaults(func=run)
 
@@ -78,9 +78,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _crds() -> list[dict[str, Any]]:
+    from reconciler.k8s.crds import crd_documents
     from reconciler.k8s.install import kopf_peering_crd
 
-    return [*_module("reconciler.k8s.crds").crd_documents(), kopf_peering_crd()]
+    return [*crd_documents(), kopf_peering_crd()]
 
 
 def _install(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -108,7 +109,7 @@ def _inject(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise UsageError(f"k8s inject: {args.filename}: not YAML: {' '.join(str(exc).split())}") from None
     if not all(isinstance(d, dict) for d in docs):
         raise UsageError(f"k8s inject: {args.filename}: every document must be a Kubernetes object (a mapping)")
-    options: dict[str, Any] = {"cluster": args.cluster, "image": args.image or default_image()}
+    options: dict[str, Any] = {"cluster": args.cluster, "image": args.image}  # None: InjectConfig's default
     if args.xds is not None:
         host, sep, port = args.xds.rpartition(":")
         if not sep or not host or not port.isdigit():
@@ -116,9 +117,12 @@ def _inject(args: argparse.Namespace) -> list[dict[str, Any]]:
         options["xds"] = args.xds
     try:
         config = inject.InjectConfig(**{k: v for k, v in options.items() if v is not None})
-        injected: list[dict[str, Any]] = inject.inject_documents(docs, config)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # a flag the injector refuses
         raise UsageError(f"k8s inject: {' '.join(str(exc).split())}") from None
+    try:
+        injected: list[dict[str, Any]] = inject.inject_documents(docs, config)
+    except ValueError as exc:  # a document the injector refuses
+        raise UsageError(f"k8s inject: {args.filename}: {' '.join(str(exc).split())}") from None
     return injected
 
 
@@ -147,20 +151,10 @@ def default_image() -> str:
 
 
 def dump_yaml(docs: list[dict[str, Any]]) -> str:
-    """Multi-document YAML, the one way every `k8s` command prints (the CRDs' dumper when it is there)."""
-    if _exists("reconciler.k8s.crds"):
-        shared = getattr(importlib.import_module("reconciler.k8s.crds"), "dump_yaml", None)
-        if shared is not None:
-            out: str = shared(docs)
-            return out
-    import yaml
+    """Multi-document YAML, the one way every `k8s` command prints (the CRDs' dumper)."""
+    from reconciler.k8s.crds import dump_yaml as dump
 
-    class Dumper(yaml.SafeDumper):
-        def ignore_aliases(self, data: Any) -> bool:
-            return True  # no `&id001` for values that happen to be shared
-
-    return yaml.dump_all(docs, Dumper=Dumper, sort_keys=False, default_flow_style=False, explicit_start=True,
-                         width=120)
+    return dump(docs)
 
 
 def _exists(module: str) -> bool:

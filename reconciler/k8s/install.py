@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import importlib
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mesh.intent import DNS_LABEL
 from multicluster.ca import CA, CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, CAError, load_cluster, pem
+from reconciler.k8s.crds import crd_documents
 
 Doc = dict[str, Any]
 
@@ -131,28 +130,9 @@ def scrape_hint() -> str:
 
 
 def lockgate_plurals() -> list[str]:
-    """The plural of every lockgate.io resource the operator watches, GitSource included."""
-    try:
-        crds = importlib.import_module("reconciler.k8s.crds")
-    except ModuleNotFoundError as exc:
-        if exc.name != "reconciler.k8s.crds":
-            raise
-        # TODO(reconciler/k8s/crds.py): drop this fallback once crds.py is in; the CRDs are the source of truth.
-        from reconciler.kinds import KINDS
-
-        return sorted({_plural(kind) for kind in KINDS} | {"gitsources"})
-    found: Iterable[Doc] = crds.crd_documents()
-    return sorted({d["spec"]["names"]["plural"] for d in found
-                   if d.get("kind") == "CustomResourceDefinition" and d["spec"]["group"] == GROUP} | {"gitsources"})
-
-
-def _plural(kind: str) -> str:
-    low = kind.lower()
-    if low.endswith(("s", "sh", "ch", "x", "z")):
-        return low + "es"
-    if low.endswith("y") and low[-2:-1] not in ("a", "e", "i", "o", "u"):
-        return low[:-1] + "ies"
-    return low + "s"
+    """The plural of every lockgate.io resource the operator watches (GitSource included), from the CRDs."""
+    return sorted({d["spec"]["names"]["plural"] for d in crd_documents() if d["spec"]["group"] == GROUP}
+                  | {"gitsources"})
 
 
 def _rule(group: str, resources: list[str], verbs: list[str]) -> Doc:
