@@ -28,6 +28,12 @@ class Sidecar:
     """Sidecar listener the workload uses as its HTTP proxy."""
     app_port: int
     """Where the workload itself listens."""
+    service_account: str | None = None
+    """The identity the runtime knows this instance runs as (a pod's service account); None: the intent
+    decides (the Workload's serviceAccount, else the service name)."""
+    outbound_address: str | None = None
+    """Where the outbound listener binds, if not `address`: a pod's loopback, so no other pod can send
+    requests through this instance's sidecar with this instance's identity."""
 
 
 @dataclass(frozen=True)

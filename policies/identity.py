@@ -24,6 +24,8 @@ def identity_of(intent: Intent, proxy: Sidecar | Gateway) -> str:
     td = intent.mesh.spec.trust_domain
     if isinstance(proxy, Gateway):
         return spiffe_id(td, GATEWAY_NAMESPACE, GATEWAY_SERVICE_ACCOUNT)
+    if proxy.service_account is not None:  # the runtime knows (a pod's service account): it is who this is
+        return spiffe_id(td, proxy.namespace, proxy.service_account)
     w = intent.workloads.get((proxy.namespace, proxy.workload))
     sa = (w.spec.service_account if w else None) or proxy.service
     return spiffe_id(td, proxy.namespace, sa)

@@ -168,7 +168,7 @@ class Reconciler:
             return
         intent = loaded.intent
         for i, c in enumerate(intent.mesh.spec.clusters):
-            if c.name not in self.planes:
+            if c.name not in self.planes and self.runtime.serves(c.name):
                 try:
                     await self._add_plane(c.name, self.runtime.control_plane(c.name, index=i))
                 except CAError as exc:  # no intermediate for a new cluster: the operator's move, not a bug

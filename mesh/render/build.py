@@ -94,8 +94,8 @@ def render(
             clusters, endpoints, fault = for_reach(ctx, reach)
             listeners = [
                 listener_config("inbound", proxy.address, proxy.inbound_port, ingress=False),
-                listener_config("outbound", proxy.address, proxy.outbound_port, ingress=False, proxy=True,
-                                fault=fault),
+                listener_config("outbound", proxy.outbound_address or proxy.address, proxy.outbound_port,
+                                ingress=False, proxy=True, fault=fault),
             ]
             routes = [inbound_for(ctx), outbound_config(ctx, proxy, reach)]
             own = [ctx.cluster(inbound_cluster(proxy))]

@@ -7,8 +7,9 @@ moves DiscoveryRequests in and DiscoveryResponses out, so the protocol is testab
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -37,7 +38,9 @@ class Authenticator(Protocol):
     """Who a stream's credential says the proxy is. Local runtime: a per-proxy token written beside its
     bootstrap; Kubernetes: a service-account token. None: not a credential of this control plane."""
 
-    def node_for(self, token: str) -> str | None: ...
+    def node_for(self, token: str) -> str | Awaitable[str | None] | None:
+        """The node id `token` names, or None. May be a coroutine: a service-account token is checked with
+        the Kubernetes TokenReview API (a network call, once per stream, never on the event loop's time)."""
 
 
 class PermissionDenied(ValueError):
@@ -257,19 +260,20 @@ class _AdsServicer:
         self._cache = cache
         self._authenticator = authenticator
 
-    def _identify(self, context: Any) -> str | None:
+    async def _identify(self, context: Any) -> str | None:
         """The node id the stream's credential names; raises PermissionDenied without a valid one."""
         if self._authenticator is None:
             return None
         token = next((str(v) for k, v in context.invocation_metadata() or () if k == TOKEN_METADATA), None)
-        node = self._authenticator.node_for(token) if token else None
+        found = self._authenticator.node_for(token) if token else None
+        node = await found if inspect.isawaitable(found) else found
         if node is None:
             raise PermissionDenied("no valid credential")
         return node
 
     async def StreamAggregatedResources(self, request_iterator: Any, context: Any) -> None:
         try:
-            allowed = self._identify(context)
+            allowed = await self._identify(context)
         except PermissionDenied as exc:
             log.warning("refused an ADS stream from %s: %s", context.peer(), exc)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"lockgate: {exc}")

@@ -108,6 +108,10 @@ class Runtime(Protocol):
         """How the cluster's control plane tells which proxy a stream is: every proxy of this runtime
         carries a credential naming it (a per-proxy token locally, a service-account token on Kubernetes)."""
 
+    def serves(self, cluster: str) -> bool:
+        """Whether this runtime's proxies of `cluster` are served from here. Locally every cluster is; on
+        Kubernetes each cluster runs its own operator and serves only its own proxies."""
+
     def control_plane(self, cluster: str, *, index: int) -> Bind:
         """Where the control plane of the index-th cluster of the Mesh should listen; the same place as
         before a restart where that lets running proxies reconnect."""

@@ -284,6 +284,9 @@ class LocalRuntime:
             self._sockets = socket_dir(self.state_dir)
         return self._sockets / f"{hashlib.sha256(node_id.encode()).hexdigest()[:12]}.sock"
 
+    def serves(self, cluster: str) -> bool:
+        return True
+
     def control_plane(self, cluster: str, *, index: int) -> Bind:
         """The cluster's loopback address, and the control-plane port an earlier lockgate used for it:
         binding it again lets the gateways and sidecars it left running reconnect (their bootstrap names it)."""
