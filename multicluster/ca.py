@@ -199,12 +199,17 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def private_dir(path: Path) -> Path:
-    """Create `path` (and missing parents) as 0700 with a `.gitignore` of `*`; tighten it if it exists."""
+    """Create `path` (and missing parents) as 0700 with a `.gitignore` of `*`; tighten it if it exists.
+    A directory we may not change (a Kubernetes Secret mounted read-only) is used as it is: its mount
+    decides who reads it."""
     path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    os.chmod(path, DIR_MODE)
-    ignore = path / ".gitignore"
-    if not ignore.exists():
-        _write(ignore, b"# private keys: never commit anything here\n*\n", CERT_MODE)
+    try:
+        os.chmod(path, DIR_MODE)
+        ignore = path / ".gitignore"
+        if not ignore.exists():
+            _write(ignore, b"# private keys: never commit anything here\n*\n", CERT_MODE)
+    except OSError as exc:
+        log.debug("%s: left as it is (%s)", path, exc.strerror)
     return path
 
 
@@ -234,8 +239,11 @@ def _read(path: Path) -> bytes:
 def _read_key(path: Path) -> ec.EllipticCurvePrivateKey:
     mode = path.stat().st_mode & 0o777 if path.exists() else KEY_MODE
     if mode & 0o077:
-        log.warning("%s was readable by others (mode %o); tightened to %o", path, mode, KEY_MODE)
-        os.chmod(path, KEY_MODE)
+        try:
+            os.chmod(path, KEY_MODE)
+            log.warning("%s was readable by others (mode %o); tightened to %o", path, mode, KEY_MODE)
+        except OSError as exc:  # a read-only mount (a Secret volume, group-readable for fsGroup) decides
+            log.info("%s has mode %o and cannot be tightened here (%s)", path, mode, exc.strerror)
     try:
         key = serialization.load_pem_private_key(_read(path), password=None)
     except ValueError:

@@ -268,3 +268,24 @@ def test_certs_command_reads_the_status_file(tmp_path: Path, capsys: pytest.Capt
     assert "east/shop/reviews-v1-0" in text
     assert f"{hierarchy[1].name.split(',')[0][3:]} < {hierarchy[0].name.split(',')[0][3:]}" in text
     assert main(["certs", "--state-dir", str(tmp_path / "nowhere")]) == 1
+
+
+def test_a_read_only_ca_directory_loads_as_a_kubernetes_secret_mount_has_it(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator's CA is a Secret volume: group-readable (fsGroup) and read-only. It must load as it is."""
+    import errno
+
+    import multicluster.ca as ca_mod
+
+    now = dt.datetime.now(dt.UTC)
+    root = ca_mod.init_root(tmp_path / "ca" / "root", now=now)
+    ca_mod.write_cluster(ca_mod.new_intermediate(root, cluster="east", now=now), tmp_path / "ca" / "east")
+    (tmp_path / "ca" / "root" / ca_mod.ROOT_KEY).unlink()  # the root key is offline, as it should be
+    os.chmod(tmp_path / "ca" / "east" / ca_mod.CA_KEY, 0o440)
+
+    def read_only(*_: object, **__: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(ca_mod.os, "chmod", read_only)
+    got = ca_mod.ensure_hierarchy(tmp_path / "ca", ["east"], now=now, create_root=False)
+    assert got["east"].cert.subject == ca_mod.load_cluster(tmp_path / "ca" / "east").cert.subject
