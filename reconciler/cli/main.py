@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     k8s_cli.add_parser(sub)  # k8s crds|install|inject: dispatched through args.func = k8s_cli.run
 
+    from reconciler.cli import operator_args
+
+    operator_args.add_parser(sub)  # the operator itself (kopf) is imported only when it runs
+
     p = sub.add_parser("demo-app", help="the demo workload: a small fast HTTP service")
     demo_app.add_arguments(p)
     p.set_defaults(func=demo_app.run)

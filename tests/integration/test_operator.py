@@ -1,0 +1,201 @@
+"""The operator in-process against kmock (an emulated Kubernetes API): GitSource -> Ready with the applied
+revision; a broken commit -> Stalled with `path:line`, nothing served changes; an EndpointSlice change
+reaches the snapshots of the proxies that call that service only; a deleted pod leaves the endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from mesh.xds.snapshot import ENDPOINT
+from reconciler.cli.operator import Operator, OperatorConfig
+from reconciler.runtime.base import Bind
+from tests.fixtures.git import commit_all, new_repo, write
+from tests.fixtures.kube import Kube, OperatorThread, kube, slice_body
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio]
+NS = "lockgate-system"
+GITSOURCES = f"/apis/lockgate.io/v1alpha1/namespaces/{NS}/gitsources"
+
+MESH = """\
+apiVersion: lockgate.io/v1alpha1
+kind: Mesh
+metadata: {name: mesh}
+spec:
+  trustDomain: example.org
+  clusters: [{name: east}]
+"""
+SERVICES = "\n---\n".join(f"""\
+apiVersion: lockgate.io/v1alpha1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  ports: [{{name: http, port: {port}, protocol: HTTP}}]
+  versions: [v1, v2]
+""" for name, port in (("frontend", 8080), ("reviews", 9080), ("ratings", 9081)))
+# reviews and ratings call nothing: an endpoint change of reviews is frontend's business only.
+WORKLOADS = "\n---\n".join(f"""\
+apiVersion: lockgate.io/v1alpha1
+kind: Workload
+metadata: {{name: {svc}-v1, namespace: shop}}
+spec:
+  service: {svc}
+  version: v1
+  clusters: [east]
+  command: [on-kubernetes-a-deployment-runs-this]
+  egress: []
+""" for svc in ("reviews", "ratings"))
+
+
+def routes(v1: int) -> str:
+    return f"""\
+apiVersion: lockgate.io/v1alpha1
+kind: Route
+metadata: {{name: reviews, namespace: shop}}
+spec:
+  service: reviews
+  http:
+    - name: default
+      route:
+        - {{version: v1, weight: {v1}}}
+        - {{version: v2, weight: {100 - v1}}}
+"""
+
+
+def repo(tmp_path: Path) -> Path:
+    return new_repo(tmp_path / "mesh", {"mesh.yaml": MESH, "services.yaml": SERVICES, "workloads.yaml": WORKLOADS,
+                                        "routes.yaml": routes(100)})
+
+
+def pod(name: str, service: str, version: str, ip: str, *, sa: str | None = None) -> dict[str, Any]:
+    """A pod as the API server stores it after the injector ran (the injector's own function)."""
+    from reconciler.k8s.inject import InjectConfig, inject_pod_spec
+
+    meta = {"name": name, "namespace": "shop", "labels": {"app": service, "version": version}}
+    spec = {"serviceAccountName": sa or service,
+            "containers": [{"name": "app", "image": "demo", "ports": [{"containerPort": 9080}]}]}
+    injected = inject_pod_spec(meta, spec, InjectConfig(cluster="east"))
+    assert injected is not None
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": injected[0], "spec": injected[1],
+            "status": {"podIP": ip, "phase": "Running"}}
+
+
+@pytest_asyncio.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Kube, Operator]]:
+    async with kube() as k:
+        op = Operator(config=OperatorConfig(cluster="east", state_dir=tmp_path / "state",
+                                            xds=Bind("127.0.0.1", 0), webhook=None, metrics=None,
+                                            standalone=True), api=k.api())
+        thread = OperatorThread(op)
+        await asyncio.to_thread(thread.start)
+        try:
+            yield k, op
+        finally:
+            await asyncio.to_thread(thread.stop)
+
+
+async def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.05)
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == kind), None)
+
+
+async def gitsource(k: Kube, url: Path) -> None:
+    await k.create(GITSOURCES, {"apiVersion": "lockgate.io/v1alpha1", "kind": "GitSource",
+                                "metadata": {"name": "mesh", "namespace": NS},
+                                "spec": {"url": f"file://{url}", "interval": "1s"}})
+
+
+async def test_gitsource_ready_then_a_broken_commit_stalls_and_changes_nothing(cluster: tuple[Kube, Operator],
+                                                                             tmp_path: Path) -> None:
+    k, op = cluster
+    root = repo(tmp_path)
+    await gitsource(k, root)
+    await until(lambda: op.session and op.session.reconciler.applied, what="first revision applied")
+    first = op.session.reconciler.applied if op.session else None
+    assert first is not None
+
+    async def status() -> dict[str, Any]:
+        return await k.get(f"{GITSOURCES}/mesh")
+
+    deadline = time.monotonic() + 20
+    while (c := condition(await status(), "Ready")) is None or c["status"] != "True":
+        assert time.monotonic() < deadline, await status()
+        await asyncio.sleep(0.1)
+    st = (await status())["status"]
+    assert st["appliedRevision"] == first and condition(await status(), "Stalled")["status"] == "False"  # type: ignore[index]
+
+    plane = op.session.reconciler.planes["east"]  # type: ignore[union-attr]
+    served = {n: plane.cache.get(n) for n in plane.cache.nodes()}
+    write(root, "routes.yaml", routes(100).replace("weight: 0", "weight: 30"))  # 100 + 30: invalid
+    bad = commit_all(root, "reviews: 100/30 (a typo)")
+    deadline = time.monotonic() + 20
+    while (c := condition(await status(), "Stalled")) is None or c["status"] != "True":
+        assert time.monotonic() < deadline, await status()
+        await asyncio.sleep(0.1)
+    st = (await status())["status"]
+    stalled = condition(await status(), "Stalled")
+    assert stalled is not None and stalled["reason"] == "InvalidRevision"
+    assert "routes.yaml:" in stalled["message"] and "weights must sum to 100" in stalled["message"]
+    assert st["failedRevision"] == bad and st["appliedRevision"] == first
+    assert condition(await status(), "Ready")["status"] == "False"  # type: ignore[index]
+    assert {n: plane.cache.get(n) for n in plane.cache.nodes()} == served  # nothing that serves changed
+
+
+async def test_endpoint_churn_reaches_only_the_callers_and_a_deleted_pod_leaves(cluster: tuple[Kube, Operator],
+                                                                               tmp_path: Path) -> None:
+    k, op = cluster
+    await gitsource(k, repo(tmp_path))
+    await until(lambda: op.session and op.session.reconciler.applied, what="first revision applied")
+    pods = "/api/v1/namespaces/shop/pods"
+    for body in (pod("frontend-a", "frontend", "v1", "10.0.0.1"), pod("reviews-v1-a", "reviews", "v1", "10.0.0.2"),
+                 pod("reviews-v1-b", "reviews", "v1", "10.0.0.3"), pod("ratings-v1-a", "ratings", "v1", "10.0.0.4")):
+        await k.create(pods, body)
+    slices = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"
+    await k.create(slices, slice_body(namespace="shop", name="frontend-1", service="frontend", port=8080,
+                                      endpoints=[("frontend-a", "10.0.0.1", True)]))
+    await k.create(slices, slice_body(namespace="shop", name="ratings-1", service="ratings", port=9081,
+                                      endpoints=[("ratings-v1-a", "10.0.0.4", True)]))
+    await k.create(slices, slice_body(namespace="shop", name="reviews-1", service="reviews", port=9080,
+                                      endpoints=[("reviews-v1-a", "10.0.0.2", True)]))
+    plane = op.session.reconciler.planes["east"]  # type: ignore[union-attr]
+    frontend, reviews, ratings = "east/shop/frontend-a", "east/shop/reviews-v1-a", "east/shop/ratings-v1-a"
+
+    def reviews_endpoints() -> set[str]:
+        snap = plane.cache.get(frontend)
+        if snap is None:
+            return set()
+        text = str([r for name, r in snap.items(ENDPOINT).items() if "reviews" in name])
+        return {ip for ip in ("10.0.0.2", "10.0.0.3") if ip in text}
+
+    await until(lambda: reviews_endpoints() == {"10.0.0.2"}, what="frontend sees reviews-v1-a")
+    before = {n: plane.cache.get(n).version(ENDPOINT) for n in (frontend, reviews, ratings)}  # type: ignore[union-attr]
+
+    # The kubelet reports reviews-v1-b ready: one slice update.
+    await k.patch(f"{slices}/reviews-1", {"endpoints": slice_body(
+        namespace="shop", name="reviews-1", service="reviews", port=9080,
+        endpoints=[("reviews-v1-a", "10.0.0.2", True), ("reviews-v1-b", "10.0.0.3", True)])["endpoints"]})
+    await until(lambda: reviews_endpoints() == {"10.0.0.2", "10.0.0.3"}, what="frontend sees reviews-v1-b")
+    after = {n: plane.cache.get(n).version(ENDPOINT) for n in (frontend, reviews, ratings)}  # type: ignore[union-attr]
+    assert after[frontend] != before[frontend]
+    assert after[reviews] == before[reviews] and after[ratings] == before[ratings]  # they do not call reviews
+
+    # The pod is deleted (its slice entry lingers until the endpoints controller runs: the pod decides).
+    await k.delete(f"{pods}/reviews-v1-b")
+    await until(lambda: reviews_endpoints() == {"10.0.0.2"}, what="reviews-v1-b gone from frontend's endpoints")
+    assert "east/shop/reviews-v1-b" not in set(plane.cache.nodes())
