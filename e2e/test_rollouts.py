@@ -7,13 +7,16 @@ at the ingress recorded request by request. Scenarios, in order:
     share of failed requests at the ingress below the canary's weight;
 (c) A/B: only requests with the header reach the canary; `lockgate rollout abort` ends it;
 (d) Prometheus stopped (SIGSTOP) mid-rollout: the rollout holds and never promotes;
-(e) `lockgate up` SIGKILLed mid-rollout: restarted, it resumes at the same step.
+(e) `lockgate up` SIGKILLed mid-rollout: restarted, it resumes at the same step;
+(f) session affinity at a 20% canary: a client that got the canary's cookie stays on the canary, one
+    without it sees the split; after the run the cookie routes nowhere special.
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import os
 import signal
@@ -422,3 +425,53 @@ def _ready(url: str) -> bool:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(url, timeout=1) as resp:
         return bool(resp.status == 200)
+
+
+def _answers(address: tuple[str, int], n: int, cookie: str | None = None) -> list[tuple[str | None, str | None]]:
+    """n requests on one connection: (version that answered, its Set-Cookie header) each."""
+    conn = http.client.HTTPConnection(*address, timeout=5)
+    out = []
+    for _ in range(n):
+        conn.request("GET", "/", headers={"Host": HOST, **({"Cookie": cookie} if cookie else {})})
+        resp = conn.getresponse()
+        body = resp.read()
+        out.append((json.loads(body).get("version") if resp.status == 200 else f"HTTP {resp.status}",
+                    resp.getheader("Set-Cookie")))
+    conn.close()
+    return out
+
+
+def test_session_affinity_keeps_a_client_on_the_canary_for_the_run(mesh: Mesh) -> None:
+    stable = mesh.rollout()["stable"]
+    canary = "v2" if stable == "v1" else "v1"
+    paused = rollout(stable=stable, canary=canary, extra="  paused: true           # stays at 20%\n"
+                     "  sessionAffinity: {maxAge: 1h}\n")
+    mesh.commit_rollout(paused, f"reviews: canary {canary} with session affinity, held at 20%")
+    _watch(mesh, lambda s: s["phase"] == "progressing" and s["canary"] == canary and s["weight"] == 20, timeout=20)
+    address = mesh.up.ingress()
+    cookie = wait_for("the canary's answers set the cookie", lambda: next(
+        (c for v, c in _answers(address, 20) if v == canary and c), None), timeout=10)
+    pair, *attributes = [part.strip() for part in cookie.split(";")]
+    assert pair.startswith("lockgate-canary=") and attributes == ["Max-Age=3600", "Path=/"], cookie
+
+    # Without the cookie: the 80/20 split, and only the canary's answers carry a Set-Cookie.
+    split = _answers(address, 300)
+    served = {v: sum(1 for w, _ in split if w == v) for v in {w for w, _ in split}}
+    assert set(served) == {stable, canary} and 0.08 < served[canary] / len(split) < 0.35, served
+    wrong = [(v, c) for v, c in split if (c is not None) != (v == canary)]
+    assert not wrong, wrong
+    assert all(c == cookie for v, c in split if v == canary)  # one cookie for the whole run
+
+    # With it (among other cookies, as a browser sends them): the canary, 30 times in a row.
+    sticky = _answers(address, 30, cookie=f"theme=dark; {pair}; lang=en")
+    in_a_row = sum(1 for _ in itertools.takewhile(lambda a: a[0] == canary, sticky))
+    assert in_a_row == 30, sticky
+    assert {v for v, _ in _answers(address, 30, cookie=f"{pair}0")} >= {stable}  # another value: the split
+
+    # The run ends: the cookie no longer means anything, and nobody gets a new one.
+    before = mesh.rollout()
+    lockgate("rollout", "abort", "reviews", "--state-dir", str(mesh.state))
+    _watch(mesh, _written_back("rolled-back", before), timeout=20)
+    wait_for("the affinity rule gone", lambda: _answers(address, 20, cookie=pair) == [(stable, None)] * 20,
+             timeout=10)
+    assert all(c is None for _, c in _answers(address, 100))

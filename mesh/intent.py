@@ -234,9 +234,25 @@ Percentage = Annotated[float, BeforeValidator(_unwrap("value")), AfterValidator(
 """0-100, as a number or Istio's `{value: N}`; fractions are kept to 1/10000 of a percent."""
 
 
+class HeaderOperations(Model):
+    set: dict[str, str] = Field(default_factory=dict)
+    """Overwrite (or add) these headers."""
+    add: dict[str, str] = Field(default_factory=dict)
+    """Append a value, keeping any existing one."""
+    remove: list[str] = Field(default_factory=list)
+
+
+class Headers(Model):
+    request: HeaderOperations | None = None
+    response: HeaderOperations | None = None
+
+
 class Destination(Model):
     version: Name
     weight: int = Field(default=100, ge=0, le=100)
+    headers: Headers | None = None
+    """Header edits for the requests sent to this destination and its responses only (Istio's
+    HTTPRouteDestination.headers), applied before the rule's own `headers`."""
 
 
 class RetryBackoff(Model):
@@ -328,19 +344,6 @@ class DirectResponse(Model):
     status: int = Field(ge=200, le=599)
     body: Annotated[str | None, BeforeValidator(_unwrap("string"))] = None
     """Inline text, or Istio's `{string: ..}`."""
-
-
-class HeaderOperations(Model):
-    set: dict[str, str] = Field(default_factory=dict)
-    """Overwrite (or add) these headers."""
-    add: dict[str, str] = Field(default_factory=dict)
-    """Append a value, keeping any existing one."""
-    remove: list[str] = Field(default_factory=list)
-
-
-class Headers(Model):
-    request: HeaderOperations | None = None
-    response: HeaderOperations | None = None
 
 
 class HTTPRule(Model):

@@ -262,10 +262,12 @@ def _check_rule(i: int, rule: HTTPRule, base: Loc, svc: Service | None, *, gover
         out.append(Finding(i, (*base, "mirror", "version"),
                            f"service {svc.metadata.name!r} has no version {rule.mirror.version!r} "
                            f"(declared: {', '.join(svc.spec.versions)})"))
-    if rule.headers is not None:
+    edits = [((*base, "headers"), rule.headers)] + [((*base, "route", j, "headers"), d.headers)
+                                                    for j, d in enumerate(rule.route)]
+    for at, headers in edits:
         for side in ("request", "response"):
-            if (ops := getattr(rule.headers, side)) is not None:
-                out += _check_header_operations(ops, (*base, "headers", side), i, request=side == "request")
+            if headers is not None and (ops := getattr(headers, side)) is not None:
+                out += _check_header_operations(ops, (*at, side), i, request=side == "request")
     for j, m in enumerate(rule.match):
         if m.uri is not None:
             out += _check_string_match(m.uri, (*base, "match", j, "uri"), i)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mesh.intent import Duration, HTTPMatch, Model, Name, ResourceBase, parse_duration_ms
+from mesh.intent import Duration, HTTPMatch, Model, Name, PositiveDuration, ResourceBase, parse_duration_ms
 from mesh.intent import NotificationSpec as NotificationSpec  # defined in mesh (Mesh.spec has sinks too)
 
 Strategy = Literal["canary", "ab", "bluegreen", "mirror"]
@@ -112,6 +112,20 @@ class WebhookSpec(Model):
         return parse_duration_ms(self.timeout) / 1000.0
 
 
+class SessionAffinitySpec(Model):
+    """Flagger's sessionAffinity: a client the weights sent to the canary gets a cookie, and while the run
+    lasts every request carrying it goes to the canary (one user never flips between versions)."""
+
+    cookie_name: str = Field(default="lockgate-canary", pattern=r"^[A-Za-z0-9_.-]+$", max_length=64)
+    """Letters, digits, `_`, `.`, `-` (a cookie-name token that needs no quoting in a regex or a header)."""
+    max_age: PositiveDuration = "24h"
+    """The cookie's Max-Age (whole seconds, at least 1s); the route that honours it ends with the run."""
+
+    @property
+    def max_age_s(self) -> int:
+        return parse_duration_ms(self.max_age) // 1000
+
+
 class RolloutSpec(Model):
     service: Name
     stable: Name
@@ -131,6 +145,8 @@ class RolloutSpec(Model):
     notifications: list[NotificationSpec] = Field(default_factory=list)
     """Sinks for this rollout's decisions, beside the Mesh-wide ones (`Mesh.spec.notifications`); a sink
     named in both is one sink, this Rollout's, and gets each decision once."""
+    session_affinity: SessionAffinitySpec | None = None
+    """canary strategy: keep a client on the canary once the weights sent it there (see SessionAffinitySpec)."""
     write_back: Literal["commit", "off"] = "commit"
     """commit: promotion and rollback are committed to the intent repo, so Git never goes stale."""
 

@@ -4,19 +4,37 @@ Pure. The overlay writes into a copy of the service's Route (a Route made for it
 the weights into the default rule (the first rule without match conditions), the ab/bluegreen match rule
 just before it (human match rules above it keep their precedence), and mirroring as the default rule's
 own `mirror` (rendered like a mirror a person writes; during a mirror run it takes the place of one
-written there). Render sees an ordinary intent: it has no rollout parameters and no special cases.
+written there). Session affinity (canary runs with `sessionAffinity`) is two ordinary Route features: a
+`Set-Cookie` added to the canary destination's answers in the default rule, and just before that rule a
+copy of it that sends requests carrying the cookie to the canary only. Render sees an ordinary intent:
+it has no rollout parameters and no special cases.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Mapping
 
-from mesh.intent import Destination, HTTPRule, Intent, Metadata, Mirror, Route, RouteSpec
+from mesh.intent import (
+    Destination,
+    HeaderOperations,
+    Headers,
+    HTTPMatch,
+    HTTPRule,
+    Intent,
+    Metadata,
+    Mirror,
+    PresenceMatch,
+    Route,
+    RouteSpec,
+)
 from mesh.render import default_rule_index
 from rollouts.advance import RolloutState, destinations
 from rollouts.intent import Rollout
 
 CANARY_RULE = "rollout-canary"
+AFFINITY_RULE = "rollout-affinity"
 DEFAULT_RULE = "default"
 
 
@@ -32,6 +50,8 @@ def overlay(intent: Intent, states: Mapping[tuple[str, str], RolloutState]) -> I
                 route = _with_canary_rule(route, ro, st.canary)
             if ro.spec.strategy == "mirror":
                 route = _with_mirror(route, st.canary)
+            if ro.spec.strategy == "canary" and ro.spec.session_affinity is not None and st.weight > 0:
+                route = _with_affinity(route, ro, st)
         routes[key] = route
     if routes == intent.routes:
         return intent
@@ -77,4 +97,39 @@ def _with_mirror(route: Route, canary: str) -> Route:
         return route
     http = list(route.spec.http)
     http[idx] = http[idx].model_copy(update={"mirror": Mirror(version=canary)})
+    return _with_http(route, http)
+
+
+def affinity_cookie(ro: Rollout, st: RolloutState) -> tuple[str, str]:
+    """(name, value) of the run's canary cookie: the value is derived from the run (its Rollout, canary,
+    starting commit and start time), so it is the same in every render of the run and new for the next."""
+    assert ro.spec.session_affinity is not None
+    run = f"{ro.metadata.namespace}/{ro.metadata.name}/{st.canary}/{st.canary_revision}/{st.started_at!r}"
+    return ro.spec.session_affinity.cookie_name, hashlib.sha256(run.encode()).hexdigest()[:16]
+
+
+def cookie_regex(name: str, value: str) -> str:
+    """A `cookie` header holding `name=value` as one of its pairs: Envoy matches a regex against the whole
+    value (RE2), so the pairs around it are optional; `xname=value` and `name=value2` do not match."""
+    return rf"(?:.*;\s*)?{re.escape(name)}={re.escape(value)}(?:\s*;.*)?"
+
+
+def _with_affinity(route: Route, ro: Rollout, st: RolloutState) -> Route:
+    """The canary's answers in the default rule set the cookie; a copy of the default rule placed just
+    before it (timeouts, retries, header edits and all) sends requests with the cookie to the canary."""
+    assert ro.spec.session_affinity is not None and st.canary is not None
+    idx = default_rule_index(route)
+    if idx is None:
+        return route
+    name, value = affinity_cookie(ro, st)
+    cookie = f"{name}={value}; Max-Age={ro.spec.session_affinity.max_age_s}; Path=/"
+    set_cookie = Headers(response=HeaderOperations(add={"Set-Cookie": cookie}))  # add: the app's own cookies stay
+    http = list(route.spec.http)
+    default = http[idx]
+    http[idx] = default.model_copy(update={"route": [
+        d.model_copy(update={"headers": set_cookie}) if d.version == st.canary else d for d in default.route]})
+    sticky = default.model_copy(update={
+        "name": AFFINITY_RULE, "match": [HTTPMatch(headers={"cookie": PresenceMatch(regex=cookie_regex(name, value))})],
+        "route": [Destination(version=st.canary, weight=100)], "mirror": None})
+    http.insert(idx, sticky)
     return _with_http(route, http)

@@ -66,6 +66,13 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
         if spec.strategy in ("canary", "mirror") and spec.match:
             out.append(Finding(i, ("spec", "match"), f"`match` has no effect with strategy {spec.strategy}",
                                warning=True))
+        if (aff := spec.session_affinity) is not None:
+            if spec.strategy != "canary":
+                out.append(Finding(i, ("spec", "sessionAffinity"), f"sessionAffinity has no effect with strategy "
+                                   f"{spec.strategy}: it keeps clients on a canary the weights chose", warning=True))
+            if aff.max_age_s < 1:
+                out.append(Finding(i, ("spec", "sessionAffinity", "maxAge"), f"maxAge {aff.max_age} is under 1s: "
+                                   "Max-Age counts whole seconds, and 0 deletes the cookie"))
         if parse_duration_ms(spec.interval) < MIN_INTERVAL_MS:
             out.append(Finding(i, ("spec", "interval"), f"interval must be at least {MIN_INTERVAL_MS}ms"))
         hooks: set[str] = set()

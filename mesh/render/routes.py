@@ -11,6 +11,7 @@ from typing import Any
 
 from mesh.intent import (
     REDIRECT_CODES,
+    Destination,
     Fault,
     HeaderOperations,
     HTTPMatch,
@@ -214,11 +215,12 @@ def _action(ctx: Ctx, rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
     action: dict[str, Any]
     if not live:  # a rollout-governed rule before the rollout state exists: every version shares
         action = {"cluster": cluster_name(ns, svc)}
-    elif len(live) == 1:
+    elif len(live) == 1 and live[0].headers is None:
         action = {"cluster": cluster_name(ns, svc, live[0].version)}
-    else:
+    else:  # also one destination with its own header edits: only a weighted cluster carries them
         action = {"weighted_clusters": {"clusters": [
-            {"name": cluster_name(ns, svc, d.version), "weight": d.weight} for d in live]}}
+            {"name": cluster_name(ns, svc, d.version), "weight": d.weight, **_destination_headers(d)}
+            for d in live]}}
     if rule.rewrite is not None:
         if rule.rewrite.uri is not None:
             action["prefix_rewrite"] = rule.rewrite.uri
@@ -299,6 +301,16 @@ def _fault(fault: Fault) -> dict[str, Any]:
                         "percentage": fractional(fault.delay.percentage)}
     if fault.abort is not None:
         out["abort"] = {"http_status": fault.abort.http_status, "percentage": fractional(fault.abort.percentage)}
+    return out
+
+
+def _destination_headers(d: Destination) -> dict[str, Any]:
+    """A destination's own header edits, on its weighted cluster (Envoy applies them before the route's)."""
+    out: dict[str, Any] = {}
+    if d.headers is not None:
+        for side, ops in (("request", d.headers.request), ("response", d.headers.response)):
+            if ops is not None:
+                out.update(_header_operations(side, ops))
     return out
 
 
