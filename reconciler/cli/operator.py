@@ -30,6 +30,7 @@ from reconciler.runtime.kubernetes.objects import EndpointEntry, PodEntry, pod_e
 from reconciler.runtime.kubernetes.runtime import AUDIENCE, KubernetesRuntime, ReviewedToken, parse_review
 from reconciler.source.base import GitError
 from reconciler.source.git import Pygit2Source
+from reconciler.source.subdir import SubdirSource, normalise
 
 log = logging.getLogger("lockgate.operator")
 GROUP, VERSION = "lockgate.io", "v1alpha1"
@@ -111,8 +112,8 @@ class Operator:
         except ValueError as exc:
             self.problem = f"invalid spec: {exc}"
             raise kopf.PermanentError(self.problem) from exc
-        if parsed.path not in (".", "./"):
-            self.problem = f"spec.path {parsed.path!r}: only the repository root ('.') is supported yet"
+        if parsed.secret_ref is not None:
+            self.problem = "spec.secretRef: credentials are not supported yet (public or file:// repositories only)"
             raise kopf.PermanentError(self.problem)
         if self.session is not None and self.session.spec == parsed:
             return
@@ -130,7 +131,9 @@ class Operator:
                                              cache_dir=cfg.state_dir / "git", fetch_deadline=up.fetch_timeout)
         except GitError as exc:
             raise kopf.TemporaryError(f"cannot open {parsed.url}: {exc}", delay=10) from exc
-        rec = Reconciler(config=up, source=source, runtime=self.runtime, announced=True)
+        folder = normalise(parsed.path)
+        followed = SubdirSource(source, folder) if folder else source
+        rec = Reconciler(config=up, source=followed, runtime=self.runtime, announced=True)
         stop = asyncio.Event()
         task = asyncio.create_task(rec.run(stop), name=f"reconcile {'/'.join(key)}")
         self.session = _Session(key=key, spec=parsed, reconciler=rec, stop=stop, task=task)
