@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,6 +110,10 @@ class Reconciler:
     lag: LoopLag = field(default_factory=lambda: LoopLag())
     push_error: str | None = None
     """Why the last push did not happen (a render bug), or None."""
+    extra_files: Callable[[], Mapping[str, bytes]] | None = None
+    """Intent from elsewhere than the commit (on Kubernetes: lockgate resources applied with kubectl, as
+    `@cluster/<Kind>/<namespace>/<name>.yaml`), validated with the commit's files as one revision."""
+    _applying: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.runtime.on_change(self.schedule_push)
@@ -144,6 +149,15 @@ class Reconciler:
                                  "still serving the last applied one"])
 
     async def apply_revision(self, sha: str) -> None:
+        async with self._applying:  # a commit and a change of the extra files never interleave
+            await self._apply_revision(sha)
+
+    async def reapply(self) -> None:
+        """The extra files changed: apply the current head again with them (nothing if there is none)."""
+        if self.head is not None:
+            await self.apply_revision(self.head)
+
+    async def _apply_revision(self, sha: str) -> None:
         t0 = time.monotonic()
         self.head = sha
         if self.trust is not None:
@@ -161,6 +175,8 @@ class Reconciler:
         except GitError as exc:
             self._fail(sha, [f".:0: {exc}"])
             return
+        if self.extra_files is not None:
+            files = {**files, **self.extra_files()}
         # In a worker process, bounded in time and memory: nothing a commit holds can freeze or bloat `up`.
         loaded = await asyncio.to_thread(load_isolated, files)
         if not loaded.ok or loaded.intent is None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+import yaml
 from aiohttp import web
 
 from mesh.intent import parse_duration_ms
@@ -36,6 +37,9 @@ log = logging.getLogger("lockgate.operator")
 GROUP, VERSION = "lockgate.io", "v1alpha1"
 REVIEW_TIMEOUT_S = 5.0
 STATUS_INTERVAL_S = 1.0
+REAPPLY_DEBOUNCE_S = 0.2
+"""A `kubectl apply` of many resources arrives as a burst of events: one re-apply for the burst."""
+CLUSTER_PREFIX = "@cluster"
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,9 @@ class Operator:
     """A `kubernetes.client.ApiClient` (TokenReview); the same credentials kopf logs in with."""
     runtime: KubernetesRuntime = field(init=False)
     session: _Session | None = None
+    resources: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
+    """lockgate resources applied with kubectl: (kind, namespace, name) -> their YAML, as intent files."""
+    _reapply: asyncio.TimerHandle | None = None
     problem: str | None = None
     webhook_files: tuple[Path, Path] | None = None
 
@@ -133,7 +140,8 @@ class Operator:
             raise kopf.TemporaryError(f"cannot open {parsed.url}: {exc}", delay=10) from exc
         folder = normalise(parsed.path)
         followed = SubdirSource(source, folder) if folder else source
-        rec = Reconciler(config=up, source=followed, runtime=self.runtime, announced=True)
+        rec = Reconciler(config=up, source=followed, runtime=self.runtime, announced=True,
+                         extra_files=self.resource_files)
         stop = asyncio.Event()
         task = asyncio.create_task(rec.run(stop), name=f"reconcile {'/'.join(key)}")
         self.session = _Session(key=key, spec=parsed, reconciler=rec, stop=stop, task=task)
@@ -158,6 +166,34 @@ class Operator:
                 loop = None
                 self.problem = f"the reconcile loop stopped: {exc!r}"
         return gitsource_status(loop, generation=generation, previous=previous, problem=self.problem)
+
+    # --- lockgate resources applied with kubectl ----------------------------------------------------
+
+    def resource_files(self) -> dict[str, bytes]:
+        """Each resource as the file `@cluster/<Kind>/<namespace>/<name>.yaml`: errors name it, and the
+        loader's limits and checks apply to it as to a committed file."""
+        return {f"{CLUSTER_PREFIX}/{kind}/{ns or '_'}/{name}.yaml": text
+                for (kind, ns, name), text in sorted(self.resources.items())}
+
+    def resource_changed(self, event: str, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        key = (str(body.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name")))
+        if event == "DELETED" or meta.get("deletionTimestamp"):
+            changed = self.resources.pop(key, None) is not None
+        else:
+            doc: dict[str, Any] = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                                   "metadata": {"name": meta.get("name"),
+                                                **({"namespace": meta["namespace"]} if meta.get("namespace") else {})},
+                                   "spec": body.get("spec")}
+            text = yaml.safe_dump(doc, sort_keys=False).encode()
+            changed = self.resources.get(key) != text
+            self.resources[key] = text
+        if changed and self.session is not None:
+            if self._reapply is not None:
+                self._reapply.cancel()
+            rec = self.session.reconciler
+            self._reapply = asyncio.get_running_loop().call_later(
+                REAPPLY_DEBOUNCE_S, lambda: asyncio.ensure_future(rec.reapply()))
 
     # --- topology ---------------------------------------------------------------------------------
 
@@ -257,6 +293,11 @@ def build_registry(op: Operator) -> kopf.OperatorRegistry:
         if {k: v for k, v in status.items()} != new:
             patch.status.update(new)
 
+    for plural in cluster_plurals():
+        @kopf.on.event(GROUP, VERSION, plural, id=f"resource-{plural}", registry=reg)
+        async def resource(**kw: Any) -> None:
+            op.resource_changed(str(kw["type"] or ""), kw["body"])
+
     def inject(**kw: Any) -> None:
         body: kopf.Body = kw["body"]
         patch: kopf.Patch = kw["patch"]
@@ -282,6 +323,15 @@ def build_registry(op: Operator) -> kopf.OperatorRegistry:
     if cfg.webhook is not None:
         kopf.on.mutate("pods", operations=["CREATE"], id="inject", registry=reg)(inject)
     return reg
+
+
+def cluster_plurals() -> list[str]:
+    """The lockgate kinds that may be applied with kubectl. Not Rollouts: their decisions are committed
+    to Git next to them, so they live in Git."""
+    from reconciler.k8s.crds import crd_documents
+
+    return [d["spec"]["names"]["plural"] for d in crd_documents()
+            if d["spec"]["group"] == GROUP and d["spec"]["names"]["kind"] not in ("GitSource", "Rollout")]
 
 
 def connection_info(api: Any) -> kopf.ConnectionInfo:

@@ -199,3 +199,32 @@ async def test_endpoint_churn_reaches_only_the_callers_and_a_deleted_pod_leaves(
     await k.delete(f"{pods}/reviews-v1-b")
     await until(lambda: reviews_endpoints() == {"10.0.0.2"}, what="reviews-v1-b gone from frontend's endpoints")
     assert "east/shop/reviews-v1-b" not in set(plane.cache.nodes())
+
+
+def frontend_route(v1: int, v2: int) -> dict[str, Any]:
+    return {"apiVersion": "lockgate.io/v1alpha1", "kind": "Route",
+            "metadata": {"name": "frontend", "namespace": "shop"},
+            "spec": {"service": "frontend", "http": [{"name": "default", "route": [
+                {"version": "v1", "weight": v1}, {"version": "v2", "weight": v2}]}]}}
+
+
+async def test_resources_applied_with_kubectl_join_the_intent_and_a_bad_one_changes_nothing(
+        cluster: tuple[Kube, Operator], tmp_path: Path) -> None:
+    k, op = cluster
+    await gitsource(k, repo(tmp_path))
+    await until(lambda: op.session and op.session.reconciler.applied, what="first revision applied")
+    rec = op.session.reconciler  # type: ignore[union-attr]
+    routes_api = "/apis/lockgate.io/v1alpha1/namespaces/shop/routes"
+    await k.create(routes_api, frontend_route(50, 50))
+    await until(lambda: rec.intent is not None and ("shop", "frontend") in rec.intent.routes,
+                what="the kubectl Route in the applied intent")
+    plane = rec.planes["east"]
+    served = {n: plane.cache.get(n) for n in plane.cache.nodes()}
+    await k.patch(f"{routes_api}/frontend", {"spec": frontend_route(70, 50)["spec"]})  # 120: invalid
+    await until(lambda: rec.failed is not None, what="the bad resource refused")
+    assert any(e.startswith("@cluster/Route/shop/frontend.yaml:") and "weights must sum to 100" in e
+               for e in rec.last_error), rec.last_error
+    assert {n: plane.cache.get(n) for n in plane.cache.nodes()} == served  # nothing served changed
+    await k.delete(f"{routes_api}/frontend")
+    await until(lambda: rec.failed is None and rec.intent is not None and ("shop", "frontend") not in rec.intent.routes,
+                what="the deleted Route gone from the intent")
