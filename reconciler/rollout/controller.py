@@ -168,19 +168,20 @@ class RolloutController:
                 and analysis_due(spec, before, now=now) and before.canary:
             due = set(hooks_due(spec, before))
             hooks = [h for h in spec.webhooks if h.name in due]
-            calling = asyncio.to_thread(call_hooks, hooks, namespace=key[0], name=key[1], state=before)
             if needs_metrics(before):
                 providers = {c: p for c in self._canary_clusters(ro, before.canary)
                              if (p := self._provider(c)) is not None}
                 observing = asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
                                               stable=before.stable, providers=providers)
                 if hooks:  # called beside the queries, each in its own thread
-                    obs, answers = await asyncio.gather(observing, calling)
+                    obs, answers = await asyncio.gather(observing, asyncio.to_thread(
+                        call_hooks, hooks, namespace=key[0], name=key[1], state=before))
                     obs = obs.model_copy(update={"hooks": answers})
                 else:
                     obs = await observing
             else:  # before traffic moves, or after the run: only hooks, nothing to measure
-                answers = await calling if hooks else {}
+                if hooks:
+                    answers = await asyncio.to_thread(call_hooks, hooks, namespace=key[0], name=key[1], state=before)
                 obs = Observations(hooks=answers)
             now = time.time()
         decision = advance(spec, before, obs, now=now, revision=self.revision, command=command)
