@@ -256,6 +256,8 @@ class Reconciler:
         rendered = render_mesh(
             intent=self.intent, states=self.rollouts.states,
             topologies={name: self.runtime.topology(name) for name in self.planes},
+            remote={c.name: self.runtime.topology(c.name) for c in self.intent.mesh.spec.clusters
+                    if c.name not in self.planes and not self.runtime.serves(c.name)},
             certs=self.issuer, now=time.time(), revision=self.applied,
             caches={name: plane.render_cache for name, plane in self.planes.items()})
         for plane in self.planes.values():

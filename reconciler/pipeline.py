@@ -59,12 +59,16 @@ def render_mesh(
     revision: str,
     caches: Mapping[str, RenderCache] | None = None,
     extra: Sequence[Extension] = (),
+    remote: Mapping[str, ClusterTopology] | None = None,
 ) -> dict[str, ClusterRender]:
     """Every cluster's snapshots for one revision and rollout state. `extra`: further render extensions
-    after the mesh's own (what a plugin would add; tests use it to stand for a render Envoy refuses)."""
+    after the mesh's own (what a plugin would add; tests use it to stand for a render Envoy refuses).
+    `remote`: clusters served by another control plane (on Kubernetes, every other cluster's operator):
+    seen through their east-west gateways, never rendered here."""
     shaped = overlay(intent, states)
     localities = {c.name: c.locality for c in intent.mesh.spec.clusters}
-    views = {name: remote_view(topo, locality=localities.get(name)) for name, topo in topologies.items()}
+    views = {name: remote_view(topo, locality=localities.get(name))
+             for name, topo in {**(remote or {}), **topologies}.items()}
     out: dict[str, ClusterRender] = {}
     for name, topo in sorted(topologies.items()):
         remotes = tuple(v for other, v in sorted(views.items()) if other != name and v is not None)
