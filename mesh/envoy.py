@@ -45,10 +45,12 @@ def admin_address(socket: Path | str) -> str:
 def bootstrap(
     *, node_id: str, cluster: str, xds_host: str, xds_port: int, admin_socket: Path | None = None,
     admin_host: str | None = None, admin_port: int | None = None, stats_host: str | None = None,
-    stats_port: int | None = None, xds_token: str | None = None,
+    stats_port: int | None = None, xds_token: str | None = None, xds_dns: bool = False,
 ) -> dict[str, Any]:
     """Bootstrap JSON for a proxy fed entirely over ADS (listeners and clusters; routes, endpoints and
-    secrets follow by name). `xds_host` must be an IP address: the xds cluster is STATIC.
+    secrets follow by name). `xds_host` must be an IP address (the xds cluster is STATIC), unless
+    `xds_dns`: then it is a DNS name (a Kubernetes Service, `lockgate-operator.lockgate-system.svc`) that
+    Envoy resolves and re-resolves itself (STRICT_DNS, IPv4 first).
 
     Admin listens on `admin_socket` (a Unix socket, 0600), out of reach of any TCP client; TCP admin
     (`admin_host`/`admin_port`) is only for tools that run nothing else beside the proxy. `stats_host`/
@@ -69,7 +71,8 @@ def bootstrap(
     clusters: list[dict[str, Any]] = [
         {
             "name": XDS_CLUSTER,
-            "type": "STATIC",
+            "type": "STRICT_DNS" if xds_dns else "STATIC",
+            **({"dns_lookup_family": "V4_PREFERRED"} if xds_dns else {}),
             "connect_timeout": "1s",
             "load_assignment": {
                 "cluster_name": XDS_CLUSTER,
