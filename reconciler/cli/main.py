@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     operator_args.add_parser(sub)  # the operator itself (kopf) is imported only when it runs
 
+    from reconciler.cli import grafana as grafana_cli
+
+    grafana_cli.add_parser(sub)  # grafana: dashboard JSON and recording rules
+
     p = sub.add_parser("demo-app", help="the demo workload: a small fast HTTP service")
     demo_app.add_arguments(p)
     p.set_defaults(func=demo_app.run)

@@ -9,6 +9,7 @@ with our own config and data dir under the state dir, supervised like every othe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Callable
@@ -70,11 +71,17 @@ class DiscoveryServer:
     targets: Targets
     port: int = 0
     """0: any free port; `start` sets the one bound."""
+    exporter: Callable[[], str] | None = None
+    """lockgate's own metrics (Prometheus text) served at GET /metrics and listed in the SD answer as one
+    more target, labelled `exporter_labels`: whatever scrapes the discovery scrapes them too."""
+    exporter_labels: dict[str, str] = field(default_factory=dict)
     _runner: web.AppRunner | None = field(default=None, init=False, repr=False)
 
     async def start(self) -> int:
         app = web.Application()
         app.router.add_get("/sd", self._sd)
+        if self.exporter is not None:
+            app.router.add_get("/metrics", self._metrics)
         # No access log: Prometheus asks every refresh interval (1s), which would drown the INFO log.
         # A short shutdown wait: `stop` must not hang on an answer a client stopped reading.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0, keepalive_timeout=30.0)
@@ -94,7 +101,17 @@ class DiscoveryServer:
         return f"http://{self.address}:{self.port}/sd"
 
     async def _sd(self, _request: web.Request) -> web.Response:
-        return web.json_response(self.targets())
+        targets = self.targets()
+        if self.exporter is not None:
+            targets = [*targets, {"targets": [f"{self.address}:{self.port}"],
+                                  "labels": {"__metrics_path__": "/metrics", **self.exporter_labels}}]
+        return web.json_response(targets)
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        assert self.exporter is not None
+        text = await asyncio.to_thread(self.exporter)  # it reads files: off the event loop
+        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

@@ -37,6 +37,7 @@ from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.server import Authenticator
 from mesh.xds.snapshot import digest
 from multicluster.eastwest import EASTWEST
+from reconciler.observe.exporter import read_exposition
 from reconciler.runtime.base import Bind, Metrics, ProxyProcess, RuntimeStatus, WorkloadInstance
 from reconciler.runtime.local.ports import cluster_address, free_port, preferred_port
 from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus, scrape_targets
@@ -341,7 +342,9 @@ class LocalRuntime:
                      kind=EASTWEST)
         ew_envoy = self._envoy(node_id=ew.node_id, cluster=name, address=address, xds_port=xds_port,
                                stats_port=ew_stats)
-        sd = DiscoveryServer(address=address, targets=lambda: scrape_targets(self.status(), name))
+        sd = DiscoveryServer(address=address, targets=lambda: scrape_targets(self.status(), name),
+                             exporter=lambda: read_exposition(self.state_dir),  # each rollout's canary weight
+                             exporter_labels={"cluster": name, "kind": "lockgate"})
         await sd.start()
         local: LocalPrometheus | None = None
         if self.prometheus_url is None:
