@@ -30,10 +30,22 @@ from pydantic.alias_generators import to_camel
 from mesh.intent import Destination
 from rollouts.intent import HookType, MetricSpec, NoData, RolloutSpec
 from rollouts.statistics import Comparison, compare_counts, compare_series, describe
+from rollouts.waves import (
+    approve_hint,
+    approved_in_git,
+    is_last,
+    is_waved,
+    label,
+    wave_at,
+    weights_for,
+)
 
 Phase = Literal["idle", "progressing", "promoted", "rolled-back"]
-Action = Literal["none", "wait", "start", "step", "hold", "promote", "rollback", "pause", "resume", "reset"]
-Command = Literal["promote", "abort", "pause", "resume"]
+Action = Literal["none", "wait", "start", "step", "hold", "promote", "rollback", "pause", "resume", "reset", "wave",
+                 "approve"]
+"""`wave`: a wave transition (a wave passed its last step, a bake ended, a wave started); `approve`: a
+wave's approval gate opened (by command or `spec.approve`) and it started."""
+Command = Literal["promote", "abort", "pause", "resume", "approve"]
 Result = Literal["pass", "fail", "no-data", "inconclusive"]
 PreTraffic = Literal["confirm-rollout", "pre-rollout"]
 REQUESTS = "requests"
@@ -74,6 +86,15 @@ class RolloutState(_Frozen):
     every reader of `phase` sees a run in progress; the weight stays 0 and render sees no canary)."""
     post_rollout_due: bool = False
     """The run ended by promotion or rollback and its `post-rollout` hooks are yet to be called (once)."""
+    wave: int = 0
+    """spec.waves: index of the wave whose steps run now (or which bakes or waits for approval)."""
+    weights: dict[str, int] | None = None
+    """spec.waves: the canary's weight per cluster (absent: 0, all on the stable), kept as it was at the
+    run's end. None: one wave, `weight` in every cluster."""
+    bake_until: float | None = None
+    """spec.waves: when the bake before the current wave ends (the previous wave is judged meanwhile)."""
+    waiting_for_approval: bool = False
+    """spec.waves: the current wave waits for `approval: manual` (the previous wave is judged meanwhile)."""
 
 
 class PartialData(_Frozen):
@@ -176,7 +197,29 @@ def analysis_due(spec: RolloutSpec, state: RolloutState, *, now: float) -> bool:
     if state.phase in ("promoted", "rolled-back"):
         return state.post_rollout_due
     return (state.phase == "progressing" and not (spec.paused or state.paused)
-            and state.next_analysis_at is not None and now >= state.next_analysis_at)
+            and state.next_analysis_at is not None and now >= state.next_analysis_at
+            and judged_clusters(spec, state) != [])
+
+
+def judged_clusters(spec: RolloutSpec, state: RolloutState) -> list[str] | None:
+    """The clusters an analysis judges now. None: one wave, every cluster where the canary runs (the
+    controller knows them). With waves: the current wave's; while the next wave bakes or waits for
+    approval, the wave before it (serving 100% canary, still watched: a failure there aborts the run);
+    none before the first wave starts (it waits for approval, no traffic moved)."""
+    if not is_waved(spec):
+        return None
+    if _between_waves(state):
+        return list(wave_at(spec, state.wave - 1).clusters) if state.wave > 0 else []
+    return list(wave_at(spec, state.wave).clusters)
+
+
+def judged_wave(spec: RolloutSpec, state: RolloutState) -> int:
+    """Index of the wave whose clusters `judged_clusters` names."""
+    return state.wave - 1 if _between_waves(state) and state.wave > 0 else min(state.wave, len(spec.waves) - 1)
+
+
+def _between_waves(state: RolloutState) -> bool:
+    return state.bake_until is not None or state.waiting_for_approval
 
 
 def needs_metrics(state: RolloutState) -> bool:
@@ -195,6 +238,11 @@ def advance(
 ) -> Decision:
     """The next step of one rollout. `observations` matter only when `analysis_due` said so."""
     d = _advance(spec, state, observations, now=now, revision=revision, command=command)
+    if d.action == "rollback" and state is not None and state.phase == "progressing" and is_waved(spec):
+        served = ", ".join(f"{w}% in {c}" for c, w in sorted((state.weights or {}).items()) if w > 0)
+        fleet = (f"fleet abort in {label(spec, judged_wave(spec, state))}: every cluster back to 100% "
+                 f"{d.state.stable} at once" + (f" (the canary had {served})" if served else ""))
+        d = d.model_copy(update={"reasons": (*d.reasons[:-1], fleet, *d.reasons[-1:])})
     if d.outcome is not None and any(h.type == "post-rollout" for h in spec.webhooks):
         return d.model_copy(update={"state": d.state.model_copy(update={"post_rollout_due": True})})
     return d
@@ -223,6 +271,10 @@ def _advance(spec: RolloutSpec, state: RolloutState | None, observations: Observ
             next_analysis_at=None if spec.paused else now if waiting else now + spec.interval_s,
             waiting_for=waiting,
         )
+        if is_waved(spec):
+            new = new.model_copy(update={"weight": 0, "weights": {}, "wave": 0})
+            if not waiting:
+                return _enter(spec, new, now=now, action="start", reasons=(f"new canary {canary} in Git",))
         exposure = (f"no traffic to {canary} until its {waiting} webhooks answer 2xx" if waiting
                     else _exposure(spec, new))
         return Decision(action="start", state=new, at=now, reasons=(f"new canary {canary} in Git: {exposure}",))
@@ -240,7 +292,12 @@ def _advance(spec: RolloutSpec, state: RolloutState | None, observations: Observ
     if command == "abort":
         return _rollback(st, now=now, reasons=("aborted by command",))
     if command == "promote":
+        if is_waved(spec):  # the current wave's remaining steps only: later waves still bake, wait and step
+            return _wave_passed(spec, st, now=now, reasons=(
+                f"promoted by command: the remaining steps of {label(spec, st.wave)} skipped",))
         return _promote(st, now=now, reasons=("promoted by command",))
+    if command == "approve":
+        return _approve(spec, st, now=now)
     if command == "pause":
         return Decision(action="pause", state=st.model_copy(update={"paused": True, "next_analysis_at": None}),
                         reasons=("paused by command",), at=now)
@@ -258,6 +315,13 @@ def _advance(spec: RolloutSpec, state: RolloutState | None, observations: Observ
     if st.next_analysis_at is None:  # unpaused in Git: restart the countdown
         return Decision(action="resume", state=st.model_copy(update={"next_analysis_at": now + spec.interval_s}),
                         reasons=("resumed (spec.paused is false)",), at=now)
+    if is_waved(spec):
+        if st.bake_until is not None and now >= st.bake_until:
+            return _enter(spec, st.model_copy(update={"bake_until": None}), now=now, action="wave",
+                          reasons=(f"{label(spec, st.wave)} baked {wave_at(spec, st.wave).bake}",))
+        if st.waiting_for_approval and approved_in_git(spec, st.wave):
+            return _start_wave(spec, st, now=now, action="approve",
+                               reasons=(f"{label(spec, st.wave)} approved in Git (spec.approve: {spec.approve})",))
     if now < st.next_analysis_at or observations is None:
         return Decision(action="wait", state=st, at=now,
                         reasons=(f"next analysis in {max(0.0, st.next_analysis_at - now):.1f}s",))
@@ -272,13 +336,20 @@ def _advance(spec: RolloutSpec, state: RolloutState | None, observations: Observ
     if not observations.online:
         return Decision(action="hold", state=later, at=now,
                         reasons=("metrics provider offline: holding at the current step, never promoting blind",))
-    checks = judge(spec, observations)
+    judged = judged_clusters(spec, st)
+    if judged is not None:
+        if not judged:  # the first wave waits for approval: no traffic moved, nothing to judge
+            return Decision(action="wait", state=later, at=now,
+                            reasons=(f"{label(spec, st.wave)} waits for approval before any traffic moves",))
+        observations = _only(observations, judged)
+    where = f" in {label(spec, judged_wave(spec, st))}" if judged else ""
+    checks = judge(spec, observations, label_clusters=judged is not None)
     failed = [c for c in checks if c.effective == "fail"]
     held = [c for c in checks if c.effective == "hold"]
     errors = tuple(f"{name}: {err}" for name, err in sorted(observations.errors.items()))
     if failed:
         count = st.failed_checks + 1
-        reasons = (f"analysis failed ({count}/{spec.analysis.failure_threshold}): "
+        reasons = (f"analysis failed ({count}/{spec.analysis.failure_threshold}){where}: "
                    + "; ".join(c.detail for c in failed), *errors)
         if count >= spec.analysis.failure_threshold:
             return _rollback(later.model_copy(update={"failed_checks": count}), now=now, reasons=reasons,
@@ -288,7 +359,12 @@ def _advance(spec: RolloutSpec, state: RolloutState | None, observations: Observ
     if held:
         return Decision(action="hold", state=later, at=now, checks=tuple(checks),
                         reasons=("holding: " + "; ".join(c.detail for c in held), *errors))
-    passed = "analysis passed: " + "; ".join(c.detail for c in checks)
+    passed = f"analysis passed{where}: " + "; ".join(c.detail for c in checks)
+    if judged and _between_waves(st):  # the soak: the wave that passed is watched, nothing moves
+        pending = (f"bakes {max(0.0, (st.bake_until or now) - now):.1f}s more" if st.bake_until is not None
+                   else f"waits for approval: {approve_hint(spec, st.wave)}")
+        return Decision(action="wait", state=later, at=now, checks=tuple(checks),
+                        reasons=(passed, f"{label(spec, st.wave)} {pending}"))
     gate = gate_for(spec, st)
     closed = [(h.name, observations.hooks.get(h.name)) for h in spec.webhooks if h.type == gate]
     if closed := [(n, a) for n, a in closed if a is None or not a.ok]:
@@ -297,11 +373,16 @@ def _advance(spec: RolloutSpec, state: RolloutState | None, observations: Observ
                         reasons=(passed, f"waiting for {gate} webhook: {why}"))
     if spec.strategy == "canary":
         if st.step + 1 >= len(spec.steps):
+            if is_waved(spec):
+                return _wave_passed(spec, later, now=now, reasons=(passed,), checks=tuple(checks))
             return _promote(later, now=now, reasons=(passed,), checks=tuple(checks))
-        nxt = later.model_copy(update={"step": st.step + 1, "weight": spec.steps[st.step + 1]})
+        weight = spec.steps[st.step + 1]
+        nxt = later.model_copy(update={"step": st.step + 1, "weight": weight})
+        if is_waved(spec):
+            nxt = nxt.model_copy(update={"weights": weights_for(spec, st.wave, weight, base=st.weights)})
         return Decision(action="step", state=nxt, at=now, checks=tuple(checks),
-                        reasons=(passed, f"step {st.step + 2}/{len(spec.steps)}: {spec.steps[st.step + 1]}% "
-                                 f"to {st.canary}"))
+                        reasons=(passed, f"step {st.step + 2}/{len(spec.steps)}: {weight}% "
+                                 f"to {st.canary}" + (f" in {label(spec, st.wave)}" if is_waved(spec) else "")))
     iteration = st.iteration + 1
     if iteration >= spec.iterations:
         return _promote(later.model_copy(update={"iteration": iteration}), now=now, reasons=(passed,),
@@ -322,9 +403,11 @@ def gate_for(spec: RolloutSpec, state: RolloutState) -> Gate | None:
         return None
     if state.waiting_for is not None:
         return "confirm-rollout" if state.waiting_for == "confirm-rollout" else None
+    if is_waved(spec) and _between_waves(state):
+        return None  # a soak moves no traffic: nothing to confirm
     last = state.step + 1 >= len(spec.steps) if spec.strategy == "canary" else state.iteration + 1 >= spec.iterations
-    if last:
-        return "confirm-promotion"
+    if last:  # a wave's last step before the last wave's is a traffic increase (the wave goes to 100%)
+        return "confirm-promotion" if not is_waved(spec) or is_last(spec, state.wave) else "confirm-traffic-increase"
     return "confirm-traffic-increase" if spec.strategy == "canary" else None
 
 
@@ -392,9 +475,82 @@ def _before_traffic(spec: RolloutSpec, st: RolloutState, later: RolloutState, ob
 
 def _first_step(spec: RolloutSpec, later: RolloutState, *, now: float, reasons: tuple[str, ...]) -> Decision:
     """Traffic moves: the first step's weight (or the ab/bluegreen/mirror exposure), analyses from now on."""
+    if is_waved(spec):  # the first wave's approval gate, if it has one, comes after the hooks
+        return _enter(spec, later.model_copy(update={"waiting_for": None}), now=now, action="step", reasons=reasons)
     nxt = later.model_copy(update={"waiting_for": None, "weight": _first_weight(spec),
                                    "next_analysis_at": now + spec.interval_s})
     return Decision(action="step", state=nxt, at=now, reasons=(*reasons, _exposure(spec, nxt)))
+
+
+def _wave_passed(spec: RolloutSpec, st: RolloutState, *, now: float, reasons: tuple[str, ...],
+                 checks: tuple[Check, ...] = ()) -> Decision:
+    """The current wave passed its last step (or was promoted by command): its clusters serve 100%
+    canary; the next wave bakes, waits for approval or starts; after the last wave, the run is promoted."""
+    i = st.wave
+    done = f"{label(spec, i)} passed: 100% to {st.canary} there"
+    if is_last(spec, i):
+        full = st.model_copy(update={"weights": weights_for(spec, i, 100, base=st.weights)})
+        return _promote(full, now=now, reasons=(*reasons, done), checks=checks)
+    nxt = i + 1
+    moved = st.model_copy(update={"wave": nxt, "step": 0, "weight": 0, "bake_until": None,
+                                  "waiting_for_approval": False, "weights": weights_for(spec, nxt, 0, base=st.weights)})
+    bake = wave_at(spec, nxt)
+    if bake.bake_s > 0:
+        return Decision(action="wave", state=moved.model_copy(update={"bake_until": now + bake.bake_s}), at=now,
+                        checks=checks, reasons=(*reasons, done, f"{label(spec, nxt)} bakes {bake.bake} before it "
+                                                f"starts ({label(spec, i)} is judged meanwhile)"))
+    return _enter(spec, moved, now=now, action="wave", reasons=(*reasons, done), checks=checks)
+
+
+def _enter(spec: RolloutSpec, st: RolloutState, *, now: float, action: Action, reasons: tuple[str, ...],
+           checks: tuple[Check, ...] = ()) -> Decision:
+    """The current wave is due (the run started, the wave before passed, or its bake ended): it waits
+    for approval if it asks for one (unless `spec.approve` names it already), else it starts."""
+    i = st.wave
+    if wave_at(spec, i).approval == "manual":
+        if not approved_in_git(spec, i):
+            return Decision(action=action, state=st.model_copy(update={"waiting_for_approval": True,
+                                                                       "bake_until": None}),
+                            at=now, checks=checks,
+                            reasons=(*reasons, f"{label(spec, i)} waits for approval: {approve_hint(spec, i)}"))
+        reasons = (*reasons, f"{label(spec, i)} approved in Git (spec.approve: {spec.approve})")
+    return _start_wave(spec, st, now=now, action=action, reasons=reasons, checks=checks)
+
+
+def _start_wave(spec: RolloutSpec, st: RolloutState, *, now: float, action: Action, reasons: tuple[str, ...],
+                checks: tuple[Check, ...] = ()) -> Decision:
+    """The current wave's first step: its clusters get the first weight, judged from one interval on."""
+    i = st.wave
+    first = _first_weight(spec)
+    nxt = st.model_copy(update={
+        "step": 0, "weight": first, "weights": weights_for(spec, i, first, base=st.weights), "bake_until": None,
+        "waiting_for_approval": False, "waiting_for": None,
+        "next_analysis_at": None if spec.paused or st.paused else now + spec.interval_s})
+    return Decision(action=action, state=nxt, at=now, checks=checks, reasons=(
+        *reasons, f"{label(spec, i)} starts: step 1/{len(spec.steps)}: {first}% to {st.canary} in "
+        f"{', '.join(wave_at(spec, i).clusters)}"))
+
+
+def _approve(spec: RolloutSpec, st: RolloutState, *, now: float) -> Decision:
+    """`lockgate rollout approve`: the wave waiting for approval starts (a paused run stays paused)."""
+    if not is_waved(spec) or not st.waiting_for_approval:
+        why = (f"{label(spec, st.wave)} bakes {max(0.0, st.bake_until - now):.1f}s more, then asks"
+               if is_waved(spec) and st.bake_until is not None else "no wave waits for approval")
+        return Decision(action="none", state=st, at=now, reasons=(f"approve ignored: {why}",))
+    if spec.paused or st.paused:
+        return Decision(action="none", state=st, at=now, reasons=("approve ignored: the run is paused; resume it, "
+                                                                  "then approve",))
+    return _start_wave(spec, st, now=now, action="approve", reasons=(f"{label(spec, st.wave)} approved by command",))
+
+
+def _only(obs: Observations, clusters: list[str]) -> Observations:
+    """The observations of these clusters only: with waves, the others' numbers judge nothing."""
+    keep = set(clusters)
+    return obs.model_copy(update={
+        "requests": {c: v for c, v in obs.requests.items() if c in keep},
+        "values": {m: {c: v for c, v in by.items() if c in keep} for m, by in obs.values.items()},
+        "partial": {c: v for c, v in obs.partial.items() if c in keep},
+        "compared": {m: {c: v for c, v in by.items() if c in keep} for m, by in obs.compared.items()}})
 
 
 def _post_rollout(spec: RolloutSpec, st: RolloutState, obs: Observations, *, now: float) -> Decision:
@@ -405,8 +561,9 @@ def _post_rollout(spec: RolloutSpec, st: RolloutState, obs: Observations, *, now
     return Decision(action="none", state=st.model_copy(update={"post_rollout_due": False}), at=now, reasons=reasons)
 
 
-def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
-    """Every check of one analysis: canary requests per cluster first, then each metric per cluster.
+def judge(spec: RolloutSpec, obs: Observations, *, label_clusters: bool = False) -> list[Check]:
+    """Every check of one analysis: canary requests per cluster first, then each metric per cluster
+    (`label_clusters`: each detail names its cluster, also when there is one, as a wave's reasons do).
 
     A cluster whose window is partial is never judged: each check is no-data (its own policy applies),
     because `rate()` over a few seconds extrapolated to the interval would pass or fail on noise."""
@@ -416,7 +573,7 @@ def judge(spec: RolloutSpec, obs: Observations) -> list[Check]:
     for cluster in clusters:
         req = obs.requests.get(cluster)
         enough = req is not None and req >= a.min_requests  # the raw (extrapolated) count, never rounded up
-        where = f"@{cluster}" if len(clusters) > 1 else ""
+        where = f"@{cluster}" if len(clusters) > 1 or label_clusters else ""
         shown = format_requests(req, minimum=a.min_requests)
         if (gap := obs.partial.get(cluster)) is not None:
             part = f"only {_tenths(gap.covered)} s of {spec.interval_s:g} s of data ({gap.why})"
@@ -531,17 +688,26 @@ def format_requests(count: float | None, *, minimum: float | None = None) -> str
     return str(shown)
 
 
-def destinations(spec: RolloutSpec, state: RolloutState | None) -> list[Destination]:
-    """The weights of the governed service's default rule: the canary's share during a canary run,
-    otherwise 100% to the stable (the promoted version after a promotion)."""
+def destinations(spec: RolloutSpec, state: RolloutState | None, *, cluster: str | None = None) -> list[Destination]:
+    """The weights of the governed service's default rule in `cluster`: the canary's share during a
+    canary run (with waves, that cluster's; none given: the current wave's), otherwise 100% to the stable
+    (the promoted version after a promotion)."""
     if state is None:
         return [Destination(version=spec.stable, weight=100)]
-    if state.phase == "progressing" and spec.strategy == "canary" and state.canary and state.weight > 0:
-        if state.weight >= 100:
+    weight = cluster_weight(state, cluster)
+    if state.phase == "progressing" and spec.strategy == "canary" and state.canary and weight > 0:
+        if weight >= 100:
             return [Destination(version=state.canary, weight=100)]
-        return [Destination(version=state.stable, weight=100 - state.weight),
-                Destination(version=state.canary, weight=state.weight)]
+        return [Destination(version=state.stable, weight=100 - weight),
+                Destination(version=state.canary, weight=weight)]
     return [Destination(version=state.stable, weight=100)]
+
+
+def cluster_weight(state: RolloutState, cluster: str | None) -> int:
+    """The canary's weight in one cluster: the run's one weight, or with waves that cluster's own."""
+    if state.weights is None or cluster is None:
+        return state.weight
+    return state.weights.get(cluster, 0)
 
 
 def _first_weight(spec: RolloutSpec) -> int:
@@ -561,14 +727,16 @@ def _exposure(spec: RolloutSpec, st: RolloutState) -> str:
 def _promote(st: RolloutState, *, now: float, reasons: tuple[str, ...], checks: tuple[Check, ...] = ()) -> Decision:
     assert st.canary is not None
     done = st.model_copy(update={"phase": "promoted", "stable": st.canary, "weight": 0, "finished_at": now,
-                                 "next_analysis_at": None, "paused": False, "waiting_for": None})
+                                 "next_analysis_at": None, "paused": False, "waiting_for": None,
+                                 "bake_until": None, "waiting_for_approval": False})
     return Decision(action="promote", state=done, at=now, checks=checks,
                     reasons=(*reasons, f"promoted: {st.canary} is the stable at 100%"))
 
 
 def _rollback(st: RolloutState, *, now: float, reasons: tuple[str, ...], checks: tuple[Check, ...] = ()) -> Decision:
     done = st.model_copy(update={"phase": "rolled-back", "weight": 0, "finished_at": now,
-                                 "next_analysis_at": None, "paused": False, "waiting_for": None})
+                                 "next_analysis_at": None, "paused": False, "waiting_for": None,
+                                 "bake_until": None, "waiting_for_approval": False})
     return Decision(action="rollback", state=done, at=now, checks=checks,
                     reasons=(*reasons, f"rolled back: 100% to {st.stable}"))
 

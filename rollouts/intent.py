@@ -126,6 +126,25 @@ class SessionAffinitySpec(Model):
         return parse_duration_ms(self.max_age) // 1000
 
 
+class WaveSpec(Model):
+    """One wave of a rollout across clusters: the canary's steps run in these clusters, judged by their
+    Prometheus, while the clusters of later waves keep 100% on the stable."""
+
+    clusters: list[Name] = Field(min_length=1)
+    """Mesh clusters where the canary runs (each in one wave only)."""
+    name: Name | None = None
+    """What `spec.approve`, status and the reasons call it (otherwise `waves[INDEX]`)."""
+    bake: Duration = "0s"
+    """Soak after the previous wave passed its last step, before this one starts: the previous wave serves
+    100% canary and is still judged every interval (a failure there aborts the whole run)."""
+    approval: Literal["manual"] | None = None
+    """manual: the wave starts only once approved (`lockgate rollout approve NAME`, or `spec.approve`)."""
+
+    @property
+    def bake_s(self) -> float:
+        return parse_duration_ms(self.bake) / 1000.0
+
+
 class RolloutSpec(Model):
     service: Name
     stable: Name
@@ -149,6 +168,13 @@ class RolloutSpec(Model):
     """canary strategy: keep a client on the canary once the weights sent it there (see SessionAffinitySpec)."""
     write_back: Literal["commit", "off"] = "commit"
     """commit: promotion and rollback are committed to the intent repo, so Git never goes stale."""
+    waves: list[WaveSpec] = Field(default_factory=list)
+    """Rollout across clusters, one wave at a time (canary strategy); none: one wave with every cluster
+    where the canary runs, all moved together."""
+    approve: int | Name | None = None
+    """Approves the wave of this index in `waves` (from 0) or of this name, from Git: the same as
+    `lockgate rollout approve NAME` once that wave waits for approval. The write-back of the outcome
+    removes it, so it never approves the next run's wave."""
 
     @property
     def interval_s(self) -> float:

@@ -30,7 +30,7 @@ from mesh.intent import (
     RouteSpec,
 )
 from mesh.render import default_rule_index
-from rollouts.advance import RolloutState, destinations
+from rollouts.advance import RolloutState, cluster_weight, destinations
 from rollouts.intent import Rollout
 
 CANARY_RULE = "rollout-canary"
@@ -38,19 +38,22 @@ AFFINITY_RULE = "rollout-affinity"
 DEFAULT_RULE = "default"
 
 
-def overlay(intent: Intent, states: Mapping[tuple[str, str], RolloutState]) -> Intent:
-    """The intent render should see, given each Rollout's state (keyed by the Rollout's (ns, name))."""
+def overlay(intent: Intent, states: Mapping[tuple[str, str], RolloutState], *, cluster: str | None = None) -> Intent:
+    """The intent render should see in `cluster`, given each Rollout's state (keyed by the Rollout's
+    (ns, name)): a run with waves has a weight per cluster (a later wave's cluster: 100% stable); without
+    waves, or with no cluster given, the run's one weight applies everywhere."""
     routes = dict(intent.routes)
     for ro in intent.of_kind(Rollout):
         st = states.get((ro.metadata.namespace, ro.metadata.name))
         key = (ro.metadata.namespace, ro.spec.service)
-        route = _with_weights(routes.get(key), ro, destinations(ro.spec, st))
+        route = _with_weights(routes.get(key), ro, destinations(ro.spec, st, cluster=cluster))
         if st is not None and st.phase == "progressing" and st.canary is not None and st.waiting_for is None:
             if ro.spec.strategy in ("ab", "bluegreen") and ro.spec.match:
                 route = _with_canary_rule(route, ro, st.canary)
             if ro.spec.strategy == "mirror":
                 route = _with_mirror(route, st.canary)
-            if ro.spec.strategy == "canary" and ro.spec.session_affinity is not None and st.weight > 0:
+            if ro.spec.strategy == "canary" and ro.spec.session_affinity is not None \
+                    and cluster_weight(st, cluster) > 0:
                 route = _with_affinity(route, ro, st)
         routes[key] = route
     if routes == intent.routes:

@@ -11,7 +11,7 @@ import re
 import urllib.parse
 from collections.abc import Sequence
 
-from mesh.intent import Mesh, NotificationSpec, ResourceBase, Service, parse_duration_ms
+from mesh.intent import Mesh, NotificationSpec, ResourceBase, Service, Workload, parse_duration_ms
 from mesh.validate import Finding
 from rollouts.intent import BASELINES, BUILTINS, Rollout, parse_percent
 
@@ -33,6 +33,8 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
                                  timeout=n.timeout, seen=seen)
                 mesh_sinks.setdefault(n.name, n)
     services = {(r.metadata.namespace, r.metadata.name): r for r in resources if isinstance(r, Service)}
+    clusters = {c.name for r in resources if isinstance(r, Mesh) for c in r.spec.clusters}
+    workloads = [r for r in resources if isinstance(r, Workload)]
     owner: dict[tuple[str, str], Rollout] = {}
     for i, r in enumerate(resources):
         if not isinstance(r, Rollout):
@@ -90,6 +92,7 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
                 out.append(Finding(i, ("spec", "notifications", j, "name"), f"notification {n.name!r} is also a "
                                    "Mesh-wide sink, set differently: this Rollout's decisions go to this one only",
                                    warning=True))
+        out += _waves(i, r, clusters=clusters, workloads=workloads)
         names: set[str] = set()
         for j, m in enumerate(spec.analysis.metrics):
             loc = ("spec", "analysis", "metrics", j)
@@ -116,6 +119,53 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
                 if m.query is not None and not _VERSION.search(m.query):
                     out.append(Finding(i, (*loc, "query"), "a compared query must select `{{ version }}`: "
                                        "otherwise canary and stable read the same series"))
+    return out
+
+
+def _waves(i: int, r: Rollout, *, clusters: set[str], workloads: Sequence[Workload]) -> list[Finding]:
+    """spec.waves: known clusters where the canary runs, each in one wave; names unique; spec.approve
+    names a wave. (bake is a duration and approval `manual` by the model already.)"""
+    spec, out = r.spec, []
+    if not spec.waves:
+        if spec.approve is not None:
+            out.append(Finding(i, ("spec", "approve"), "approve names a wave, but the Rollout has no waves"))
+        return out
+    if spec.strategy != "canary":
+        out.append(Finding(i, ("spec", "waves"), f"waves need strategy canary (steps per wave), not {spec.strategy}"))
+    canary = spec.active_canary
+    running = {c for w in workloads if w.metadata.namespace == r.metadata.namespace and w.spec.service == spec.service
+               and w.spec.version == canary and w.spec.replicas > 0 for c in w.spec.clusters}
+    seen: dict[str, int] = {}
+    names: set[str] = set()
+    for j, wave in enumerate(spec.waves):
+        loc = ("spec", "waves", j)
+        if wave.name is not None:
+            if wave.name in names:
+                out.append(Finding(i, (*loc, "name"), f"duplicate wave name {wave.name!r}"))
+            names.add(wave.name)
+        for k, c in enumerate(wave.clusters):
+            if c not in clusters:
+                out.append(Finding(i, (*loc, "clusters", k), f"unknown cluster {c!r} (the Mesh has: "
+                                   f"{', '.join(sorted(clusters)) or 'none'})"))
+            elif canary is not None and c not in running:
+                out.append(Finding(i, (*loc, "clusters", k), f"the canary {canary!r} of {spec.service!r} does not "
+                                   f"run in cluster {c!r}: a wave there would judge nothing"))
+            if c in seen:
+                out.append(Finding(i, (*loc, "clusters", k), f"cluster {c!r} is already in waves[{seen[c]}]; "
+                                   "each cluster is in one wave"))
+            seen.setdefault(c, j)
+        if j == 0 and wave.bake_s > 0:
+            out.append(Finding(i, (*loc, "bake"), "the first wave has no wave before it to bake after: bake has no "
+                               "effect here", warning=True))
+    for c in sorted(running - set(seen)):
+        out.append(Finding(i, ("spec", "waves"), f"the canary runs in cluster {c!r}, which is in no wave: it gets "
+                           "the canary only when the last wave passes", warning=True))
+    a = spec.approve
+    if a is not None and not (isinstance(a, int) and not isinstance(a, bool) and 0 <= a < len(spec.waves)) \
+            and not (isinstance(a, str) and a in names):
+        known = ", ".join([*(str(n) for n in range(len(spec.waves))), *sorted(names)])
+        out.append(Finding(i, ("spec", "approve"), f"approve {a!r} names no wave (an index from 0, or a name: "
+                           f"{known})"))
     return out
 
 

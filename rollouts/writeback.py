@@ -1,8 +1,8 @@
 """Write-back: a run's outcome as an edit of the Rollout's YAML, so Git never goes stale (flagger#682).
 
-Pure: files in, files out. The edit touches only the `stable:`/`canary:` values of one Rollout and
-keeps every comment and the rest of the layout. After the edit the Rollout has no active canary, so
-the write-back commit cannot start a new run.
+Pure: files in, files out. The edit touches only the `stable:`/`canary:` values of one Rollout (and
+removes its `approve:`, which approved a wave of this run only) and keeps every comment and the rest of
+the layout. After the edit the Rollout has no active canary, so the write-back commit cannot start a new run.
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def edit_rollout(
                 edits.append(_drop(text, *canary_kv))
             else:
                 edits.append((canary_kv[1].start_mark.index, canary_kv[1].end_mark.index, str(stable_kv[1].value)))
+            if (approve_kv := _scalar(spec[1], "approve")) is not None and isinstance(approve_kv[1], yaml.ScalarNode):
+                edits.append(_drop(text, *approve_kv))
             for start, end, new in sorted(edits, reverse=True):
                 text = text[:start] + new + text[end:]
             return {path: text.encode("utf-8")}
@@ -93,11 +95,17 @@ def _drop(text: str, key: yaml.Node, value: yaml.Node) -> tuple[int, int, str]:
     return value.start_mark.index, value.end_mark.index, "null"
 
 
-def commit_message(*, namespace: str, name: str, decision: Decision, stable_before: str) -> str:
-    """Subject says what happened; the body the reasons and the numbers; trailers make it parseable."""
+def commit_message(*, namespace: str, name: str, decision: Decision, stable_before: str,
+                   wave: str | None = None) -> str:
+    """Subject says what happened; the body the reasons and the numbers; trailers make it parseable.
+    `wave`: the run had waves, and this one was running (or being watched) at the outcome."""
     st = decision.state
     if decision.action == "promote":
         subject = f"rollout {namespace}/{name}: promote {st.canary} (stable {stable_before} -> {st.canary})"
+    elif wave is not None:  # a fleet abort: every cluster, whichever wave it was in
+        failed = sorted({c.cluster for c in decision.checks if c.effective == "fail" and c.cluster != "*"})
+        subject = (f"rollout {namespace}/{name}: roll back {st.canary} in every cluster (100% to {st.stable}) "
+                   f"in {wave}" + (f", failed at {', '.join(failed)}" if failed else ""))
     else:
         subject = f"rollout {namespace}/{name}: roll back {st.canary} (100% to {st.stable})"
     lines = [subject, ""]
@@ -107,6 +115,8 @@ def commit_message(*, namespace: str, name: str, decision: Decision, stable_befo
         lines += [f"  {format_check(c)}" for c in decision.checks]
     lines += ["", f"{TRAILER_ROLLOUT}: {namespace}/{name}",
               f"{TRAILER_DECISION}: {'promote' if decision.action == 'promote' else 'rollback'}"]
+    if wave is not None:
+        lines.append(f"Lockgate-Wave: {wave}")
     if st.canary_revision:
         lines.append(f"Lockgate-Canary-Revision: {st.canary_revision}")
     return "\n".join(lines) + "\n"
