@@ -65,13 +65,13 @@ def render_mesh(
     after the mesh's own (what a plugin would add; tests use it to stand for a render Envoy refuses).
     `remote`: clusters served by another control plane (on Kubernetes, every other cluster's operator):
     seen through their east-west gateways, never rendered here."""
-    shaped = overlay(intent, states)
     localities = {c.name: c.locality for c in intent.mesh.spec.clusters}
     views = {name: remote_view(topo, locality=localities.get(name))
              for name, topo in {**(remote or {}), **topologies}.items()}
     out: dict[str, ClusterRender] = {}
     for name, topo in sorted(topologies.items()):
         remotes = tuple(v for other, v in sorted(views.items()) if other != name and v is not None)
+        shaped = overlay(intent, states, cluster=name)  # per cluster: a rollout's waves weigh clusters apart
         issued = certs.certs_for(shaped, topo, now=now)
         extensions = [
             EastWestExtension(local=name, remotes=remotes, locality=localities.get(name)),

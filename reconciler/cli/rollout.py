@@ -1,4 +1,4 @@
-"""`lockgate rollout status|promote|abort|pause|resume NAME` and `lockgate history`.
+"""`lockgate rollout status|promote|abort|pause|resume|approve NAME` and `lockgate history`.
 
 They read the state dir of a running (or stopped) `lockgate up`; commands reach the running one as
 command files (see reconciler.rollout.controller) and wait for its acknowledgement.
@@ -20,12 +20,14 @@ ACK_TIMEOUT = 15.0
 
 
 def add_commands(sub: Any) -> None:
-    p = sub.add_parser("rollout", help="progressive delivery: status, promote, abort, pause, resume")
+    p = sub.add_parser("rollout", help="progressive delivery: status, promote, abort, pause, resume, approve")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("status", "step, weight, each metric against its threshold, time to the next step"),
-                         ("promote", "promote the canary now (skips the remaining analyses)"),
-                         ("abort", "roll back now: 100%% to the stable"),
-                         ("pause", "hold at the current step"), ("resume", "continue a paused run")):
+                         ("promote", "promote the canary now (skips the remaining analyses; with waves, the "
+                                     "remaining steps of the current wave only)"),
+                         ("abort", "roll back now: 100%% to the stable (with waves, in every cluster)"),
+                         ("pause", "hold at the current step"), ("resume", "continue a paused run"),
+                         ("approve", "start the wave waiting for its manual approval")):
         a = actions.add_parser(action, help=text)
         a.add_argument("name")
         a.add_argument("-n", "--namespace", help="the Rollout's namespace (needed only if the name is ambiguous)")

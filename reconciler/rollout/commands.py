@@ -62,7 +62,71 @@ def summary(spec: dict[str, Any], record: dict[str, Any], *, namespace: str, nam
         "lastCommand": record.get("lastCommand"), "writeBack": record.get("writeBack"),
         "notifications": record.get("notifications", {}), "waitingFor": st.get("waitingFor"),
         "webhooks": record.get("webhooks", {}),
+        "wave": st.get("wave", 0) if st.get("weights") is not None else None,
+        "weights": st.get("weights"), "bakeUntil": st.get("bakeUntil"),
+        "secondsToBake": max(0.0, st["bakeUntil"] - now) if st.get("bakeUntil") else None,
+        "waitingForApproval": bool(st.get("waitingForApproval")),
+        "waves": waves_summary(spec, record, now=now),
     }
+
+
+def waves_summary(spec: dict[str, Any], record: dict[str, Any], *, now: float) -> list[dict[str, Any]]:
+    """A row per wave and cluster: each cluster's canary weight and last checks; each wave's state
+    (pending | running | baking | waiting-for-approval | passed, or the run's outcome), bake countdown and
+    approval. A Rollout without `waves` is one wave of every cluster where the canary runs."""
+    st = record.get("state", {})
+    phase = st.get("phase", "idle")
+    waves = spec.get("waves") or [{"clusters": record.get("canaryClusters", []), "name": None, "bake": None,
+                                   "approval": None}]
+    waved = bool(spec.get("waves"))
+    current = st.get("wave", 0)
+    weights = st.get("weights") or {}
+    judged = record.get("clusters", {})
+    out = []
+    for i, w in enumerate(waves):
+        if phase != "progressing":
+            state = phase if phase != "idle" or i == 0 else "idle"
+        elif not waved or i == current:
+            state = ("baking" if st.get("bakeUntil") else "waiting-for-approval" if st.get("waitingForApproval")
+                     else "running")
+        else:
+            state = "passed" if i < current else "pending"
+        rows = []
+        for c in w.get("clusters", []):
+            weight = 0
+            if phase == "progressing":
+                weight = weights.get(c, 0) if waved else st.get("weight", 0)
+            seen = judged.get(c, {})
+            rows.append({"name": c, "weight": weight, "checks": seen.get("checks", []), "checkedAt": seen.get("at")})
+        here = phase == "progressing" and i == current
+        out.append({"index": i, "name": w.get("name"), "state": state, "bake": w.get("bake"),
+                    "approval": w.get("approval"), "clusters": rows,
+                    "bakeUntil": st.get("bakeUntil") if here else None,
+                    "secondsToBake": max(0.0, st["bakeUntil"] - now) if here and st.get("bakeUntil") else None,
+                    "waitingForApproval": bool(here and st.get("waitingForApproval"))})
+    return out
+
+
+def _format_waves(s: dict[str, Any]) -> list[str]:
+    """A row per wave and cluster (a Rollout without waves: its clusters, when there are several)."""
+    waves = s.get("waves") or []
+    if not waves or (s.get("wave") is None and len(waves[0]["clusters"]) < 2):
+        return []
+    lines = ["  waves:"]
+    for w in waves:
+        head = f"waves[{w['index']}]" + (f" {w['name']}" if w.get("name") else "")
+        state = w["state"]
+        if w.get("secondsToBake") is not None:
+            state += f" {w['secondsToBake']:.1f}s"
+        if w.get("waitingForApproval"):
+            state += f" (lockgate rollout approve {s['name']})"
+        gate = ", ".join(x for x in (f"bake {w['bake']}" if w.get("bake") not in (None, "0s") else "",
+                                     "approval manual" if w.get("approval") else "") if x)
+        lines.append(f"    {head:16} {state}" + (f"  [{gate}]" if gate else ""))
+        for c in w["clusters"]:
+            checks = "; ".join(format_check(Check.model_validate(x)) for x in c["checks"]) or "not judged yet"
+            lines.append(f"      {c['name']:12} {c['weight']:3d}%  {checks}")
+    return lines
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -82,6 +146,7 @@ def format_summary(s: dict[str, Any]) -> str:
             lines.append(f"    {format_check(Check.model_validate(c))}")
     if s.get("waitingFor"):
         lines.append(f"  waiting for its {s['waitingFor']} webhooks before any traffic moves")
+    lines += _format_waves(s)
     hooks = s.get("webhooks") or {}
     if hooks:
         lines.append("  webhooks: " + "; ".join(

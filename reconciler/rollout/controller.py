@@ -37,12 +37,15 @@ from rollouts.advance import (
     advance,
     analysis_due,
     hooks_due,
+    judged_clusters,
+    judged_wave,
     needs_metrics,
 )
 from rollouts.analysis import observe
 from rollouts.intent import Rollout, RolloutSpec
 from rollouts.notify import event, sinks_for
 from rollouts.provider import MetricProvider, PrometheusProvider
+from rollouts.waves import is_waved, label
 from rollouts.writeback import commit_message, edit_rollout
 
 log = logging.getLogger("lockgate.rollouts")
@@ -51,8 +54,8 @@ WRITE_BACK_TIMEOUT = 60.0
 """Seconds a write-back or a note may take (a push to a remote that does not answer) before it is retried."""
 WRITE_BACK_RETRY = 5.0
 """Seconds between attempts to commit an outcome that could not be committed (Git error, crash)."""
-COMMANDS: tuple[Command, ...] = ("promote", "abort", "pause", "resume")
-_NOTED = ("start", "step", "promote", "rollback", "pause", "resume", "reset")
+COMMANDS: tuple[Command, ...] = ("promote", "abort", "pause", "resume", "approve")
+_NOTED = ("start", "step", "promote", "rollback", "pause", "resume", "reset", "wave", "approve")
 
 Key = tuple[str, str]
 
@@ -169,8 +172,9 @@ class RolloutController:
             due = set(hooks_due(spec, before))
             hooks = [h for h in spec.webhooks if h.name in due]
             if needs_metrics(before):
-                providers = {c: p for c in self._canary_clusters(ro, before.canary)
-                             if (p := self._provider(c)) is not None}
+                judged = judged_clusters(spec, before)  # with waves: only the wave's own Prometheus
+                clusters = self._canary_clusters(ro, before.canary) if judged is None else judged
+                providers = {c: p for c in clusters if (p := self._provider(c)) is not None}
                 observing = asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
                                               stable=before.stable, providers=providers)
                 if hooks:  # called beside the queries, each in its own thread
@@ -193,6 +197,13 @@ class RolloutController:
                   "state": decision.state.model_dump(mode="json", by_alias=True), "updatedAt": time.time()}
         if decision.action not in ("wait", "none"):
             record["lastDecision"] = decision.model_dump(mode="json", by_alias=True)
+        if decision.checks:  # per cluster, the last checks judged there (a wave's stay when the next one runs)
+            record["clusters"] = _cluster_checks(record.get("clusters", {}), decision)
+        if decision.state.canary:
+            record["canaryClusters"] = self._canary_clusters(ro, decision.state.canary)
+        if decision.outcome is not None:  # what the write-back's subject names
+            record["outcomeWave"] = label(spec, judged_wave(spec, before)) \
+                if is_waved(spec) and before is not None else None
         if answers:
             record["webhooks"] = _count_calls(record.get("webhooks", {}), spec, answers)
             if before is not None and before.post_rollout_due and decision.reasons:
@@ -211,7 +222,8 @@ class RolloutController:
         if cmd is not None:
             (self.state_dir / ROLLOUTS_DIR / COMMANDS_DIR / f"{cmd['id']}.json").unlink(missing_ok=True)
         if before is None or decision.state.weight != before.weight or decision.state.phase != before.phase \
-                or decision.state.stable != before.stable or decision.state.canary != before.canary:
+                or decision.state.stable != before.stable or decision.state.canary != before.canary \
+                or decision.state.weights != before.weights:
             self.on_change()
         if decision.action not in ("wait", "none"):
             self._record(key, decision)
@@ -234,7 +246,7 @@ class RolloutController:
         decision = Decision.model_validate(record["lastDecision"])
         try:  # off the loop: a commit onto a remote pushes over the network
             sha = await self.git.call(self._write_back, key, decision, stable_before=pending["stableBefore"],
-                                      timeout=WRITE_BACK_TIMEOUT)
+                                      wave=record.get("outcomeWave"), timeout=WRITE_BACK_TIMEOUT)
         except GitError as exc:
             log.error("rollout %s/%s: write-back failed: %s", key[0], key[1], exc)
             sha = None
@@ -287,7 +299,9 @@ class RolloutController:
                  "step": st.step, "weight": st.weight, "iteration": st.iteration, "stable": st.stable,
                  "canary": st.canary, "failedChecks": st.failed_checks, "canaryRevision": st.canary_revision,
                  "reasons": list(d.reasons),
-                 "checks": [c.model_dump(mode="json", by_alias=True) for c in d.checks]}
+                 "checks": [c.model_dump(mode="json", by_alias=True) for c in d.checks],
+                 "wave": st.wave if st.weights is not None else None, "weights": st.weights,
+                 "bakeUntil": st.bake_until, "waitingForApproval": st.waiting_for_approval}
         path = self.state_dir / ROLLOUTS_DIR / DECISIONS_FILE
         with open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -295,7 +309,8 @@ class RolloutController:
         noted = d.action in _NOTED or (d.action == "hold" and any(c.effective == "fail" for c in d.checks))
         if noted and st.canary_revision:
             self._note(st.canary_revision, "rollout " + json.dumps(
-                {k: entry[k] for k in ("at", "rollout", "action", "step", "weight", "canary", "reasons")}))
+                {k: entry[k] for k in ("at", "rollout", "action", "step", "weight", "canary", "reasons", "wave",
+                                       "weights")}))
 
     def _note(self, sha: str, message: str) -> None:
         """A git note on `sha`, added (and pushed, for a remote) on the Git worker: nothing waits for it."""
@@ -313,12 +328,13 @@ class RolloutController:
         """Applied revisions, as a git note on the applied commit: when, and which clusters."""
         self._note(sha, "applied " + json.dumps({"at": time.time(), "clusters": clusters}))
 
-    def _write_back(self, key: Key, d: Decision, *, stable_before: str, attempts: int = 5) -> str | None:
+    def _write_back(self, key: Key, d: Decision, *, stable_before: str, wave: str | None = None,
+                    attempts: int = 5) -> str | None:
         """Commit the outcome; on StaleParent re-read the new tip and re-apply (the human commit stays).
         The new sha; "" when there is nothing to write (Git already moved on); None on failure."""
         assert d.state.canary is not None
         outcome = cast(Literal["promoted", "rolled-back"], d.outcome)
-        message = commit_message(namespace=key[0], name=key[1], decision=d, stable_before=stable_before)
+        message = commit_message(namespace=key[0], name=key[1], decision=d, stable_before=stable_before, wave=wave)
         for _ in range(attempts):
             try:
                 head = self.source.refresh()
@@ -363,6 +379,18 @@ class RolloutController:
         for provider in self.providers.values():
             if isinstance(provider, PrometheusProvider):
                 provider.close()
+
+
+def _cluster_checks(was: dict[str, Any], d: Decision) -> dict[str, Any]:
+    """The rollout's per-cluster record: each cluster judged by `d` gets its checks (the rest keep theirs)."""
+    out = dict(was)
+    by: dict[str, list[dict[str, Any]]] = {}
+    for c in d.checks:
+        if c.cluster != "*":  # a webhook's check belongs to the run, not to a cluster
+            by.setdefault(c.cluster, []).append(c.model_dump(mode="json", by_alias=True))
+    for cluster, checks in by.items():
+        out[cluster] = {"at": d.at, "checks": checks}
+    return out
 
 
 def _count_calls(counts: dict[str, Any], spec: RolloutSpec, answers: dict[str, HookAnswer]) -> dict[str, Any]:
