@@ -403,14 +403,62 @@ class ConsistentHash(Model):
         return self
 
 
+class LocalityDistribute(Model):
+    """Where the callers in `from` send their requests: a share per locality (Istio's Distribute)."""
+
+    from_: str = Field(alias="from", min_length=1)
+    """The callers this rule is for: a locality (`region/zone/subzone`, `*` as the last part matches
+    anything there) or a cluster of the Mesh."""
+    to: dict[str, Annotated[int, Field(ge=0, le=100)]] = Field(min_length=1)
+    """Locality (or cluster) -> percentage of the requests, summing to 100. Instances in no listed
+    locality get none; a pattern matching several localities splits its share by their instances."""
+
+
+class LocalityFailover(Model):
+    """Where callers in `from` go when their own region has no healthy instance (Istio's Failover)."""
+
+    from_: str = Field(alias="from", min_length=1)
+    """A region, or a cluster of the Mesh."""
+    to: str = Field(min_length=1)
+    """A region, or a cluster of the Mesh: tried before every other region. Several rules with the
+    same `from` are tried in order."""
+
+
+FAILOVER_LABELS = ("topology.kubernetes.io/region", "topology.kubernetes.io/zone", "topology.istio.io/subzone",
+                   "topology.istio.io/cluster")
+"""The labels `failoverPriority` may name: the parts of a cluster's locality, and the cluster itself."""
+
+
+class LocalityLbSetting(Model):
+    """Locality-aware load balancing across the Mesh's clusters (Istio's LocalityLoadBalancerSetting).
+
+    Without it, a cluster's own instances come first and other clusters follow by distance (same zone,
+    same region, anywhere), each only while the nearer ones have no healthy instance."""
+
+    enabled: bool | None = None
+    """false: no locality preference at all, every instance of every cluster shares the load."""
+    distribute: list[LocalityDistribute] = Field(default_factory=list)
+    """Weighted shares per locality instead of failover by priority (not both)."""
+    failover: list[LocalityFailover] = Field(default_factory=list)
+    """Which region (or cluster) comes next when the nearer ones fail; needs outlierDetection to react
+    to instances that answer errors (without it, only instances that go away move traffic)."""
+    failover_priority: list[str] = Field(default_factory=list)
+    """Labels in order of importance: clusters matching the caller on more of them come first
+    (one of: topology.kubernetes.io/region, topology.kubernetes.io/zone, topology.istio.io/subzone,
+    topology.istio.io/cluster)."""
+
+
 class LoadBalancer(Model):
     simple: Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM"] | None = None
     consistent_hash: ConsistentHash | None = None
+    locality_lb_setting: LocalityLbSetting | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> LoadBalancer:
-        if (self.simple is None) == (self.consistent_hash is None):
-            raise ValueError("give exactly one of simple, consistentHash")
+        if self.simple is not None and self.consistent_hash is not None:
+            raise ValueError("give at most one of simple, consistentHash")
+        if self.simple is None and self.consistent_hash is None and self.locality_lb_setting is None:
+            raise ValueError("give simple, consistentHash or localityLbSetting")
         return self
 
 

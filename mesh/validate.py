@@ -16,9 +16,12 @@ from pydantic.alias_generators import to_camel
 
 from mesh.intent import (
     DNS_LABEL,
+    FAILOVER_LABELS,
     HeaderOperations,
     HTTPRule,
+    LocalityLbSetting,
     Mesh,
+    MeshCluster,
     PolicySettings,
     PresenceMatch,
     ResourceBase,
@@ -74,9 +77,11 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
     for i in meshes[1:]:
         out.append(Finding(i, ("kind",), "only one Mesh resource is allowed; merge it with the first one"))
     cluster_names: set[str] = set()
+    mesh_clusters: list[MeshCluster] = []
     if meshes:
         mesh = resources[meshes[0]]
         assert isinstance(mesh, Mesh)
+        mesh_clusters = list(mesh.spec.clusters)
         for j, c in enumerate(mesh.spec.clusters):
             if c.name in cluster_names:
                 out.append(Finding(meshes[0], ("spec", "clusters", j, "name"), f"duplicate cluster {c.name!r}"))
@@ -92,7 +97,7 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
         elif isinstance(r, Route):
             out += _check_route(i, r, services, governed=(r.metadata.namespace, r.spec.service) in governed)
         elif isinstance(r, TrafficPolicy):
-            out += _check_traffic_policy(i, r, services)
+            out += _check_traffic_policy(i, r, services, mesh_clusters)
     out += _check_route_conflicts(resources)
     out += _check_policy_conflicts(resources)
     return out
@@ -344,8 +349,16 @@ def _check_settings(i: int, p: PolicySettings, base: Loc) -> list[Finding]:
     return out
 
 
-def _check_traffic_policy(i: int, tp: TrafficPolicy, services: dict[tuple[str, str], Service]) -> list[Finding]:
+def _check_traffic_policy(i: int, tp: TrafficPolicy, services: dict[tuple[str, str], Service],
+                          clusters: Sequence[MeshCluster] = ()) -> list[Finding]:
     out: list[Finding] = []
+    blocks: list[tuple[Loc, PolicySettings, PolicySettings]] = [(("spec",), tp.spec, tp.spec.settings(None))]
+    blocks += [(("spec", "versions", j), v, tp.spec.settings(v.version)) for j, v in enumerate(tp.spec.versions)]
+    for base, own, effective in blocks:
+        if own.load_balancer is not None and own.load_balancer.locality_lb_setting is not None:
+            out += _check_locality(i, own.load_balancer.locality_lb_setting,
+                                   (*base, "loadBalancer", "localityLbSetting"), clusters,
+                                   outlier_detection=effective.outlier_detection is not None)
     ns = tp.metadata.namespace
     svc = services.get((ns, tp.spec.service))
     if svc is None:
@@ -362,6 +375,86 @@ def _check_traffic_policy(i: int, tp: TrafficPolicy, services: dict[tuple[str, s
     for j in _dupes([v.version for v in tp.spec.versions]):
         out.append(Finding(i, ("spec", "versions", j, "version"), "version listed twice"))
     return out
+
+
+def _known_terms(clusters: Sequence[MeshCluster]) -> str:
+    localities = sorted({c.locality for c in clusters if c.locality})
+    names = ", ".join(c.name for c in clusters)
+    return f"Mesh localities: {', '.join(localities) or 'none given'}; clusters: {names}"
+
+
+def _check_locality(i: int, lb: LocalityLbSetting, loc: Loc, clusters: Sequence[MeshCluster], *,
+                    outlier_detection: bool) -> list[Finding]:
+    """Istio's checks of a LocalityLoadBalancerSetting, against the Mesh's clusters and localities."""
+    out: list[Finding] = []
+    if lb.distribute and lb.failover:
+        out.append(Finding(i, (*loc, "failover"), "give distribute or failover, not both (as Istio: weights per "
+                                                  "locality leave no order to fail over in)"))
+    if lb.enabled is False and (lb.distribute or lb.failover or lb.failover_priority):
+        out.append(Finding(i, (*loc, "enabled"), "enabled: false turns locality balancing off: distribute, "
+                                                 "failover and failoverPriority are ignored", warning=True))
+    froms: dict[str, int] = {}
+    for j, d in enumerate(lb.distribute):
+        at: Loc = (*loc, "distribute", j)
+        if (why := _term_problem(d.from_, clusters, wildcards=True)) is not None:
+            out.append(Finding(i, (*at, "from"), why))
+        if d.from_ in froms:
+            out.append(Finding(i, (*at, "from"), f"{d.from_!r} already has distribute rule #{froms[d.from_] + 1}: "
+                                                 "merge them (only the first would apply)"))
+        froms.setdefault(d.from_, j)
+        for term in d.to:
+            if (why := _term_problem(term, clusters, wildcards=True)) is not None:
+                out.append(Finding(i, (*at, "to", term), why))
+        total = sum(d.to.values())
+        if total != 100:
+            weights = " + ".join(str(w) for w in d.to.values())
+            out.append(Finding(i, (*at, "to"), f"weights must sum to 100, got {weights} = {total}"))
+    for j, f in enumerate(lb.failover):
+        at = (*loc, "failover", j)
+        for key, term in (("from", f.from_), ("to", f.to)):
+            if (why := _term_problem(term, clusters, wildcards=False)) is not None:
+                out.append(Finding(i, (*at, key), why))
+        if f.from_ == f.to:
+            out.append(Finding(i, (*at, "to"), f"failover from {f.from_!r} to itself: name another region or "
+                                               "cluster"))
+    for j, label in enumerate(lb.failover_priority):
+        at = (*loc, "failoverPriority", j)
+        if label not in FAILOVER_LABELS:
+            out.append(Finding(i, at, f"unknown label {label!r} (known: {', '.join(FAILOVER_LABELS)})"))
+        elif label == FAILOVER_LABELS[0] and lb.failover:
+            out.append(Finding(i, at, "failover and failoverPriority on the region label together are ambiguous "
+                                      "(as Istio refuses): keep one"))
+    for j in _dupes(lb.failover_priority):
+        out.append(Finding(i, (*loc, "failoverPriority", j), f"label {lb.failover_priority[j]!r} listed twice"))
+    if (lb.failover or lb.failover_priority) and lb.enabled is not False and not outlier_detection:
+        out.append(Finding(i, (*loc, "failover" if lb.failover else "failoverPriority"),
+                           "without outlierDetection only instances that go away move traffic to the next "
+                           "locality, not ones that answer errors (as Istio warns): add outlierDetection",
+                           warning=True))
+    return out
+
+
+def _term_problem(term: str, clusters: Sequence[MeshCluster], *, wildcards: bool) -> str | None:
+    """Why a term of a locality rule is wrong, or None: a cluster's name, or (distribute) a locality
+    pattern with `*` only as its last part, or (failover) a region, that covers some cluster of the Mesh."""
+    if any(c.name == term for c in clusters):
+        return None
+    parts = term.split("/")
+    if not wildcards and (len(parts) > 1 or "*" in term):
+        return f"{term!r}: failover names a region or a cluster, without '/' or '*' ({_known_terms(clusters)})"
+    if len(parts) > 3 or any(not p for p in parts):
+        return f"{term!r} is not a locality: write region, region/zone or region/zone/subzone"
+    if "*" in term and ("*" in parts[:-1] or parts[-1] != "*"):
+        return f"{term!r}: '*' may only stand as the whole last part (region/*, region/zone/*, *)"
+    if term == "*":
+        return None
+    prefix = [p for p in parts if p != "*"]
+    for c in clusters:
+        have = (c.locality or "").split("/") if c.locality else []
+        if have and have[:len(prefix)] == prefix:
+            return None
+    what = "region or cluster" if not wildcards else "locality or cluster"
+    return f"{term!r} is no {what} of the Mesh ({_known_terms(clusters)})"
 
 
 def _check_policy_conflicts(resources: Sequence[ResourceBase]) -> list[Finding]:

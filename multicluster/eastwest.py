@@ -5,19 +5,24 @@ sidecars, chosen by SNI (the TLS stays end to end; the gateway holds no keys). `
 `mesh.render.Extension`: it renders that gateway and adds the other clusters' gateways to every service's
 endpoints, at a lower priority than this cluster's own instances, so Envoy sends traffic elsewhere only
 while no local instance is healthy. With `Mesh.spec.clusters[].locality` set (region/zone/subzone), nearer
-clusters come before farther ones (same zone, then same region, then anywhere), as Istio's locality failover.
+clusters come before farther ones (same zone, then same region, then anywhere), as Istio's locality failover;
+a TrafficPolicy's `loadBalancer.localityLbSetting` changes that order (`failover`, `failoverPriority`), shares
+the load by weights per locality (`distribute`) or turns locality off (`enabled: false`): see
+`multicluster.locality`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mesh.intent import Intent
-from mesh.names import NodeId, ProxyKind, sni
-from mesh.render import ADS, Extension, GatewayResources
+from mesh.intent import Intent, LocalityLbSetting
+from mesh.names import NodeId, ProxyKind, cluster_name, sni
+from mesh.render import ADS, Extension, GatewayResources, Proxy
 from mesh.topology import ClusterTopology, Gateway
+from multicluster.locality import Group, Place, arrange, distribute_rule
 
 EASTWEST: ProxyKind = "eastwest"
 TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
@@ -66,17 +71,24 @@ def planned_gateway(*, cluster: str, address: str, port: int) -> Gateway:
 
 def locality_of(text: str | None, *, cluster: str) -> dict[str, str]:
     """`region/zone/subzone` -> Envoy's Locality; without one, the cluster's name stands as its zone."""
-    if not text:
-        return {"zone": cluster}
-    parts = text.split("/")
-    return dict(zip(("region", "zone", "sub_zone"), parts, strict=False))
+    return Place(cluster=cluster, locality=text).envoy_locality()
 
 
-def _distance(a: dict[str, str], b: dict[str, str]) -> int:
-    """0: same zone, 1: same region, 2: elsewhere (or unknown)."""
-    if "region" not in a or "region" not in b or a["region"] != b["region"]:
-        return 2
-    return 0 if a.get("zone") is not None and a.get("zone") == b.get("zone") else 1
+LocalityPolicies = tuple[tuple[tuple[str, str, str | None], LocalityLbSetting], ...]
+"""((namespace, service, version or None for every version), its localityLbSetting), sorted."""
+
+
+def locality_policies(intent: Intent) -> LocalityPolicies:
+    """Every localityLbSetting of the intent's TrafficPolicies, per service and per version (a version's
+    loadBalancer replaces the service's whole, as every TrafficPolicy field does)."""
+    out = []
+    for (ns, svc), tp in sorted(intent.traffic_policies.items()):
+        service = intent.services.get((ns, svc))
+        for version in [None, *(service.spec.versions if service else [])]:
+            lb = tp.spec.settings(version).load_balancer
+            if lb is not None and lb.locality_lb_setting is not None:
+                out.append(((ns, svc, version), lb.locality_lb_setting))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -88,34 +100,46 @@ class EastWestExtension(Extension):
     remotes: tuple[RemoteCluster, ...]
     locality: str | None = None
     """The local cluster's `region/zone/subzone`."""
+    policies: LocalityPolicies = ()
+    """The TrafficPolicies' localityLbSettings (`locality_policies`)."""
 
     def fingerprint(self) -> object:
-        return (self.local, self.locality, self.remotes)
+        return (self.local, self.locality, self.remotes, self.policies)
+
+    @property
+    def here(self) -> Place:
+        return Place(cluster=self.local, locality=self.locality)
+
+    @functools.cached_property
+    def _settings(self) -> Mapping[tuple[str, str, str | None], LocalityLbSetting]:
+        return dict(self.policies)
+
+    @functools.cached_property
+    def _weighted(self) -> frozenset[str]:
+        """Names of the Envoy clusters whose endpoints carry weights per locality here (`distribute`)."""
+        return frozenset(cluster_name(ns, svc, version) for (ns, svc, version), setting in self.policies
+                         if distribute_rule(setting, self.here) is not None)
+
+    def cluster(self, proxy: Proxy, cluster: dict[str, Any]) -> dict[str, Any]:
+        """Weights per locality count only where the cluster says so (Envoy ignores them otherwise)."""
+        if cluster.get("name") not in self._weighted:
+            return cluster
+        common = {**cluster.get("common_lb_config", {}), "locality_weighted_lb_config": {}}
+        return {**cluster, "common_lb_config": common}
 
     def endpoints(self, cla: dict[str, Any], *, namespace: str, service: str, version: str | None
                   ) -> dict[str, Any]:
+        setting = self._settings.get((namespace, service, version))
         remote = [(r, n) for r in self.remotes if (n := r.count(namespace, service, version)) > 0]
-        if not remote:
-            return cla
-        here = locality_of(self.locality, cluster=self.local)
-        local = [lb for group in cla.get("endpoints", []) for lb in group.get("lb_endpoints", [])]
-        groups: list[dict[str, Any]] = [{"locality": here, "lb_endpoints": local}] if local else []
-        # Priorities are dense (0, 1, 2 ...): the local instances first, then each distance class in turn.
-        distances = sorted({_distance(here, locality_of(r.locality, cluster=r.cluster)) for r, _ in remote})
-        first = 1 if local else 0
-        by_key: dict[tuple[int, tuple[tuple[str, str], ...]], dict[str, Any]] = {}
-        for r, n in remote:
-            where = locality_of(r.locality, cluster=r.cluster)
-            priority = first + distances.index(_distance(here, where))
-            endpoint = {"endpoint": {"address": {"socket_address": {"address": r.address, "port_value": r.port}}},
-                        "load_balancing_weight": n}
-            key = (priority, tuple(sorted(where.items())))
-            if key in by_key:  # two clusters in one locality: one group, as Envoy wants localities unique
-                by_key[key]["lb_endpoints"].append(endpoint)
-            else:
-                by_key[key] = {"locality": where, "priority": priority, "lb_endpoints": [endpoint]}
-        groups += sorted(by_key.values(), key=lambda g: g["priority"])
-        return {**cla, "endpoints": groups}
+        here = self.here
+        if not remote and distribute_rule(setting, here) is None:
+            return cla  # only this cluster's instances, and nothing weighs them: as render made them
+        local = tuple(lb for group in cla.get("endpoints", []) for lb in group.get("lb_endpoints", []))
+        groups = [Group(place=here, endpoints=local, local=True)] if local else []
+        groups += [Group(place=Place(cluster=r.cluster, locality=r.locality), endpoints=({
+            "endpoint": {"address": {"socket_address": {"address": r.address, "port_value": r.port}}},
+            "load_balancing_weight": n},)) for r, n in remote]
+        return {**cla, "endpoints": arrange(groups, here=here, setting=setting)}
 
     def gateway(self, proxy: Gateway, *, intent: Intent, topology: ClusterTopology) -> GatewayResources | None:
         if proxy.kind != EASTWEST:

@@ -22,7 +22,7 @@ from mesh.render import Extension, RenderCache, render
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.snapshot import InconsistentSnapshot, Snapshot
 from multicluster.ca import new_intermediate, new_root
-from multicluster.eastwest import EastWestExtension, planned_gateway, remote_view
+from multicluster.eastwest import EastWestExtension, locality_policies, planned_gateway, remote_view
 from multicluster.issuer import WorkloadIssuer
 from policies import IssuedCert, SecurityExtension
 from rollouts.advance import RolloutState
@@ -66,6 +66,7 @@ def render_mesh(
     `remote`: clusters served by another control plane (on Kubernetes, every other cluster's operator):
     seen through their east-west gateways, never rendered here."""
     localities = {c.name: c.locality for c in intent.mesh.spec.clusters}
+    policies = locality_policies(intent)  # TrafficPolicies: the rollout overlay leaves them as they are
     views = {name: remote_view(topo, locality=localities.get(name))
              for name, topo in {**(remote or {}), **topologies}.items()}
     out: dict[str, ClusterRender] = {}
@@ -74,7 +75,7 @@ def render_mesh(
         shaped = overlay(intent, states, cluster=name)  # per cluster: a rollout's waves weigh clusters apart
         issued = certs.certs_for(shaped, topo, now=now)
         extensions = [
-            EastWestExtension(local=name, remotes=remotes, locality=localities.get(name)),
+            EastWestExtension(local=name, remotes=remotes, locality=localities.get(name), policies=policies),
             SecurityExtension(intent=shaped, certs=issued, trust_bundle=certs.trust_bundle),
             *extra,
         ]

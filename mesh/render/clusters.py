@@ -65,8 +65,10 @@ def _unlimited() -> dict[str, Any]:
 def _cluster_policy(p: PolicySettings) -> dict[str, Any]:
     """DestinationRule semantics on one EDS cluster: balancing, circuit breaking, outlier ejection."""
     out = _unlimited()
-    if p.load_balancer is not None:
-        out["lb_policy"] = "RING_HASH" if p.load_balancer.consistent_hash else p.load_balancer.simple
+    lb = p.load_balancer
+    if lb is not None and (lb.consistent_hash is not None or lb.simple is not None):
+        # localityLbSetting alone leaves the policy as it is; the east-west extension renders it.
+        out["lb_policy"] = "RING_HASH" if lb.consistent_hash else lb.simple
     pool = p.connection_pool
     if pool is not None:
         thresholds: dict[str, Any] = out["circuit_breakers"]["thresholds"][0]  # a value set wins for its field
