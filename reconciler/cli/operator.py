@@ -28,6 +28,8 @@ from reconciler.loop import Reconciler, UpConfig
 from reconciler.runtime.base import Bind
 from reconciler.runtime.kubernetes.conditions import gitsource_status
 from reconciler.runtime.kubernetes.objects import EndpointEntry, PodEntry, pod_entry, slice_entries
+from reconciler.runtime.kubernetes.remote import REMOTE_LABEL, RemoteAccess, from_secret, read_remote
+from reconciler.runtime.kubernetes.remote import api_client as remote_api_client
 from reconciler.runtime.kubernetes.runtime import AUDIENCE, KubernetesRuntime, ReviewedToken, parse_review
 from reconciler.source.base import GitError
 from reconciler.source.git import Pygit2Source
@@ -40,6 +42,10 @@ STATUS_INTERVAL_S = 1.0
 REAPPLY_DEBOUNCE_S = 0.2
 """A `kubectl apply` of many resources arrives as a burst of events: one re-apply for the burst."""
 CLUSTER_PREFIX = "@cluster"
+REMOTE_POLL_S = 5.0
+"""Seconds between reads of a remote cluster's API (Istio watches; a list every few seconds is simpler and
+bounds what a remote outage can do to us)."""
+REMOTE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,8 @@ class OperatorConfig:
     """The sidecar image the injector adds (default: the one `InjectConfig` names)."""
     xds_service: str | None = None
     """`host:port` injected sidecars reach the control plane at (default: the operator's Service)."""
+    insecure_remotes: bool = False
+    """Accept http:// remote APIs (an emulator in tests). Never for real clusters: tokens in clear."""
 
 
 @dataclass
@@ -81,6 +89,9 @@ class Operator:
     """A `kubernetes.client.ApiClient` (TokenReview); the same credentials kopf logs in with."""
     runtime: KubernetesRuntime = field(init=False)
     session: _Session | None = None
+    remotes: dict[str, tuple[RemoteAccess, asyncio.Task[None]]] = field(default_factory=dict)
+    """Other clusters of the Mesh, read from their APIs (remote secrets)."""
+    remote_errors: dict[str, str] = field(default_factory=dict)
     resources: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
     """lockgate resources applied with kubectl: (kind, namespace, name) -> their YAML, as intent files."""
     _reapply: asyncio.TimerHandle | None = None
@@ -165,7 +176,57 @@ class Operator:
             if exc is not None:
                 loop = None
                 self.problem = f"the reconcile loop stopped: {exc!r}"
-        return gitsource_status(loop, generation=generation, previous=previous, problem=self.problem)
+        out = gitsource_status(loop, generation=generation, previous=previous, problem=self.problem)
+        if self.remotes or self.remote_errors:
+            out["remoteClusters"] = {
+                c: {"error": self.remote_errors.get(c),
+                    "readyInstances": len(self.runtime.topology(c).ready),
+                    "eastwest": next((f"{g.address}:{g.port}" for g in self.runtime.topology(c).gateways), None)}
+                for c in sorted(set(self.remotes) | set(self.remote_errors))}
+        return out
+
+    # --- other clusters (remote secrets) ----------------------------------------------------------
+
+    def remote_secret(self, event: str, body: Mapping[str, Any]) -> None:
+        """A labelled Secret changed: read the clusters it names from now on, forget those it stopped naming."""
+        name = str((body.get("metadata") or {}).get("name"))
+        wanted: dict[str, RemoteAccess] = {}
+        if event != "DELETED":
+            wanted, problems = from_secret(body, allow_http=self.config.insecure_remotes)
+            for cluster, problem in problems.items():
+                log.warning("secret %s: %s", name, problem)
+                self.remote_errors[cluster] = problem
+        for cluster in [c for c in self.remotes if c not in wanted or self.remotes[c][0] != wanted[c]]:
+            self.remotes.pop(cluster)[1].cancel()
+            if cluster not in wanted:
+                self.runtime.set_remote(cluster, None)
+        for cluster, access in wanted.items():
+            if cluster == self.config.cluster:
+                self.remote_errors[cluster] = f"secret {name} names this cluster itself: ignored"
+                continue
+            if cluster not in self.remotes:
+                task = asyncio.create_task(self._follow_remote(access), name=f"remote cluster {cluster}")
+                self.remotes[cluster] = (access, task)
+
+    async def _follow_remote(self, access: RemoteAccess) -> None:
+        """Read the remote API every REMOTE_POLL_S. When it cannot be reached the last view stays (its
+        instances were there a moment ago; dropping them would move traffic on a network blip)."""
+        api = await asyncio.to_thread(remote_api_client, access)
+        while True:
+            try:
+                topo = await asyncio.wait_for(asyncio.to_thread(
+                    read_remote, api, access.cluster, namespace=self.config.namespace), REMOTE_TIMEOUT_S + 5)
+                self.remote_errors.pop(access.cluster, None)
+                self.runtime.set_remote(access.cluster, topo)
+            except Exception as exc:  # the remote API is down or refuses us: keep the last view, say so
+                self.remote_errors[access.cluster] = f"{type(exc).__name__}: {exc}"[:500]
+                log.warning("remote cluster %s: %s", access.cluster, self.remote_errors[access.cluster])
+            await asyncio.sleep(REMOTE_POLL_S)
+
+    def stop_remotes(self) -> None:
+        for _, task in self.remotes.values():
+            task.cancel()
+        self.remotes.clear()
 
     # --- lockgate resources applied with kubectl ----------------------------------------------------
 
@@ -293,6 +354,11 @@ def build_registry(op: Operator) -> kopf.OperatorRegistry:
         if {k: v for k, v in status.items()} != new:
             patch.status.update(new)
 
+    @kopf.on.event("", "v1", "secrets", labels={REMOTE_LABEL: "true"}, registry=reg)
+    async def remote_secret(**kw: Any) -> None:
+        if kw["namespace"] == cfg.namespace:
+            op.remote_secret(str(kw["type"] or ""), kw["body"])
+
     for plural in cluster_plurals():
         @kopf.on.event(GROUP, VERSION, plural, id=f"resource-{plural}", registry=reg)
         async def resource(**kw: Any) -> None:
@@ -404,6 +470,7 @@ async def run_operator(op: Operator, *, stop: asyncio.Event, ready: asyncio.Even
 
     async def stop_session_first() -> None:
         await stop.wait()
+        op.stop_remotes()
         await op.unfollow()
         kopf_stop.set()
 
@@ -413,6 +480,7 @@ async def run_operator(op: Operator, *, stop: asyncio.Event, ready: asyncio.Even
                             standalone=config.standalone)
     finally:
         stopper.cancel()
+        op.stop_remotes()
         await op.unfollow()
         if runner is not None:
             await runner.cleanup()

@@ -94,6 +94,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Kube, Operator]]:
                                             standalone=True), api=k.api())
         thread = OperatorThread(op)
         await asyncio.to_thread(thread.start)
+        await k.watched("pods", "endpointslices", "gitsources", "routes")
         try:
             yield k, op
         finally:
@@ -228,3 +229,66 @@ async def test_resources_applied_with_kubectl_join_the_intent_and_a_bad_one_chan
     await k.delete(f"{routes_api}/frontend")
     await until(lambda: rec.failed is None and rec.intent is not None and ("shop", "frontend") not in rec.intent.routes,
                 what="the deleted Route gone from the intent")
+
+
+def kubeconfig(server: str, **user: str) -> str:
+    import json as _json
+
+    return _json.dumps({"apiVersion": "v1", "kind": "Config", "current-context": "west",
+                        "clusters": [{"name": "west", "cluster": {"server": server}}],
+                        "users": [{"name": "reader", "user": user or {"token": "west-reader"}}],
+                        "contexts": [{"name": "west", "context": {"cluster": "west", "user": "reader"}}]})
+
+
+async def test_remote_clusters_come_from_sanitised_remote_secrets(tmp_path: Path) -> None:
+    """east's operator reads west's API (a second emulator) from a remote secret: west's ready reviews-v2
+    reaches east's callers as west's east-west gateway; a kubeconfig that would run code is refused."""
+    import base64
+
+    mesh = MESH.replace("clusters: [{name: east}]", "clusters: [{name: east}, {name: west}]")
+    root = new_repo(tmp_path / "mesh", {"mesh.yaml": mesh, "services.yaml": SERVICES, "routes.yaml": routes(0)})
+    async with kube() as east, kube() as west:
+        await west.create("/api/v1/namespaces/shop/pods", pod("reviews-v2-a", "reviews", "v2", "10.1.0.5"))
+        await west.create("/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices", slice_body(
+            namespace="shop", name="reviews-1", service="reviews", port=9080,
+            endpoints=[("reviews-v2-a", "10.1.0.5", True)]))
+        await west.create(f"/api/v1/namespaces/{NS}/services", {
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "lockgate-eastwest", "namespace": NS, "labels": {"lockgate.io/gateway": "eastwest"}},
+            "spec": {"type": "LoadBalancer", "ports": [{"name": "tls", "port": 15443}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}})
+        op = Operator(config=OperatorConfig(cluster="east", state_dir=tmp_path / "state", xds=Bind("127.0.0.1", 0),
+                                            webhook=None, metrics=None, standalone=True, insecure_remotes=True),
+                      api=east.api())
+        thread = OperatorThread(op)
+        await asyncio.to_thread(thread.start)
+        await east.watched("pods", "endpointslices", "gitsources", "secrets")
+        try:
+            await gitsource(east, root)
+            await until(lambda: op.session and op.session.reconciler.applied, what="first revision applied")
+            await east.create("/api/v1/namespaces/shop/pods", pod("frontend-a", "frontend", "v1", "10.0.0.1"))
+            await east.create(f"/api/v1/namespaces/{NS}/secrets", {
+                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": "remote-west", "namespace": NS, "labels": {"lockgate.io/remote-cluster": "true"}},
+                "data": {"west": base64.b64encode(kubeconfig(west.url).encode()).decode()}})
+            plane = op.session.reconciler.planes["east"]  # type: ignore[union-attr]
+            assert set(op.session.reconciler.planes) == {"east"}  # type: ignore[union-attr]  # west is west's
+
+            def west_endpoint() -> bool:
+                snap = plane.cache.get("east/shop/frontend-a")
+                return snap is not None and "192.0.2.10" in str(dict(snap.items(ENDPOINT)))
+
+            await until(west_endpoint, what="west's reviews-v2 through west's east-west gateway")
+            assert "10.1.0.5" not in str(dict(plane.cache.get("east/shop/frontend-a").items(ENDPOINT)))  # type: ignore[union-attr]
+
+            # A kubeconfig that would run a program on the operator's pod is refused, and says why.
+            evil = kubeconfig(west.url, exec="/bin/sh")  # type: ignore[arg-type]
+            await east.create(f"/api/v1/namespaces/{NS}/secrets", {
+                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": "remote-central", "namespace": NS,
+                             "labels": {"lockgate.io/remote-cluster": "true"}},
+                "data": {"central": base64.b64encode(evil.encode()).decode()}})
+            await until(lambda: "central" in op.remote_errors, what="the exec kubeconfig refused")
+            assert "exec" in op.remote_errors["central"] and "central" not in op.remotes
+        finally:
+            await asyncio.to_thread(thread.stop)

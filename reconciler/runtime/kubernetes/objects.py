@@ -19,6 +19,7 @@ from typing import Any
 
 from mesh.names import NodeId
 from mesh.topology import ClusterTopology, Gateway, Sidecar
+from multicluster.eastwest import EASTWEST
 
 SIDECAR_CONTAINER = "lockgate-proxy"
 INJECTED_LABEL = "lockgate.io/injected"
@@ -126,18 +127,21 @@ def slice_entries(body: Mapping[str, Any]) -> list[EndpointEntry]:
 def node_id(cluster: str, pod: PodEntry) -> str:
     if pod.gateway == "ingress":
         return str(NodeId.gateway(cluster=cluster, kind="ingress"))
+    if pod.gateway == EASTWEST:
+        return str(NodeId.gateway(cluster=cluster, kind=EASTWEST))
     return str(NodeId(cluster=cluster, kind="sidecar", namespace=pod.namespace, instance=pod.name))
 
 
 def topology(cluster: str, pods: Iterable[PodEntry], endpoints: Iterable[EndpointEntry],
              *, service_ports: Mapping[tuple[str, str], int] | None = None,
-             ingress_port: int = 8080) -> ClusterTopology:
+             ingress_port: int = 8080, eastwest_port: int = 15443) -> ClusterTopology:
     """Render's input for one cluster. `service_ports` (namespace, service) -> port is the intent's: the
     app port of a pod that declares none. Sorted, so the same pods give the same value."""
     where = {(e.namespace, e.pod): e for e in endpoints}
     sidecars: list[Sidecar] = []
     ready: set[str] = set()
     ingress: Gateway | None = None
+    gateways: list[Gateway] = []
     for pod in sorted(pods, key=lambda p: (p.namespace, p.name)):
         ep = where.get((pod.namespace, pod.name))
         address = ep.address if ep is not None else pod.ip
@@ -147,6 +151,10 @@ def topology(cluster: str, pods: Iterable[PodEntry], endpoints: Iterable[Endpoin
         if pod.gateway == "ingress":
             if ingress is None:
                 ingress = Gateway(node_id=nid, address=address, port=ingress_port)
+            continue
+        if pod.gateway == EASTWEST:
+            if not any(g.kind == EASTWEST for g in gateways):
+                gateways.append(Gateway(node_id=nid, address=address, port=eastwest_port, kind=EASTWEST))
             continue
         assert pod.service is not None and pod.version is not None
         app_port = pod.app_port or (ep.port if ep is not None else None) \
@@ -158,4 +166,5 @@ def topology(cluster: str, pods: Iterable[PodEntry], endpoints: Iterable[Endpoin
             outbound_address=pod.outbound_address))
         if ep is not None and ep.ready and not pod.deleting:
             ready.add(nid)
-    return ClusterTopology(cluster=cluster, ingress=ingress, sidecars=tuple(sidecars), ready=frozenset(ready))
+    return ClusterTopology(cluster=cluster, ingress=ingress, sidecars=tuple(sidecars), ready=frozenset(ready),
+                           gateways=tuple(gateways))

@@ -117,6 +117,7 @@ class KubernetesRuntime:
     _intent: Intent | None = None
     _callback: Callable[[], None] = lambda: None
     _added: bool = False
+    _remote: dict[str, ClusterTopology] = field(default_factory=dict)
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self._callback = callback
@@ -158,10 +159,20 @@ class KubernetesRuntime:
             self._topology = topo
             self._callback()
 
+    def set_remote(self, cluster: str, topo: ClusterTopology | None) -> None:
+        """What this cluster's operator last read of another cluster's API (None: forget it)."""
+        before = self._remote.get(cluster)
+        if topo is None:
+            self._remote.pop(cluster, None)
+        else:
+            self._remote[cluster] = topo
+        if before != topo:
+            self._callback()
+
     def topology(self, cluster: str) -> ClusterTopology:
-        if cluster != self.cluster or self._topology is None:
-            return ClusterTopology(cluster=cluster)
-        return self._topology
+        if cluster != self.cluster:
+            return self._remote.get(cluster) or ClusterTopology(cluster=cluster)
+        return self._topology or ClusterTopology(cluster=cluster)
 
     def metrics(self, cluster: str) -> Metrics | None:
         if cluster != self.cluster or self.prometheus_url is None:
