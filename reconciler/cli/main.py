@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     from reconciler.cli import grafana as grafana_cli
 
     grafana_cli.add_parser(sub)  # grafana: dashboard JSON and recording rules
+    from reconciler.cli import importers as importers_cli
+
+    importers_cli.add_parser(sub)  # import istio FILE... --out DIR
 
     p = sub.add_parser("demo-app", help="the demo workload: a small fast HTTP service")
     demo_app.add_arguments(p)
