@@ -202,7 +202,8 @@ def _targets(m: Mesh) -> list[Any]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"{url}/api/v1/targets", timeout=2) as resp:
         data = json.load(resp)
-    return [t for t in data["data"]["activeTargets"] if t["health"] == "up"]
+    return [t for t in data["data"]["activeTargets"]
+            if t["health"] == "up" and t["labels"].get("kind") != "lockgate"]  # the proxies (not lockgate's /metrics)
 
 
 def _watch(m: Mesh, until: Any, timeout: float) -> list[dict[str, Any]]:
