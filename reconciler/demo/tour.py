@@ -2,8 +2,10 @@
 
 A fresh intent repo from the template, the whole local mesh, then the commits a user would make: all
 traffic on v1, a 50/50 split, a broken commit that changes nothing; then progressive delivery: a
-Rollout, a good canary promoted step by step and a bad one (FAIL_RATE=0.3) rolled back, each judged by
-Prometheus from the Envoys' own stats, and finally `git log` with lockgate's own commits in it.
+Rollout and a bad canary (FAIL_RATE=0.3) rolled back, judged by Prometheus from the Envoys' own stats;
+then a second cluster under the same root CA and a good canary rolled out in two waves (east, then west
+after a short bake), each wave judged by its own cluster's Prometheus, with what each cluster's ingress
+answered; and finally `git log` with lockgate's own commits in it.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ async def run_demo(*, workdir: Path | None, keep_running: bool,
         print(f"   still 50/50:  {_bar(await asyncio.to_thread(_tally, ingress, host, 400))}")
 
         await _rollouts(rec, source, repo, ingress, host)
-        await _second_cluster(rec, source, repo, ingress, host)
+        await _waves(rec, source, host)
         print(f"== git log in {repo} (lockgate's own commits are the audit trail; `lockgate history` adds the "
               "decisions):")
         for c in source.log("HEAD", limit=8):
@@ -220,35 +222,64 @@ async def _rollouts(rec: Reconciler, source: Pygit2Source, repo: Path, ingress: 
     load = _Load(ingress, host)
     try:
         await _scraped(rec)
-        for canary, message in (("v2", "reviews: canary v2"), ("v3", "reviews: canary v3 (the bad build)")):
-            text = (repo / "rollout.yaml").read_text()
-            stable = next(line.split(":")[1].strip() for line in text.splitlines() if line.startswith("  stable:"))
-            text = text.replace(f"  stable: {stable}\n", f"  stable: {stable}\n  canary: {canary}\n", 1)
-            sha = source.commit(files={"rollout.yaml": text.encode()}, message=message, parent=source.head() or "",
-                                author=USER)
-            print(f"== git commit '{message}'")
-            await _follow(rec, load, sha)
+        text = (repo / "rollout.yaml").read_text().replace("  stable: v1\n", "  stable: v1\n  canary: v3\n", 1)
+        message = "reviews: canary v3 (the bad build)"
+        sha = source.commit(files={"rollout.yaml": text.encode()}, message=message, parent=source.head() or "",
+                            author=USER)
+        print(f"== git commit '{message}'")
+        await _follow(rec, {"east": load}, sha)
     finally:
         load.close()
 
 
-async def _second_cluster(rec: Reconciler, source: Pygit2Source, repo: Path, ingress: str, host: str) -> None:
-    """The multi-cluster step: a second cluster under the same root CA takes over the stable version."""
-    mesh = (repo / "mesh.yaml").read_text()
-    workloads = (repo / "workloads.yaml").read_text()
-    v2 = ("  name: reviews-v2\n  namespace: shop\nspec:\n  service: reviews\n  version: v2\n  replicas: 1\n"
-          "  clusters: [east]")
-    if "    - name: east\n" not in mesh or v2 not in workloads:
+WAVES = """\
+  steps: [50, 100]
+  waves:                    # east first; west after east passed and a short soak (bake)
+    - clusters: [east]
+    - clusters: [west]
+      bake: 2s
+"""
+
+
+async def _waves(rec: Reconciler, source: Pygit2Source, host: str) -> None:
+    """The multi-cluster step: a second cluster under the same root CA, then a good canary rolled out in
+    two waves, each judged by its own cluster's Prometheus."""
+    tree = source.read_tree(source.head() or "")  # lockgate's write-back is in it
+    mesh, workloads, rollout = (tree[f].decode() for f in ("mesh.yaml", "workloads.yaml", "rollout.yaml"))
+    everywhere = {name: f"  name: {name}\n  namespace: shop\nspec:\n  service: {svc}\n  version: {v}\n  replicas: {n}\n"
+                        "  clusters: [east]" for name, svc, v, n in (("frontend-v1", "frontend", "v1", 1),
+                                                                      ("reviews-v1", "reviews", "v1", 2),
+                                                                      ("reviews-v2", "reviews", "v2", 1))}
+    if "    - name: east\n" not in mesh or any(w not in workloads for w in everywhere.values()) \
+            or "  steps: [20, 50, 100]\n" not in rollout or "  stable: v1\n" not in rollout:
         return  # the repo was edited by hand: nothing to show here
+    for w in everywhere.values():
+        workloads = workloads.replace(w, w.replace("clusters: [east]", "clusters: [east, west]"))
     sha = source.commit(files={
         "mesh.yaml": mesh.replace("    - name: east\n", "    - name: east\n    - name: west\n").encode(),
-        "workloads.yaml": workloads.replace(v2, v2.replace("clusters: [east]", "clusters: [west]")).encode(),
-    }, message="reviews-v2 moves to a second cluster, west", parent=source.head() or "", author=USER)
+        "workloads.yaml": workloads.encode(),
+    }, message="west: a second cluster, with frontend and reviews v1, v2", parent=source.head() or "", author=USER)
     await _converged(rec, sha)
-    print("== git commit 'reviews-v2 moves to a second cluster, west' -> west gets its own control plane, gateways\n"
-          "   and Prometheus; east's callers reach v2 through west's east-west gateway (SNI passthrough: mTLS end\n"
-          "   to end, both clusters' certificates chain to one root)")
-    print(f"   from east:    {_bar(await asyncio.to_thread(_tally, ingress, host, 100, where=True))}")
+    west = rec.ingress("west") or ""
+    print("== git commit 'west: a second cluster, with frontend and reviews v1, v2' -> west gets its own control\n"
+          "   plane, gateways and Prometheus; both clusters' certificates chain to one root (east-west gateways\n"
+          f"   carry calls between them, SNI passthrough: mTLS end to end); west's ingress http://{west}")
+    print(f"   from west:    {_bar(await asyncio.to_thread(_tally, west, host, 100, where=True))}")
+    loads = {"east": _Load(rec.ingress("east") or "", host), "west": _Load(west, host)}
+    try:
+        await _scraped(rec)  # west's new targets, and east's reviews-v2 (restarted: its Workload changed)
+        text = rollout.replace("  steps: [20, 50, 100]\n", WAVES).replace("  canary: v1\n", "")
+        text = text.replace("  stable: v1\n", "  stable: v1\n  canary: v2\n")  # after the rollback: canary v1
+        message = "reviews: canary v2 in two waves (east, then west)"
+        sha = source.commit(files={"rollout.yaml": text.encode()}, message=message, parent=source.head() or "",
+                            author=USER)
+        print(f"== git commit '{message}'\n"
+              "   the steps run in east, judged by east's Prometheus, while west stays on v1; once east passed,\n"
+              "   west bakes 2s (east still judged), then takes its own steps, judged by west's Prometheus")
+        await _follow(rec, loads, sha)
+    finally:
+        for load in loads.values():
+            load.close()
 
 
 def _prometheus(rec: Reconciler) -> str:
@@ -258,28 +289,37 @@ def _prometheus(rec: Reconciler) -> str:
 
 
 async def _scraped(rec: Reconciler, timeout: float = 30.0) -> None:
-    """Until Prometheus has scraped every sidecar: new targets take a few seconds (discovery reload)."""
+    """Until each cluster's Prometheus has scraped every sidecar of its cluster: new targets take a few
+    seconds (discovery reload)."""
     import urllib.request
 
-    url = _prometheus(rec)
-    want = sum(1 for w in rec.status()["workloads"])
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    workloads = [str(w["id"]) for w in rec.status()["workloads"]]
 
-    def up() -> int:
-        try:
-            with opener.open(f"{url}/api/v1/targets", timeout=2) as resp:
-                data = json.load(resp)
-        except (OSError, ValueError):
-            return 0
-        return sum(1 for t in data["data"]["activeTargets"] if t["health"] == "up" and t["labels"].get("service"))
+    def missing() -> int:
+        short = 0
+        for cluster in rec.planes:
+            metrics = rec.runtime.metrics(cluster)
+            if metrics is None:
+                continue
+            want = sum(1 for w in workloads if w.startswith(f"{cluster}/"))
+            try:
+                with opener.open(f"{metrics.url}/api/v1/targets", timeout=2) as resp:
+                    data = json.load(resp)
+            except (OSError, ValueError):
+                return want or 1
+            short += max(0, want - sum(1 for t in data["data"]["activeTargets"]
+                                       if t["health"] == "up" and t["labels"].get("service")))
+        return short
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and await asyncio.to_thread(up) < want:
+    while time.monotonic() < deadline and await asyncio.to_thread(missing) > 0:
         await asyncio.sleep(0.3)
 
 
-async def _follow(rec: Reconciler, load: _Load, sha: str, timeout: float = 60.0) -> None:
-    """Print each decision of the run started by `sha` as it happens, with what the ingress saw."""
+async def _follow(rec: Reconciler, loads: dict[str, _Load], sha: str, timeout: float = 60.0) -> None:
+    """Print each decision of the run started by `sha` as it happens, with what each cluster's ingress saw
+    (and, for a run in waves, the canary's weight in each cluster)."""
     path = rec.config.state_dir / "rollouts" / "decisions.jsonl"
     shown = 0
     t_mark = time.time()
@@ -289,17 +329,25 @@ async def _follow(rec: Reconciler, load: _Load, sha: str, timeout: float = 60.0)
         if path.exists():
             entries = [d for d in map(json.loads, path.read_text().splitlines()) if d.get("canaryRevision") == sha]
         for d in entries[shown:]:
-            seen = load.since(t_mark)
+            seen = {cluster: load.since(t_mark) for cluster, load in loads.items()}
             t_mark = time.time()
-            numbers = ", ".join(f"{c['metric']} {c['value']:.4g}" for c in d["checks"]
+            numbers = ", ".join(f"{c['metric']}{'@' + c['cluster'] if d.get('weights') is not None else ''} "
+                                f"{c['value']:.4g}" for c in d["checks"]
                                 if c["value"] is not None and c["metric"] != "requests")
-            what = {"start": f"{d['weight']}% to {d['canary']}", "step": f"{d['weight']}% to {d['canary']}",
+            weights = d.get("weights")
+            share = (", ".join(f"{c} {weights.get(c, 0)}%" for c in loads) + f" to {d['canary']}"
+                     if weights is not None else f"{d['weight']}% to {d['canary']}")
+            what = {"start": share, "step": share, "wave": share, "approve": share,
                     "hold": "holding", "promote": f"promoted {d['canary']}: 100%",
                     "rollback": f"rolled back: 100% to {d['stable']}"}.get(d["action"], d["action"])
             print(f"   {time.strftime('%H:%M:%S', time.localtime(d['at']))} {d['action']:8} {what:26}"
                   f"{'  [' + numbers + ']' if numbers else ''}")
+            if d["action"] == "wave":
+                print(f"   {'':8} {d['reasons'][-1]}")
             if d["action"] != "start":
-                print(f"            ingress since the last decision: {_bar(seen)}")
+                for cluster, counts in seen.items():
+                    where = "ingress" if len(seen) == 1 else f"{cluster:7}"
+                    print(f"            {where} since the last decision: {_bar(counts)}")
             shown += 1
             if d["action"] in ("promote", "rollback"):
                 reason = d["reasons"][0]
