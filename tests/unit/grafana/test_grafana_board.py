@@ -58,7 +58,7 @@ def test_panels_cover_traffic_by_version_the_canary_weight_and_a_row_per_cluster
     assert all("cluster" in p["targets"][0]["expr"].split("sum by (", 1)[1].split(")")[0] for p in after)
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids))
-    cells = set()  # no two panels overlap on the 24-column grid
+    cells: set[tuple[int, int]] = set()  # no two panels overlap on the 24-column grid
     for p in panels:
         g = p["gridPos"]
         mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
@@ -95,7 +95,7 @@ def test_recording_rules_are_a_rule_file_by_namespace_service_version_cluster() 
 
 
 def test_the_weight_gauge_is_what_the_rollout_state_says() -> None:
-    records = [
+    records: list[dict[str, Any]] = [
         {"namespace": "shop", "name": "reviews", "service": "reviews",
          "state": {"phase": "progressing", "stable": "v1", "canary": "v2", "weight": 25}},
         {"namespace": "shop", "name": "done", "service": "ratings",
