@@ -67,6 +67,8 @@ class UpConfig:
     """A GPG keyring whose keys are trusted too (either file trusts a commit)."""
     signing_key: Path | None = None
     """The SSH private key lockgate signs its own write-back commits with."""
+    isolate_clusters: bool = False
+    """Local runtime: each cluster in a network namespace of its own, joined by a bridge (needs root)."""
 
 
 @dataclass

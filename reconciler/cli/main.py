@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                    "cluster (it should scrape each cluster's discovery endpoint, shown in status)")
     p.add_argument("--cert-ttl", default="24h", help="workload certificate lifetime, e.g. 20s, 1h (rotated at half)")
     p.add_argument("--ca-dir", type=Path, help="CA hierarchy (root/, <cluster>/); default STATE_DIR/ca")
+    p.add_argument("--isolate-clusters", action="store_true",
+                   help="run each cluster in a network namespace of its own, joined by a bridge, so the only path "
+                   "between clusters is the east-west gateways (needs root; default: loopback addresses)")
     _signature_flags(p)
     p.add_argument("--signing-key", type=Path, metavar="KEY",
                    help="SSH private key lockgate signs its own write-back commits with (trust it in the "
@@ -253,6 +256,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from reconciler.cli.up import run_up
     from reconciler.loop import UpConfig
     from reconciler.runtime.local.lock import StateDirBusy
+    from reconciler.runtime.local.netns import NetworkError
     from reconciler.runtime.local.prometheus import PrometheusMissing
     from reconciler.source.git import GitError
 
@@ -271,10 +275,10 @@ def cmd_up(args: argparse.Namespace) -> int:
                       envoy_log_level=args.envoy_log_level,
                       prometheus_url=args.prometheus_url, cert_ttl=cert_ttl, ca_dir=args.ca_dir,
                       verify_signatures=args.verify_signatures, verify_gpg_keyring=args.verify_gpg_keyring,
-                      signing_key=args.signing_key)
+                      signing_key=args.signing_key, isolate_clusters=args.isolate_clusters)
     try:
         return asyncio.run(run_up(config))
-    except (GitError, PrometheusMissing, CAError, StateDirBusy) as exc:
+    except (GitError, PrometheusMissing, CAError, StateDirBusy, NetworkError) as exc:
         print(f"lockgate up: {exc}", file=sys.stderr)
         return 1
 

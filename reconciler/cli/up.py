@@ -12,6 +12,7 @@ import logging
 from reconciler.isolate import warm
 from reconciler.loop import Reconciler, UpConfig, install_stop_signals
 from reconciler.runtime.local.lock import lock_state_dir
+from reconciler.runtime.local.netns import IsolatedNetwork
 from reconciler.runtime.local.prometheus import prometheus_binary
 from reconciler.runtime.local.runtime import LocalRuntime
 from reconciler.source.base import DEFAULT_AUTHOR, GitError
@@ -44,8 +45,10 @@ async def local_reconciler(config: UpConfig, *, announced: bool = False) -> Reco
     source = await asyncio.to_thread(Pygit2Source.open, config.repo, branch=config.branch,
                                      cache_dir=config.state_dir / "git", signing_key=config.signing_key,
                                      fetch_deadline=config.fetch_timeout)
+    # --isolate-clusters: a network namespace per cluster, made here (NetworkError without root).
+    network = IsolatedNetwork.for_state_dir(config.state_dir) if config.isolate_clusters else None
     runtime = LocalRuntime(state_dir=config.state_dir, envoy_log_level=config.envoy_log_level,
-                           prometheus_url=config.prometheus_url)
+                           prometheus_url=config.prometheus_url, network=network)
     return Reconciler(config=config, source=source, runtime=runtime, announced=announced, trust=trust)
 
 
@@ -53,10 +56,14 @@ async def run_up(config: UpConfig) -> int:
     """Foreground: returns when SIGINT/SIGTERM arrives, after stopping every process it started."""
     with lock_state_dir(config.state_dir):  # StateDirBusy names the running lockgate
         await asyncio.to_thread(warm)  # the loading worker, started before the first commit needs it
-        rec = await local_reconciler(config)
-        stop = asyncio.Event()
-        install_stop_signals(stop)
-        return await serve(rec, stop)
+        try:
+            rec = await local_reconciler(config)
+            stop = asyncio.Event()
+            install_stop_signals(stop)
+            return await serve(rec, stop)
+        finally:
+            if config.isolate_clusters:  # on every way out (close removed it already, unless it failed)
+                await asyncio.to_thread(IsolatedNetwork.for_state_dir(config.state_dir).teardown)
 
 
 async def serve(rec: Reconciler, stop: asyncio.Event) -> int:
@@ -65,6 +72,10 @@ async def serve(rec: Reconciler, stop: asyncio.Event) -> int:
     try:
         await rec.run(stop)
     except Exception:
+        if rec.config.isolate_clusters:  # the network goes with lockgate: nothing could be adopted from it
+            log.exception("lockgate stopped on an internal error; stopping every process and the isolated network")
+            await rec.close()
+            return 1
         log.exception("lockgate stopped on an internal error; Envoys and workloads keep serving and the next "
                       "`lockgate up --state-dir %s` adopts them", rec.config.state_dir)
         await rec.detach()

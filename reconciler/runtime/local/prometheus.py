@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,8 @@ class LocalPrometheus:
     port: int
     sd_url: str
     state_dir: Path
+    prefix: Sequence[str] = ()
+    """What it runs under (the cluster's network namespace, with --isolate-clusters)."""
     process: Supervised = field(init=False)
 
     def __post_init__(self) -> None:
@@ -157,7 +159,7 @@ class LocalPrometheus:
                 f"--web.listen-address={self.address}:{self.port}", "--storage.tsdb.retention.time=2d",
                 "--log.level=warn"]
         self.process = Supervised(name=f"prometheus {self.cluster}", argv=argv, env=child_env({}),
-                                  dies_with_lockgate=True,
+                                  dies_with_lockgate=True, prefix=self.prefix,
                                   log_path=self.state_dir / "logs" / f"prometheus-{self.cluster}.log")
 
     @property

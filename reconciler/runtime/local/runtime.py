@@ -4,6 +4,12 @@ Each cluster lives on its own loopback address (127.0.K.1). An instance is ready
 its app accepts connections and its sidecar has taken its configuration, so render never sends traffic
 to something that would refuse it.
 
+With `network` (`lockgate up --isolate-clusters`), each cluster runs in a network namespace of its own
+(`netns.py`): 127.0.K.1 is then that namespace's loopback, its gateways and Prometheus listen on its bridge
+address 10.77.K.1, and lockgate serves its control planes on 10.77.0.1. A data plane in a network that is
+rebuilt cannot be adopted: a start with `network` stops whatever an earlier run left (and so does a start
+without it after an isolated run), and an explicit stop removes the network with the processes.
+
 Zero trust, locally: every Envoy gets a fresh random token in its bootstrap (0600, in a 0700 directory)
 each time it is started, and its control plane accepts a stream only with the token of the node it claims
 (lockgate keeps SHA-256 digests only, in memory and in processes.json, so a restarted lockgate still knows
@@ -24,7 +30,7 @@ import secrets
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,9 +45,10 @@ from mesh.xds.snapshot import digest
 from multicluster.eastwest import EASTWEST
 from reconciler.observe.exporter import read_exposition
 from reconciler.runtime.base import Bind, Metrics, ProxyProcess, RuntimeStatus, WorkloadInstance
+from reconciler.runtime.local.netns import HOST_ADDRESS, IsolatedNetwork, free_port_in, wait_tcp_in
 from reconciler.runtime.local.ports import cluster_address, free_port, preferred_port
 from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus, scrape_targets
-from reconciler.runtime.local.supervisor import Supervised, child_env, stop_all, stop_orphan
+from reconciler.runtime.local.supervisor import Supervised, child_env, stop_all, stop_and_wait, stop_orphan
 from reconciler.state import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -212,6 +219,12 @@ class _Cluster:
     discovery: DiscoveryServer
     prometheus: LocalPrometheus | None
     metrics: Metrics
+    netns: Path | None = None
+    """The cluster's network namespace (with --isolate-clusters); None: the root namespace's loopback."""
+    prefix: tuple[str, ...] = ()
+    """What its processes run under (`nsenter` into `netns`)."""
+    xds_host: str | None = None
+    """Where its proxies reach its control plane; None: `address`."""
 
 
 @dataclass
@@ -237,15 +250,43 @@ class LocalRuntime:
     _orphans_checked: bool = False
     _tokens: ProxyTokens = field(default_factory=ProxyTokens)
     _sockets: Path | None = None
+    network: IsolatedNetwork | None = None
+    """Clusters as isolated networks: a network namespace per cluster, set up here and removed by `close`."""
+    _indexes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self._records = read_json(self.state_dir / PROCESSES_FILE)
         self._records.setdefault("clusters", {})
         self._records.setdefault("instances", {})
+        if self.network is not None or self._records.get("network"):
+            self._forget_earlier_run()
+        if self.network is not None:
+            self.network.setup()  # NetworkError (no root, subnet taken) before anything starts
         # Known before any control plane listens: the Envoys an earlier lockgate left reconnect at once.
         recorded = self._records.get("tokens")
         self._tokens = ProxyTokens(recorded if isinstance(recorded, dict) else {})
+
+    def _forget_earlier_run(self) -> None:
+        """Stop what an earlier lockgate on this state dir left running and drop its records: with an
+        isolated network on either side, its processes cannot be adopted (their network is rebuilt, or
+        their bootstrap points into one that is gone). Only PIDs still running their recorded command."""
+        procs: list[tuple[int, list[str], float | None]] = []
+        for name, rec in self._records["clusters"].items():
+            for kind in ("ingress", "eastwest"):
+                if rec.get(f"{kind}_pid"):
+                    procs.append((rec[f"{kind}_pid"], self._envoy_argv(f"{name}/{kind}"), rec.get(f"{kind}_started")))
+        for node_id, rec in self._records["instances"].items():
+            if rec.get("envoy_pid"):
+                procs.append((rec["envoy_pid"], self._envoy_argv(node_id), rec.get("envoy_started")))
+            if rec.get("app_pid") and rec.get("argv"):
+                procs.append((rec["app_pid"], rec["argv"], rec.get("app_started")))
+        stop_and_wait(procs)
+        stale = self._records.get("network")
+        if isinstance(stale, str) and (self.network is None or self.network.tag != stale):
+            IsolatedNetwork(tag=stale).teardown()  # an isolated run's network, now that nothing runs in it
+        self._records = {"clusters": {}, "instances": {}}
+        write_json(self.state_dir / PROCESSES_FILE, {"clusters": {}, "instances": {}, "tokens": {}})
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self._notify = callback
@@ -273,7 +314,8 @@ class LocalRuntime:
             clusters = {**self._records["clusters"], **clusters}
             instances = {**self._records["instances"], **instances}
         write_json(self.state_dir / PROCESSES_FILE, {"clusters": clusters, "instances": instances,
-                                                     "tokens": self._tokens.to_json()})
+                                                     "tokens": self._tokens.to_json(),
+                                                     "network": self.network.tag if self.network else None})
 
     def authenticator(self, cluster: str) -> Authenticator:
         """Each stream must carry the token of one of this cluster's proxies, and is bound to that proxy."""
@@ -290,9 +332,14 @@ class LocalRuntime:
 
     def control_plane(self, cluster: str, *, index: int) -> Bind:
         """The cluster's loopback address, and the control-plane port an earlier lockgate used for it:
-        binding it again lets the gateways and sidecars it left running reconnect (their bootstrap names it)."""
+        binding it again lets the gateways and sidecars it left running reconnect (their bootstrap names it).
+        Isolated: lockgate's own address on the bridge, the one the cluster's namespace can reach."""
+        self._indexes[cluster] = index
         port = self._records["clusters"].get(cluster, {}).get("xds_port")
-        return Bind(address=cluster_address(index), port=int(port) if port else 0)
+        return Bind(address=HOST_ADDRESS if self.network else cluster_address(index), port=int(port) if port else 0)
+
+    def _free_port(self, address: str, netns: Path | None) -> int:
+        return free_port(address, self._ports) if netns is None else free_port_in(netns, address, self._ports)
 
     def _stop_orphans(self) -> None:
         """After the first apply: processes an earlier lockgate left that were not adopted are stopped
@@ -323,6 +370,13 @@ class LocalRuntime:
         if name in self._clusters:
             return
         address, xds_port = xds.address, xds.port
+        exposed, netns, prefix = address, None, []
+        if self.network is not None:
+            # Sidecars and workloads on the namespace's own loopback; gateways on its bridge address.
+            index = self._indexes.get(name, len(self._clusters))
+            address = cluster_address(index)
+            exposed = await asyncio.to_thread(self.network.add_cluster, name, index=index)
+            netns, prefix = self.network.path(name), self.network.prefix(name)
         rec = self._records["clusters"].get(name) or {}
         # Records of an older lockgate (TCP admin, no tokens: no "ingress_stats") are not adopted.
         adopting = (rec.get("xds_port") == xds_port and bool(rec.get("ingress_pid") or rec.get("eastwest_pid"))
@@ -332,29 +386,38 @@ class LocalRuntime:
             ingress_port, stats = rec["ingress_port"], rec["ingress_stats"]
             ew_port, ew_stats = rec["eastwest_port"], rec["eastwest_stats"]
             self._ports |= {ingress_port, stats, ew_stats, ew_port}
-        else:
+        elif netns is None:
             ingress_port = preferred_port(address, rec.get("ingress_port"), self._ports)
             stats, ew_stats, ew_port = (free_port(address, self._ports) for _ in range(3))
+        else:
+            ingress_port, ew_port = (free_port_in(netns, exposed, self._ports) for _ in range(2))
+            stats, ew_stats = (free_port_in(netns, address, self._ports) for _ in range(2))
         ingress_id = str(NodeId.gateway(cluster=name, kind="ingress"))
-        envoy = self._envoy(node_id=ingress_id, cluster=name, address=address, xds_port=xds_port, stats_port=stats)
-        gw = Gateway(node_id=ingress_id, address=address, port=ingress_port)
-        ew = Gateway(node_id=str(NodeId.gateway(cluster=name, kind=EASTWEST)), address=address, port=ew_port,
+        envoy = self._envoy(node_id=ingress_id, cluster=name, address=address, xds_host=xds.address,
+                            xds_port=xds_port, stats_port=stats, prefix=prefix)
+        gw = Gateway(node_id=ingress_id, address=exposed, port=ingress_port)
+        ew = Gateway(node_id=str(NodeId.gateway(cluster=name, kind=EASTWEST)), address=exposed, port=ew_port,
                      kind=EASTWEST)
-        ew_envoy = self._envoy(node_id=ew.node_id, cluster=name, address=address, xds_port=xds_port,
-                               stats_port=ew_stats)
-        sd = DiscoveryServer(address=address, targets=lambda: scrape_targets(self.status(), name),
+        ew_envoy = self._envoy(node_id=ew.node_id, cluster=name, address=address, xds_host=xds.address,
+                               xds_port=xds_port, stats_port=ew_stats, prefix=prefix)
+        sd = DiscoveryServer(address=xds.address, targets=lambda: scrape_targets(self.status(), name),
                              exporter=lambda: read_exposition(self.state_dir),  # each rollout's canary weight
                              exporter_labels={"cluster": name, "kind": "lockgate"})
         await sd.start()
         local: LocalPrometheus | None = None
         if self.prometheus_url is None:
-            local = LocalPrometheus(cluster=name, address=address, sd_url=sd.url, state_dir=self.state_dir,
-                                    port=preferred_port(address, rec.get("prometheus_port"), self._ports))
+            # Isolated, it runs in the namespace (it scrapes the proxies there) on the bridge address (lockgate
+            # queries it from outside).
+            port = (preferred_port(address, rec.get("prometheus_port"), self._ports) if netns is None
+                    else free_port_in(netns, exposed, self._ports))
+            local = LocalPrometheus(cluster=name, address=exposed, sd_url=sd.url, state_dir=self.state_dir,
+                                    port=port, prefix=prefix)
             await local.start()
         metrics = Metrics(url=local.url if local else str(self.prometheus_url), discovery=sd.url,
                           local=local is not None)
         self._clusters[name] = _Cluster(name, address, xds_port, gw, stats, envoy, ew, ew_stats, ew_envoy,
-                                        discovery=sd, prometheus=local, metrics=metrics)
+                                        discovery=sd, prometheus=local, metrics=metrics, netns=netns,
+                                        prefix=tuple(prefix), xds_host=xds.address)
         for sup, node_id, kind in ((envoy, ingress_id, "ingress"), (ew_envoy, ew.node_id, "eastwest")):
             sup.on_start = lambda _s: self._save()
             pid = rec.get(f"{kind}_pid") if adopting and self._tokens.recorded(node_id) else None
@@ -371,9 +434,11 @@ class LocalRuntime:
         pid = c.prometheus.process.info.pid if c.prometheus else None
         return Metrics(url=c.metrics.url, discovery=c.metrics.discovery, local=c.metrics.local, pid=pid)
 
-    def _envoy(self, *, node_id: str, cluster: str, address: str, xds_port: int, stats_port: int) -> Supervised:
+    def _envoy(self, *, node_id: str, cluster: str, address: str, xds_port: int, stats_port: int,
+               xds_host: str | None = None, prefix: Sequence[str] = ()) -> Supervised:
         """A supervised Envoy whose every start (first and restarts, not adoption) writes its bootstrap
-        with a new token: the old token dies with the process that held it."""
+        with a new token: the old token dies with the process that held it. Its stats listener is on
+        `address`, its control plane at `xds_host` (the same address unless the cluster is isolated)."""
         slug = NodeId.parse(node_id).slug
         cfg = self.state_dir / "envoy" / f"{slug}.json"
         socket = self._admin_socket(node_id)
@@ -381,11 +446,12 @@ class LocalRuntime:
         def write_bootstrap(sup: Supervised) -> None:
             token = self._tokens.issue(node_id, sup)
             write_private(cfg, json.dumps(bootstrap(
-                node_id=node_id, cluster=cluster, xds_host=address, xds_port=xds_port, admin_socket=socket,
+                node_id=node_id, cluster=cluster, xds_host=xds_host or address, xds_port=xds_port, admin_socket=socket,
                 stats_host=address, stats_port=stats_port, xds_token=token), indent=1))
 
         return Supervised(name=f"envoy {node_id}", argv=self._envoy_argv(node_id), env=child_env({}),
-                          log_path=self.state_dir / "logs" / f"envoy-{slug}.log", before_spawn=write_bootstrap)
+                          log_path=self.state_dir / "logs" / f"envoy-{slug}.log", before_spawn=write_bootstrap,
+                          prefix=prefix)
 
     def _envoy_argv(self, node_id: str) -> list[str]:
         cfg = self.state_dir / "envoy" / f"{NodeId.parse(node_id).slug}.json"
@@ -435,7 +501,7 @@ class LocalRuntime:
         if rec is not None and adoptable:
             ports = (rec["inbound"], rec["outbound"], rec["app_port"], rec["stats"])
         else:
-            ports = tuple(free_port(c.address, self._ports) for _ in range(4))  # type: ignore[assignment]
+            ports = tuple(self._free_port(c.address, c.netns) for _ in range(4))  # type: ignore[assignment]
         self._ports |= set(ports)
         sc = Sidecar(
             node_id=node_id, namespace=ns, service=w.spec.service, version=w.spec.version, workload=name,
@@ -452,9 +518,9 @@ class LocalRuntime:
         })
         slug = NodeId.parse(node_id).slug
         app = Supervised(name=f"workload {node_id}", argv=argv, env=env,
-                         log_path=self.state_dir / "logs" / f"app-{slug}.log")
-        envoy = self._envoy(node_id=node_id, cluster=cluster, address=c.address, xds_port=c.xds_port,
-                            stats_port=stats)
+                         log_path=self.state_dir / "logs" / f"app-{slug}.log", prefix=c.prefix)
+        envoy = self._envoy(node_id=node_id, cluster=cluster, address=c.address, xds_host=c.xds_host,
+                            xds_port=c.xds_port, stats_port=stats, prefix=c.prefix)
         inst = _Instance(fingerprint=fp, sidecar=sc, cluster=cluster, stats_port=stats,
                          admin_socket=self._admin_socket(node_id), app=app, envoy=envoy)
         app.on_exit = envoy.on_exit = lambda _s: self._unready(inst)
@@ -493,8 +559,12 @@ class LocalRuntime:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT
         try:
-            await wait_tcp(sc.address, sc.app_port, timeout=READY_TIMEOUT,
-                           name=f"{sc.node_id}'s app at {sc.address}:{sc.app_port}")
+            name = f"{sc.node_id}'s app at {sc.address}:{sc.app_port}"
+            netns = self._clusters[inst.cluster].netns if inst.cluster in self._clusters else None
+            if netns is None:
+                await wait_tcp(sc.address, sc.app_port, timeout=READY_TIMEOUT, name=name)
+            else:  # the app listens on the namespace's loopback: only a socket made there reaches it
+                await wait_tcp_in(netns, sc.address, sc.app_port, timeout=READY_TIMEOUT, name=name)
             await wait_ready(inst.admin_socket, timeout=max(deadline - loop.time(), 0.0))
         except (TimeoutError, OSError) as exc:
             log.warning("%s is not ready: %s (logs in %s)", sc.node_id, exc, self.state_dir / "logs")
@@ -585,6 +655,10 @@ class LocalRuntime:
         self._clusters.clear()
         self._orphans_checked = True
         self._tokens.clear()
+        if self.network is not None:
+            # Everything in the namespaces has stopped: they go, with their links (and ports mean nothing there).
+            await asyncio.to_thread(self.network.teardown)
+            preferred = {}
         write_json(self.state_dir / PROCESSES_FILE, {"clusters": preferred, "instances": {}, "tokens": {}})
 
 

@@ -53,6 +53,9 @@ class Supervised:
     credential into the config the new process reads."""
     dies_with_lockgate: bool = False
     """True for what serves no traffic: the kernel ends it when lockgate dies (no orphans to adopt)."""
+    prefix: Sequence[str] = ()
+    """Run `argv` under this (e.g. `nsenter --net=... --`: a cluster's network namespace). It must exec
+    `argv`, so that the process is `argv` itself: adoption and orphan checks match `argv`, not the prefix."""
     info: ProcessInfo = field(init=False)
     _proc: asyncio.subprocess.Process | None = field(default=None, init=False)
     _adopted: psutil.Process | None = field(default=None, init=False)
@@ -107,7 +110,7 @@ class Supervised:
     async def _spawn(self) -> None:
         self.before_spawn(self)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        argv = list(self.argv)
+        argv = [*self.prefix, *self.argv]
         if _SETPRIV and self.dies_with_lockgate:
             argv = [_SETPRIV, "--pdeathsig", "TERM", "--", *argv]
         with open(self.log_path, "ab") as out:
@@ -250,6 +253,20 @@ def stop_orphan(pid: int, argv: Sequence[str], *, started: float | None = None) 
         pass
     except psutil.AccessDenied:
         log.warning("cannot stop pid %d (%s): not ours to signal", pid, " ".join(argv))
+
+
+def stop_and_wait(procs: Sequence[tuple[int, Sequence[str], float | None]], timeout: float = 3.0) -> None:
+    """SIGTERM each (pid, recorded argv, recorded start) that still runs that command, wait for them to
+    exit, SIGKILL what is left after `timeout`. Blocking: for start-up, before anything else runs."""
+    found = [p for pid, argv, started in procs if (p := _matching(pid, argv, started)) is not None]
+    for proc in found:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(found, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
 
 
 async def _stop_adopted(proc: psutil.Process, timeout: float) -> None:
