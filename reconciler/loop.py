@@ -116,6 +116,10 @@ class Reconciler:
     """Intent from elsewhere than the commit (on Kubernetes: lockgate resources applied with kubectl, as
     `@cluster/<Kind>/<namespace>/<name>.yaml`), validated with the commit's files as one revision."""
     _applying: asyncio.Lock = field(default_factory=asyncio.Lock)
+    dashboard: str | None = None
+    """The web view's address (`http://host:port/`), shown in status as `lockgate.dashboard`; None when off."""
+    status_listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    """Called with each status as it is written (the web view's server-sent events): told, never polling."""
 
     def __post_init__(self) -> None:
         self.runtime.on_change(self.schedule_push)
@@ -149,6 +153,13 @@ class Reconciler:
                 log.exception("applying %s failed", sha[:12])
                 self._fail(sha, [f".:0: lockgate could not apply this revision (internal error: {exc!r}); "
                                  "still serving the last applied one"])
+
+    def wake(self) -> None:
+        """Fetch now (a verified Git webhook): the source's watch stops waiting for its next poll. A source
+        without that seam goes on polling."""
+        wake = getattr(self.source, "wake", None)
+        if callable(wake):
+            wake()
 
     async def apply_revision(self, sha: str) -> None:
         async with self._applying:  # a commit and a change of the extra files never interleave
@@ -349,7 +360,13 @@ class Reconciler:
 
     def _write_status_now(self) -> None:
         self._status_handle = None
-        write_json(self.config.state_dir / STATUS_FILE, self.status())
+        status = self.status()
+        write_json(self.config.state_dir / STATUS_FILE, status)
+        for listener in list(self.status_listeners):
+            try:
+                listener(status)
+            except Exception:  # a listener's bug must not stop status from being written
+                log.exception("a status listener failed")
 
     def status(self) -> dict[str, Any]:
         """The `status --json` contract (README): fields are only ever added."""
@@ -396,7 +413,8 @@ class Reconciler:
             "lockgate": {"pid": os.getpid(), "repo": self.config.repo, "branch": self.source.branch,
                          "stateDir": str(self.config.state_dir.resolve()), "updatedAt": time.time(),
                          "loopLagMs": round(self.lag.current * 1000, 1),
-                         "loopLagMaxMs": round(self.lag.worst * 1000, 1), "pushError": self.push_error},
+                         "loopLagMaxMs": round(self.lag.worst * 1000, 1), "pushError": self.push_error,
+                         "dashboard": self.dashboard},
             "source": self.source.health().to_json(),
         }
 

@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--signing-key", type=Path, metavar="KEY",
                    help="SSH private key lockgate signs its own write-back commits with (trust it in the "
                    "allowed-signers file as lockgate@localhost)")
+    p.add_argument("--web", default="127.0.0.1:0", metavar="HOST:PORT|off",
+                   help="where the read-only web view listens (default 127.0.0.1:0: loopback, any free port; "
+                   "its address is lockgate.dashboard in status); off: no web view")
+    p.add_argument("--webhook-secret", type=Path, metavar="FILE",
+                   help="take Git webhooks (GitHub, GitLab, generic) at POST /hooks/git on the web view's "
+                   "address, verified with the secret in FILE; a verified push fetches at once")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("demo", help="the one-command tour: a mesh on real Envoys and four commits")
@@ -270,6 +276,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     if (problem := ca_dir_problem(args.ca_dir or args.state_dir / "ca", args.repo)) is not None:
         print(f"lockgate up: {problem}", file=sys.stderr)
         return 1
+    from reconciler.web.server import WebError, parse_listen
+
+    try:
+        web = parse_listen(args.web)
+    except ValueError as exc:
+        print(f"lockgate up: --web: {exc}", file=sys.stderr)
+        return 2
+    if web is None and args.webhook_secret is not None:
+        print("lockgate up: --webhook-secret needs the web view (its address takes the hooks): drop --web off",
+              file=sys.stderr)
+        return 2
     config = UpConfig(repo=args.repo, branch=args.branch, state_dir=args.state_dir,
                       poll_interval=args.poll_interval, fetch_timeout=args.fetch_timeout,
                       envoy_log_level=args.envoy_log_level,
@@ -277,9 +294,12 @@ def cmd_up(args: argparse.Namespace) -> int:
                       verify_signatures=args.verify_signatures, verify_gpg_keyring=args.verify_gpg_keyring,
                       signing_key=args.signing_key, isolate_clusters=args.isolate_clusters)
     try:
-        return asyncio.run(run_up(config))
+        return asyncio.run(run_up(config, web=web, webhook_secret=args.webhook_secret))
     except (GitError, PrometheusMissing, CAError, StateDirBusy, NetworkError) as exc:
         print(f"lockgate up: {exc}", file=sys.stderr)
+        return 1
+    except WebError as exc:
+        print(f"lockgate up: --web: {exc}", file=sys.stderr)
         return 1
 
 

@@ -7,6 +7,7 @@ into a temporary directory. The protocols, errors and constants live in ``base``
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -154,6 +155,8 @@ class Pygit2Source(GitReader, GitWriter):
         self._health_lock = threading.Lock()
         self._health = SourceHealth(remote=True) if url is not None else SourceHealth.local()
         self._fetch_started: float | None = None
+        self._wake: asyncio.Event | None = None
+        """Set by wake() to fetch now rather than at the next poll (a remote's watch only)."""
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -625,6 +628,7 @@ class Pygit2Source(GitReader, GitWriter):
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be positive, got {poll_interval}")
         if self._url is not None:
+            self._wake = asyncio.Event()
             observed = remote_heads(
                 fetch=self._fetch_in_thread,
                 head=self.head,
@@ -632,6 +636,7 @@ class Pygit2Source(GitReader, GitWriter):
                 label=self._url,
                 poll_interval=poll_interval,
                 deadline=self._fetch_deadline,
+                wake=self._wake,
             )
         else:
             observed = local_heads(
@@ -643,6 +648,13 @@ class Pygit2Source(GitReader, GitWriter):
                 if head is not None and head != last:
                     last = head
                     yield head
+
+    def wake(self) -> None:
+        """Fetch now instead of at the next poll (a verified webhook announced a push); polling goes on as
+        before. Call it on the event loop that runs ``watch``. A local repository is watched by inotify
+        already: nothing to do."""
+        if self._wake is not None:
+            self._wake.set()
 
     def _fetch_in_thread(self) -> None:
         """A libgit2 repository object must not be shared across threads: fetch through a second one."""

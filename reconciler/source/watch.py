@@ -208,12 +208,15 @@ async def remote_heads(
     label: str,
     poll_interval: float,
     deadline: float,
+    wake: asyncio.Event | None = None,
 ) -> AsyncGenerator[str | None, None]:
     """The mirror's head now, then after each successful fetch; errors are logged and retried, never raised.
 
     ``fetch`` runs in a worker thread and records its own outcome. A thread cannot be cancelled, so a fetch
     still running at ``deadline`` is reported through ``on_stall`` and waited for again on the next round,
-    never duplicated: a hung remote costs one thread, not one per poll.
+    never duplicated: a hung remote costs one thread, not one per poll. Setting ``wake`` (a verified
+    webhook) ends the wait for the next poll at once; one set during a fetch brings another fetch right
+    after it, since the push it announces may have landed after that fetch began.
     """
     yield head()
     failures = 0
@@ -221,6 +224,8 @@ async def remote_heads(
     try:
         while True:
             if pending is None:
+                if wake is not None:
+                    wake.clear()  # this fetch answers every wake-up so far
                 pending = asyncio.ensure_future(asyncio.to_thread(fetch))
             try:
                 await asyncio.wait_for(asyncio.shield(pending), deadline)
@@ -241,7 +246,12 @@ async def remote_heads(
                 pending = None
                 failures = 0
                 yield head()
-            await asyncio.sleep(_backoff(poll_interval, failures))
+            if wake is None:
+                await asyncio.sleep(_backoff(poll_interval, failures))
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_backoff(poll_interval, failures)):  # not wait_for (3.11)
+                        await wake.wait()
     finally:
         if pending is not None:
             pending.add_done_callback(_retrieve)

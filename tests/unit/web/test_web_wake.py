@@ -1,0 +1,91 @@
+"""The webhook's seam in the remote watch: `wake` ends the wait for the next poll at once, a wake during a
+fetch brings one more fetch after it, and polling goes on without any wake."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from reconciler.source.watch import remote_heads
+
+
+class Remote:
+    def __init__(self, *, slow: float = 0.0) -> None:
+        self.fetches: list[float] = []
+        self.slow = slow
+        self.head = "a"
+        self.lock = threading.Lock()
+
+    def fetch(self) -> None:
+        with self.lock:
+            self.fetches.append(time.monotonic())
+        time.sleep(self.slow)
+
+
+async def heads(remote: Remote, wake: asyncio.Event | None, *, poll: float) -> tuple[asyncio.Task[None], list[str]]:
+    seen: list[str] = []
+
+    async def run() -> None:
+        gen = remote_heads(fetch=remote.fetch, head=lambda: remote.head, on_stall=lambda _: None, label="r",
+                           poll_interval=poll, deadline=10.0, wake=wake)
+        async with contextlib.aclosing(gen):
+            async for h in gen:
+                seen.append(h or "")
+
+    return asyncio.create_task(run()), seen
+
+
+async def until(check: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+@pytest.mark.asyncio
+async def test_a_wake_fetches_now_not_at_the_next_poll() -> None:
+    remote, wake = Remote(), asyncio.Event()
+    task, seen = await heads(remote, wake, poll=30.0)
+    try:
+        await until(lambda: len(remote.fetches) == 1)  # the first fetch, at once
+        await asyncio.sleep(0.1)
+        assert len(remote.fetches) == 1  # then it waits for the poll (30 s)
+        remote.head = "b"
+        t = time.monotonic()
+        wake.set()
+        await until(lambda: seen[-1] == "b")
+        assert time.monotonic() - t < 0.5 and len(remote.fetches) == 2
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_a_wake_during_a_fetch_brings_another_fetch_after_it() -> None:
+    remote, wake = Remote(slow=0.3), asyncio.Event()
+    task, _ = await heads(remote, wake, poll=30.0)
+    try:
+        await until(lambda: len(remote.fetches) == 1)
+        wake.set()  # the push may have landed after this fetch began
+        await until(lambda: len(remote.fetches) == 2, timeout=2.0)
+        await asyncio.sleep(0.5)
+        assert len(remote.fetches) == 2  # one wake, one more fetch: not a loop
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_polling_goes_on_without_a_wake() -> None:
+    remote = Remote()
+    task, _ = await heads(remote, asyncio.Event(), poll=0.1)
+    try:
+        await until(lambda: len(remote.fetches) >= 4)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
