@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from e2e.harness import commit_file, envoy_stats, git, lockgate, running, wait_for
+from e2e.harness import Up, alive, commit_file, envoy_stats, git, lockgate, running, wait_for
 from e2e.test_multicluster import MESH, V1, V2, WORKLOADS
 from reconciler.runtime.local.netns import (
     HOST_ADDRESS,
@@ -108,9 +108,27 @@ def test_cross_cluster_only_through_the_east_west_gateway(tmp_path: Path) -> Non
     tag = network_tag(state)
     net = IsolatedNetwork(tag=tag)
 
+    # A crashed run: lockgate killed, its data plane left serving in its namespaces.
+    crashed = Up(repo=repo, state_dir=state, extra=("--isolate-clusters", "--prometheus-url", "http://127.0.0.1:9"))
+    try:
+        crashed.wait_converged(git(repo, "rev-parse", "HEAD"), timeout=90)
+        left = alive(crashed.child_pids)
+        crashed.proc.kill()
+        crashed.proc.wait()
+        crashed.forget()
+        assert alive(left) == left and f"lockgate-{tag}-east" in namespaces_of(tag)
+    except BaseException:
+        crashed.stop()
+        raise
+
     with stale_namespace(f"lockgate-{tag}-crashed"), \
             running(repo=repo, state_dir=state, extra=("--isolate-clusters",)) as up:
+        up.child_pids |= left
+        # The crashed run's status says converged at this revision too: wait for this lockgate's own.
+        wait_for("the new lockgate's status", lambda: up.status()["lockgate"]["pid"] == up.proc.pid, timeout=60)
         st = up.wait_converged(git(repo, "rev-parse", "HEAD"), timeout=90)
+        # The next start stopped what the crashed one left (its network was rebuilt: nothing to adopt).
+        assert not alive(left), alive(left)
         # A namespace per cluster and the hub; what a crashed run on this state dir left is gone.
         assert sorted(namespaces_of(tag)) == [f"lockgate-{tag}", f"lockgate-{tag}-east", f"lockgate-{tag}-west"]
         east_ns, west_ns = net.path("east"), net.path("west")
