@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 from collections import Counter
@@ -184,6 +185,16 @@ def test_setup_removes_leftovers_and_refuses_without_root(tmp_path: Path, monkey
         finally:
             net.teardown()
         assert net.leftovers() == []
+    # The subnet held by someone else (another state dir's isolated lockgate): refused, naming the holder.
+    subprocess.run(["ip", "link", "add", "lgtestdummy", "type", "veth", "peer", "name", "lgtestdummy2"], check=True,
+                   timeout=10)
+    try:
+        subprocess.run(["ip", "addr", "add", "10.77.99.1/16", "dev", "lgtestdummy"], check=True, timeout=10)
+        with pytest.raises(NetworkError, match=re.escape("lgtestdummy 10.77.99.1/16")):
+            net.setup()
+        assert net.leftovers() == []
+    finally:
+        subprocess.run(["ip", "link", "del", "lgtestdummy"], capture_output=True, timeout=10)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(NetworkError, match="needs root"):
         net.setup()
