@@ -694,7 +694,7 @@ def destinations(spec: RolloutSpec, state: RolloutState | None, *, cluster: str 
     (the promoted version after a promotion)."""
     if state is None:
         return [Destination(version=spec.stable, weight=100)]
-    weight = cluster_weight(state, cluster)
+    weight = cluster_weight(spec, state, cluster)
     if state.phase == "progressing" and spec.strategy == "canary" and state.canary and weight > 0:
         if weight >= 100:
             return [Destination(version=state.canary, weight=100)]
@@ -703,9 +703,10 @@ def destinations(spec: RolloutSpec, state: RolloutState | None, *, cluster: str 
     return [Destination(version=state.stable, weight=100)]
 
 
-def cluster_weight(state: RolloutState, cluster: str | None) -> int:
-    """The canary's weight in one cluster: the run's one weight, or with waves that cluster's own."""
-    if state.weights is None or cluster is None:
+def cluster_weight(spec: RolloutSpec, state: RolloutState, cluster: str | None) -> int:
+    """The canary's weight in one cluster: the run's one weight, or with waves that cluster's own (waves
+    removed from Git mid-run: the one weight again, everywhere)."""
+    if state.weights is None or cluster is None or not is_waved(spec):
         return state.weight
     return state.weights.get(cluster, 0)
 

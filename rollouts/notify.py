@@ -32,7 +32,8 @@ def event(*, namespace: str, name: str, decision: Decision, clusters: Sequence[s
 
 
 _ICON = {"start": ":rocket:", "step": ":arrow_up:", "promote": ":white_check_mark:", "rollback": ":rewind:",
-         "hold": ":pause_button:", "pause": ":double_vertical_bar:", "resume": ":arrow_forward:", "reset": ":x:"}
+         "hold": ":pause_button:", "pause": ":double_vertical_bar:", "resume": ":arrow_forward:", "reset": ":x:",
+         "wave": ":ocean:", "approve": ":ok_hand:"}
 
 
 def slack(body: dict[str, Any]) -> dict[str, Any]:

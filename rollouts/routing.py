@@ -53,7 +53,7 @@ def overlay(intent: Intent, states: Mapping[tuple[str, str], RolloutState], *, c
             if ro.spec.strategy == "mirror":
                 route = _with_mirror(route, st.canary)
             if ro.spec.strategy == "canary" and ro.spec.session_affinity is not None \
-                    and cluster_weight(st, cluster) > 0:
+                    and cluster_weight(ro.spec, st, cluster) > 0:
                 route = _with_affinity(route, ro, st)
         routes[key] = route
     if routes == intent.routes:

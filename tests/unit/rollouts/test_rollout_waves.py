@@ -401,3 +401,13 @@ def test_status_has_a_row_per_wave_and_cluster() -> None:
     text = format_summary(out)
     assert "waves[1] rest" in text and "baking 12.5s" in text and "[bake 30s]" in text, text
     assert "success@east: 100 (min 99) -> pass" in text and "west           0%  not judged yet" in text, text
+
+
+def test_waves_removed_from_git_mid_run_give_the_one_weight_everywhere() -> None:
+    s = spec()
+    st = analyse(s, analyse(s, started(s), obs()).state, obs()).state
+    assert st.weights == {"east": 100, "west": 20, "central": 20} and st.weight == 20
+    flat = spec(waves=[])
+    assert share(flat, st) == {"east": 20, "west": 20, "central": 20}
+    d = analyse(flat, st, obs())
+    assert d.action == "step" and share(flat, d.state) == {"east": 100, "west": 100, "central": 100}, d
