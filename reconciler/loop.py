@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import os
 import signal
@@ -35,10 +36,11 @@ from reconciler.isolate import load_isolated
 from reconciler.pipeline import render_mesh
 from reconciler.rollout.controller import GitSource, RolloutController
 from reconciler.runtime.base import Bind, ProxyProcess, Runtime, RuntimeStatus
-from reconciler.source.base import GitError
+from reconciler.source.base import DEFAULT_AUTHOR, GitError, StaleParent
 from reconciler.source.signatures import SignaturePolicy
 from reconciler.source.worker import GitWorker
-from reconciler.state import STATUS_FILE, write_json
+from reconciler.state import STATUS_FILE, read_json, write_json
+from rollouts.writeback import TRAILER_DECISION
 
 log = logging.getLogger("lockgate")
 
@@ -126,6 +128,7 @@ class Reconciler:
         self.issuer = WorkloadIssuer(ttl=self.config.cert_ttl)
         self.rollouts = RolloutController(state_dir=self.config.state_dir, source=self.source, runtime=self.runtime,
                                           on_change=self.schedule_push, git=self.git, trust=self.trust)
+        self.rollouts.suspended = (self.config.state_dir / SUSPENDED_FILE).is_file()  # survives a restart
 
     # --- the loop -----------------------------------------------------------------------------------
 
@@ -147,6 +150,9 @@ class Reconciler:
 
     async def _watch(self) -> None:
         async for sha in self.source.watch(poll_interval=self.config.poll_interval):
+            if self.suspended:  # `lockgate suspend`: noticed (revision.head), not applied
+                await self._hold(sha)
+                continue
             try:
                 await self.apply_revision(sha)
             except Exception as exc:  # a bug of ours: this revision is refused, the mesh keeps what it has
@@ -166,9 +172,11 @@ class Reconciler:
             await self._apply_revision(sha)
 
     async def reapply(self) -> None:
-        """The extra files changed: apply the current head again with them (nothing if there is none)."""
-        if self.head is not None:
-            await self.apply_revision(self.head)
+        """The extra files changed: apply the current head again with them (nothing if there is none;
+        while suspended, the applied revision)."""
+        sha = self.applied if self.suspended else self.head
+        if sha is not None:
+            await self.apply_revision(sha)
 
     async def _apply_revision(self, sha: str) -> None:
         t0 = time.monotonic()
@@ -215,6 +223,114 @@ class Reconciler:
         if not self.announced:
             self.announced = True
             self._announce(intent)
+
+    # --- suspend, resume, rollback (lockgate suspend|resume|rollback) ---------------------------------
+
+    @property
+    def suspended(self) -> bool:
+        """New revisions are noticed (status: revision.head) but not applied, and rollouts in flight hold."""
+        return self.rollouts.suspended
+
+    def suspend(self) -> None:
+        """Stop applying new revisions (as `flux suspend`); a file in the state dir keeps it across restarts."""
+        write_json(self.config.state_dir / SUSPENDED_FILE, {"at": time.time(), "applied": self.applied})
+        self.rollouts.suspended = True
+        log.info("suspended: new revisions are noticed, not applied; rollouts hold (`lockgate resume` ends it)")
+        self.write_status()
+
+    async def resume(self) -> None:
+        """Apply again: the head noticed while suspended at once, then every new one; rollouts go on."""
+        (self.config.state_dir / SUSPENDED_FILE).unlink(missing_ok=True)
+        self.rollouts.suspended = False
+        log.info("resumed")
+        self.write_status()
+        head = self.head
+        if head is not None and head not in (self.applied, self.failed):
+            await self.apply_revision(head)
+
+    async def _hold(self, sha: str) -> None:
+        """A head while suspended. Started suspended, the mesh first gets what it served when suspended."""
+        if self.applied is None:
+            pinned = _read_json_or(self.config.state_dir / SUSPENDED_FILE, {}).get("applied") or sha
+            await self.apply_revision(pinned)
+            if self.applied is None and pinned != sha:  # gone from the repository: the head is all there is
+                await self.apply_revision(sha)
+        if sha != self.head:
+            log.info("suspended: %s noticed, not applied (still serving %s)", sha[:12], (self.applied or "-")[:12])
+        self.head = sha
+        self.write_status()
+
+    async def rollback(self, rev: str | None = None) -> dict[str, Any]:
+        """`lockgate rollback [REV]`: a commit by lockgate that restores the files of the revision before the
+        last applied human change (or of REV), pushed where there is a remote, then applied at once (even
+        while suspended: it is an explicit act). What it did; RollbackRefused with the reason otherwise."""
+        applied = self.applied
+        if applied is None:
+            raise RollbackRefused("nothing is applied yet: there is nothing to roll back")
+        try:
+            done = await self.git.call(self._rollback_commit, rev, applied, timeout=ROLLBACK_TIMEOUT)
+        except GitError as exc:
+            raise RollbackRefused(str(exc)) from None
+        await self.apply_revision(done["sha"])
+        if self.applied != done["sha"]:
+            raise RollbackRefused(f"committed {done['sha'][:12]}, which was not applied: " + "; ".join(self.last_error))
+        if self.suspended:  # a restart while suspended serves the rolled-back revision
+            write_json(self.config.state_dir / SUSPENDED_FILE, {"at": time.time(), "applied": self.applied})
+        log.info("rolled back to the files of %s in %s", done["to"][:12], done["sha"][:12])
+        return done
+
+    def _rollback_commit(self, rev: str | None, applied: str, *, attempts: int = 5) -> dict[str, Any]:
+        """On the Git worker: find the target, commit its files onto the tip (retried if the tip moves)."""
+        for _ in range(attempts):
+            head = self.source.refresh()
+            if head is None:
+                raise RollbackRefused(f"branch {self.source.branch!r} has no commit")
+            if self.trust is not None and (why := self.trust.verify(self.source, head)) is not None:
+                raise RollbackRefused(f"not committing onto {head[:12]}, which is not trusted ({why})")
+            target, undid = (self.source.resolve(rev), None) if rev is not None else self._before_human_change(applied)
+            now, then = self.source.read_tree(head), self.source.read_tree(target)
+            changes: dict[str, bytes | None] = {p: None for p in now if p not in then}
+            changes |= {p: data for p, data in then.items() if now.get(p) != data}
+            if not changes:
+                raise RollbackRefused(f"the branch tip {head[:12]} already has the files of {target[:12]}: "
+                                      "nothing to roll back")
+            message = rollback_message(target=target, undid=undid, applied=applied,
+                                       subject=self.source.log(undid, limit=1)[0].message if undid else None)
+            try:
+                sha = self.source.commit(files=changes, message=message, parent=head, author=DEFAULT_AUTHOR)
+            except StaleParent:
+                continue
+            record = {"at": time.time(), "from": applied, "to": target, "undid": undid, "sha": sha}
+            try:
+                self.source.add_note(sha, message="rollback " + json.dumps(record))
+            except (GitError, ValueError, KeyError) as exc:
+                log.warning("could not note the rollback on %s: %s", sha[:12], exc)
+            return record
+        raise RollbackRefused(f"branch {self.source.branch!r} moved {attempts} times while rolling back: try again")
+
+    def _before_human_change(self, applied: str) -> tuple[str, str]:
+        """(the parent of the last human commit at or before `applied`, that commit). lockgate's own rollout
+        write-backs are skipped; a rollback of lockgate's continues from where it went back to, so each
+        `lockgate rollback` undoes one more human change."""
+        sha = applied
+        for _ in range(10_000):
+            info = self.source.log(sha, limit=1)[0]
+            trailers = _trailers(info.message)
+            ours = info.author_email == DEFAULT_AUTHOR[1] and TRAILER_DECISION in trailers
+            if ours and ROLLBACK_TO in trailers:
+                sha = self.source.resolve(trailers[ROLLBACK_TO])
+                continue
+            try:
+                parent = self.source.resolve(f"{sha}^")
+            except GitError:
+                what = "lockgate's" if ours else "the last human change"
+                raise RollbackRefused(f"{sha[:12]} ({what}: {info.message.splitlines()[0] if info.message else ''})"
+                                      " is the first commit: there is nothing before it to return to") from None
+            if ours:
+                sha = parent
+                continue
+            return parent, sha
+        raise RollbackRefused(f"no human change found before {applied[:12]}")
 
     def _fail(self, sha: str, errors: list[str]) -> None:
         self.failed, self.last_error = sha, errors
@@ -414,7 +530,7 @@ class Reconciler:
                          "stateDir": str(self.config.state_dir.resolve()), "updatedAt": time.time(),
                          "loopLagMs": round(self.lag.current * 1000, 1),
                          "loopLagMaxMs": round(self.lag.worst * 1000, 1), "pushError": self.push_error,
-                         "dashboard": self.dashboard},
+                         "dashboard": self.dashboard, "suspended": self.suspended},
             "source": self.source.health().to_json(),
         }
 
@@ -467,6 +583,48 @@ class Reconciler:
             with contextlib.suppress(Exception):
                 await plane.server.stop(0.2)
         self.git.close()
+
+
+SUSPENDED_FILE = "suspended.json"
+"""In the state dir while `lockgate suspend` holds: `{"at", "applied"}` (what a restart serves)."""
+ROLLBACK_TIMEOUT = 120.0
+"""Seconds a rollback's commit (and its push to a remote) may take."""
+ROLLBACK_TO = "Lockgate-Rollback-To"
+"""The trailer of a rollback commit naming the revision whose files it restored."""
+
+
+class RollbackRefused(Exception):
+    """`lockgate rollback` cannot do what was asked; the message says why (nothing applied, unknown REV, …)."""
+
+
+def rollback_message(*, target: str, undid: str | None, applied: str, subject: str | None) -> str:
+    """The rollback commit's message: what it returns to and why; trailers `history` and the next rollback
+    read."""
+    first = (subject or "").splitlines()[0] if subject else ""
+    head = (f"rollback: undo {undid[:10]} ({first}), back to {target[:10]}" if undid
+            else f"rollback: back to {target[:10]}")
+    lines = [head, "", f"Restores the files of {target} (was applied: {applied}); requested with `lockgate rollback`."]
+    lines += ["", f"{TRAILER_DECISION}: rollback", f"{ROLLBACK_TO}: {target}"]
+    if undid:
+        lines.append(f"Lockgate-Rolled-Back: {undid}")
+    return "\n".join(lines) + "\n"
+
+
+def _trailers(message: str) -> dict[str, str]:
+    out = {}
+    for line in message.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key.startswith("Lockgate-"):
+            out[key] = value.strip()
+    return out
+
+
+def _read_json_or(path: Path, default: dict[str, Any]) -> dict[str, Any]:
+    try:
+        value = read_json(path)
+    except (OSError, ValueError):
+        return default
+    return value if isinstance(value, dict) else default
 
 
 READ_TIMEOUT = 30.0

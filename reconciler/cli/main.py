@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rollout_cli.add_commands(sub)
 
+    from reconciler.cli import control as control_cli
+
+    control_cli.add_commands(sub)  # rollback, suspend, resume
+
     from reconciler.cli.ca import add_commands as add_ca_commands
 
     add_ca_commands(sub)  # ca init|cluster, certs

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reconciler.cli.control import serve_commands
 from reconciler.isolate import warm
 from reconciler.loop import Reconciler, UpConfig, install_stop_signals
 from reconciler.runtime.local.lock import lock_state_dir
@@ -78,9 +79,13 @@ async def run_up(config: UpConfig, *, web: tuple[str, int] | None = ("127.0.0.1"
             stop = asyncio.Event()
             install_stop_signals(stop)
             view = await start_web(rec, web, webhook_secret=secret) if web is not None else None
+            # lockgate rollback|suspend|resume reach this run as command files (reconciler.cli.control)
+            desk = asyncio.create_task(serve_commands(rec), name="lockgate control commands")
             try:
                 return await serve(rec, stop)
             finally:
+                desk.cancel()
+                await asyncio.gather(desk, return_exceptions=True)
                 if view is not None:
                     await view.close()
         finally:

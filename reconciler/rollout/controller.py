@@ -105,6 +105,8 @@ class RolloutController:
     notifier: Notifier = field(default_factory=Notifier)
     """Sends every decision to the Mesh-wide sinks and the Rollout's, off the tick (a sink that is down never
     holds a run)."""
+    suspended: bool = False
+    """`lockgate suspend`: no run advances on its own (commands from the CLI still act) until resumed."""
 
     def __post_init__(self) -> None:
         """Resume: every persisted rollout state is back before the first render."""
@@ -162,6 +164,8 @@ class RolloutController:
                     self._ack_unknown(cmd)
 
     async def _step(self, key: Key, ro: Rollout, cmd: dict[str, Any] | None) -> None:
+        if self.suspended and cmd is None:  # held where it is: no analysis, no step, no timeout
+            return
         spec, before = ro.spec, self.states.get(key)
         command = cast(Command, cmd["command"]) if cmd and cmd.get("command") in COMMANDS else None
         obs = None
