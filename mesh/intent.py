@@ -456,7 +456,7 @@ class LoadBalancer(Model):
     @model_validator(mode="after")
     def _one_of(self) -> LoadBalancer:
         if self.simple is not None and self.consistent_hash is not None:
-            raise ValueError("give at most one of simple, consistentHash")
+            raise ValueError("give exactly one of simple, consistentHash (not both)")
         if self.simple is None and self.consistent_hash is None and self.locality_lb_setting is None:
             raise ValueError("give simple, consistentHash or localityLbSetting")
         return self

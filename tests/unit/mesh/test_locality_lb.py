@@ -161,7 +161,8 @@ def test_enabled_false_ignores_the_rules_with_a_warning() -> None:
 
 @pytest.mark.parametrize(("lb", "error"), [
     ({}, "give simple, consistentHash or localityLbSetting"),
-    ({"simple": "RANDOM", "consistentHash": {"useSourceIp": True}}, "give at most one of simple, consistentHash"),
+    ({"simple": "RANDOM", "consistentHash": {"useSourceIp": True}},
+     r"give exactly one of simple, consistentHash \(not both\)"),
     ({"localityLbSetting": {"distribute": [{"from": "a", "to": {"b": 101}}]}}, "less than or equal to 100"),
     ({"localityLbSetting": {"distribute": [{"from": "a", "to": {}}]}}, "at least 1 item"),
     ({"localityLbSetting": {"failover": [{"from": "a"}]}}, "Field required"),
