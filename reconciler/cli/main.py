@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from reconciler.cli import operator_args
 
     operator_args.add_parser(sub)  # the operator itself (kopf) is imported only when it runs
+    operator_args.add_sidecar_parser(sub)
 
     from reconciler.cli import grafana as grafana_cli
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from mesh.intent import parse_duration_ms
 from multicluster.ca import ensure_hierarchy
 from reconciler.k8s.gitsource import GitSourceSpec
-from reconciler.loop import Reconciler, UpConfig
+from reconciler.loop import Reconciler, UpConfig, install_stop_signals
 from reconciler.runtime.base import Bind
 from reconciler.runtime.kubernetes.conditions import gitsource_status
 from reconciler.runtime.kubernetes.objects import EndpointEntry, PodEntry, pod_entry, slice_entries
@@ -497,8 +497,19 @@ def cmd_operator(args: Any) -> int:
     op = Operator(config=config, api=api_client(config.kubeconfig))
 
     async def main() -> None:
-        # kopf owns SIGINT/SIGTERM here (it runs on the main thread): they end kopf, then the session.
-        await run_operator(op, stop=asyncio.Event())
+        stop, ready = asyncio.Event(), asyncio.Event()
+
+        async def own_signals() -> None:
+            # kopf installs SIGINT/SIGTERM handlers of its own once started; ours replace them, so a stop
+            # ends the session first (the control plane stops serving cleanly), then kopf.
+            await ready.wait()
+            install_stop_signals(stop)
+
+        signals = asyncio.create_task(own_signals())  # before kopf starts: kopf leaves it alone
+        try:
+            await run_operator(op, stop=stop, ready=ready)
+        finally:
+            signals.cancel()
 
     asyncio.run(main())
     return 0

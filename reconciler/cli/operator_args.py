@@ -31,3 +31,16 @@ def _run(args: Any) -> int:
     from reconciler.cli.operator import cmd_operator
 
     return cmd_operator(args)
+
+
+def add_sidecar_parser(sub: Any) -> None:
+    """`lockgate sidecar`: what the injected `lockgate-proxy` container runs (its settings come from the
+    environment the injector wrote: see reconciler/k8s/inject.py)."""
+    p = sub.add_parser("sidecar", help="run Envoy in an injected pod (the lockgate-proxy container's command)")
+    p.set_defaults(func=_sidecar)
+
+
+def _sidecar(args: Any) -> int:
+    from reconciler.k8s.sidecar import main
+
+    return main([])
