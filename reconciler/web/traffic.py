@@ -17,11 +17,18 @@ from typing import Any
 from aiohttp import ClientError, ClientSession
 
 WINDOW = "1m"
-EDGE_QUERY = ('sum by (__name__, kind, service, version, envoy_cluster_name) '
-              f'(rate({{__name__=~"envoy_cluster_.*upstream_rq_total",envoy_cluster_name=~"outbound[|].+"}}[{WINDOW}]))')
-EDGE_ERRORS_QUERY = ('sum by (__name__, kind, service, version, envoy_cluster_name) '
-                     f'(rate({{__name__=~"envoy_cluster_.*upstream_rq_5xx",envoy_cluster_name=~"outbound[|].+"}}'
-                     f'[{WINDOW}]))')
+NAMES_MATCH = '{__name__=~"envoy_cluster_.*upstream_rq_(total|5xx)",envoy_cluster_name=~"outbound[|].+"}'
+"""The series whose names (one per namespace and version, see above) are asked for first."""
+MAX_NAMES = 200
+
+
+def edge_query(name: str) -> str:
+    """Requests per second of one of those names, per caller and destination (rate() drops the name, so one
+    query per name)."""
+    return (f'sum by (kind, service, version, envoy_cluster_name) '
+            f'(rate({name}{{envoy_cluster_name=~"outbound[|].+"}}[{WINDOW}]))')
+
+
 _NAME = re.compile(r"^envoy_cluster_(?:(?P<rest>.+)_)?upstream_rq_(?:total|5xx)$")
 
 
@@ -66,17 +73,34 @@ def edges(totals: list[dict[str, Any]], errors: list[dict[str, Any]], *, cluster
             edge = out.setdefault(k, {"cluster": cluster, "from": k[0], "to": k[1], "version": k[2],
                                       "rps": 0.0, "errorRps": 0.0})
             edge[field] += value
-    return sorted((e | {"rps": round(e["rps"], 3), "errorRps": round(e["errorRps"], 3)} for e in out.values()),
-                  key=lambda e: (-e["rps"], e["from"], e["to"], e["version"] or ""))
+    busy = (e | {"rps": round(e["rps"], 3), "errorRps": round(e["errorRps"], 3)} for e in out.values()
+            if e["rps"] > 0 or e["errorRps"] > 0)  # every sidecar has a cluster per destination: most are idle
+    return sorted(busy, key=lambda e: (-e["rps"], e["from"], e["to"], e["version"] or ""))
 
 
-async def _query(session: ClientSession, url: str, promql: str) -> list[dict[str, Any]]:
-    async with session.get(f"{url.rstrip('/')}/api/v1/query", params={"query": promql}) as resp:
+async def _get(session: ClientSession, url: str, params: dict[str, str]) -> Any:
+    async with session.get(url, params=params) as resp:
         body = await resp.json(content_type=None)
     if not isinstance(body, dict) or body.get("status") != "success":
         raise ValueError(f"Prometheus answered {str(body)[:200]}")
-    result = body.get("data", {}).get("result", [])
-    return result if isinstance(result, list) else []
+    return body.get("data")
+
+
+async def _series(session: ClientSession, url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every edge series of one Prometheus, named again: (totals, 5xx)."""
+    base = url.rstrip("/")
+    names = await _get(session, f"{base}/api/v1/label/__name__/values", {"match[]": NAMES_MATCH})
+    names = [n for n in names if isinstance(n, str) and _NAME.match(n)][:MAX_NAMES] if isinstance(names, list) else []
+
+    async def one(name: str) -> list[dict[str, Any]]:
+        data = await _get(session, f"{base}/api/v1/query", {"query": edge_query(name)})
+        result = data.get("result", []) if isinstance(data, dict) else []
+        return [{**r, "metric": {**r.get("metric", {}), "__name__": name}} for r in result if isinstance(r, dict)]
+
+    results = await asyncio.gather(*(one(n) for n in names))
+    totals = [r for name, rs in zip(names, results, strict=True) if name.endswith("_total") for r in rs]
+    errors = [r for name, rs in zip(names, results, strict=True) if name.endswith("_5xx") for r in rs]
+    return totals, errors
 
 
 async def traffic(session: ClientSession, urls: dict[str, str]) -> dict[str, Any]:
@@ -85,8 +109,7 @@ async def traffic(session: ClientSession, urls: dict[str, str]) -> dict[str, Any
 
     async def one(name: str, url: str) -> dict[str, Any]:
         try:
-            totals, errors = await asyncio.gather(_query(session, url, EDGE_QUERY), _query(session, url,
-                                                                                          EDGE_ERRORS_QUERY))
+            totals, errors = await _series(session, url)
         except (ClientError, TimeoutError, ValueError) as exc:
             return {"name": name, "prometheus": url, "edges": [], "error": str(exc) or type(exc).__name__}
         return {"name": name, "prometheus": url, "edges": edges(totals, errors, cluster=name), "error": None}

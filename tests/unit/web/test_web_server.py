@@ -236,3 +236,31 @@ def test_the_timeline_keeps_the_current_run_and_the_latest_others() -> None:
     run = [{"rollout": "shop/reviews", "canaryRevision": "c2", "at": 100 + i} for i in range(3)]
     kept = timeline(status, old + run, recent=5)
     assert [d["at"] for d in kept] == [45, 46, 47, 48, 49, 100, 101, 102]
+
+
+def test_edges_put_envoys_cut_cluster_names_back_together() -> None:
+    from reconciler.web.traffic import destination, edges
+
+    assert destination({"__name__": "envoy_cluster_shop_v1_upstream_rq_total",
+                        "envoy_cluster_name": "outbound|reviews"}) == ("reviews.shop", "v1")
+    assert destination({"__name__": "envoy_cluster_shop_upstream_rq_total",
+                        "envoy_cluster_name": "outbound|reviews"}) == ("reviews.shop", None)
+    assert destination({"__name__": "envoy_cluster_upstream_rq_total",
+                        "envoy_cluster_name": "outbound|reviews.shop|v2"}) == ("reviews.shop", "v2")
+    assert destination({"__name__": "envoy_cluster_shop_any_upstream_rq_total",
+                        "envoy_cluster_name": "eastwest|reviews"}) is None
+    def series(name: str, cluster: str, value: str, **labels: str) -> dict[str, Any]:
+        return {"metric": {"__name__": f"envoy_cluster_{name}", "envoy_cluster_name": cluster, **labels},
+                "value": [0, value]}
+
+    totals = [series("shop_v1_upstream_rq_total", "outbound|reviews", "2.5", kind="sidecar", service="frontend",
+                     version="v1"),
+              series("shop_v2_upstream_rq_total", "outbound|reviews", "0", kind="ingress"),
+              series("shop_upstream_rq_total", "outbound|frontend", "4", kind="ingress")]
+    errors = [series("shop_v1_upstream_rq_5xx", "outbound|reviews", "0.5", kind="sidecar", service="frontend",
+                     version="v1")]
+    assert edges(totals, errors, cluster="east") == [
+        {"cluster": "east", "from": "ingress", "to": "frontend.shop", "version": None, "rps": 4.0, "errorRps": 0.0},
+        {"cluster": "east", "from": "frontend v1", "to": "reviews.shop", "version": "v1", "rps": 2.5,
+         "errorRps": 0.5},
+    ]  # the idle edge (ingress -> reviews v2) is left out
