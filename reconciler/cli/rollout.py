@@ -98,7 +98,7 @@ def _watch(args: argparse.Namespace) -> int:
     """Every change of one rollout until a run ends. Started with no run in progress (idle, or the last
     run's outcome) it waits for the next run, however long, rather than report that nothing is running;
     a Rollout without a state file yet (the commit adding it not applied yet) is waited for too."""
-    from reconciler.rollout.commands import format_summary, state_path, summary
+    from reconciler.rollout.commands import state_path, summary
 
     told = False
     while not (found := _matching(args)):
@@ -115,19 +115,91 @@ def _watch(args: argparse.Namespace) -> int:
     first_started = record.get("state", {}).get("startedAt")
     saw_run = False
     last = ""
-    while True:
-        s = summary(record.get("spec", {}), record, namespace=ns, name=name)
-        changed = json.dumps({**s, "secondsToNextAnalysis": None}, sort_keys=True)
-        if changed != last or not args.json:
-            print(json.dumps(s) if args.json else f"\033[2J\033[H{format_summary(s)}", flush=True)
+    view = _WatchView.pick(json_lines=args.json)
+    try:
+        while True:
+            s = summary(record.get("spec", {}), record, namespace=ns, name=name)
+            changed = json.dumps({**s, "secondsToNextAnalysis": None}, sort_keys=True)
+            view.show(s, changed=changed != last)
             last = changed
-        # A run is one this watch saw progressing, or one that started (and maybe ended) between two looks.
-        saw_run = saw_run or s["phase"] == "progressing" or s["startedAt"] != first_started
-        if saw_run and s["phase"] != "progressing":
-            return 0
-        time.sleep(0.5)
-        with contextlib.suppress(OSError, ValueError):  # removed: keep showing the last one
-            record = read_json(state_path(args.state_dir, ns, name))
+            # A run is one this watch saw progressing, or one that started (and maybe ended) between two looks.
+            saw_run = saw_run or s["phase"] == "progressing" or s["startedAt"] != first_started
+            if saw_run and s["phase"] != "progressing":
+                return 0
+            time.sleep(0.5)
+            with contextlib.suppress(OSError, ValueError):  # removed: keep showing the last one
+                record = read_json(state_path(args.state_dir, ns, name))
+    finally:
+        view.close()
+
+
+class _WatchView:
+    """How `rollout status --watch` shows each summary: one JSON object per change (`--json`); a live table
+    (rich) on a terminal; the screen redrawn on a terminal without rich; else one plain line per change."""
+
+    def __init__(self, *, json_lines: bool, live: Any = None) -> None:
+        self.json_lines, self.live = json_lines, live
+
+    @classmethod
+    def pick(cls, *, json_lines: bool) -> _WatchView:
+        if json_lines or not sys.stdout.isatty():
+            return cls(json_lines=json_lines)
+        try:
+            from rich.live import Live
+        except ImportError:  # rich is optional: the plain redraw
+            return cls(json_lines=False, live=False)
+        live = Live(auto_refresh=False, transient=False)
+        live.start()
+        return cls(json_lines=False, live=live)
+
+    def show(self, s: dict[str, Any], *, changed: bool) -> None:
+        from reconciler.rollout.commands import format_summary
+
+        if self.json_lines:
+            if changed:
+                print(json.dumps(s), flush=True)
+        elif self.live is False:  # a terminal without rich: redraw (the countdown moves)
+            print(f"\033[2J\033[H{format_summary(s)}", flush=True)
+        elif self.live is not None:
+            self.live.update(rich_table(s), refresh=True)
+        elif changed:  # not a terminal: a line per change, for logs and pipes
+            print(plain_line(s, now=time.time()), flush=True)
+
+    def close(self) -> None:
+        if self.live not in (None, False):
+            self.live.stop()
+
+
+def plain_line(s: dict[str, Any], *, now: float) -> str:
+    """One rollout summary as one line: time, rollout, phase, weight, step, and the last decision."""
+    step = f" step {s['step']}/{len(s['steps'])}" if s.get("step") and s.get("strategy") == "canary" else ""
+    last = s.get("lastDecision") or {}
+    why = f"; last {last['action']}: {'; '.join(last.get('reasons', []))}" if last else ""
+    return (f"{time.strftime('%H:%M:%S', time.localtime(now))} {s['namespace']}/{s['name']} {s['phase']}"
+            f"{' [paused]' if s.get('paused') else ''} weight {s['weight']}%{step} canary {s.get('canary') or '-'}"
+            f" (stable {s['stable']}), failed checks {s['failedChecks']}/{s.get('failureThreshold')}{why}")
+
+
+def rich_table(s: dict[str, Any]) -> Any:
+    """The summary as a rich renderable: the state, then each metric of the last analysis against its bounds."""
+    from rich.console import Group
+    from rich.table import Table
+
+    head = Table.grid(padding=(0, 2))
+    head.add_row(f"[bold]rollout {s['namespace']}/{s['name']}[/]", s["phase"] + (" [paused]" if s["paused"] else ""),
+                 f"weight [bold]{s['weight']}%[/] to {s.get('canary') or '-'} (stable {s['stable']})",
+                 f"step {s['step']}/{len(s['steps'])}" if s.get("step") else "",
+                 f"next analysis in {s['secondsToNextAnalysis']:.1f}s" if s.get("secondsToNextAnalysis") else "")
+    checks = Table("metric", "cluster", "value", "threshold", "result", title="last analysis", title_justify="left")
+    last = s.get("lastDecision") or {}
+    for c in last.get("checks", []):
+        bounds = ", ".join(x for x in (f"min {c['min']:g}" if c.get("min") is not None else "",
+                                       f"max {c['max']:g}" if c.get("max") is not None else "") if x)
+        value = "no values" if c.get("value") is None else f"{c['value']:.4g}"
+        colour = {"pass": "green", "fail": "red"}.get(c.get("effective", ""), "yellow")
+        checks.add_row(c["metric"], c.get("cluster", ""), value, bounds or "-", f"[{colour}]{c['result']}[/]")
+    reasons = f"last decision: {last['action']}: " + "; ".join(last.get("reasons", [])) if last else "no decision yet"
+    return Group(head, checks, reasons)
 
 
 def _command(args: argparse.Namespace, ns: str, name: str) -> int:
