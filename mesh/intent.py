@@ -7,6 +7,7 @@ snake_case in Python.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -133,15 +134,51 @@ class MeshSpec(Model):
 # --- Service ----------------------------------------------------------------------------------------
 
 
+Protocol = Literal["HTTP", "HTTP2", "GRPC", "TCP", "TLS"]
+PROTOCOLS: tuple[Protocol, ...] = ("HTTP", "HTTP2", "GRPC", "TCP", "TLS")
+APP_PROTOCOLS: dict[str, Protocol] = {"http": "HTTP", "http2": "HTTP2", "h2c": "HTTP2", "h2": "HTTP2",
+                                      "grpc": "GRPC", "grpc-web": "HTTP", "tcp": "TCP", "tls": "TLS",
+                                      "https": "TLS", "mongo": "TCP", "mysql": "TCP", "redis": "TCP"}
+"""Istio's names for a port's protocol (in `appProtocol`, or as a port name's prefix before `-`)."""
+H2_PROTOCOLS = frozenset({"HTTP2", "GRPC"})
+"""Protocols spoken as HTTP/2 to the app."""
+L4_PROTOCOLS = frozenset({"TCP", "TLS"})
+"""Protocols the proxies carry as opaque connections (no HTTP routing)."""
+
+
 class ServicePort(Model):
     name: Name
     port: int = Field(ge=1, le=65535)
-    protocol: Literal["HTTP"] = "HTTP"
+    protocol: str | None = None
+    """HTTP, HTTP2, GRPC, TCP or TLS. Left out: `appProtocol`, else the name as Istio reads it (`grpc`,
+    `grpc-api`, `http2`, `h2`, `tcp-db`, `tls`..), else HTTP."""
+    app_protocol: str | None = None
+    """Kubernetes' appProtocol (`http`, `http2`, `h2c`, `grpc`, `tcp`, `tls`, `https`)."""
+
+    @property
+    def effective_protocol(self) -> Protocol:
+        """What the proxies speak on this port: `protocol`, else `appProtocol`, else the name, else HTTP.
+        Values validation rejects (unknown words) read as HTTP here; validation reports them."""
+        if self.protocol is not None:
+            upper = self.protocol.upper()
+            return next((p for p in PROTOCOLS if p == upper), "HTTP")
+        if self.app_protocol is not None:
+            return APP_PROTOCOLS.get(self.app_protocol.lower(), "HTTP")
+        name = self.name.lower()
+        if name == "grpc-web" or name.startswith("grpc-web-"):
+            return "HTTP"
+        return APP_PROTOCOLS.get(name.split("-", 1)[0], "HTTP")
 
 
 class ServiceSpec(Model):
     ports: list[ServicePort] = Field(min_length=1)
     versions: list[Name] = Field(min_length=1)
+
+    @property
+    def protocol(self) -> Protocol:
+        """The service's protocol: its first port's (validation requires every port to agree, since a
+        sidecar forwards to one app port)."""
+        return self.ports[0].effective_protocol
 
 
 # --- Workload ---------------------------------------------------------------------------------------
@@ -277,9 +314,36 @@ class FaultDelay(Model):
     fixed_delay: PositiveDuration
 
 
+GRPC_STATUS: dict[str, int] = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4, "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8, "FAILED_PRECONDITION": 9,
+    "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16}
+"""gRPC status names -> codes (what Envoy's fault filter sends in grpc-status)."""
+
+
+def _grpc_status(value: Any) -> Any:
+    """`UNAVAILABLE` (Istio's form) or the code (14) -> the code; anything else is left to be refused."""
+    if isinstance(value, str):
+        if value.upper() in GRPC_STATUS:
+            return GRPC_STATUS[value.upper()]
+        close = difflib.get_close_matches(value.upper(), GRPC_STATUS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ValueError(f"unknown gRPC status {value!r}{hint}")
+    return value
+
+
 class FaultAbort(Model):
     percentage: Percentage
-    http_status: int = Field(ge=200, le=599)
+    http_status: int | None = Field(default=None, ge=200, le=599)
+    grpc_status: Annotated[int | None, BeforeValidator(_grpc_status), Field(ge=1, le=16)] = None
+    """A gRPC status name (`UNAVAILABLE`) or code (14), for gRPC callers: instead of httpStatus."""
+
+    @model_validator(mode="after")
+    def _one_of(self) -> FaultAbort:
+        if (self.http_status is None) == (self.grpc_status is None):
+            raise ValueError("give exactly one of httpStatus, grpcStatus")
+        return self
 
 
 class Fault(Model):

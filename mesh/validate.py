@@ -15,8 +15,11 @@ import re2
 from pydantic.alias_generators import to_camel
 
 from mesh.intent import (
+    APP_PROTOCOLS,
     DNS_LABEL,
     FAILOVER_LABELS,
+    L4_PROTOCOLS,
+    PROTOCOLS,
     HeaderOperations,
     HTTPRule,
     LocalityLbSetting,
@@ -28,6 +31,7 @@ from mesh.intent import (
     Retries,
     Route,
     Service,
+    ServicePort,
     StringMatch,
     TrafficPolicy,
     Workload,
@@ -120,6 +124,36 @@ def _check_service(i: int, s: Service) -> list[Finding]:
             for j in _dupes([p.name for p in s.spec.ports])]
     out += [Finding(i, ("spec", "ports", j, "port"), f"duplicate port {s.spec.ports[j].port}")
             for j in _dupes([p.port for p in s.spec.ports])]
+    found = [f for j, port in enumerate(s.spec.ports) for f in _check_protocol(i, j, port)]
+    out += found
+    if any("unknown" in f.message for f in found):
+        return out  # an unknown word reads as HTTP: comparing it with the other ports would only add noise
+    first = s.spec.ports[0].effective_protocol
+    out += [Finding(i, ("spec", "ports", j), f"port {p.name!r} speaks {p.effective_protocol} but port "
+                    f"{s.spec.ports[0].name!r} speaks {first}: a service has one protocol (its sidecar "
+                    "forwards to one app port); split it into two services")
+            for j, p in enumerate(s.spec.ports) if p.effective_protocol != first]
+    return out
+
+
+def _did_you_mean(value: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
+    return f"did you mean {close[0]}?" if close else f"known: {', '.join(known)}"
+
+
+def _check_protocol(i: int, j: int, port: ServicePort) -> list[Finding]:
+    """Unknown protocol words are errors: read as HTTP they would route a database port as web traffic."""
+    out: list[Finding] = []
+    if port.protocol is not None and port.protocol.upper() not in PROTOCOLS:
+        out.append(Finding(i, ("spec", "ports", j, "protocol"), f"unknown protocol {port.protocol!r} "
+                           f"({_did_you_mean(port.protocol.upper(), PROTOCOLS)})"))
+    if port.app_protocol is not None and port.app_protocol.lower() not in APP_PROTOCOLS:
+        out.append(Finding(i, ("spec", "ports", j, "appProtocol"), f"unknown appProtocol {port.app_protocol!r} "
+                           f"({_did_you_mean(port.app_protocol.lower(), sorted(APP_PROTOCOLS))})"))
+    if port.protocol is not None and port.app_protocol is not None and not out \
+            and port.protocol.upper() != APP_PROTOCOLS[port.app_protocol.lower()]:
+        out.append(Finding(i, ("spec", "ports", j, "appProtocol"), f"appProtocol {port.app_protocol!r} "
+                           f"contradicts protocol {port.protocol!r}; give one of them"))
     return out
 
 
@@ -330,6 +364,32 @@ def _check_route(i: int, r: Route, services: dict[tuple[str, str], Service], *, 
                                        f"service {r.spec.service!r} has no version {d.version!r} "
                                        f"(declared: {', '.join(svc.spec.versions)})"))
         out += _check_rule(i, rule, base, svc, governed_default=governed and k == default)
+    if svc is not None and svc.spec.protocol in L4_PROTOCOLS:
+        out += _check_l4_route(i, r, svc)
+    return out
+
+
+_HTTP_ONLY = ("match", "redirect", "direct_response", "timeout", "retries", "fault", "mirror", "rewrite", "headers")
+
+
+def _check_l4_route(i: int, r: Route, svc: Service) -> list[Finding]:
+    """A TCP or TLS service is routed per connection by weight only: HTTP conditions and edits cannot apply."""
+    out: list[Finding] = []
+    proto = svc.spec.protocol
+    if len(r.spec.http) > 1:
+        out.append(Finding(i, ("spec", "http", 1), f"service {svc.metadata.name!r} speaks {proto}: connections "
+                           "are split by weight with one rule (no matches); remove the other rules"))
+    for k, rule in enumerate(r.spec.http):
+        for field in _HTTP_ONLY:
+            value = getattr(rule, field)
+            if value is not None and value != []:
+                out.append(Finding(i, ("spec", "http", k, to_camel(field)),
+                                   f"{to_camel(field)} needs HTTP; service {svc.metadata.name!r} speaks {proto} "
+                                   "(its connections are split by weight only)"))
+        for j, d in enumerate(rule.route):
+            if d.headers is not None:
+                out.append(Finding(i, ("spec", "http", k, "route", j, "headers"),
+                                   f"headers need HTTP; service {svc.metadata.name!r} speaks {proto}"))
     return out
 
 
