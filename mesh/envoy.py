@@ -45,7 +45,7 @@ def admin_address(socket: Path | str) -> str:
 def bootstrap(
     *, node_id: str, cluster: str, xds_host: str, xds_port: int, admin_socket: Path | None = None,
     admin_host: str | None = None, admin_port: int | None = None, stats_host: str | None = None,
-    stats_port: int | None = None, xds_token: str | None = None, xds_dns: bool = False,
+    stats_port: int | None = None, xds_token: str | None = None, xds_dns: bool = False, delta: bool = False,
 ) -> dict[str, Any]:
     """Bootstrap JSON for a proxy fed entirely over ADS (listeners and clusters; routes, endpoints and
     secrets follow by name). `xds_host` must be an IP address (the xds cluster is STATIC), unless
@@ -55,7 +55,8 @@ def bootstrap(
     Admin listens on `admin_socket` (a Unix socket, 0600), out of reach of any TCP client; TCP admin
     (`admin_host`/`admin_port`) is only for tools that run nothing else beside the proxy. `stats_host`/
     `stats_port` add the read-only stats listener in front of the socket; `xds_token` is the credential
-    the proxy presents on its ADS stream (gRPC initial metadata)."""
+    the proxy presents on its ADS stream (gRPC initial metadata). `delta`: incremental xDS (the ADS stream
+    is DeltaAggregatedResources), so a change sends only the resources that changed."""
     if (admin_socket is None) == (admin_port is None):
         raise ValueError("give either admin_socket or admin_host/admin_port")
     if admin_socket is not None:
@@ -101,7 +102,7 @@ def bootstrap(
         "stats_flush_interval": "1s",
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
                 "grpc_services": [grpc_service],
                 "set_node_on_first_message_only": True,

@@ -231,8 +231,12 @@ class SnapshotCache:
         node.converge()
         self._changed_if(node, before)
 
-    def rejected(self, node_id: str, type_url: str, *, version: str, message: str) -> None:
-        """The proxy NACKed `version` of `type_url`. Recorded only if that is the current snapshot's."""
+    def rejected(self, node_id: str, type_url: str, *, version: str, message: str,
+                 resources: tuple[str, ...] | None = None) -> None:
+        """The proxy NACKed `version` of `type_url`. Recorded only if that is the current snapshot's.
+
+        `resources`: the names the rejected response carried (delta xDS sends only changed resources, so
+        the culprit is among them); without it, those that differ from what the proxy last accepted."""
         node = self._node(node_id)
         log.warning("node %s rejected %s version %s: %s", node_id, type_url, version, message)
         snap = node.snapshot
@@ -240,7 +244,8 @@ class SnapshotCache:
             return
         before = node.status()
         node.nack, node.nack_type, node.nack_version = message, type_url, version
-        node.nack_resources = _changed(node.accepted.get(type_url), snap, type_url)
+        node.nack_resources = (tuple(sorted(resources)) if resources is not None
+                               else _changed(node.accepted.get(type_url), snap, type_url))
         self._changed_if(node, before)
 
     # --- internals -----------------------------------------------------------------------------------
