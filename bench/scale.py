@@ -7,9 +7,14 @@ name) and ACK every response. Two real Envoys (an ingress and a sidecar) join th
 - full push: every snapshot set -> every proxy ACKed all of it;
 - one route change: one Route's weights change -> every proxy ACKed the new version;
 - render time alone for both, and control-plane RSS;
-- a same-run baseline with 10 proxies, as ratios.
+- a same-run baseline with 10 proxies, as ratios;
+- the floor: the same two real Envoys started on a static file holding the same final configuration
+  (`mesh.envoy.static_bootstrap`), time to ready, in the same run; printed as lockgate / floor.
 
-    python bench/scale.py [--services 1000] [--proxies 100]
+`--xds sotw|delta|both` picks the protocol every client (simulated and real) speaks; `both` runs each in
+the same invocation, so their figures share one machine state.
+
+    python bench/scale.py [--services 1000] [--proxies 100] [--xds both]
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.envoy import bootstrap, envoy_argv, wait_ready
+from mesh.envoy import bootstrap, envoy_argv, static_bootstrap, wait_ready
 from mesh.intent import Intent
 from mesh.render import RenderCache, render
 from mesh.topology import ClusterTopology, Gateway, Sidecar
@@ -72,11 +77,13 @@ def topology(proxies: int, services: int, ports: list[int]) -> ClusterTopology:
 # --- simulated proxies (second process) ----------------------------------------------------------------
 
 
-def _clients_main(port: int, subs: dict[str, tuple[list[str], list[str]]], ready: Any, stop: Any) -> None:
-    asyncio.run(_clients(port, subs, ready, stop))
+def _clients_main(port: int, subs: dict[str, tuple[list[str], list[str]]], ready: Any, stop: Any,
+                  delta: bool = False) -> None:
+    asyncio.run(_clients(port, subs, ready, stop, delta=delta))
 
 
-async def _clients(port: int, subs: dict[str, tuple[list[str], list[str]]], ready: Any, stop: Any) -> None:
+async def _clients(port: int, subs: dict[str, tuple[list[str], list[str]]], ready: Any, stop: Any, *,
+                   delta: bool = False) -> None:
     """One ADS stream per simulated proxy: LDS and CDS by wildcard, then RDS and EDS by the names it was
     given (a real Envoy reads them from its listeners and clusters, in C++ and in microseconds; doing
     that in Python here would make this process, not the control plane, what the bench measures).
@@ -114,9 +121,41 @@ async def _clients(port: int, subs: dict[str, tuple[list[str], list[str]]], read
                 subscribed.add(follow)
                 await out.put(req(follow))
 
+    async def one_delta(node_id: str, channel: Any) -> None:
+        """The same subscriptions over delta xDS: LDS/CDS wildcard, RDS/EDS names once the first answer
+        that refers to them arrived; every response ACKed by its nonce."""
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        out: asyncio.Queue[Any] = asyncio.Queue()
+        eds, rds = subs[node_id]
+        first = True
+
+        def req(type_url: str, nonce: str = "", subscribe: list[str] | None = None) -> Any:
+            nonlocal first
+            r = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, response_nonce=nonce,
+                                                    resource_names_subscribe=subscribe or [])
+            if first:
+                r.node.id = node_id
+                first = False
+            return r
+
+        async def requests() -> Any:
+            while True:
+                yield await out.get()
+
+        for t in (CLUSTER, LISTENER):
+            await out.put(req(t))
+        subscribed: set[str] = set()
+        async for resp in stub.DeltaAggregatedResources(requests()):
+            t = resp.type_url
+            await out.put(req(t, resp.nonce))  # ACK
+            follow = {CLUSTER: (eds_type, eds), LISTENER: (rds_type, rds)}.get(t)
+            if follow and len(resp.resources) and follow[0] not in subscribed and follow[1]:
+                subscribed.add(follow[0])
+                await out.put(req(follow[0], subscribe=follow[1]))
+
     channels = [grpc.aio.insecure_channel(f"{ADDR}:{port}", options=[("grpc.max_receive_message_length", 1 << 28)])
                 for _ in range(4)]
-    tasks = [asyncio.create_task(one(n, channels[i % 4])) for i, n in enumerate(subs)]
+    tasks = [asyncio.create_task((one_delta if delta else one)(n, channels[i % 4])) for i, n in enumerate(subs)]
     ready.set()
     while not stop.is_set():
         await asyncio.sleep(0.1)
@@ -150,7 +189,33 @@ async def converge(cache: SnapshotCache, snaps: dict[str, Any], timeout: float =
     return (time.perf_counter() - t0) * 1000
 
 
-async def run(services: int, proxies: int, envoys: bool) -> dict[str, float]:
+async def floor(snaps: dict[str, Any], nodes: list[str], tmp: Path, free: Any) -> float:
+    """Milliseconds until the given Envoys, started at once on static files holding their final
+    snapshots, are all ready: what loading this configuration costs Envoy itself, control plane aside."""
+    procs, admins = [], []
+    t0 = time.perf_counter()
+    for node in nodes:
+        parts = snaps[node].to_json()
+        config = static_bootstrap(**{k: parts.get(k, []) for k in ("listeners", "routes", "clusters", "endpoints")})
+        admin = free()
+        config["node"] = {"id": node, "cluster": "c1"}
+        config["admin"] = {"address": {"socket_address": {"address": ADDR, "port_value": admin}}}
+        path = tmp / f"static-{node.replace('/', '_')}.json"
+        path.write_text(json.dumps(config))
+        procs.append(await asyncio.create_subprocess_exec(
+            *envoy_argv(config_path=path, log_level="critical"), stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL))
+        admins.append(admin)
+    try:
+        await asyncio.gather(*(wait_ready(ADDR, a, timeout=60) for a in admins))
+        return (time.perf_counter() - t0) * 1000
+    finally:
+        for p in procs:
+            p.terminate()
+            await p.wait()
+
+
+async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False) -> dict[str, float]:
     import socket
 
     def free() -> int:
@@ -174,7 +239,7 @@ async def run(services: int, proxies: int, envoys: bool) -> dict[str, float]:
     subs = {n: (sorted(snaps[n].items(ENDPOINT)), sorted(snaps[n].items(ROUTE))) for n in simulated}
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
-    clients = ctx.Process(target=_clients_main, args=(port, subs, ready, stop), daemon=True)
+    clients = ctx.Process(target=_clients_main, args=(port, subs, ready, stop, delta), daemon=True)
     clients.start()
     procs: list[asyncio.subprocess.Process] = []
     tmp = tempfile.TemporaryDirectory(prefix="lockgate-scale-")
@@ -183,7 +248,7 @@ async def run(services: int, proxies: int, envoys: bool) -> dict[str, float]:
             admin = free()
             cfg = Path(tmp.name) / f"{node.replace('/', '_')}.json"
             cfg.write_text(json.dumps(bootstrap(node_id=node, cluster="c1", xds_host=ADDR, xds_port=port,
-                                                admin_host=ADDR, admin_port=admin)))
+                                                admin_host=ADDR, admin_port=admin, delta=delta)))
             procs.append(await asyncio.create_subprocess_exec(
                 *envoy_argv(config_path=cfg, log_level="critical"), stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL))
@@ -201,8 +266,11 @@ async def run(services: int, proxies: int, envoys: bool) -> dict[str, float]:
         one = await converge(cache, snaps2)
         route_kb = len(json.dumps(dict(snaps2[topo.sidecars[0].node_id].items(
             "type.googleapis.com/envoy.config.route.v3.RouteConfiguration")))) / 1024
+        rss = rss_mb()
+        floor_ms = await floor(snaps2, real, Path(tmp.name), free) if real else 0.0
         return {"render_full_ms": render_full, "push_full_ms": full, "render_one_ms": render_one,
-                "push_one_ms": one, "rss_mb": rss_mb(), "rss_before_mb": rss0, "route_kb": route_kb}
+                "push_one_ms": one, "rss_mb": rss, "rss_before_mb": rss0, "route_kb": route_kb,
+                "floor_ms": floor_ms}
     finally:
         stop.set()
         clients.join(10)
@@ -215,26 +283,35 @@ async def run(services: int, proxies: int, envoys: bool) -> dict[str, float]:
         tmp.cleanup()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--services", type=int, default=1000)
-    parser.add_argument("--proxies", type=int, default=100)
-    args = parser.parse_args()
-    base = asyncio.run(run(args.services, 10, envoys=False))
-    big = asyncio.run(run(args.services, args.proxies, envoys=True))
-    print(f"scale: {args.services} services, {2 * args.services} route rules, "
-          f"{args.proxies} proxies (2 real Envoys), pid {os.getpid()}")
-    for label, r in (("baseline 10 proxies", base), (f"{args.proxies} proxies", big)):
+def report(services: int, proxies: int, mode: str, base: dict[str, float], big: dict[str, float]) -> None:
+    print(f"scale [{mode}]: {services} services, {2 * services} route rules, "
+          f"{proxies} proxies (2 real Envoys), pid {os.getpid()}")
+    for label, r in (("baseline 10 proxies", base), (f"{proxies} proxies", big)):
         print(f"  {label:20} full: render {r['render_full_ms']:7.0f} ms + push/ACK {r['push_full_ms']:7.0f} ms"
               f"   one route: render {r['render_one_ms']:6.0f} ms + push/ACK {r['push_one_ms']:6.0f} ms"
               f"   RSS {r['rss_mb']:.0f} MB   (route config {r['route_kb']:.0f} KiB per sidecar)")
     full = big["render_full_ms"] + big["push_full_ms"]
     one = big["render_one_ms"] + big["push_one_ms"]
-    print(f"  ratio {args.proxies}/10 proxies: full {full / (base['render_full_ms'] + base['push_full_ms']):.1f}x,"
+    print(f"  ratio {proxies}/10 proxies: full {full / (base['render_full_ms'] + base['push_full_ms']):.1f}x,"
           f" one route {one / (base['render_one_ms'] + base['push_one_ms']):.1f}x")
+    print(f"  floor: the 2 real Envoys on a static file of the same final config ready in {big['floor_ms']:.0f} ms;"
+          f" lockgate full push / floor = {full / big['floor_ms']:.1f}x")
     print(f"  targets: full <= 1000 ms: {full:.0f} ms {'met' if full <= 1000 else 'NOT met'};"
           f" one route <= 50 ms: {one:.0f} ms {'met' if one <= 50 else 'NOT met'};"
           f" RSS <= 300 MB: {big['rss_mb']:.0f} MB {'met' if big['rss_mb'] <= 300 else 'NOT met'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--proxies", type=int, default=100)
+    parser.add_argument("--xds", choices=("sotw", "delta", "both"), default="both")
+    args = parser.parse_args()
+    for mode in ("sotw", "delta") if args.xds == "both" else (args.xds,):
+        delta = mode == "delta"
+        base = asyncio.run(run(args.services, 10, envoys=False, delta=delta))
+        big = asyncio.run(run(args.services, args.proxies, envoys=True, delta=delta))
+        report(args.services, args.proxies, mode, base, big)
     return 0
 
 
