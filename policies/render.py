@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from mesh.intent import Intent
+from mesh.intent import H2_PROTOCOLS, Intent
 from mesh.render import ADS, Extension, Proxy, cluster_name, sni
 from mesh.topology import Sidecar
 from policies.identity import IssuedCert, service_identities
@@ -44,6 +44,7 @@ AUTHZ_FILTERS = {"DENY": "lockgate.authz.deny", "ALLOW": "lockgate.authz.allow"}
 _LOCAL_RL = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
 LOCAL_RL_FILTER = "envoy.filters.http.local_ratelimit"
 _ROUTER = "envoy.filters.http.router"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UNIT_MS = {"second": 1_000, "minute": 60_000, "hour": 3_600_000}
 _MIN_FILL_MS = 50  # Envoy refuses shorter fill intervals
 
@@ -109,8 +110,10 @@ class SecurityExtension(Extension):
         # still-encrypted connection by it; a sidecar's inbound listener ignores it.
         _, host, *version = cluster["name"].split("|")
         svc, _, ns = host.partition(".")
-        ctx = {"@type": _UPSTREAM, "sni": sni(ns, svc, version[0] if version else None),
-               "common_tls_context": self._common([_uri(exact=s) for s in sans])}
+        common = self._common([_uri(exact=s) for s in sans])
+        if _speaks_http2(cluster):
+            common["alpn_protocols"] = ["h2"]  # the peer's inbound picks its HTTP/2 codec from ALPN
+        ctx = {"@type": _UPSTREAM, "sni": sni(ns, svc, version[0] if version else None), "common_tls_context": common}
         return {**cluster, "transport_socket": {"name": _TLS, "typed_config": ctx}}
 
     def route(self, proxy: Proxy, *, namespace: str, service: str, rule: str,
@@ -141,9 +144,12 @@ class SecurityExtension(Extension):
         listener = _with_http_filters(listener, _NEUTRAL_INBOUND, first=True)
         td = self.intent.mesh.spec.trust_domain
         # Any peer of the mesh's trust domain may connect; which of them may call is AuthorizationPolicy's job.
+        common = self._common([_uri(prefix=f"spiffe://{td}/")])
+        service = self.intent.services.get((sc.namespace, sc.service))
+        if service is not None and service.spec.protocol in H2_PROTOCOLS:
+            common["alpn_protocols"] = ["h2", "http/1.1"]
         tls = {"name": _TLS, "typed_config": {
-            "@type": _DOWNSTREAM, "require_client_certificate": True,
-            "common_tls_context": self._common([_uri(prefix=f"spiffe://{td}/")])}}
+            "@type": _DOWNSTREAM, "require_client_certificate": True, "common_tls_context": common}}
         (chain,) = listener["filter_chains"]
         mtls_chain = {**chain, "name": "inbound-mtls", "transport_socket": tls}
         if mtls_mode(self.intent, sc.namespace, sc.service) == "STRICT":
@@ -261,6 +267,11 @@ def _with_route_filters(config: dict[str, Any], per_filter: dict[str, Any]) -> d
         {**vh, "routes": [{**r, "typed_per_filter_config": {**r.get("typed_per_filter_config", {}), **per_filter}}
                           for r in vh["routes"]]}
         for vh in config["virtual_hosts"]]}
+
+
+def _speaks_http2(cluster: dict[str, Any]) -> bool:
+    options = cluster.get("typed_extension_protocol_options", {}).get(_HTTP_OPTIONS, {})
+    return "http2_protocol_options" in options.get("explicit_http_config", {})
 
 
 def _uri(**matcher: str) -> dict[str, Any]:

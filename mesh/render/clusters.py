@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.intent import Intent, PolicySettings
+from mesh.intent import H2_PROTOCOLS, Intent, PolicySettings
 from mesh.names import cluster_name
 from mesh.render.context import ADS, HTTP_OPTIONS, RenderCache, duration_field, service_policy
 from mesh.topology import ClusterTopology, Sidecar
@@ -44,6 +44,8 @@ def outbound_clusters(
             }
             settings = service_policy(intent, ns, svc, version)
             cluster.update(_cluster_policy(settings) if settings is not None else _unlimited())
+            if service.spec.protocol in H2_PROTOCOLS:
+                cluster = with_http2(cluster)
             clusters.append(cluster)
             members = sorted((sc.address, sc.inbound_port) for sc in ready.get((ns, svc), ())
                              if version is None or sc.version == version)
@@ -104,6 +106,21 @@ def _cluster_policy(p: PolicySettings) -> dict[str, Any]:
             detection["max_ejection_percent"] = od.max_ejection_percent
         out["outlier_detection"] = detection
     return out
+
+
+def with_http2(cluster: dict[str, Any]) -> dict[str, Any]:
+    """The cluster speaking HTTP/2 upstream (a gRPC or HTTP2 port), whatever else its protocol options
+    say (maxRequestsPerConnection). Between sidecars it runs inside the mTLS, offered by ALPN."""
+    options = cluster.get("typed_extension_protocol_options", {}).get(HTTP_OPTIONS, {
+        "@type": f"type.googleapis.com/{HTTP_OPTIONS}"})
+    options = {**options, "explicit_http_config": {"http2_protocol_options": {}}}
+    return {**cluster, "typed_extension_protocol_options": {HTTP_OPTIONS: options}}
+
+
+def for_protocol(intent: Intent, sc: Sidecar, cluster: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar's `inbound|app` cluster in its app's protocol: HTTP/2 to a gRPC or HTTP2 app."""
+    service = intent.services.get((sc.namespace, sc.service))
+    return with_http2(cluster) if service is not None and service.spec.protocol in H2_PROTOCOLS else cluster
 
 
 def inbound_cluster(sc: Sidecar) -> dict[str, Any]:

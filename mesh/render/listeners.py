@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+# Registers the gRPC statistics filter's message for packing: mesh.xds.wire imports the others' modules.
+from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2  # noqa: F401
+
+from mesh.intent import Intent
 from mesh.render.context import ADS, FAULT, FAULT_FILTER, ROUTER, Shared
+from mesh.topology import Sidecar
 from mesh.xds.snapshot import HCM
 
+GRPC_STATS_FILTER = "envoy.filters.http.grpc_stats"
+GRPC_STATS = "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig"
 HEADER_MUTATION = ("type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3."
                    "HeaderMutation")
 
@@ -56,3 +63,22 @@ def listener_config(name: str, address: str, port: int, *, ingress: bool, proxy:
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                         "typed_config": hcm}]}],
     }
+
+
+def for_protocol(intent: Intent, sc: Sidecar, listener: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar's inbound listener in its app's protocol; HTTP apps get `listener` itself back.
+
+    gRPC: Envoy's gRPC statistics filter counts every call whose grpc-status is not 0 as a failure
+    (`cluster.inbound|app.grpc.failure`), which the built-in success rate reads: a failed call is an HTTP
+    200."""
+    service = intent.services.get((sc.namespace, sc.service))
+    if service is None or listener.get("name") != "inbound":
+        return listener
+    protocol = service.spec.protocol
+    if protocol == "GRPC":
+        (chain,) = listener["filter_chains"]
+        (hcm,) = chain["filters"]
+        stats = {"name": GRPC_STATS_FILTER, "typed_config": {"@type": GRPC_STATS, "stats_for_all_methods": False}}
+        config = {**hcm["typed_config"], "http_filters": [stats, *hcm["typed_config"]["http_filters"]]}
+        return {**listener, "filter_chains": [{**chain, "filters": [{**hcm, "typed_config": config}]}]}
+    return listener

@@ -227,6 +227,9 @@ def _action(ctx: Ctx, rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
         if rule.rewrite.authority is not None:
             action["host_rewrite_literal"] = rule.rewrite.authority
     action["timeout"] = duration_field(rule.timeout) if rule.timeout is not None else NO_TIMEOUT
+    if ctx.intent.services[(ns, svc)].spec.protocol == "GRPC":
+        # A caller's grpc-timeout is its deadline: Envoy honours it, capped by the rule's timeout (0s: uncapped).
+        action["max_stream_duration"] = {"grpc_timeout_header_max": action["timeout"]}
     if rule.mirror is not None:
         mirror: dict[str, Any] = {"cluster": cluster_name(ns, svc, rule.mirror.version)}
         if rule.mirror.percentage < 100:
@@ -300,7 +303,9 @@ def _fault(fault: Fault) -> dict[str, Any]:
         out["delay"] = {"fixed_delay": duration_field(fault.delay.fixed_delay),
                         "percentage": fractional(fault.delay.percentage)}
     if fault.abort is not None:
-        out["abort"] = {"http_status": fault.abort.http_status, "percentage": fractional(fault.abort.percentage)}
+        status = ({"grpc_status": fault.abort.grpc_status} if fault.abort.grpc_status is not None
+                  else {"http_status": fault.abort.http_status})
+        out["abort"] = {**status, "percentage": fractional(fault.abort.percentage)}
     return out
 
 

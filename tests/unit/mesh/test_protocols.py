@@ -3,6 +3,8 @@ render makes of HTTP/2, gRPC and TCP services."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mesh.intent import ServicePort
@@ -92,6 +94,8 @@ def test_a_tcp_route_splits_by_weight_only() -> None:
         "are split by weight only)",
         "routes.yaml:10: spec.http[1]: service 'reviews' speaks TCP: connections are split by weight with one "
         "rule (no matches); remove the other rules",
+        "services.yaml:19: spec.ports[0]: TCP services are not served yet: sidecars carry HTTP, HTTP2 and GRPC (a "
+        "TCP port would reach an HTTP proxy and fail)",
     ]
 
 
@@ -113,3 +117,46 @@ def test_an_abort_has_one_status_and_unknown_grpc_names_get_a_suggestion() -> No
         FaultAbort.model_validate({"percentage": 50, "grpcStatus": 14, "httpStatus": 503})
     with pytest.raises(ValidationError, match="exactly one of httpStatus, grpcStatus"):
         FaultAbort.model_validate({"percentage": 50})
+
+
+def _render_golden_protocols() -> dict[str, object]:
+    from pathlib import Path
+
+    from mesh.render import render
+    from reconciler.load import read_worktree
+    from tests.fixtures.topology import golden_topology
+
+    loaded = load(read_worktree(Path(__file__).parent / "golden" / "protocols"))
+    assert loaded.intent is not None, loaded.problems
+    return dict(render(intent=loaded.intent, topology=golden_topology()))
+
+
+def test_grpc_services_speak_http2_upstream_and_count_grpc_failures_inbound() -> None:
+    from mesh.xds.snapshot import CLUSTER, LISTENER, ROUTE
+
+    snaps: dict[str, object] = _render_golden_protocols()
+    front, grpc_sidecar = snaps["east/shop/frontend-v1-0"], snaps["east/shop/reviews-v2-0"]
+
+    def h2(cluster: dict[str, object]) -> bool:
+        return "http2_protocol_options" in json.dumps(cluster)
+
+    clusters = front.items(CLUSTER)  # type: ignore[attr-defined]
+    assert h2(clusters["outbound|reviews.shop|v1"]) and not h2(clusters["outbound|frontend.shop"])
+    assert h2(grpc_sidecar.items(CLUSTER)["inbound|app"])  # type: ignore[attr-defined]
+    assert not h2(clusters["inbound|app"])
+    inbound = json.dumps(dict(grpc_sidecar.items(LISTENER)["inbound"]))  # type: ignore[attr-defined]
+    assert "envoy.filters.http.grpc_stats" in inbound
+    assert "grpc_stats" not in json.dumps(front.to_json())  # type: ignore[attr-defined]
+    vhost = next(v for v in front.items(ROUTE)["outbound"]["virtual_hosts"]  # type: ignore[attr-defined]
+                 if v["name"] == "reviews.shop")
+    routes = {r["name"]: r for r in vhost["routes"]}
+    assert routes["default"]["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "2s"}
+    assert routes["method"]["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+    assert routes["method"]["match"]["path"] == "/shop.Reviews/Get"
+    assert routes["default"]["route"]["retry_policy"]["retry_on"] == \
+        "unavailable,cancelled,deadline-exceeded,resource-exhausted,internal"
+    abort = routes["chaos"]["typed_per_filter_config"]["envoy.filters.http.fault"]["abort"]
+    assert abort == {"grpc_status": 14, "percentage": {"numerator": 50, "denominator": "HUNDRED"}}
+    http_vhost = next(v for v in front.items(ROUTE)["outbound"]["virtual_hosts"]  # type: ignore[attr-defined]
+                      if v["name"] == "frontend.shop")
+    assert "max_stream_duration" not in json.dumps(http_vhost)

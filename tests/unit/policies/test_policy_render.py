@@ -321,3 +321,20 @@ def test_issued_cert_repr_hides_the_key() -> None:
     cert = IssuedCert(spiffe_id="spiffe://x/ns/a/sa/b", cert_chain_pem="C", private_key_pem="SECRET-KEY")
     assert "SECRET-KEY" not in repr(cert)
     assert "SECRET-KEY" not in str(dataclasses.replace(cert, serial="1"))
+
+
+def test_http2_is_offered_by_alpn_inside_the_mtls_only_for_http2_services() -> None:
+    snaps = render_case("protocols")
+    front, grpc_sidecar = snaps["east/shop/frontend-v1-0"], snaps["east/shop/reviews-v2-0"]
+    tls = {name: c["transport_socket"]["typed_config"]["common_tls_context"]
+           for name, c in front.items("type.googleapis.com/envoy.config.cluster.v3.Cluster").items()
+           if "transport_socket" in c}
+    assert tls["outbound|reviews.shop|v1"]["alpn_protocols"] == ["h2"]
+    assert "alpn_protocols" not in tls["outbound|frontend.shop"]
+
+    def inbound_alpn(snap: Snapshot) -> object:
+        (chain,) = snap.items(LISTENER)["inbound"]["filter_chains"]
+        return chain["transport_socket"]["typed_config"]["common_tls_context"].get("alpn_protocols")
+
+    assert inbound_alpn(grpc_sidecar) == ["h2", "http/1.1"]
+    assert inbound_alpn(front) is None
