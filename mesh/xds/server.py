@@ -352,11 +352,27 @@ class _DeltaStreamState(_Bound):
                 st.known[n] = have[n]
             self._nonce += 1
             st.nonce, st.carried = str(self._nonce), (*changed, *removed)
-            items = snapshot.items(type_url)
-            body = b"".join(_delta_resource(type_url, n, items[n], have[n]) for n in changed)
+            body = _delta_body(type_url, snapshot.parts[type_url], set(changed))
             out.append(DeltaResponse(type_url=type_url, system_version_info=version, nonce=st.nonce,
                                      body=body, removed=tuple(removed)))
         return out
+
+
+def _delta_body(type_url: str, parts: tuple[ResourceSet, ...], names: set[str]) -> bytes:
+    """The `names` resources framed for a DeltaDiscoveryResponse. A part sent whole (a proxy's first
+    fetch: three thousand clusters shared by a hundred proxies) is joined once and reused."""
+    bodies = []
+    for part in parts:
+        if all(n in names for n in part):
+            key = (f"delta:{type_url}", None)
+            body = part.wire.get(key)
+            if body is None:
+                body = part.wire[key] = b"".join(
+                    _delta_resource(type_url, n, part[n], part.digests[n]) for n in part)
+        else:
+            body = b"".join(_delta_resource(type_url, n, part[n], part.digests[n]) for n in part if n in names)
+        bodies.append(body)
+    return b"".join(bodies)
 
 
 _delta_framed: dict[tuple[str, str, str], bytes] = {}
