@@ -247,8 +247,9 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False)
         for node in real:
             admin = free()
             cfg = Path(tmp.name) / f"{node.replace('/', '_')}.json"
+            extra: dict[str, Any] = {"delta": True} if delta else {}  # so --xds sotw runs on older commits
             cfg.write_text(json.dumps(bootstrap(node_id=node, cluster="c1", xds_host=ADDR, xds_port=port,
-                                                admin_host=ADDR, admin_port=admin, delta=delta)))
+                                                admin_host=ADDR, admin_port=admin, **extra)))
             procs.append(await asyncio.create_subprocess_exec(
                 *envoy_argv(config_path=cfg, log_level="critical"), stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL))
