@@ -10,6 +10,7 @@ registry of their own, so several operators (tests) can run in one process.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import logging
 from collections.abc import Mapping
@@ -32,7 +33,7 @@ from reconciler.runtime.kubernetes.remote import REMOTE_LABEL, RemoteAccess, fro
 from reconciler.runtime.kubernetes.remote import api_client as remote_api_client
 from reconciler.runtime.kubernetes.runtime import AUDIENCE, KubernetesRuntime, ReviewedToken, parse_review
 from reconciler.source.base import GitError
-from reconciler.source.git import Pygit2Source
+from reconciler.source.git import HttpCredentials, Pygit2Source
 from reconciler.source.subdir import SubdirSource, normalise
 
 log = logging.getLogger("lockgate.operator")
@@ -130,9 +131,6 @@ class Operator:
         except ValueError as exc:
             self.problem = f"invalid spec: {exc}"
             raise kopf.PermanentError(self.problem) from exc
-        if parsed.secret_ref is not None:
-            self.problem = "spec.secretRef: credentials are not supported yet (public or file:// repositories only)"
-            raise kopf.PermanentError(self.problem)
         if self.session is not None and self.session.spec == parsed:
             return
         await self.unfollow()
@@ -144,9 +142,13 @@ class Operator:
         up = UpConfig(repo=parsed.url, state_dir=cfg.state_dir, branch=parsed.branch,
                       poll_interval=parse_duration_ms(parsed.interval) / 1000.0,
                       prometheus_url=cfg.prometheus_url, ca_dir=cfg.ca_dir)
+        credentials = None
+        if parsed.secret_ref is not None:
+            credentials = await self.credentials(key[0], parsed.secret_ref.name)
         try:  # opening a URL clones it: network I/O, off the loop
             source = await asyncio.to_thread(Pygit2Source.open, parsed.url, branch=parsed.branch,
-                                             cache_dir=cfg.state_dir / "git", fetch_deadline=up.fetch_timeout)
+                                             cache_dir=cfg.state_dir / "git", fetch_deadline=up.fetch_timeout,
+                                             credentials=credentials)
         except GitError as exc:
             raise kopf.TemporaryError(f"cannot open {parsed.url}: {exc}", delay=10) from exc
         folder = normalise(parsed.path)
@@ -157,6 +159,34 @@ class Operator:
         task = asyncio.create_task(rec.run(stop), name=f"reconcile {'/'.join(key)}")
         self.session = _Session(key=key, spec=parsed, reconciler=rec, stop=stop, task=task)
         log.info("following GitSource %s: %s (%s)", "/".join(key), parsed.url, parsed.branch or "default branch")
+
+    async def credentials(self, namespace: str, name: str) -> HttpCredentials:
+        """The GitSource's Secret as http(s) credentials (`username` + `password`, the password may be a
+        token). A Secret that is not there yet is a temporary error (kopf retries); one lockgate cannot use
+        is permanent, with the reason in status."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        def read() -> Mapping[str, str]:
+            secret = client.CoreV1Api(self.api).read_namespaced_secret(name, namespace, _request_timeout=10)
+            return {str(k): str(v) for k, v in (secret.data or {}).items()}
+
+        try:
+            data = await asyncio.to_thread(read)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise kopf.TemporaryError(f"spec.secretRef: Secret {namespace}/{name} not found", delay=10) from None
+            raise kopf.TemporaryError(f"spec.secretRef: reading Secret {namespace}/{name}: {exc.reason}",
+                                      delay=10) from None
+        values = {k: base64.b64decode(v).decode(errors="replace") for k, v in data.items()}
+        if "identity" in values:
+            self.problem = (f"spec.secretRef: Secret {name} holds an SSH identity; SSH credentials are not "
+                            "supported yet: use an https:// URL with `username` and `password` (a token)")
+            raise kopf.PermanentError(self.problem)
+        if not values.get("username") or not values.get("password"):
+            self.problem = f"spec.secretRef: Secret {name} needs `username` and `password`"
+            raise kopf.PermanentError(self.problem)
+        return HttpCredentials(values["username"], values["password"])
 
     async def unfollow(self) -> None:
         """Stop following Git. The control plane goes with it, the proxies keep their last configuration."""

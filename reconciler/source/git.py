@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -17,12 +18,22 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncGenerator, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pygit2
-from pygit2.enums import CheckoutStrategy, FetchPrune, FileMode, FileStatus, RepositoryOpenFlag, SortMode
+from pygit2.enums import (
+    CheckoutStrategy,
+    CredentialType,
+    FetchPrune,
+    FileMode,
+    FileStatus,
+    RepositoryOpenFlag,
+    SortMode,
+)
 
 from reconciler.source.base import (
     DEFAULT_AUTHOR,
@@ -50,6 +61,7 @@ __all__ = [
     "GitError",
     "GitReader",
     "GitWriter",
+    "HttpCredentials",
     "Pygit2Source",
     "SourceHealth",
     "StaleParent",
@@ -113,11 +125,50 @@ def _common_dir(git_dir: Path) -> Path:
     return git_dir
 
 
-class _PushReport(pygit2.RemoteCallbacks):
+@dataclass(frozen=True)
+class HttpCredentials:
+    """A username and password (or token) for an http(s) remote: a GitSource's secretRef, say."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+def credentials_problem(url: str, credentials: HttpCredentials | None) -> str | None:
+    """Why `credentials` must not be sent to `url`, or None. Basic auth travels in clear over http://, so
+    only https:// (or a loopback address, which never leaves this machine) may carry it."""
+    if credentials is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return None
+    if parts.scheme == "http" and parts.hostname is not None:
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(parts.hostname).is_loopback:
+                return None
+        if parts.hostname == "localhost":
+            return None
+    return f"credentials are sent only over https:// (or to a loopback address), not to {url}"
+
+
+class _Auth(pygit2.RemoteCallbacks):
+    """Answers libgit2's credential requests with the source's username and password, once per request:
+    a refusal is a refusal, not a loop of retries with the same secret."""
+
+    def __init__(self, credentials: HttpCredentials | None) -> None:
+        super().__init__()
+        self._credentials = credentials
+
+    def credentials(self, url: str, username_from_url: str | None, allowed_types: Any) -> Any:
+        if self._credentials is None or not allowed_types & CredentialType.USERPASS_PLAINTEXT:
+            raise GitError(f"{url} asks for credentials this source does not have")
+        return pygit2.UserPass(self._credentials.username, self._credentials.password)
+
+
+class _PushReport(_Auth):
     """Collects the remote's per-ref rejections, which libgit2 reports only through this callback."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, credentials: HttpCredentials | None = None) -> None:
+        super().__init__(credentials)
         self.rejected: dict[str, str] = {}
 
     def push_update_reference(self, refname: str, message: str | None) -> None:
@@ -155,6 +206,7 @@ class Pygit2Source(GitReader, GitWriter):
         self._health_lock = threading.Lock()
         self._health = SourceHealth(remote=True) if url is not None else SourceHealth.local()
         self._fetch_started: float | None = None
+        self._credentials: HttpCredentials | None = None
         self._wake: asyncio.Event | None = None
         """Set by wake() to fetch now rather than at the next poll (a remote's watch only)."""
 
@@ -164,12 +216,14 @@ class Pygit2Source(GitReader, GitWriter):
     def open(
         cls, location: str, *, branch: str | None = None, cache_dir: Path | None = None,
         signing_key: Path | None = None, fetch_deadline: float | None = None,
+        credentials: HttpCredentials | None = None,
     ) -> Pygit2Source:
         """Open a local repository path (work tree or bare), or mirror a URL into ``cache_dir`` and fetch it once.
 
         Without ``branch``: the branch HEAD names (for a URL, the remote's HEAD, as `git clone` picks it; for a
         bare repository whose HEAD names a branch that was never pushed: main, master or its only branch).
-        With ``signing_key`` (an SSH private key), every commit() is signed with it.
+        With ``signing_key`` (an SSH private key), every commit() is signed with it. ``credentials``: what an
+        http(s) remote asks for (never sent over plain http to another machine).
         """
         if branch is not None:
             branch = branch.removeprefix("refs/heads/")
@@ -180,7 +234,9 @@ class Pygit2Source(GitReader, GitWriter):
         if _is_url(location):
             if cache_dir is None:
                 raise GitError(f"{location} is a remote URL: pass a cache directory to hold its mirror")
-            source = cls._open_remote(location, branch=branch, cache_dir=cache_dir)
+            if (why := credentials_problem(location, credentials)) is not None:
+                raise GitError(why)
+            source = cls._open_remote(location, branch=branch, cache_dir=cache_dir, credentials=credentials)
         else:
             source = cls._open_local(location, branch=branch)
         source._signing_key = signing_key
@@ -206,7 +262,8 @@ class Pygit2Source(GitReader, GitWriter):
         return cls(repo, branch=branch, location=location, url=None)
 
     @classmethod
-    def _open_remote(cls, url: str, *, branch: str | None, cache_dir: Path) -> Pygit2Source:
+    def _open_remote(cls, url: str, *, branch: str | None, cache_dir: Path,
+                     credentials: HttpCredentials | None = None) -> Pygit2Source:
         digest = hashlib.sha256(url.encode()).hexdigest()[:16]
         tail = re.sub(r"[^\w.-]+", "-", url.rstrip("/").rsplit("/", 1)[-1]).strip("-.")[:40] or "repo"
         mirror = cache_dir / f"{tail}-{digest}.git"
@@ -228,10 +285,11 @@ class Pygit2Source(GitReader, GitWriter):
             if spec not in have:
                 repo.remotes.add_fetch("origin", spec)
         started = time.time()
-        _fetch(repo, url)
+        _fetch(repo, url, credentials)
         if branch is None:
-            branch = _remote_default_branch(repo, url)
+            branch = _remote_default_branch(repo, url, credentials)
         source = cls(repo, branch=branch, location=url, url=url)
+        source._credentials = credentials
         source._health = source._health.after_attempt(started_at=started, finished_at=time.time(), error=None)
         # A bare mirror's HEAD is only cosmetic, but `git log` in the cache dir should show the branch.
         repo.references.create("HEAD", source._ref, force=True)
@@ -599,7 +657,7 @@ class Pygit2Source(GitReader, GitWriter):
     def _push(self, refspec: str) -> None:
         assert self._url is not None
         _bound_network_waits()
-        report = _PushReport()
+        report = _PushReport(self._credentials)
         with self._lock:
             try:
                 self._repo.remotes["origin"].push([refspec], callbacks=report)
@@ -673,7 +731,7 @@ class Pygit2Source(GitReader, GitWriter):
             self._fetch_started = started
         error: str | None = None
         try:
-            _fetch(repo, self._url)
+            _fetch(repo, self._url, self._credentials)
         except Exception as exc:
             error = str(exc) or type(exc).__name__
             raise
@@ -716,10 +774,11 @@ def _bound_network_waits() -> None:
         settings.server_timeout = ms
 
 
-def _fetch(repo: pygit2.Repository, url: str) -> None:
+def _fetch(repo: pygit2.Repository, url: str, credentials: HttpCredentials | None = None) -> None:
     _bound_network_waits()
     try:
-        repo.remotes["origin"].fetch(prune=FetchPrune.PRUNE, message=f"lockgate: fetch {url}")
+        repo.remotes["origin"].fetch(prune=FetchPrune.PRUNE, message=f"lockgate: fetch {url}",
+                                     callbacks=_Auth(credentials))
     except (pygit2.GitError, OSError) as exc:
         raise GitError(f"fetching {url} failed: {exc}. check the URL, network and credentials") from None
 
@@ -749,12 +808,12 @@ def _local_default_branch(repo: pygit2.Repository, location: str) -> str:
     return named
 
 
-def _remote_default_branch(repo: pygit2.Repository, url: str) -> str:
+def _remote_default_branch(repo: pygit2.Repository, url: str, credentials: HttpCredentials | None = None) -> str:
     """The branch the remote's HEAD names (as `git clone` picks it); main or master if it does not say."""
     _bound_network_waits()
     try:
         # One more round trip: after a fetch libgit2 no longer has the advertised symrefs.
-        heads = repo.remotes["origin"].list_heads()
+        heads = repo.remotes["origin"].list_heads(callbacks=_Auth(credentials))
     except pygit2.GitError:
         heads = []
     for head in heads:
