@@ -24,6 +24,7 @@ document (a parser bug, RecursionError, MemoryError) becomes that file's or docu
 | nesting (mappings and lists) | 64 levels (`MAX_DEPTH`), aliases included | `path:line: ...` where it is passed |
 | YAML nodes, aliases expanded | 1,000,000 per revision (`MAX_NODES`) | `path:line: ...` where it is passed |
 | alias uses (`*name`) | 100 per revision (`MAX_ALIASES`) | `path:line: ...` at the first alias too many |
+| entries of one mapping or list | 10,000 (`MAX_ENTRIES_PER_COLLECTION`) | `path:line: ...` at the first one too many |
 | errors listed | 100 (`MAX_PROBLEMS`) | the first in path order, then `.:0: N more error(s) not shown` |
 | one error message | 1,000 characters | cut, `... (cut)` |
 
@@ -75,6 +76,10 @@ MAX_DOCUMENTS = 20_000
 MAX_DEPTH = 64
 MAX_NODES = 1_000_000
 MAX_ALIASES = 100
+MAX_ENTRIES_PER_COLLECTION = 10_000
+"""Keys of one mapping, or items of one list. Intent has no mapping that wide (a big mesh spreads over
+many resources), and counting it stops 20 MB of one-line keys at the first 10,000 of each file instead of
+parsing all of them before the schema refuses them."""
 MAX_PROBLEMS = 100
 _KEEP = 10 * MAX_PROBLEMS
 _MESSAGE_MAX = 1000
@@ -584,7 +589,8 @@ def _scan(path: str, text: str, budget: _Usage) -> tuple[_Usage, Problem | None]
     anchors: dict[str, tuple[int, int]] = {}
     """Each finished anchor of this document: (its nodes, its levels), aliases inside expanded."""
     stack: list[list[Any]] = []
-    """Each open mapping or list: [its nodes so far, the levels below it, its anchor]."""
+    """Each open mapping or list: [its nodes so far, the levels below it, its anchor, its direct children
+    (events: a mapping's keys and values both count), the most children it may have]."""
     max_documents = min(MAX_FILE_DOCUMENTS, budget.documents)
 
     def refuse(event: Any, message: str) -> tuple[_Usage, Problem]:
@@ -603,7 +609,11 @@ def _scan(path: str, text: str, budget: _Usage) -> tuple[_Usage, Problem | None]
                 if event.anchor is not None:
                     anchors[event.anchor] = (1, 0)
                 if stack:
-                    stack[-1][0] += 1
+                    top = stack[-1]
+                    top[0] += 1
+                    top[3] += 1
+                    if top[3] > top[4]:
+                        return refuse(event, _too_wide(top))
                 continue
             if kind is yaml.AliasEvent:
                 aliases += 1
@@ -621,15 +631,23 @@ def _scan(path: str, text: str, budget: _Usage) -> tuple[_Usage, Problem | None]
                 if stack:
                     stack[-1][0] += size
                     stack[-1][1] = max(stack[-1][1], levels)
+                    stack[-1][3] += 1
+                    if stack[-1][3] > stack[-1][4]:
+                        return refuse(event, _too_wide(stack[-1]))
             elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
                 nodes += 1
                 if nodes > node_budget:
                     return refuse(event, _too_many_nodes())
                 if len(stack) >= MAX_DEPTH:
                     return refuse(event, _too_deep())
-                stack.append([1, 0, event.anchor])
+                if stack:
+                    stack[-1][3] += 1
+                    if stack[-1][3] > stack[-1][4]:
+                        return refuse(event, _too_wide(stack[-1]))
+                wide = MAX_ENTRIES_PER_COLLECTION * (2 if kind is yaml.MappingStartEvent else 1)
+                stack.append([1, 0, event.anchor, 0, wide])
             elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
-                size, below, anchor = stack.pop()
+                size, below, anchor, _, _ = stack.pop()
                 levels = below + 1
                 if anchor is not None:
                     anchors[anchor] = (size, levels)
@@ -654,6 +672,11 @@ def _scan(path: str, text: str, budget: _Usage) -> tuple[_Usage, Problem | None]
     finally:
         loader.dispose()
     return _Usage(documents=documents, nodes=nodes, aliases=aliases), None
+
+
+def _too_wide(frame: list[Any]) -> str:
+    what = "keys in one mapping" if frame[4] > MAX_ENTRIES_PER_COLLECTION else "items in one list"
+    return f"more than {MAX_ENTRIES_PER_COLLECTION} {what}"
 
 
 def _too_deep() -> str:

@@ -131,15 +131,31 @@ def test_twenty_megabytes_of_unknown_keys_are_refused_unread() -> None:
                             "file: split it")
 
 
-def test_a_megabyte_of_unknown_keys_costs_a_count_not_a_million_messages() -> None:
+def test_a_megabyte_of_unknown_keys_is_refused_at_the_first_key_past_the_width_limit() -> None:
+    """70,000 keys in one mapping: refused where the 10,001st begins, before anything is composed (the
+    rest of the megabyte is never parsed: 20 MB of such files cost seconds, not a minute)."""
     junk = unknown_keys(70_000)
     assert len(junk) < MiB
     loaded = refused({**template(), "junk.yaml": junk}, seconds=10, mib=300)
+    assert [str(p) for p in loaded.problems] == ["junk.yaml:10005: more than 10000 keys in one mapping"]
+
+
+def test_a_mapping_as_wide_as_allowed_costs_a_count_not_ten_thousand_messages() -> None:
+    junk = unknown_keys(9_000)
+    loaded = refused({**template(), "junk.yaml": junk}, seconds=10, mib=300)
     assert len(loaded.problems) == MAX_PROBLEMS + 1
-    assert loaded.error_count == 70_002  # every unknown key, and the two required fields
-    assert str(loaded.problems[-1]) == f".:0: {70_002 - MAX_PROBLEMS} more error(s) not shown"
+    assert loaded.error_count == 9_002  # every unknown key, and the two required fields
+    assert str(loaded.problems[-1]) == f".:0: {9_002 - MAX_PROBLEMS} more error(s) not shown"
     assert str(loaded.problems[2]) == \
         "junk.yaml:5: spec.k0000000: unknown field 'k0000000'; allowed here: ports, versions"
+
+
+def test_a_list_past_the_width_limit_is_refused_where_it_passes_it() -> None:
+    items = b"".join(b"  - %d\n" % i for i in range(10_001))
+    text = b"apiVersion: lockgate.io/v1alpha1\nkind: Service\nmetadata: {name: w, namespace: shop}\nspec:\n" \
+        b" versions:\n" + items
+    loaded = refused({**template(), "wide.yaml": text})
+    assert [str(p) for p in loaded.problems] == ["wide.yaml:10006: more than 10000 items in one list"]
 
 
 def test_many_files_of_unknown_keys_stay_bounded() -> None:
@@ -150,6 +166,7 @@ def test_many_files_of_unknown_keys_stay_bounded() -> None:
 
 def test_the_node_limit_counts_the_whole_revision(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loader, "MAX_NODES", 100_000)  # the same code at a tenth of the size, for speed
+    monkeypatch.setattr(loader, "MAX_ENTRIES_PER_COLLECTION", 1_000_000)  # wide lists: the node count is tested
     flat = b"[" + b"1," * 45_000 + b"1]\n"
     loaded = refused({**template(), "a.yaml": flat, "b.yaml": flat, "c.yaml": flat})
     assert [str(p) for p in loaded.problems] == [
@@ -160,11 +177,17 @@ def test_the_node_limit_counts_the_whole_revision(monkeypatch: pytest.MonkeyPatc
     ]
 
 
-def test_a_flat_megabyte_of_values_is_within_bounds() -> None:
-    flat = b"[" + b"1," * (MiB // 2 - 8) + b"1]\n"  # half a million nodes: the most one file can hold
-    loaded = refused({**template(), "flat.yaml": flat}, seconds=20, mib=400)
+def test_a_megabyte_of_values_is_within_bounds() -> None:
+    """Half a million nodes, the most one file can hold, in lists as wide as allowed: composed within the
+    worker's time and memory, then refused for what it is."""
+    inner = b"[" + b"1," * 8_999 + b"1]"
+    wide = b"[" + b",".join([inner] * 55) + b"]\n"
+    assert len(wide) < MiB
+    loaded = refused({**template(), "wide.yaml": wide}, seconds=20, mib=400)
     assert only(loaded) == \
-        "flat.yaml:1: expected a resource (a mapping with apiVersion, kind, metadata, spec), got list"
+        "wide.yaml:1: expected a resource (a mapping with apiVersion, kind, metadata, spec), got list"
+    flat = b"[" + b"1," * (MiB // 2 - 8) + b"1]\n"  # the same values in one list: refused before composing
+    assert only(refused({**template(), "flat.yaml": flat})) == "flat.yaml:1: more than 10000 items in one list"
 
 
 def test_the_total_size_is_bounded() -> None:

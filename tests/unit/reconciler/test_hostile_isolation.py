@@ -38,6 +38,24 @@ def unknown_keys(count: int) -> bytes:
     return head + b"".join(b"  k%07d: 1\n" % i for i in range(count))
 
 
+def slow_junk(docs: int = 7, keys: int = 9_500) -> bytes:
+    """Just under a megabyte that takes a while to load: Services with as many unknown keys each as one
+    mapping may hold (one wider mapping is refused at once, before composing)."""
+    return b"---\n".join(
+        b"apiVersion: lockgate.io/v1alpha1\nkind: Service\nmetadata: {name: junk%d, namespace: shop}\nspec:\n" % d
+        + b"".join(b"  k%07d: 1\n" % i for i in range(keys)) for d in range(docs))
+
+
+SLOW_JUNK_ERRORS = 7 * 9_502
+"""Every unknown key of slow_junk(), and the two required fields of each Service."""
+
+
+def wide_values() -> bytes:
+    """Half a million values in lists as wide as allowed: the most nodes one file can hold."""
+    inner = b"[" + b"1," * 8_999 + b"1]"
+    return b"[" + b",".join([inner] * 55) + b"]\n"
+
+
 def worker_pid() -> int:
     process = isolate._loader._process
     assert process is not None
@@ -90,7 +108,7 @@ def test_a_load_that_takes_too_long_is_stopped_and_the_worker_replaced() -> None
     load_isolated(template())
     pid = worker_pid()
     started = time.monotonic()
-    loaded = load_isolated({**template(), "junk.yaml": unknown_keys(70_000)}, timeout=0.2)
+    loaded = load_isolated({**template(), "junk.yaml": slow_junk()}, timeout=0.2)
     assert time.monotonic() - started < 2
     assert [str(p) for p in loaded.problems] == [".:0: loading took more than 0.2s: the revision is refused"]
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -99,8 +117,7 @@ def test_a_load_that_takes_too_long_is_stopped_and_the_worker_replaced() -> None
 
 
 def test_a_load_that_needs_too_much_memory_is_refused() -> None:
-    flat = b"[" + b"1," * (MiB // 2 - 8) + b"1]\n"
-    loaded = load_isolated({**template(), "flat.yaml": flat}, memory=80)
+    loaded = load_isolated({**template(), "flat.yaml": wide_values()}, memory=80)
     assert len(loaded.problems) == 1 and loaded.problems[0].path == "." and loaded.problems[0].line == 0
     assert "used more than 80 MiB" in loaded.problems[0].message
     assert load_isolated(template(), memory=80).ok
@@ -110,9 +127,9 @@ def test_a_worker_killed_mid_load_is_replaced_and_asked_again() -> None:
     load_isolated(template())
     pid = worker_pid()
     threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
-    loaded = load_isolated({**template(), "junk.yaml": unknown_keys(70_000)})
+    loaded = load_isolated({**template(), "junk.yaml": slow_junk()})
     assert worker_pid() != pid
-    assert loaded.error_count == 70_002  # killed by someone else: the revision is not to blame
+    assert loaded.error_count == SLOW_JUNK_ERRORS  # killed by someone else: the revision is not to blame
 
 
 def test_a_worker_that_keeps_dying_gives_one_problem(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +158,7 @@ def test_hostile_input_through_the_worker_leaves_the_caller_small() -> None:
     bomb = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
         f"{b}: &{b} [" + ",".join([f"*{a}"] * 9) + "]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True))
     files = {**template(), "bomb.yaml": bomb.encode(), "deep.yaml": b"a: " + b"[" * 10_000 + b"]" * 10_000,
-             "junk.yaml": unknown_keys(70_000), "huge.yaml": unknown_keys(1_700_000)}
+             "junk.yaml": slow_junk(), "huge.yaml": unknown_keys(1_700_000)}
     loaded = load_isolated(files)
     assert [(p.path, p.line) for p in loaded.problems[:3]] == [("bomb.yaml", 7), ("deep.yaml", 1), ("huge.yaml", 0)]
     assert str(loaded.problems[-1]).endswith("more error(s) not shown")
@@ -167,10 +184,10 @@ def test_it_does_not_block_the_event_loop() -> None:
                 last = now
 
         tick = asyncio.create_task(ticker())
-        loaded = await asyncio.to_thread(load_isolated, {**template(), "junk.yaml": unknown_keys(70_000)})
+        loaded = await asyncio.to_thread(load_isolated, {**template(), "junk.yaml": slow_junk()})
         done.set()
         await tick
-        assert loaded.error_count == 70_002
+        assert loaded.error_count == SLOW_JUNK_ERRORS
         return max(gaps)
 
     load_isolated(template())

@@ -180,7 +180,7 @@ def test_a_fetch_past_the_deadline_is_reported_and_never_duplicated(
     calls: list[float] = []
     real_fetch = gitsource._fetch
 
-    def hung_fetch(repo: pygit2.Repository, url: str) -> None:
+    def hung_fetch(repo: pygit2.Repository, url: str, credentials: object = None) -> None:
         calls.append(time.monotonic())
         if len(calls) == 1:
             release.wait(10)  # a remote that accepted the connection and went quiet
