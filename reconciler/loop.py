@@ -37,6 +37,7 @@ from reconciler.pipeline import render_mesh
 from reconciler.rollout.controller import GitSource, RolloutController
 from reconciler.runtime.base import Bind, ProxyProcess, Runtime, RuntimeStatus
 from reconciler.source.base import DEFAULT_AUTHOR, GitError, StaleParent
+from reconciler.source.base import trailers as commit_trailers
 from reconciler.source.signatures import SignaturePolicy
 from reconciler.source.worker import GitWorker
 from reconciler.state import STATUS_FILE, read_json, write_json
@@ -315,7 +316,7 @@ class Reconciler:
         sha = applied
         for _ in range(10_000):
             info = self.source.log(sha, limit=1)[0]
-            trailers = _trailers(info.message)
+            trailers = commit_trailers(info.message)
             ours = info.author_email == DEFAULT_AUTHOR[1] and TRAILER_DECISION in trailers
             if ours and ROLLBACK_TO in trailers:
                 sha = self.source.resolve(trailers[ROLLBACK_TO])
@@ -608,15 +609,6 @@ def rollback_message(*, target: str, undid: str | None, applied: str, subject: s
     if undid:
         lines.append(f"Lockgate-Rolled-Back: {undid}")
     return "\n".join(lines) + "\n"
-
-
-def _trailers(message: str) -> dict[str, str]:
-    out = {}
-    for line in message.splitlines():
-        key, sep, value = line.partition(": ")
-        if sep and key.startswith("Lockgate-"):
-            out[key] = value.strip()
-    return out
 
 
 def _read_json_or(path: Path, default: dict[str, Any]) -> dict[str, Any]:

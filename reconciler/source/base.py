@@ -173,3 +173,13 @@ class GitWriter(Protocol):
     def add_note(self, rev: str, *, message: str, ref: str = NOTES_REF) -> None:
         """Attach ``message`` to a commit (appended to any note already there)."""
         ...
+
+
+def trailers(message: str) -> dict[str, str]:
+    """The `Lockgate-*: value` trailers of a commit message: how lockgate's own commits say what they did."""
+    out = {}
+    for line in message.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key.startswith("Lockgate-"):
+            out[key] = value.strip()
+    return out

@@ -14,6 +14,7 @@ from typing import Any
 
 import pygit2
 
+from reconciler.source.base import trailers as commit_trailers
 from reconciler.source.git import NOTES_REF, Pygit2Source
 from rollouts.writeback import TRAILER_DECISION, TRAILER_ROLLOUT
 
@@ -33,15 +34,6 @@ def _notes(repo: pygit2.Repository, sha: str) -> list[tuple[str, dict[str, Any]]
     return out
 
 
-def _trailers(message: str) -> dict[str, str]:
-    out = {}
-    for line in message.splitlines():
-        key, sep, value = line.partition(": ")
-        if sep and key.startswith("Lockgate-"):
-            out[key] = value.strip()
-    return out
-
-
 def history(source: Pygit2Source, *, limit: int = 50) -> list[dict[str, Any]]:
     """Newest first. The `--json` contract: a list of events, each with `at` (epoch seconds), `type`
     (commit | applied | decision) and `sha`; see the README for the fields of each type."""
@@ -51,7 +43,7 @@ def history(source: Pygit2Source, *, limit: int = 50) -> list[dict[str, Any]]:
     repo = pygit2.Repository(str(source.git_dir))
     events: list[dict[str, Any]] = []
     for c in source.log("HEAD", limit=limit):
-        trailers = _trailers(c.message)
+        trailers = commit_trailers(c.message)
         event: dict[str, Any] = {"at": float(c.time), "type": "commit", "sha": c.sha, "author": c.author_name,
                                  "subject": c.message.splitlines()[0] if c.message else "",
                                  "automated": TRAILER_DECISION in trailers}
