@@ -16,6 +16,8 @@ DEFAULT_STATE_DIR = Path(".lockgate")
 TEMPLATE = Path(__file__).resolve().parent.parent / "repo-template"
 """The intent repository a new user starts from (`lockgate init`, the demo)."""
 STATUS_FILE = "status.json"
+ROLLOUTS_DIR = "rollouts"
+"""Each rollout's state file, its commands and decisions.jsonl (the controller's; read by the exporter)."""
 
 
 def write_json(path: Path, value: Any) -> None:

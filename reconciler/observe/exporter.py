@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from reconciler.rollout.commands import ROLLOUTS_DIR
+from reconciler.state import ROLLOUTS_DIR
 
 WEIGHT_METRIC = "lockgate_rollout_canary_weight"
 _HELP = ("Percent of the default rule's traffic the rollout's canary gets now, as lockgate decided it "

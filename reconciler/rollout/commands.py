@@ -13,11 +13,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from reconciler.state import ROLLOUTS_DIR as ROLLOUTS_DIR  # re-exported: where the controller and the CLI look
 from reconciler.state import write_json
 from rollouts.advance import Check, Command
 from rollouts.writeback import format_check
 
-ROLLOUTS_DIR = "rollouts"
 COMMANDS_DIR = "commands"
 DECISIONS_FILE = "decisions.jsonl"
 
