@@ -11,9 +11,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mesh.intent import Intent
+from mesh.render.clusters import for_protocol as cluster_protocol
 from mesh.render.clusters import inbound_cluster, outbound_clusters
 from mesh.render.context import Ctx, Extension, GatewayResources, Proxy, RenderCache, Shared, shared_set
 from mesh.render.listeners import any_fault, listener_config
+from mesh.render.listeners import for_protocol as listener_protocol
 from mesh.render.routes import inbound_routes, ingress_vhosts, outbound_config, route_config
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.snapshot import ResourceSet, Snapshot
@@ -92,13 +94,15 @@ def render(
             allowed = egress(intent, proxy)
             reach = everything if allowed is None else tuple(key for key in everything if key in allowed)
             clusters, endpoints, fault = for_reach(ctx, reach)
-            listeners = [
-                listener_config("inbound", proxy.address, proxy.inbound_port, ingress=False),
-                listener_config("outbound", proxy.outbound_address or proxy.address, proxy.outbound_port,
-                                ingress=False, proxy=True, fault=fault),
+            listeners = [  # the app's protocol first, so extensions see the listeners they will serve
+                listener_protocol(intent, proxy, listener_config("inbound", proxy.address, proxy.inbound_port,
+                                                                 ingress=False)),
+                listener_protocol(intent, proxy, listener_config(
+                    "outbound", proxy.outbound_address or proxy.address, proxy.outbound_port, ingress=False,
+                    proxy=True, fault=fault)),
             ]
             routes = [inbound_for(ctx), outbound_config(ctx, proxy, reach)]
-            own = [ctx.cluster(inbound_cluster(proxy))]
+            own = [ctx.cluster(cluster_protocol(intent, proxy, inbound_cluster(proxy)))]
         if not shared_hooks:
             clusters = ResourceSet([ctx.cluster(c) for key in reach for c in by_service[key][0]])
         out[proxy.node_id] = Snapshot.compose(

@@ -125,19 +125,11 @@ class Ctx:
         return self.shared.intent
 
     def listener(self, res: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(self.proxy, Sidecar):
-            # The app's protocol first, so extensions see the listener they will serve. Imported here:
-            # listeners builds on this module.
-            from mesh.render.listeners import for_protocol
-            res = for_protocol(self.intent, self.proxy, res)
         for ext in self.extensions:
             res = ext.listener(self.proxy, res)
         return res
 
     def cluster(self, res: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(self.proxy, Sidecar) and res.get("name") == "inbound|app":
-            from mesh.render.clusters import for_protocol  # clusters builds on this module
-            res = for_protocol(self.intent, self.proxy, res)
         for ext in self.extensions:
             res = ext.cluster(self.proxy, res)
         return res
