@@ -24,11 +24,20 @@ from rollouts.provider import MetricProvider, NoValuesFound, PartialWindow, Prov
 _SEL = ('envoy_http_conn_manager_prefix="inbound",kind="sidecar",service="{{ service }}",'
         'version="{{ version }}",namespace="{{ namespace }}",cluster="{{ cluster }}"')
 REQUESTS_QUERY = f"sum(increase(envoy_http_downstream_rq_total{{{_SEL}}}[{{{{ interval }}}}]))"
+_GRPC_SEL = ('envoy_cluster_name="inbound|app",kind="sidecar",service="{{ service }}",'
+             'version="{{ version }}",namespace="{{ namespace }}",cluster="{{ cluster }}"')
+ERRORS_QUERY = (
+    f"(sum(increase(envoy_cluster_grpc_failure{{{_GRPC_SEL}}}[{{{{ interval }}}}]))"
+    f" or 0 * sum(increase(envoy_cluster_grpc_total{{{_GRPC_SEL}}}[{{{{ interval }}}}]))"
+    f" or sum(increase(envoy_http_downstream_rq_xx{{{_SEL},envoy_response_code_class=\"5\"}}[{{{{ interval }}}}])))"
+)
+"""The failed requests over the interval. A gRPC service's failures are calls whose grpc-status is not 0,
+answered as HTTP 200: its inbound listener's grpc_stats filter counts them on the `inbound|app` cluster
+(`envoy_cluster_grpc_failure`, which Envoy creates at the first failure, so a gRPC sidecar with calls and
+no failure yet counts 0 through `grpc_total`). Every other service (no grpc_* series) counts HTTP 5xx.
+request-success-rate reads it, and so does its comparison (a count each: Fisher's test)."""
 BUILTIN_QUERIES = {
-    "request-success-rate": (
-        f"100 * (1 - sum(increase(envoy_http_downstream_rq_xx{{{_SEL},envoy_response_code_class=\"5\"}}"
-        f"[{{{{ interval }}}}])) / sum(increase(envoy_http_downstream_rq_total{{{_SEL}}}[{{{{ interval }}}}])))"
-    ),
+    "request-success-rate": f"100 * (1 - {ERRORS_QUERY} / {REQUESTS_QUERY})",
     "request-duration-p99": (
         "histogram_quantile(0.99, sum by (le) "
         f"(rate(envoy_http_downstream_rq_time_bucket{{{_SEL}}}[{{{{ interval }}}}])))"
@@ -43,9 +52,6 @@ COMPARE_QUERIES = {
         f"(irate(envoy_http_downstream_rq_time_bucket{{{_SEL}}}[{{{{ interval }}}}])))"
     ),
 }
-ERRORS_QUERY = (f"sum(increase(envoy_http_downstream_rq_xx{{{_SEL},envoy_response_code_class=\"5\"}}"
-                f"[{{{{ interval }}}}]))")
-"""request-success-rate compared: errors and requests over the interval, a count each (Fisher's test)."""
 SAMPLE_WINDOW_STEPS = 3
 """A compared query's `{{ interval }}`: this many scrape steps, so irate()/rate() always have two samples."""
 DEFAULT_STEP_S = 1.0
