@@ -5,6 +5,11 @@ failover are visible from a single `curl`. Injected failures and latency give ro
 detection something real to react to, and `--call` makes one request cross several mesh hops through the
 sidecar, so a failure deep in the call graph shows up at the edge. Stdlib only: it must start instantly
 and run wherever Python runs.
+
+Two other modes for services that are not HTTP/1.1: `--grpc` answers every gRPC method (any service, any
+method, bytes in and out: no protoc step) with the same identity as JSON, failing `--fail-rate` of the calls
+with UNAVAILABLE; it needs grpcio, imported only in that mode. `--tcp-echo` answers every line a connection
+sends with the line prefixed by `version/instance`, and closes `--fail-rate` of the connections unanswered.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ _FORWARD_EXACT = frozenset({"cookie", "x-request-id"})
 # The sidecar owns these: forwarding them would make the next hop trust our caller's routing/peer claims.
 _FORWARD_EXCLUDED_PREFIXES = ("x-envoy-", "x-forwarded-")
 _MAX_LINE = 65_537
+MODES = ("http", "grpc", "tcp-echo")
 
 
 def _default_instance() -> str:
@@ -109,6 +115,12 @@ def _check_upstream(url: str) -> str:
     return url
 
 
+def _check_mode(value: str) -> str:
+    if value not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     """Everything the demo app does, resolved from flags and env; validated here so tests and CLI agree."""
@@ -126,8 +138,13 @@ class DemoConfig:
     upstream_timeout: float = 5.0
     http_proxy: str | None = None
     verbose: bool = False
+    mode: str = "http"
+    """What the app speaks: http (the default), grpc or tcp-echo."""
 
     def __post_init__(self) -> None:
+        _check_mode(self.mode)
+        if self.mode != "http" and self.upstreams:
+            raise ValueError(f"--call is for the HTTP mode only, not {self.mode}")
         _check_port(self.port)
         _check_fail_rate(self.fail_rate)
         _check_latency_ms(self.latency_ms)
@@ -164,6 +181,7 @@ _FAIL_RATE = _arg_type(float, _check_fail_rate, "a number between 0 and 1")
 _LATENCY_MS = _arg_type(int, _check_latency_ms, "a whole number of milliseconds")
 _TIMEOUT = _arg_type(float, _check_timeout, "a number of seconds")
 _UPSTREAM = _arg_type(_identity, _check_upstream, "an http:// URL")
+_MODE = _arg_type(_identity, _check_mode, f"one of {', '.join(MODES)}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,9 +194,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ident.add_argument("--instance", help="instance id (env LOCKGATE_INSTANCE, default <hostname>-<pid>)")
     parser.add_argument("--host", help="listen address (env HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=_PORT, help="listen port, 0 = any free port (env PORT, default 8080)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--grpc", dest="mode", action="store_const", const="grpc",
+                      help="serve every gRPC method instead of HTTP/1.1 (needs grpcio; env DEMO_MODE=grpc)")
+    mode.add_argument("--tcp-echo", dest="mode", action="store_const", const="tcp-echo",
+                      help="echo every line, prefixed with version/instance (env DEMO_MODE=tcp-echo)")
     parser.add_argument(
         "--fail-rate", type=_FAIL_RATE, metavar="F",
-        help="fraction of requests answered 500, 0..1 (env FAIL_RATE, default 0)",
+        help="fraction of requests answered 500 (gRPC: UNAVAILABLE; TCP: connections closed), 0..1 "
+        "(env FAIL_RATE, default 0)",
     )
     parser.add_argument(
         "--latency-ms", type=_LATENCY_MS, metavar="N",
@@ -235,6 +259,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         upstream_timeout=_pick(args.upstream_timeout, env, "UPSTREAM_TIMEOUT", _TIMEOUT, 5.0),
         http_proxy=proxy,
         verbose=bool(getattr(args, "verbose", False)),
+        mode=_pick(getattr(args, "mode", None), env, "DEMO_MODE", _MODE, "http"),
     )
 
 
@@ -522,6 +547,98 @@ def make_server(config: DemoConfig) -> DemoServer:
     return DemoServer(config)
 
 
+# ------------------------------------------------------------------------------------------ gRPC, TCP
+
+
+def identity(config: DemoConfig) -> dict[str, Any]:
+    """Who answers: what every mode's reply names."""
+    return {"service": config.service, "version": config.version, "cluster": config.cluster,
+            "namespace": config.namespace, "instance": config.instance}
+
+
+class GrpcDemo:
+    """A gRPC server answering every method of every service with `identity` (and the method) as JSON
+    bytes. Generic handlers, so callers pick any `/pkg.Service/Method` and no generated code is needed."""
+
+    def __init__(self, config: DemoConfig) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc  # only here: the HTTP and TCP modes stay stdlib-only and start at once
+
+        self.config = config
+        self.rng = random.Random()
+        self._grpc = grpc
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=16, thread_name_prefix="demo-grpc"))
+        demo = self
+
+        class Every(grpc.GenericRpcHandler):  # type: ignore[misc]
+            def service(self, details: Any) -> Any:
+                method = str(details.method)
+                return grpc.unary_unary_rpc_method_handler(lambda request, context: demo.answer(method, context))
+
+        self.server.add_generic_rpc_handlers((Every(),))
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        self.port = int(self.server.add_insecure_port(f"{host}:{config.port}"))
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port}")
+
+    def answer(self, method: str, context: Any) -> bytes:
+        """One call: the identity as JSON, or UNAVAILABLE for `fail_rate` of the calls."""
+        config = self.config
+        if config.latency_ms:
+            time.sleep(config.latency_ms / 1000)
+        context.set_trailing_metadata((("x-lockgate-version", config.version),))
+        if config.fail_rate and self.rng.random() < config.fail_rate:
+            context.abort(self._grpc.StatusCode.UNAVAILABLE, f"injected failure ({config.version})")
+        return (json.dumps({**identity(config), "method": method}) + "\n").encode()
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        """In-flight calls get DRAIN_TIMEOUT_S to finish; new ones are refused at once."""
+        self.server.stop(DRAIN_TIMEOUT_S).wait(DRAIN_TIMEOUT_S + 1)
+
+
+class _EchoHandler(socketserver.StreamRequestHandler):
+    server: TcpEchoServer
+    disable_nagle_algorithm = True
+
+    def handle(self) -> None:
+        config = self.server.config
+        if config.fail_rate and self.server.rng.random() < config.fail_rate:
+            return  # closed unanswered: what a TCP client counts as a failed connection
+        prefix = f"{config.version}/{config.instance} ".encode()
+        while line := self.rfile.readline(_MAX_LINE):
+            if config.latency_ms:
+                time.sleep(config.latency_ms / 1000)
+            self.wfile.write(prefix + line if line.endswith(b"\n") else prefix + line + b"\n")
+
+
+class TcpEchoServer(socketserver.ThreadingTCPServer):
+    """Echoes lines, each prefixed with `version/instance`, so a TCP split is visible per connection."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(self, config: DemoConfig) -> None:
+        self.config = config
+        self.rng = random.Random()
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), _EchoHandler)
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exception(), (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then drain and return 0 (2 for a bad env value, 1 if it cannot bind)."""
     try:
@@ -529,8 +646,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"lockgate demo-app: error: {exc}", file=sys.stderr)
         return 2
+    if config.mode == "grpc":
+        return _run_grpc(config)
     try:
-        server = make_server(config)
+        server: DemoServer | TcpEchoServer = TcpEchoServer(config) if config.mode == "tcp-echo" \
+            else make_server(config)
     except OSError as exc:
         where = f"{config.host}:{config.port}"
         print(f"lockgate demo-app: error: cannot listen on {where}: {exc}", file=sys.stderr)
@@ -545,14 +665,43 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, on_signal)
     try:
+        where = f"http://{server.server_name}" if isinstance(server, DemoServer) else f"tcp://{config.host}"
         print(
-            f"lockgate demo-app: {config.service} {config.version} listening on "
-            f"http://{server.server_name}:{server.port}",
+            f"lockgate demo-app: {config.service} {config.version} listening on {where}:{server.port}",
             file=sys.stderr, flush=True,
         )
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    return 0
+
+
+def _run_grpc(config: DemoConfig) -> int:
+    """`run` for the gRPC mode: serve until SIGTERM/SIGINT, then drain."""
+    try:
+        server = GrpcDemo(config)
+    except ImportError:
+        print("lockgate demo-app: error: --grpc needs grpcio (pip install grpcio)", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError) as exc:
+        print(f"lockgate demo-app: error: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    previous: dict[signal.Signals, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda _signum, _frame: stop.set())
+    server.start()
+    try:
+        print(f"lockgate demo-app: {config.service} {config.version} serving gRPC on {config.host}:{server.port}",
+              file=sys.stderr, flush=True)
+        while not stop.wait(0.2):
+            pass
+    finally:
+        server.stop()
         for sig, handler in previous.items():
             if handler is not None:
                 signal.signal(sig, handler)

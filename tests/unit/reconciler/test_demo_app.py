@@ -22,7 +22,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from reconciler.demo.app import DemoConfig, DemoServer, add_arguments, config_from_args, make_server, run
+from reconciler.demo.app import (
+    DemoConfig,
+    DemoServer,
+    GrpcDemo,
+    TcpEchoServer,
+    add_arguments,
+    config_from_args,
+    make_server,
+    run,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -476,3 +485,115 @@ def test_run_serves_until_sigterm() -> None:
                 proc.wait()
     assert proc.returncode == 0
     assert rest == ""  # no per-request log lines, no traceback
+
+
+# ---------------------------------------------------------------------------------------- gRPC, TCP
+
+
+@pytest.fixture
+def grpc_app(stack: ExitStack) -> Callable[..., GrpcDemo]:
+    """A gRPC demo app on a free port, stopped when the test ends."""
+
+    def _start(**fields: Any) -> GrpcDemo:
+        server = GrpcDemo(DemoConfig(port=0, mode="grpc", **fields))
+        server.start()
+        stack.callback(server.stop)
+        return server
+
+    return _start
+
+
+def grpc_call(port: int, method: str, *, timeout: float = 5.0) -> tuple[Any, dict[str, Any]]:
+    """(status code, JSON answer or {}) of one unary call with raw bytes, as a generic client makes it."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_unary(method)
+        try:
+            return grpc.StatusCode.OK, json.loads(call(b"hello", timeout=timeout))
+        except grpc.RpcError as exc:
+            return exc.code(), {"details": exc.details()}
+
+
+def test_grpc_answers_any_method_with_its_identity(grpc_app: Callable[..., GrpcDemo]) -> None:
+    import grpc
+
+    server = grpc_app(service="reviews", version="v2", instance="reviews-v2-0")
+    for method in ("/shop.Reviews/Get", "/other.Svc/List"):
+        code, body = grpc_call(server.port, method)
+        assert code == grpc.StatusCode.OK
+        assert body["service"] == "reviews" and body["version"] == "v2" and body["instance"] == "reviews-v2-0"
+        assert body["method"] == method
+
+
+def test_grpc_fail_rate_answers_unavailable(grpc_app: Callable[..., GrpcDemo]) -> None:
+    import grpc
+
+    always = grpc_app(version="bad", fail_rate=1.0)
+    code, body = grpc_call(always.port, "/shop.Reviews/Get")
+    assert code == grpc.StatusCode.UNAVAILABLE and "injected failure (bad)" in body["details"]
+    half = grpc_app(fail_rate=0.5)
+    codes = [grpc_call(half.port, "/shop.Reviews/Get")[0] for _ in range(200)]
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    assert 60 <= codes.count(grpc.StatusCode.UNAVAILABLE) <= 140  # 100 expected, sd ~7
+
+
+def tcp_lines(port: int, lines: list[bytes]) -> list[bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        f = s.makefile("rwb")
+        out = []
+        for line in lines:
+            f.write(line)
+            f.flush()
+            out.append(f.readline())
+        return out
+
+
+def test_tcp_echo_prefixes_every_line_with_version_and_instance(stack: ExitStack) -> None:
+    server = TcpEchoServer(DemoConfig(port=0, mode="tcp-echo", version="v2", instance="db-v2-0"))
+    stack.enter_context(serving(server))
+    assert tcp_lines(server.port, [b"one\n", b"two\n"]) == [b"v2/db-v2-0 one\n", b"v2/db-v2-0 two\n"]
+
+
+def test_tcp_echo_fail_rate_closes_connections_unanswered(stack: ExitStack) -> None:
+    server = TcpEchoServer(DemoConfig(port=0, mode="tcp-echo", fail_rate=1.0))
+    stack.enter_context(serving(server))
+    assert tcp_lines(server.port, [b"one\n"]) == [b""]
+
+
+def test_modes_from_flags_and_env() -> None:
+    assert config_from_args(parse(["--grpc"]), {}).mode == "grpc"
+    assert config_from_args(parse(["--tcp-echo"]), {}).mode == "tcp-echo"
+    assert config_from_args(parse([]), {"DEMO_MODE": "tcp-echo"}).mode == "tcp-echo"
+    assert config_from_args(parse(["--grpc"]), {"DEMO_MODE": "tcp-echo"}).mode == "grpc"
+    assert config_from_args(parse([]), {}).mode == "http"
+    with pytest.raises(SystemExit):
+        parse(["--grpc", "--tcp-echo"])
+    with pytest.raises(ValueError, match="DEMO_MODE='udp'"):
+        config_from_args(parse([]), {"DEMO_MODE": "udp"})
+    with pytest.raises(ValueError, match="--call is for the HTTP mode only"):
+        config_from_args(parse(["--grpc", "--call", "http://x:1/"]), {})
+
+
+def test_run_grpc_serves_until_sigterm() -> None:
+    import grpc
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PORT": "0", "LOCKGATE_SERVICE": "reviews"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "reconciler.demo.app", "--grpc", "--version", "v3"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as proc:
+        try:
+            assert proc.stderr is not None
+            banner = proc.stderr.readline()
+            assert "reviews v3 serving gRPC on 127.0.0.1:" in banner, banner
+            code, body = grpc_call(int(banner.rsplit(":", 1)[1]), "/shop.Reviews/Get")
+            assert code == grpc.StatusCode.OK and body["version"] == "v3"
+            proc.send_signal(signal.SIGTERM)
+            _, rest = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0
+    assert rest == ""
