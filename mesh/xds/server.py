@@ -46,6 +46,17 @@ class Authenticator(Protocol):
         the Kubernetes TokenReview API (a network call, once per stream, never on the event loop's time)."""
 
 
+def _to_serve(cache: SnapshotCache, node_id: str, *, holding: bool) -> Snapshot | None:
+    """What a stream of `node_id` is served (SotW and delta alike): its snapshot, or the empty one for a
+    proxy nothing is rendered for yet. None: nothing now: a proxy that already serves a configuration
+    (the control plane restarted under it) waits for its real snapshot, since an empty answer would wipe
+    what it serves."""
+    snapshot = cache.get(node_id)
+    if snapshot is None:
+        return None if holding else EMPTY
+    return snapshot
+
+
 class PermissionDenied(ValueError):
     """A stream asked to be a proxy its credential does not name."""
 
@@ -174,13 +185,9 @@ class _StreamState(_Bound):
         is not resent."""
         if self.node_id is None:
             return []
-        snapshot = self._cache.get(self.node_id)
+        snapshot = _to_serve(self._cache, self.node_id, holding=self._holding)
         if snapshot is None:
-            if self._holding:
-                # A proxy that already serves a configuration (the control plane restarted under it) waits
-                # for its real snapshot: an empty answer would wipe what it serves.
-                return []
-            snapshot = EMPTY
+            return []
         out = []
         for type_url in PUSH_ORDER:
             names = self._names.get(type_url)
@@ -324,11 +331,9 @@ class _DeltaStreamState(_Bound):
         its initial fetch timeout otherwise)."""
         if self.node_id is None:
             return []
-        snapshot = self._cache.get(self.node_id)
+        snapshot = _to_serve(self._cache, self.node_id, holding=self._holding)
         if snapshot is None:
-            if self._holding:
-                return []
-            snapshot = EMPTY
+            return []
         out = []
         for type_url in PUSH_ORDER:
             st = self._types.get(type_url)
