@@ -34,6 +34,9 @@ class Sidecar:
     outbound_address: str | None = None
     """Where the outbound listener binds, if not `address`: a pod's loopback, so no other pod can send
     requests through this instance's sidecar with this instance's identity."""
+    tcp_outbound: tuple[tuple[str, str, int, int], ...] = ()
+    """(namespace, service, service port, local port): one TCP listener of this sidecar per TCP service port
+    the workload may call, at `outbound_address or address`:local port (no iptables: the app is told where)."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from mesh.render.context import Ctx, Extension, GatewayResources, Proxy, RenderC
 from mesh.render.listeners import any_fault, listener_config
 from mesh.render.listeners import for_protocol as listener_protocol
 from mesh.render.routes import inbound_routes, ingress_vhosts, outbound_config, route_config
+from mesh.render.tcp import is_tcp
+from mesh.render.tcp import outbound_listeners as tcp_outbound
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.snapshot import ResourceSet, Snapshot
 
@@ -100,8 +102,11 @@ def render(
                 listener_protocol(intent, proxy, listener_config(
                     "outbound", proxy.outbound_address or proxy.address, proxy.outbound_port, ingress=False,
                     proxy=True, fault=fault)),
+                *tcp_outbound(intent, proxy, reach),
             ]
-            routes = [inbound_for(ctx), outbound_config(ctx, proxy, reach)]
+            # A TCP service's inbound listener has no routes (tcp_proxy): no inbound route configuration.
+            inbound = [] if is_tcp(intent, proxy.namespace, proxy.service) else [inbound_for(ctx)]
+            routes = [*inbound, outbound_config(ctx, proxy, reach)]
             own = [ctx.cluster(cluster_protocol(intent, proxy, inbound_cluster(proxy)))]
         if not shared_hooks:
             clusters = ResourceSet([ctx.cluster(c) for key in reach for c in by_service[key][0]])

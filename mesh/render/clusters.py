@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.intent import H2_PROTOCOLS, Intent, PolicySettings
+from mesh.intent import H2_PROTOCOLS, L4_PROTOCOLS, Intent, PolicySettings
 from mesh.names import cluster_name
 from mesh.render.context import ADS, HTTP_OPTIONS, RenderCache, duration_field, service_policy
 from mesh.topology import ClusterTopology, Sidecar
@@ -46,6 +46,8 @@ def outbound_clusters(
             cluster.update(_cluster_policy(settings) if settings is not None else _unlimited())
             if service.spec.protocol in H2_PROTOCOLS:
                 cluster = with_http2(cluster)
+            elif service.spec.protocol in L4_PROTOCOLS:  # tcp_proxy: HTTP protocol options mean nothing here
+                cluster.pop("typed_extension_protocol_options", None)
             clusters.append(cluster)
             members = sorted((sc.address, sc.inbound_port) for sc in ready.get((ns, svc), ())
                              if version is None or sc.version == version)

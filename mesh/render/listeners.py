@@ -10,6 +10,7 @@ from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2  # noqa: F401
 
 from mesh.intent import Intent
 from mesh.render.context import ADS, FAULT, FAULT_FILTER, ROUTER, Shared
+from mesh.render.tcp import inbound_listener as tcp_inbound
 from mesh.topology import Sidecar
 from mesh.xds.snapshot import HCM
 
@@ -66,7 +67,8 @@ def listener_config(name: str, address: str, port: int, *, ingress: bool, proxy:
 
 
 def for_protocol(intent: Intent, sc: Sidecar, listener: dict[str, Any]) -> dict[str, Any]:
-    """A sidecar's inbound listener in its app's protocol; HTTP apps get `listener` itself back.
+    """A sidecar's inbound listener in its app's protocol; HTTP apps get `listener` itself back, TCP
+    apps one that forwards connections (render/tcp).
 
     gRPC: Envoy's gRPC statistics filter counts every call whose grpc-status is not 0 as a failure
     (`cluster.inbound|app.grpc.failure`), which the built-in success rate reads: a failed call is an HTTP
@@ -75,6 +77,8 @@ def for_protocol(intent: Intent, sc: Sidecar, listener: dict[str, Any]) -> dict[
     if service is None or listener.get("name") != "inbound":
         return listener
     protocol = service.spec.protocol
+    if protocol == "TCP":
+        return tcp_inbound(listener)
     if protocol == "GRPC":
         (chain,) = listener["filter_chains"]
         (hcm,) = chain["filters"]

@@ -94,8 +94,6 @@ def test_a_tcp_route_splits_by_weight_only() -> None:
         "are split by weight only)",
         "routes.yaml:10: spec.http[1]: service 'reviews' speaks TCP: connections are split by weight with one "
         "rule (no matches); remove the other rules",
-        "services.yaml:19: spec.ports[0]: TCP services are not served yet: sidecars carry HTTP, HTTP2 and GRPC (a "
-        "TCP port would reach an HTTP proxy and fail)",
     ]
 
 
