@@ -10,7 +10,8 @@ filter config), not in its listener: Envoy applies a new route configuration to 
 connections already open, while a changed listener only reaches new connections and lets old ones drain
 on the old filter chain (a revoked caller kept being served until its connection closed). The inbound
 listener always carries the same neutral filters, so a policy or a rate-limit change leaves it alone;
-only the mTLS mode (a property of the connection) is still the listener's.
+only the mTLS mode (a property of the connection) is still the listener's. A TCP service has no routes:
+its rules are network filters of its inbound listener, reaching new connections only (policies/l4).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mesh.render import ADS, Extension, Proxy, cluster_name, sni
 from mesh.topology import Sidecar
 from policies.identity import IssuedCert, service_identities
 from policies.intent import AuthorizationPolicy, Mode, Operation, PeerAuthentication, RateLimit, Source
+from policies.l4 import network_filters, with_network_filters
 
 WORKLOAD_CERT = "workload-cert"
 TRUST_BUNDLE = "trust-bundle"
@@ -140,12 +142,18 @@ class SecurityExtension(Extension):
     # --- inbound ---------------------------------------------------------------------------------------
 
     def _inbound(self, sc: Sidecar, listener: dict[str, Any]) -> dict[str, Any]:
-        # The same filters for every sidecar and every policy: what they enforce comes per route (RDS).
-        listener = _with_http_filters(listener, _NEUTRAL_INBOUND, first=True)
+        service = self.intent.services.get((sc.namespace, sc.service))
+        if service is not None and service.spec.protocol == "TCP":
+            # No routes at L4: the rules are the listener's own network filters (policies/l4).
+            limit = self._service_limits.get((sc.namespace, sc.service))
+            listener = with_network_filters(listener, network_filters(
+                self._authz_rules(sc), _token_bucket(limit) if limit is not None else None))
+        else:
+            # The same filters for every sidecar and every policy: what they enforce comes per route (RDS).
+            listener = _with_http_filters(listener, _NEUTRAL_INBOUND, first=True)
         td = self.intent.mesh.spec.trust_domain
         # Any peer of the mesh's trust domain may connect; which of them may call is AuthorizationPolicy's job.
         common = self._common([_uri(prefix=f"spiffe://{td}/")])
-        service = self.intent.services.get((sc.namespace, sc.service))
         if service is not None and service.spec.protocol in H2_PROTOCOLS:
             common["alpn_protocols"] = ["h2", "http/1.1"]
         tls = {"name": _TLS, "typed_config": {
@@ -298,18 +306,24 @@ def _with_http_filters(listener: dict[str, Any], filters: list[dict[str, Any]], 
     return {**listener, "filter_chains": chains}
 
 
-def _bucket(limit: RateLimit, *, stat_prefix: str) -> dict[str, Any]:
-    """A token bucket of `burst` tokens refilled at requestsPerUnit, in the smallest exact steps Envoy takes."""
+def _token_bucket(limit: RateLimit) -> dict[str, Any]:
+    """`burst` tokens refilled at requestsPerUnit, in the smallest exact steps Envoy takes (requests over
+    HTTP, connections at L4)."""
     rate, unit_ms = limit.spec.requests_per_unit, _UNIT_MS[limit.spec.unit]
     d = math.gcd(unit_ms, rate)  # steps of k*rate/d tokens every k*unit_ms/d ms are exact
     k = -(-_MIN_FILL_MS * d // unit_ms)
     tokens, interval = k * rate // d, k * unit_ms // d
+    return {"max_tokens": limit.spec.burst or rate, "tokens_per_fill": tokens,
+            "fill_interval": f"{interval // 1000}.{interval % 1000:03d}s"}
+
+
+def _bucket(limit: RateLimit, *, stat_prefix: str) -> dict[str, Any]:
+    """The HTTP local rate limit's per-route config: a token bucket of requests."""
     always = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "lockgate.ratelimit"}
     return {
         "@type": _LOCAL_RL,
         "stat_prefix": stat_prefix,
-        "token_bucket": {"max_tokens": limit.spec.burst or rate, "tokens_per_fill": tokens,
-                         "fill_interval": f"{interval // 1000}.{interval % 1000:03d}s"},
+        "token_bucket": _token_bucket(limit),
         "filter_enabled": always,
         "filter_enforced": always,
         "response_headers_to_add": [{"append_action": "OVERWRITE_IF_EXISTS_OR_ADD",

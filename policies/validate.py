@@ -164,12 +164,27 @@ def _check_authz(i: int, r: AuthorizationPolicy, services: dict[tuple[str, str],
         target = f"service {r.spec.selector.service!r}" if r.spec.selector else f"every service in {ns!r}"
         out.append(Finding(i, ("spec", "rules"), f"an ALLOW policy without rules matches nothing: every request to "
                                                  f"{target} is denied", warning=True))
+    tcp = [s.metadata.name for s in ([service] if service else [s for (sns, _), s in sorted(services.items())
+                                                                  if sns == ns]) if s.spec.protocol == "TCP"]
     for k, rule in enumerate(r.spec.rules):
         for j, src in enumerate(rule.from_):
             out += _check_source(i, src, ("spec", "rules", k, "from", j), trust_domain)
         for j, op in enumerate(rule.to):
             out += _check_operation(i, op, ("spec", "rules", k, "to", j), service)
+            out += _check_l4_operation(i, op, ("spec", "rules", k, "to", j), tcp, selected=service is not None)
     return out
+
+
+def _check_l4_operation(i: int, op: Operation, loc: Loc, tcp: list[str], *, selected: bool) -> list[Finding]:
+    """Paths and methods need HTTP: on a TCP service (connections, authorized at L4 by peer and port) they
+    could never be checked, so whether the rule matches would be a guess either way."""
+    if not tcp:
+        return []
+    which = f"service {tcp[0]!r} speaks TCP" if selected else \
+        f"it applies to TCP service(s) {', '.join(map(repr, tcp))} (no selector); select the HTTP service instead"
+    return [Finding(i, (*loc, field), f"{field} need HTTP, but {which}: at L4 only principals, namespaces and "
+                                      "ports can be checked")
+            for field in ("methods", "paths") if getattr(op, field)]
 
 
 def _check_rate_limit(i: int, r: RateLimit, services: dict[tuple[str, str], Service],
@@ -179,6 +194,9 @@ def _check_rate_limit(i: int, r: RateLimit, services: dict[tuple[str, str], Serv
         return [Finding(i, ("spec", "service"), _unknown_service(ns, r.spec.service, services))]
     if r.spec.rule is None:
         return []
+    if services[(ns, r.spec.service)].spec.protocol == "TCP":
+        return [Finding(i, ("spec", "rule"), f"service {r.spec.service!r} speaks TCP: its RateLimit is a bucket of "
+                                             "connections at its own sidecars; leave `rule` out")]
     route = routes.get((ns, r.spec.service))
     names = [rule.name or f"rule-{k}" for k, rule in enumerate(route.spec.http)] if route else ["default"]
     if r.spec.rule not in names:
