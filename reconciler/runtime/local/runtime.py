@@ -39,6 +39,8 @@ from mesh.envoy import admin_address, bootstrap, envoy_argv, wait_ready
 from mesh.intent import Intent, Workload
 from mesh.names import NodeId
 from mesh.probe import wait_tcp
+from mesh.render import egress_key
+from mesh.render.tcp import destinations as tcp_destinations
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.server import Authenticator
 from mesh.xds.snapshot import digest
@@ -57,6 +59,10 @@ PROCESSES_FILE = "processes.json"
 DRAIN_S = 2.0
 """Seconds a removed instance keeps running after it left the endpoints: callers' Envoys close their
 pooled connections to a removed host, so none is reused against a process that is gone (a 502)."""
+
+
+Destinations = tuple[tuple[str, str, int], ...]
+"""(namespace, service, port) of the TCP service ports one workload may call."""
 
 
 SOCKET_PATH_MAX = 107
@@ -307,7 +313,7 @@ class LocalRuntime:
             "outbound": inst.sidecar.outbound_port, "app_port": inst.sidecar.app_port, "stats": inst.stats_port,
             "app_pid": inst.app.pid, "envoy_pid": inst.envoy.pid, "xds_port": self._clusters[inst.cluster].xds_port,
             "app_started": inst.app.started, "envoy_started": inst.envoy.started,
-            "argv": list(inst.app.argv),
+            "argv": list(inst.app.argv), "tcp_outbound": [list(e) for e in inst.sidecar.tcp_outbound],
         } for inst in [*self._leaving, *self._instances.values()]}
         # Records of processes not (yet) taken over stay until the orphan check has dealt with them.
         if not self._orphans_checked:
@@ -461,14 +467,19 @@ class LocalRuntime:
 
     async def apply(self, intent: Intent) -> None:
         """Make the running instances match the intent's Workloads: start new ones, stop removed ones."""
-        desired: dict[tuple[str, str, str, int], tuple[Workload, str]] = {}
+        desired: dict[tuple[str, str, str, int], tuple[Workload, str, Destinations]] = {}
         for (ns, name), w in sorted(intent.workloads.items()):
-            fp = digest(w.spec.model_dump(mode="json"))
+            allowed = None if w.spec.egress is None else frozenset(egress_key(e, ns) for e in w.spec.egress)
+            tcp = tcp_destinations(intent, allowed)
+            # The TCP services an instance may call are part of it: each is a listener of its sidecar at a port
+            # its app was told at start, so a new one restarts the instance (only when there are any: workloads
+            # without TCP destinations keep the fingerprint they always had).
+            fp = digest(w.spec.model_dump(mode="json") if not tcp else [w.spec.model_dump(mode="json"), tcp])
             for cluster in w.spec.clusters:
                 if cluster not in self._clusters:
                     continue
                 for i in range(w.spec.replicas):
-                    desired[(cluster, ns, name, i)] = (w, fp)
+                    desired[(cluster, ns, name, i)] = (w, fp, tcp)
         changed = [k for k, inst in self._instances.items() if k in desired and desired[k][1] != inst.fingerprint]
         for key in changed:  # same node id, new spec: the old one must be gone before its successor starts
             await self._stop_instance(self._instances.pop(key))
@@ -485,12 +496,14 @@ class LocalRuntime:
             task.add_done_callback(self._drains.discard)
         if gone or changed:
             self._changed()
-        started = [self._start_instance(key, w, fp) for key, (w, fp) in desired.items() if key not in self._instances]
+        started = [self._start_instance(key, w, fp, tcp) for key, (w, fp, tcp) in desired.items()
+                   if key not in self._instances]
         await asyncio.gather(*started)
         self._save()
         self._stop_orphans()  # what an earlier lockgate left and this revision does not want
 
-    async def _start_instance(self, key: tuple[str, str, str, int], w: Workload, fp: str) -> None:
+    async def _start_instance(self, key: tuple[str, str, str, int], w: Workload, fp: str, tcp: Destinations
+                              ) -> None:
         cluster, ns, name, i = key
         c = self._clusters[cluster]
         node_id = str(NodeId.sidecar(cluster=cluster, namespace=ns, workload=name, index=i))
@@ -498,14 +511,20 @@ class LocalRuntime:
         argv = resolve_command(list(w.spec.command))
         adoptable = (rec is not None and rec.get("fingerprint") == fp and rec.get("xds_port") == c.xds_port
                      and rec.get("argv") == argv and "stats" in rec and self._tokens.recorded(node_id))
-        if rec is not None and adoptable:
+        recorded_tcp = [tuple(e) for e in rec.get("tcp_outbound", [])] if rec is not None else []
+        if rec is not None and adoptable and [e[:3] for e in recorded_tcp] == list(tcp):
             ports = (rec["inbound"], rec["outbound"], rec["app_port"], rec["stats"])
+            tcp_ports = [int(e[3]) for e in recorded_tcp]
         else:
+            adoptable = False
             ports = tuple(self._free_port(c.address, c.netns) for _ in range(4))  # type: ignore[assignment]
-        self._ports |= set(ports)
+            tcp_ports = [self._free_port(c.address, c.netns) for _ in tcp]
+        self._ports |= {*ports, *tcp_ports}
         sc = Sidecar(
             node_id=node_id, namespace=ns, service=w.spec.service, version=w.spec.version, workload=name,
             address=c.address, inbound_port=ports[0], outbound_port=ports[1], app_port=ports[2],
+            tcp_outbound=tuple((dns, dsvc, dport, local) for (dns, dsvc, dport), local in zip(tcp, tcp_ports,
+                                                                                             strict=True)),
         )
         stats = ports[3]
         env = child_env({
@@ -515,6 +534,7 @@ class LocalRuntime:
             "LOCKGATE_NAMESPACE": ns, "LOCKGATE_INSTANCE": f"{name}-{i}",
             "HTTP_PROXY": f"http://{sc.address}:{sc.outbound_port}",
             "http_proxy": f"http://{sc.address}:{sc.outbound_port}",
+            **tcp_env(sc),
         })
         slug = NodeId.parse(node_id).slug
         app = Supervised(name=f"workload {node_id}", argv=argv, env=env,
@@ -593,7 +613,7 @@ class LocalRuntime:
             inst.admin_socket.unlink(missing_ok=True)  # no successor binds it: Envoy leaves the file behind
         self._save()
         for port in (inst.sidecar.inbound_port, inst.sidecar.outbound_port, inst.sidecar.app_port,
-                     inst.stats_port):
+                     inst.stats_port, *(e[3] for e in inst.sidecar.tcp_outbound)):
             self._ports.discard(port)
 
     # --- what render and status read ------------------------------------------------------------------
@@ -660,6 +680,14 @@ class LocalRuntime:
             await asyncio.to_thread(self.network.teardown)
             preferred = {}
         write_json(self.state_dir / PROCESSES_FILE, {"clusters": preferred, "instances": {}, "tokens": {}})
+
+
+def tcp_env(sc: Sidecar) -> dict[str, str]:
+    """Where the app reaches each TCP service port: `LOCKGATE_TCP_<SERVICE>_<NAMESPACE>_<PORT>=host:port`
+    (upper case, `-` as `_`), its sidecar's listener for that destination."""
+    host = sc.outbound_address or sc.address
+    return {f"LOCKGATE_TCP_{svc}_{ns}_{port}".upper().replace("-", "_"): f"{host}:{local}"
+            for ns, svc, port, local in sc.tcp_outbound}
 
 
 def _proxy(envoy: Supervised, socket: Path, stats: str) -> ProxyProcess:
