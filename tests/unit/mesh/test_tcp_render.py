@@ -174,3 +174,38 @@ def test_envoy_accepts_what_the_pipeline_renders_for_tcp(tmp_path: Path) -> None
         return out
 
     assert asyncio.run(check_all()) == [(node, None) for node in sorted(snaps)]
+
+
+ROLLOUT = """\
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Route
+metadata: {name: echo, namespace: shop}
+spec:
+  service: echo
+  http:
+    - name: default          # weights come from the Rollout
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Rollout
+metadata: {name: echo, namespace: shop}
+spec: {service: echo, stable: v1, canary: v2, steps: [20, 50, 100], interval: 5s}
+"""
+
+
+@pytest.mark.parametrize(("weight", "expected"), [
+    (20, {"weighted_clusters": {"clusters": [{"name": "outbound|echo.shop|v1", "weight": 80},
+                                             {"name": "outbound|echo.shop|v2", "weight": 20}]}}),
+    (50, {"weighted_clusters": {"clusters": [{"name": "outbound|echo.shop|v1", "weight": 50},
+                                             {"name": "outbound|echo.shop|v2", "weight": 50}]}}),
+])
+def test_a_tcp_canary_steps_its_weights_through_the_route_rule(weight: int, expected: dict[str, Any]) -> None:
+    from reconciler.pipeline import PLANNED_NOW, ephemeral_certificates, render_mesh
+    from rollouts.advance import RolloutState
+
+    state = RolloutState(phase="progressing", stable="v1", canary="v2", observed_canary="v2", weight=weight)
+    rendered = render_mesh(intent=intent_of(MESH + ROLLOUT), states={("shop", "echo"): state},
+                           topologies={"east": topo()}, certs=ephemeral_certificates(["east"]),
+                           now=PLANNED_NOW.timestamp(), revision="r1")
+    proxy = tcp_proxy(listeners(rendered["east"].snapshots["east/shop/client-v1-0"])["outbound_tcp|9000|echo.shop"])
+    assert {k: v for k, v in proxy.items() if k in ("cluster", "weighted_clusters")} == expected
