@@ -134,7 +134,7 @@ class ResourceSet(Mapping[str, Resource]):
                 frozenset(_route_names(values)),
                 frozenset((c.get("eds_cluster_config") or {}).get("service_name") or c["name"]
                           for c in values if c.get("type") == "EDS"),
-                frozenset(n for r in values for n in _sds_names(r)),
+                frozenset().union(*(resource_secrets(r) for r in values)),
             )
         return self._refs
 
@@ -270,6 +270,36 @@ class Snapshot:
                  SECRET: "secrets"}
         return {short[t]: [self.resources[t][n] for n in sorted(self.resources[t])]
                 for t in PUSH_ORDER if len(self.resources[t])}
+
+
+class _SecretsMemo:
+    """SDS names each resource object refers to, by identity (`_DigestMemo`'s reasoning: render hands
+    the next revision the very same objects for what did not change). Every push builds new ResourceSets
+    and `consistent()` asks each for its references: walking every field of three thousand clusters and
+    a hundred route configurations of a thousand virtual hosts took 2.3 of a one-route push's 3.9 s
+    (profiled). A route configuration is answered from its virtual hosts' answers, each memoised."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._items: dict[int, tuple[Any, frozenset[str]]] = {}
+        self._maxsize = maxsize
+
+    def __call__(self, value: Any) -> frozenset[str]:
+        hit = self._items.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        vhosts = value.get("virtual_hosts") if isinstance(value, Mapping) else None
+        if isinstance(vhosts, list) and len(vhosts) > 8:
+            rest = {k: v for k, v in value.items() if k != "virtual_hosts"}
+            names = frozenset(_sds_names(rest)).union(*(self(v) for v in vhosts))
+        else:
+            names = frozenset(_sds_names(value))
+        if len(self._items) >= self._maxsize:
+            self._items.clear()
+        self._items[id(value)] = (value, names)
+        return names
+
+
+resource_secrets = _SecretsMemo(maxsize=200_000)
 
 
 def _sds_names(value: Any) -> Iterator[str]:
