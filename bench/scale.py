@@ -27,6 +27,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,28 +39,41 @@ from mesh.intent import Intent
 from mesh.render import RenderCache, render
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.cache import SnapshotCache
-from mesh.xds.server import AdsServer
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mesh.xds.server import TOKEN_METADATA, AdsServer
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 from reconciler.load import load
-from reconciler.loop import settle_gc
+from reconciler.loop import GC_SETTLE_S, Reconciler, UpConfig, settle_gc
+from reconciler.runtime.base import Bind, Metrics, RuntimeStatus
 
 ADDR = "127.0.0.1"
 
 
-def big_intent(services: int, *, canary_weight: int = 0) -> Intent:
-    docs = ["apiVersion: lockgate.io/v1alpha1\nkind: Mesh\nmetadata: {name: m}\n"
-            "spec: {trustDomain: bench.local, clusters: [{name: c1}]}\n"]
-    for i in range(services):
-        ns = f"ns{i % 10}"
-        docs.append(f"apiVersion: lockgate.io/v1alpha1\nkind: Service\nmetadata: {{name: s{i}, namespace: {ns}}}\n"
-                    "spec: {ports: [{name: http, port: 80}], versions: [v1, v2]}\n")
-        w = canary_weight if i == 0 else 0
-        docs.append(
+MESH_YAML = ("apiVersion: lockgate.io/v1alpha1\nkind: Mesh\nmetadata: {name: m}\n"
+             "spec: {trustDomain: bench.local, clusters: [{name: c1}]}\n")
+
+
+def service_yaml(i: int, *, canary_weight: int = 0) -> str:
+    """Service s<i> (versions v1, v2) and its Route: a header rule to v2, then v1/v2 by weight."""
+    ns, w = f"ns{i % 10}", canary_weight
+    return (f"apiVersion: lockgate.io/v1alpha1\nkind: Service\nmetadata: {{name: s{i}, namespace: {ns}}}\n"
+            "spec: {ports: [{name: http, port: 80}], versions: [v1, v2]}\n---\n"
             f"apiVersion: lockgate.io/v1alpha1\nkind: Route\nmetadata: {{name: s{i}, namespace: {ns}}}\n"
             f"spec:\n  service: s{i}\n  hosts: [s{i}.bench.example]\n  http:\n"
             "    - name: testers\n      match: [{headers: {x-tester: {exact: 'yes'}}}]\n      route: [{version: v2}]\n"
             f"    - name: default\n      route: [{{version: v1, weight: {100 - w}}}, {{version: v2, weight: {w}}}]\n")
-    loaded = load({"mesh.yaml": "---\n".join(docs).encode()})
+
+
+def intent_files(services: int, *, canary_weight: int = 0) -> dict[str, bytes]:
+    """The bench mesh as an intent repository lays it out: one file per service (Service + Route; one
+    file of 5000 would pass the loader's 1 MiB limit). `canary_weight`: s0's weight to v2."""
+    files = {"mesh.yaml": MESH_YAML.encode()}
+    for i in range(services):
+        files[f"ns{i % 10}/s{i}.yaml"] = service_yaml(i, canary_weight=canary_weight if i == 0 else 0).encode()
+    return files
+
+
+def big_intent(services: int, *, canary_weight: int = 0) -> Intent:
+    loaded = load(intent_files(services, canary_weight=canary_weight))
     assert loaded.intent is not None, loaded.problems[:5]
     return loaded.intent
 
@@ -77,28 +92,34 @@ def topology(proxies: int, services: int, ports: list[int]) -> ClusterTopology:
 # --- simulated proxies (second process) ----------------------------------------------------------------
 
 
-def _clients_main(port: int, subs: dict[str, tuple[list[str], list[str]]], ready: Any, stop: Any,
-                  delta: bool = False) -> None:
-    asyncio.run(_clients(port, subs, ready, stop, delta=delta))
+Subs = dict[str, tuple[list[str], list[str], list[str]]]
+"""node id -> (EDS names, RDS names, SDS names) it subscribes to."""
 
 
-async def _clients(port: int, subs: dict[str, tuple[list[str], list[str]]], ready: Any, stop: Any, *,
-                   delta: bool = False) -> None:
-    """One ADS stream per simulated proxy: LDS and CDS by wildcard, then RDS and EDS by the names it was
-    given (a real Envoy reads them from its listeners and clusters, in C++ and in microseconds; doing
-    that in Python here would make this process, not the control plane, what the bench measures).
-    Every response is ACKed with its version and nonce."""
+def _clients_main(port: int, subs: Subs, ready: Any, stop: Any, delta: bool = False, token: bool = False) -> None:
+    asyncio.run(_clients(port, subs, ready, stop, delta=delta, token=token))
+
+
+async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool = False, token: bool = False) -> None:
+    """One ADS stream per simulated proxy: LDS and CDS by wildcard (and SDS by name, when the snapshot has
+    secrets), then RDS and EDS by the names it was given (a real Envoy reads them from its listeners and
+    clusters, in C++ and in microseconds; doing that in Python here would make this process, not the
+    control plane, what the bench measures). Every response is ACKed with its version and nonce. `token`:
+    each stream carries `bench:<node id>` as its credential (what `BenchRuntime` accepts)."""
     import grpc
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
     eds_type = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
     rds_type = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 
+    def metadata(node_id: str) -> Any:
+        return ((TOKEN_METADATA, f"bench:{node_id}"),) if token else None
+
     async def one(node_id: str, channel: Any) -> None:
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         out: asyncio.Queue[Any] = asyncio.Queue()
-        eds, rds = subs[node_id]
-        names = {CLUSTER: [], LISTENER: [], eds_type: eds, rds_type: rds}
+        eds, rds, sds = subs[node_id]
+        names = {CLUSTER: [], LISTENER: [], eds_type: eds, rds_type: rds, SECRET: sds}
 
         def req(type_url: str, version: str = "", nonce: str = "") -> Any:
             r = discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=version, response_nonce=nonce)
@@ -110,10 +131,10 @@ async def _clients(port: int, subs: dict[str, tuple[list[str], list[str]]], read
             while True:
                 yield await out.get()
 
-        for t in (CLUSTER, LISTENER):
+        for t in (SECRET, CLUSTER, LISTENER) if sds else (CLUSTER, LISTENER):
             await out.put(req(t))
         subscribed: set[str] = set()
-        async for resp in stub.StreamAggregatedResources(requests()):
+        async for resp in stub.StreamAggregatedResources(requests(), metadata=metadata(node_id)):
             t = resp.type_url
             await out.put(req(t, resp.version_info, resp.nonce))  # ACK
             follow = {CLUSTER: eds_type, LISTENER: rds_type}.get(t)
@@ -126,7 +147,7 @@ async def _clients(port: int, subs: dict[str, tuple[list[str], list[str]]], read
         that refers to them arrived; every response ACKed by its nonce."""
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         out: asyncio.Queue[Any] = asyncio.Queue()
-        eds, rds = subs[node_id]
+        eds, rds, sds = subs[node_id]
         first = True
 
         def req(type_url: str, nonce: str = "", subscribe: list[str] | None = None) -> Any:
@@ -142,10 +163,12 @@ async def _clients(port: int, subs: dict[str, tuple[list[str], list[str]]], read
             while True:
                 yield await out.get()
 
+        if sds:
+            await out.put(req(SECRET, subscribe=sds))
         for t in (CLUSTER, LISTENER):
             await out.put(req(t))
         subscribed: set[str] = set()
-        async for resp in stub.DeltaAggregatedResources(requests()):
+        async for resp in stub.DeltaAggregatedResources(requests(), metadata=metadata(node_id)):
             t = resp.type_url
             await out.put(req(t, resp.nonce))  # ACK
             follow = {CLUSTER: (eds_type, eds), LISTENER: (rds_type, rds)}.get(t)
@@ -215,14 +238,25 @@ async def floor(snaps: dict[str, Any], nodes: list[str], tmp: Path, free: Any) -
             await p.wait()
 
 
-async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False) -> dict[str, float]:
+def subscriptions(snaps: dict[str, Any], nodes: list[str]) -> Subs:
+    """What each simulated proxy subscribes to by name: the EDS, RDS and SDS names of its snapshot."""
+    return {n: (sorted(snaps[n].items(ENDPOINT)), sorted(snaps[n].items(ROUTE)), sorted(snaps[n].items(SECRET)))
+            for n in nodes}
+
+
+def free_port() -> int:
     import socket
 
-    def free() -> int:
-        with socket.socket() as s:
-            s.bind((ADDR, 0))
-            return int(s.getsockname()[1])
+    with socket.socket() as s:
+        s.bind((ADDR, 0))
+        return int(s.getsockname()[1])
 
+
+async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
+              profile: Any = None) -> dict[str, float]:
+    """One bench point. `profile`: a cProfile.Profile enabled around the full push only (render + push/ACK);
+    its figures then measure the profiler too, so a profiled run's times are not reported as the point's."""
+    free = free_port
     ports = [free() for _ in range(2 * proxies + 1)]
     topo = topology(proxies, services, ports)
     intent = big_intent(services)
@@ -233,10 +267,14 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False)
     everyone = [topo.ingress.node_id] + [s.node_id for s in topo.sidecars] if topo.ingress else []
     simulated = [n for n in everyone if n not in real]
     rcache = RenderCache()  # what the reconciler keeps per cluster between renders
+    # Render alone, before any client exists: the subscriptions are read from its snapshots. Its CPU is
+    # counted into the full push's CPU below (render is part of every push).
+    cpu = time.process_time()
     t = time.perf_counter()
     snaps = render(intent=intent, topology=topo, revision="r1", cache=rcache)
     render_full = (time.perf_counter() - t) * 1000
-    subs = {n: (sorted(snaps[n].items(ENDPOINT)), sorted(snaps[n].items(ROUTE))) for n in simulated}
+    cpu_render_full = time.process_time() - cpu
+    subs = subscriptions(snaps, simulated)
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     clients = ctx.Process(target=_clients_main, args=(port, subs, ready, stop, delta), daemon=True)
@@ -257,21 +295,29 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False)
         while not ready.is_set():
             await asyncio.sleep(0.05)
         rss0 = rss_mb()
+        if profile is not None:
+            profile.enable()
+        cpu = time.process_time()
         full = await converge(cache, snaps)
+        cpu_full = time.process_time() - cpu + cpu_render_full
+        if profile is not None:
+            profile.disable()
         await asyncio.sleep(0.1)
         settle_gc()  # what the reconciler does once a push has settled (reconciler.loop: GC_SETTLE_S)
         changed = big_intent(services, canary_weight=10)
+        cpu = time.process_time()
         t = time.perf_counter()
         snaps2 = render(intent=changed, topology=topo, revision="r2", cache=rcache)
         render_one = (time.perf_counter() - t) * 1000
         one = await converge(cache, snaps2)
+        cpu_one = time.process_time() - cpu
         route_kb = len(json.dumps(dict(snaps2[topo.sidecars[0].node_id].items(
             "type.googleapis.com/envoy.config.route.v3.RouteConfiguration")))) / 1024
         rss = rss_mb()
         floor_ms = await floor(snaps2, real, Path(tmp.name), free) if real else 0.0
         return {"render_full_ms": render_full, "push_full_ms": full, "render_one_ms": render_one,
                 "push_one_ms": one, "rss_mb": rss, "rss_before_mb": rss0, "route_kb": route_kb,
-                "floor_ms": floor_ms}
+                "floor_ms": floor_ms, "cpu_full_s": cpu_full, "cpu_one_s": cpu_one}
     finally:
         stop.set()
         clients.join(10)
@@ -284,17 +330,296 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False)
         tmp.cleanup()
 
 
-def report(services: int, proxies: int, mode: str, base: dict[str, float], big: dict[str, float]) -> None:
+# --- churn and idle: the reconcile loop `lockgate up` runs, on a real Git repository ------------------
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The q-th percentile by nearest rank (no interpolation: every figure printed was measured)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def growth(small: Mapping[str, float], big: Mapping[str, float]) -> dict[str, float]:
+    """big / small for every figure both points have (how each grows from one bench point to the next)."""
+    return {k: big[k] / small[k] for k in small if k in big and small[k] > 0}
+
+
+def commit_latencies(commits: Sequence[tuple[str, float]], acks: Iterable[tuple[float, str, str | None]],
+                     nodes: Mapping[str, str | None]) -> list[float | None]:
+    """Seconds from each commit to the moment every node had ACKed a snapshot of that commit or a later one.
+
+    `commits`: (sha, time) in commit order; `acks`: (time, node, the revision the node's newest fully ACKed
+    snapshot was rendered from), any order; `nodes`: every node that counts, with the revision it held
+    before the first commit. A revision that is not among the commits (the one before) ranks below them
+    all. None: a commit no ACK ever covered. A node ACKing a later commit covers the ones it skipped,
+    which is what coalescing does: the skipped commits are served by a later push."""
+    rank = {sha: i for i, (sha, _) in enumerate(commits)}
+    held = {n: rank.get(rev or "", -1) for n, rev in nodes.items()}
+    out: list[float | None] = [None] * len(commits)
+    covered = 0
+    for t, node, rev in sorted(acks, key=lambda a: a[0]):
+        if node not in held:
+            continue
+        held[node] = max(held[node], rank.get(rev or "", -1))
+        low = min(held.values())
+        while covered <= low:
+            out[covered] = max(0.0, t - commits[covered][1])
+            covered += 1
+    return out
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds per thread name of this process (from /proc: which thread an idle cost comes from)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+@dataclass
+class BenchRuntime:
+    """The Runtime protocol over a fixed topology and no processes: the simulated proxies are the second
+    process's ADS streams, each carrying `bench:<node id>` as its credential."""
+
+    topo: ClusterTopology
+    _callback: Callable[[], None] | None = None
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+
+    def authenticator(self, cluster: str) -> BenchRuntime:
+        return self
+
+    def node_for(self, token: str) -> str | None:
+        return token.removeprefix("bench:") if token.startswith("bench:") else None
+
+    def serves(self, cluster: str) -> bool:
+        return cluster == self.topo.cluster
+
+    def control_plane(self, cluster: str, *, index: int) -> Bind:
+        return Bind(address=ADDR, port=0)
+
+    async def add_cluster(self, *, name: str, xds: Bind) -> None:
+        pass
+
+    async def apply(self, intent: Intent) -> None:
+        pass
+
+    def topology(self, cluster: str) -> ClusterTopology:
+        return self.topo if cluster == self.topo.cluster else ClusterTopology(cluster=cluster)
+
+    def metrics(self, cluster: str) -> Metrics | None:
+        return None
+
+    def status(self) -> RuntimeStatus:
+        return RuntimeStatus()
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class CountingReconciler(Reconciler):
+    """The reconcile loop as `lockgate up` runs it, counting its renders (each render + cache set is one
+    push): (start on the monotonic clock, seconds it held the event loop)."""
+
+    renders: list[tuple[float, float]] = field(default_factory=list)
+
+    def _push(self) -> None:
+        t = time.monotonic()
+        try:
+            super()._push()
+        finally:
+            self.renders.append((t, time.monotonic() - t))
+
+
+def _committer_main(repo: str, services: int, every: float, seconds: float, start: Any, out: Any) -> None:
+    """Commit one Route change every `every` seconds for `seconds` (open loop: each commit is due at its
+    slot however long the previous one took) with pygit2, as a user's `git commit` would land; reports
+    (sha, monotonic time the commit returned). CLOCK_MONOTONIC is system-wide, so the times compare with
+    the control plane's."""
+    from reconciler.source.git import Pygit2Source
+
+    source = Pygit2Source.open(repo)
+    start.wait()
+    t0, done = time.monotonic(), list[tuple[str, float]]()
+    while (due := t0 + len(done) * every) < t0 + seconds:
+        if (wait := due - time.monotonic()) > 0:
+            time.sleep(wait)
+        k = len(done)
+        i = (k * 37) % services  # a different service each time, so no commit undoes the previous one
+        sha = source.commit(files={f"ns{i % 10}/s{i}.yaml": service_yaml(i, canary_weight=k % 99 + 1).encode()},
+                            message=f"bench: churn {k}: s{i} canary weight {k % 99 + 1}", parent=source.head() or "",
+                            author=("bench", "bench@example.org"))
+        done.append((sha, time.monotonic()))
+    out.put(done)
+
+
+async def _wait_for(check: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        await asyncio.sleep(0.02)
+
+
+async def churn_and_idle(services: int, proxies: int, *, seconds: float, every: float, idle: float,
+                         delta: bool, profile: Any = None) -> dict[str, Any]:
+    """Commits through the real reconcile path, then the same reconciler idle.
+
+    The seam: `Reconciler.run` itself (reconciler/loop.py), as `lockgate up` runs it, on a real Git
+    repository of the mesh (one file per service), so every commit goes watch (inotify on the ref) ->
+    read tree (Git worker) -> load (isolated worker process) -> render (reconciler/pipeline.py
+    `render_mesh`, mTLS certificates and all) -> snapshot cache -> ADS. Only the Runtime is a stand-in
+    (`BenchRuntime`: a fixed topology, no processes), and the proxies are simulated ADS clients in a
+    second process; the commits come from a third, so neither's CPU is counted as the control plane's.
+    `seconds` 0 skips the churn, `idle` 0 the idle measurement."""
+    from reconciler.source.git import Pygit2Source, init_repo
+
+    tmp = tempfile.TemporaryDirectory(prefix="lockgate-churn-")
+    root = Path(tmp.name)
+    template = root / "template"
+    for rel, data in intent_files(services).items():
+        (template / rel).parent.mkdir(parents=True, exist_ok=True)
+        (template / rel).write_bytes(data)
+    repo = root / "repo"
+    init_repo(repo, template=template)
+    topo = topology(proxies, services, list(range(30000, 30000 + 2 * proxies + 1)))  # nothing listens there
+    rec = CountingReconciler(config=UpConfig(repo=str(repo), state_dir=root / "state"),
+                             source=Pygit2Source.open(str(repo)), runtime=BenchRuntime(topo), announced=True)
+    stop = asyncio.Event()
+    loop_task = asyncio.create_task(rec.run(stop))
+    ctx = multiprocessing.get_context("spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    clients: Any = None
+    out: dict[str, Any] = {}
+    try:
+        t = time.monotonic()
+        await _wait_for(lambda: rec.applied is not None and "c1" in rec.planes and rec.renders != [],
+                        timeout=300, what="the first revision applied")
+        out["first_apply_s"] = time.monotonic() - t
+        plane = rec.planes["c1"]
+        nodes = [topo.ingress.node_id] if topo.ingress else []
+        nodes += [s.node_id for s in topo.sidecars]
+        snaps = {n: plane.cache.get(n) for n in nodes}
+        clients = ctx.Process(target=_clients_main, args=(plane.port, subscriptions(snaps, nodes), ready, done,
+                                                          delta, True), daemon=True)
+        clients.start()
+        await _wait_for(ready.is_set, timeout=60, what="the simulated proxies")
+        await _wait_for(lambda: all(st.acked_revision == rec.applied for n, st in plane.cache.status().items()
+                                    if n in snaps), timeout=300, what="every proxy converged on the first revision")
+        out["first_converged_s"] = time.monotonic() - t
+        if seconds > 0:
+            held = {n: plane.cache.status()[n].acked_revision for n in nodes}
+            acks: list[tuple[float, str, str | None]] = []
+            last: dict[str, str | None] = dict(held)
+
+            def on_status(st: Any) -> None:
+                if st.node_id in last and st.acked_revision != last[st.node_id]:
+                    last[st.node_id] = st.acked_revision
+                    acks.append((time.monotonic(), st.node_id, st.acked_revision))
+
+            unsubscribe = plane.cache.subscribe(on_status)
+            renders_before = len(rec.renders)
+            start, results = ctx.Event(), ctx.Queue()
+            committer = ctx.Process(target=_committer_main, args=(str(repo), services, every, seconds, start,
+                                                                  results), daemon=True)
+            committer.start()
+            await asyncio.sleep(1.0)  # the committer's interpreter starts and opens the repository
+            cpu0, wall0, lag0 = time.process_time(), time.monotonic(), rec.lag.worst
+            rec.lag.worst = 0.0
+            start.set()
+            commits: list[tuple[str, float]] = await asyncio.to_thread(results.get, True, seconds + 120)
+            committer.join(10)
+            final = commits[-1][0]
+            await _wait_for(lambda: all(last[n] == final for n in nodes), timeout=120,
+                            what="every proxy converged on the last commit")
+            cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+            unsubscribe()
+            lat = commit_latencies(commits, acks, held)
+            ok = [x * 1000 for x in lat if x is not None]
+            renders = rec.renders[renders_before:]
+            out.update(commits=len(commits), pushes=len(renders), converged=len(ok),
+                       p50_ms=pct(ok, 50), p99_ms=pct(ok, 99), max_ms=max(ok, default=float("nan")),
+                       render_p50_ms=pct([r[1] * 1000 for r in renders], 50),
+                       render_max_ms=max((r[1] * 1000 for r in renders), default=float("nan")),
+                       churn_cpu_s=cpu, churn_wall_s=wall, loop_lag_max_ms=rec.lag.worst * 1000,
+                       commit_span_s=commits[-1][1] - commits[0][1])
+            rec.lag.worst = max(rec.lag.worst, lag0)
+        if idle > 0:
+            await asyncio.sleep(GC_SETTLE_S + 1.0)  # the last push settles (its GC pass) before the window
+            renders_before = len(rec.renders)
+            threads0, cpu0, wall0 = thread_cpu(), time.process_time(), time.monotonic()
+            await asyncio.sleep(idle)
+            cpu, wall, threads1 = time.process_time() - cpu0, time.monotonic() - wall0, thread_cpu()
+            out.update(idle_s=wall, idle_cpu_s=cpu, idle_pct=100 * cpu / wall,
+                       idle_pushes=len(rec.renders) - renders_before,
+                       idle_threads={k: v - threads0.get(k, 0.0) for k, v in threads1.items()
+                                     if v - threads0.get(k, 0.0) > 0})
+            if profile is not None:  # a second, profiled window: where the idle CPU goes (not the figure)
+                profile.enable()
+                await asyncio.sleep(min(idle, 20.0))
+                profile.disable()
+        out["rss_mb"] = rss_mb()
+        return out
+    finally:
+        stop.set()
+        await asyncio.gather(loop_task, return_exceptions=True)
+        done.set()
+        if clients is not None:
+            clients.join(10)
+            if clients.is_alive():
+                clients.kill()
+        await rec.close()
+        tmp.cleanup()
+
+
+def report_churn(services: int, proxies: int, mode: str, r: Mapping[str, Any], *, every: float) -> None:
+    print(f"reconciler [{mode}]: {services} services, {proxies + 1} simulated proxies (ingress + {proxies} sidecars),"
+          f" the `lockgate up` loop on a Git repository; first revision applied in {r['first_apply_s']:.1f} s,"
+          f" every proxy converged {r['first_converged_s']:.1f} s after start")
+    if "commits" in r:
+        print(f"  churn: a commit every {every * 1000:.0f} ms for {r['commit_span_s']:.1f} s:"
+              f" {r['commits']} commits -> {r['pushes']} pushes (render {r['render_p50_ms']:.0f} ms p50,"
+              f" {r['render_max_ms']:.0f} ms max, on the event loop)")
+        print(f"  commit -> every proxy ACKed it or a later one: p50 {r['p50_ms']:.0f} ms   p99 {r['p99_ms']:.0f} ms"
+              f"   max {r['max_ms']:.0f} ms   ({r['converged']}/{r['commits']} covered)")
+        print(f"  control-plane CPU during churn: {r['churn_cpu_s']:.1f} s over {r['churn_wall_s']:.1f} s"
+              f" ({100 * r['churn_cpu_s'] / r['churn_wall_s']:.0f}% of a core); event-loop lag max"
+              f" {r['loop_lag_max_ms']:.0f} ms")
+    if "idle_pct" in r:
+        top = sorted(r["idle_threads"].items(), key=lambda kv: -kv[1])[:4]
+        print(f"  idle: {r['idle_cpu_s']:.2f} CPU s over {r['idle_s']:.0f} s = {r['idle_pct']:.2f}% of a core"
+              f" (process CPU time / wall; {r['idle_pushes']} pushes); target <= 1%:"
+              f" {'met' if r['idle_pct'] <= 1 else 'NOT met'}; by thread: "
+              + ", ".join(f"{k} {v:.2f} s" for k, v in top))
+    print(f"  RSS {r['rss_mb']:.0f} MB")
+
+
+def report(services: int, proxies: int, mode: str, base: dict[str, float] | None, big: dict[str, float]) -> None:
     print(f"scale [{mode}]: {services} services, {2 * services} route rules, "
           f"{proxies} proxies (2 real Envoys), pid {os.getpid()}")
-    for label, r in (("baseline 10 proxies", base), (f"{proxies} proxies", big)):
+    rows = [("baseline 10 proxies", base)] if base is not None else []
+    for label, r in (*rows, (f"{proxies} proxies", big)):
         print(f"  {label:20} full: render {r['render_full_ms']:7.0f} ms + push/ACK {r['push_full_ms']:7.0f} ms"
               f"   one route: render {r['render_one_ms']:6.0f} ms + push/ACK {r['push_one_ms']:6.0f} ms"
               f"   RSS {r['rss_mb']:.0f} MB   (route config {r['route_kb']:.0f} KiB per sidecar)")
     full = big["render_full_ms"] + big["push_full_ms"]
     one = big["render_one_ms"] + big["push_one_ms"]
-    print(f"  ratio {proxies}/10 proxies: full {full / (base['render_full_ms'] + base['push_full_ms']):.1f}x,"
-          f" one route {one / (base['render_one_ms'] + base['push_one_ms']):.1f}x")
+    print(f"  CPU seconds per push (control-plane process, time.process_time(): every thread of it):"
+          f" full {big['cpu_full_s']:.2f} s, one route {big['cpu_one_s']:.2f} s")
+    if base is not None:
+        print(f"  ratio {proxies}/10 proxies: full {full / (base['render_full_ms'] + base['push_full_ms']):.1f}x,"
+              f" one route {one / (base['render_one_ms'] + base['push_one_ms']):.1f}x")
     print(f"  floor: the 2 real Envoys on a static file of the same final config ready in {big['floor_ms']:.0f} ms;"
           f" lockgate full push / floor = {full / big['floor_ms']:.1f}x")
     print(f"  targets: full <= 1000 ms: {full:.0f} ms {'met' if full <= 1000 else 'NOT met'};"
@@ -302,17 +627,110 @@ def report(services: int, proxies: int, mode: str, base: dict[str, float], big: 
           f" RSS <= 300 MB: {big['rss_mb']:.0f} MB {'met' if big['rss_mb'] <= 300 else 'NOT met'}")
 
 
+def headline(r: Mapping[str, float]) -> dict[str, float]:
+    """The figures a bench point is compared by: full push and one-route change (render + push/ACK), RSS,
+    CPU seconds per push."""
+    return {"full push ms": r["render_full_ms"] + r["push_full_ms"],
+            "one route ms": r["render_one_ms"] + r["push_one_ms"],
+            "RSS MB": r["rss_mb"], "CPU s full push": r["cpu_full_s"], "CPU s one route": r["cpu_one_s"]}
+
+
+def report_growth(mode: str, points: Sequence[tuple[int, int, dict[str, float]]]) -> None:
+    (s0, p0, small), (s1, p1, big) = points[0], points[-1]
+    a, b = headline(small), headline(big)
+    ratios = growth(a, b)
+    print(f"growth [{mode}] {s0} services x {p0} proxies -> {s1} x {p1}"
+          f" ({s1 / s0:.0f}x services, {p1 / p0:.0f}x proxies):")
+    for k, r in ratios.items():
+        print(f"  {k:16} {a[k]:9.2f} -> {b[k]:9.2f}   {r:5.1f}x")
+
+
+def report_profile(mode: str, prof: Any, *, what: str, top: int = 10) -> None:
+    """The top functions by cumulative and by own time, and the shares of the main thread's time spent in
+    render, serialisation, the ADS protocol, gRPC's send, and waiting on the loop's selector (the clients
+    decoding and ACKing, gRPC's C threads sending). cProfile sees the main thread only."""
+    import io
+    import pstats
+
+    stats = pstats.Stats(prof, stream=io.StringIO())
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
+    total = sum(v[2] for v in raw.values())
+
+    def name(key: tuple[str, int, str]) -> str:
+        path, line, func = key
+        return f"{Path(path).parent.name}/{Path(path).name}:{line}({func})" if line else func
+
+    def cumulative(pred: Callable[[str, str], bool]) -> float:
+        return sum(v[3] for (path, _line, func), v in raw.items() if pred(path, func))
+
+    print(f"profile [{mode}] {what}: {total:.2f} s of main-thread time")
+    for title, col in (("cumulative", 3), ("own (self) time", 2)):
+        print(f"  top {top} by {title}:")
+        for key, v in sorted(raw.items(), key=lambda kv: -kv[1][col])[:top]:
+            print(f"    {v[col]:7.3f} s  {100 * v[col] / total:5.1f}%  {v[1]:8d} calls  {name(key)}")
+    shares = {
+        "render (mesh/render build.render)": cumulative(lambda p, f: p.endswith("render/build.py") and f == "render"),
+        "serialisation (wire.to_any_bytes)": cumulative(lambda p, f: p.endswith("xds/wire.py") and f == "to_any_bytes"),
+        "ADS protocol (pending + on_request, incl. serialisation)": cumulative(
+            lambda p, f: p.endswith("xds/server.py") and f in ("pending", "on_request")),
+        "response bytes joined (_serialize)": cumulative(
+            lambda p, f: p.endswith("xds/server.py") and f == "_serialize"),
+        "gRPC send (grpc aio write)": cumulative(lambda p, f: "grpc" in p and f == "write"),
+        "waiting in the selector (clients ACKing)": cumulative(lambda p, f: "epoll" in f),
+    }
+    for k, share in shares.items():
+        print(f"  {k:58} {share:7.3f} s  {100 * share / total:5.1f}%")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--proxies", type=int, default=100)
+    parser.add_argument("--point", type=int, help="one bench point: N services and N/10 simulated proxies")
+    parser.add_argument("--grow", action="store_true", help="the 1000 x 100 and 5000 x 500 points, and the growth")
     parser.add_argument("--xds", choices=("sotw", "delta", "both"), default="both")
+    parser.add_argument("--churn", action="store_true", help="commits through the reconcile loop (at --services)")
+    parser.add_argument("--churn-seconds", type=float, default=30.0)
+    parser.add_argument("--churn-every", type=float, default=0.1, help="seconds between commits")
+    parser.add_argument("--idle", type=float, default=0.0, metavar="S", help="the reconciler idle for S seconds")
+    parser.add_argument("--profile", action="store_true", help="cProfile the full push (and the idle reconciler)")
+    parser.add_argument("--quick", action="store_true", help="100 services, 10 proxies, 5 s churn: while developing")
     args = parser.parse_args()
+    if args.quick:
+        args.services, args.proxies, args.churn_seconds = 100, 10, 5.0
+        args.idle = min(args.idle, 5.0)
+    points = [(args.services, args.proxies)]
+    if args.point:
+        points = [(args.point, args.point // 10)]
+    if args.grow:
+        points = [(100, 10), (500, 50)] if args.quick else [(1000, 100), (5000, 500)]
+    reconciler_only = (args.churn or args.idle) and not (args.grow or args.point)
     for mode in ("sotw", "delta") if args.xds == "both" else (args.xds,):
         delta = mode == "delta"
-        base = asyncio.run(run(args.services, 10, envoys=False, delta=delta))
-        big = asyncio.run(run(args.services, args.proxies, envoys=True, delta=delta))
-        report(args.services, args.proxies, mode, base, big)
+        if not reconciler_only:
+            results = []
+            for i, (services, proxies) in enumerate(points):
+                base = asyncio.run(run(services, 10, envoys=False, delta=delta)) if i == 0 else None
+                big = asyncio.run(run(services, proxies, envoys=True, delta=delta))
+                report(services, proxies, mode, base, big)
+                results.append((services, proxies, big))
+            if len(results) > 1:
+                report_growth(mode, results)
+            if args.profile:
+                import cProfile
+
+                prof = cProfile.Profile()
+                asyncio.run(run(points[0][0], points[0][1], envoys=True, delta=delta, profile=prof))
+                report_profile(mode, prof, what=f"full push (render + push/ACK), {points[0][0]} x {points[0][1]}")
+        if args.churn or args.idle:
+            import cProfile
+
+            idle_prof = cProfile.Profile() if args.profile and args.idle else None
+            r = asyncio.run(churn_and_idle(args.services, args.proxies, seconds=args.churn_seconds if args.churn else 0,
+                                           every=args.churn_every, idle=args.idle, delta=delta, profile=idle_prof))
+            report_churn(args.services, args.proxies, mode, r, every=args.churn_every)
+            if idle_prof is not None:
+                report_profile(mode, idle_prof, what="the idle reconciler", top=10)
     return 0
 
 

@@ -1,0 +1,51 @@
+"""The arithmetic bench/scale.py prints its churn and growth figures with.
+
+commit -> converged is the figure issue 15 judges coalescing by; a mistake here would make a starving
+loop look fast, so the cases that matter are pinned: a skipped commit is covered by a later ACK, the
+slowest proxy decides, and a commit nothing covered is reported as such, not as zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.scale import commit_latencies, growth, pct
+
+COMMITS = [("a", 10.0), ("b", 10.1), ("c", 10.2)]
+
+
+def test_a_commit_converges_when_the_slowest_proxy_acks_it() -> None:
+    acks = [(10.15, "p1", "a"), (10.4, "p2", "a"), (10.5, "p1", "b"), (10.6, "p2", "b"),
+            (10.7, "p1", "c"), (10.9, "p2", "c")]
+    got = commit_latencies(COMMITS, acks, {"p1": None, "p2": None})
+    assert got == pytest.approx([0.4, 0.5, 0.7])
+
+
+def test_a_commit_skipped_by_coalescing_is_covered_by_the_later_one_each_proxy_acks() -> None:
+    # One push carried b and c together: nobody ever ACKed b itself.
+    acks = [(10.3, "p1", "a"), (10.3, "p2", "a"), (10.8, "p2", "c"), (11.0, "p1", "c")]
+    got = commit_latencies(COMMITS, acks, {"p1": None, "p2": None})
+    assert got == pytest.approx([0.3, 0.9, 0.8])
+
+
+def test_acks_are_taken_in_time_order_and_an_older_revision_never_moves_a_proxy_back() -> None:
+    acks = [(10.9, "p1", "a"), (10.5, "p1", "c"), (10.6, "p2", "c")]  # out of order; "a" after "c" is stale
+    got = commit_latencies(COMMITS, acks, {"p1": None, "p2": None})
+    assert got == pytest.approx([0.6, 0.5, 0.4])
+
+
+def test_a_commit_no_ack_covers_is_none_and_the_initial_revision_counts_for_nothing() -> None:
+    acks = [(10.3, "p1", "a"), (10.3, "p2", "a"), (10.35, "p1", "b"), (10.5, "other", "c")]
+    got = commit_latencies(COMMITS, acks, {"p1": "init", "p2": "init"})
+    assert got[0] == pytest.approx(0.3)
+    assert got[1:] == [None, None]  # p2 never got b; a node outside the set does not count
+
+
+def test_percentiles_are_measured_values_and_growth_divides_like_figures() -> None:
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert (pct(values, 50), pct(values, 0), pct(values, 100), pct(values, 99)) == (3.0, 1.0, 5.0, 5.0)
+    assert math.isnan(pct([], 50))
+    assert growth({"full": 2.0, "rss": 100.0, "zero": 0.0}, {"full": 9.0, "rss": 250.0, "zero": 1.0}) == {
+        "full": 4.5, "rss": 2.5}
