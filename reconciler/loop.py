@@ -150,6 +150,11 @@ class Reconciler:
             await asyncio.gather(watcher, stopper, rollouts, watchdog, ca, return_exceptions=True)
 
     async def _watch(self) -> None:
+        """Apply each head the source reports. Commits that land during an apply are coalesced, with no
+        debounce: the watch reads the head only when asked for the next one, so the next apply is of the
+        newest commit and those in between are never loaded (a push starts at most one apply after the first
+        pending commit; the latest intent wins). bench/scale.py --churn measures it: a commit every 100 ms at
+        1000 services gave 300 commits -> 16-17 pushes. tests/unit/reconciler/test_coalesce.py holds it."""
         async for sha in self.source.watch(poll_interval=self.config.poll_interval):
             if self.suspended:  # `lockgate suspend`: noticed (revision.head), not applied
                 await self._hold(sha)
