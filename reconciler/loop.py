@@ -40,7 +40,7 @@ from reconciler.source.base import DEFAULT_AUTHOR, GitError, StaleParent
 from reconciler.source.base import trailers as commit_trailers
 from reconciler.source.signatures import SignaturePolicy
 from reconciler.source.worker import GitWorker
-from reconciler.state import STATUS_FILE, read_json, write_json
+from reconciler.state import STATUS_FILE, SUSPENDED_FILE, read_json, write_json
 from rollouts.writeback import TRAILER_DECISION
 
 log = logging.getLogger("lockgate")
@@ -591,8 +591,6 @@ class Reconciler:
         self.git.close()
 
 
-SUSPENDED_FILE = "suspended.json"
-"""In the state dir while `lockgate suspend` holds: `{"at", "applied"}` (what a restart serves)."""
 ROLLBACK_TIMEOUT = 120.0
 """Seconds a rollback's commit (and its push to a remote) may take."""
 ROLLBACK_TO = "Lockgate-Rollback-To"

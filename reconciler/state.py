@@ -16,6 +16,9 @@ DEFAULT_STATE_DIR = Path(".lockgate")
 TEMPLATE = Path(__file__).resolve().parent.parent / "repo-template"
 """The intent repository a new user starts from (`lockgate init`, the demo)."""
 STATUS_FILE = "status.json"
+SUSPENDED_FILE = "suspended.json"
+"""In the state dir while `lockgate suspend` holds: `{"at", "applied"}` (what a restart serves); here, not in
+the loop, so `lockgate suspend` with no `up` running needs no import of the loop."""
 ROLLOUTS_DIR = "rollouts"
 """Each rollout's state file, its commands and decisions.jsonl (the controller's; read by the exporter)."""
 

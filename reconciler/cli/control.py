@@ -17,10 +17,12 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reconciler.loop import SUSPENDED_FILE, Reconciler, RollbackRefused
-from reconciler.state import DEFAULT_STATE_DIR, STATUS_FILE, pid_alive, read_json, write_json
+from reconciler.state import DEFAULT_STATE_DIR, STATUS_FILE, SUSPENDED_FILE, pid_alive, read_json, write_json
+
+if TYPE_CHECKING:  # the loop only where `up` runs: every other command starts without importing it
+    from reconciler.loop import Reconciler
 
 log = logging.getLogger("lockgate")
 
@@ -114,6 +116,8 @@ async def act(rec: Reconciler, command: dict[str, Any]) -> dict[str, Any]:
         serving = (rec.applied or "-")[:12]
         return {"ok": True, "message": ("resumed" if was else "not suspended") + f": serving {serving}"}
     if action == "rollback":
+        from reconciler.loop import RollbackRefused
+
         rev = command.get("rev")
         try:
             done = await rec.rollback(rev if isinstance(rev, str) and rev else None)

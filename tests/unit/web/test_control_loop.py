@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from mesh.xds.snapshot import ROUTE, Snapshot
-from reconciler.loop import SUSPENDED_FILE, Reconciler, RollbackRefused, UpConfig
+from reconciler.loop import Reconciler, RollbackRefused, UpConfig
 from reconciler.source.git import Pygit2Source, init_repo
+from reconciler.state import SUSPENDED_FILE
 from tests.fixtures.intents import TEMPLATE
 from tests.fixtures.runtime import FakeRuntime
 
