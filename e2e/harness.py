@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh.envoy import admin_request
+from reconciler.state import read_status
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
@@ -77,8 +78,10 @@ class Up:
     def status(self) -> dict[str, Any]:
         if self.proc.poll() is not None:
             raise RuntimeError(f"lockgate up exited with {self.proc.returncode}; log:\n{self.log.read_text()}")
-        out = lockgate("status", "--json", "--state-dir", str(self.state_dir))
-        status: dict[str, Any] = json.loads(out.stdout)
+        # What `lockgate status --json` prints (the same function), read here: the harness polls it many times
+        # a second, and a CLI process per poll took CPU from the mesh under test (tests/unit/reconciler/
+        # test_cli_light.py and the CLI tests cover the command itself).
+        status = read_status(self.state_dir)
         for c in status["clusters"]:
             self.child_pids |= {p["pid"] for p in c["proxies"] if p.get("pid")}
         self.child_pids |= {w["pid"] for w in status.get("workloads", []) if w.get("pid")}

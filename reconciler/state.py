@@ -53,3 +53,11 @@ def pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_status(state_dir: Path) -> dict[str, Any]:
+    """What `lockgate status --json` prints: the status `up` last wrote, with `lockgate.running` checked now
+    (a SIGKILLed `up` leaves its last status behind). FileNotFoundError when no `up` ever wrote one."""
+    status: dict[str, Any] = read_json(state_dir / STATUS_FILE)
+    status["lockgate"]["running"] = pid_alive(status["lockgate"].get("pid"))
+    return status

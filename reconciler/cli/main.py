@@ -8,7 +8,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from reconciler.state import DEFAULT_STATE_DIR, TEMPLATE
 
@@ -326,16 +325,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from reconciler.state import STATUS_FILE, pid_alive, read_json
+    from reconciler.state import STATUS_FILE, read_status
 
-    path = args.state_dir / STATUS_FILE
     try:
-        status: dict[str, Any] = read_json(path)
+        status = read_status(args.state_dir)
     except FileNotFoundError:
-        print(f"lockgate status: no {path}; is `lockgate up` running with --state-dir {args.state_dir}?",
-              file=sys.stderr)
+        print(f"lockgate status: no {args.state_dir / STATUS_FILE}; is `lockgate up` running with --state-dir "
+              f"{args.state_dir}?", file=sys.stderr)
         return 1
-    status["lockgate"]["running"] = pid_alive(status["lockgate"].get("pid"))
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
