@@ -122,6 +122,14 @@ class NotificationSpec(Model):
         return parse_duration_ms(self.timeout) / 1000.0
 
 
+class OutboundTrafficPolicy(Model):
+    mode: Literal["REGISTRY_ONLY", "ALLOW_ANY"] = "REGISTRY_ONLY"
+    """What a sidecar does with a host nobody declared (neither a Service nor an ExternalService):
+    REGISTRY_ONLY refuses it (502, the body naming this policy); ALLOW_ANY forwards it, resolving the host
+    by DNS. Istio's default is ALLOW_ANY; lockgate's stays REGISTRY_ONLY, what it always did (secure by
+    default, and existing meshes keep their behaviour)."""
+
+
 class MeshSpec(Model):
     trust_domain: str = Field(pattern=r"^[a-z0-9.-]+$")
     """SPIFFE trust domain shared by every cluster (spiffe://<trustDomain>/ns/..)."""
@@ -129,6 +137,7 @@ class MeshSpec(Model):
     mtls: MeshMTLS = Field(default_factory=MeshMTLS)
     notifications: list[NotificationSpec] = Field(default_factory=list)
     """Sinks that get the decisions of every Rollout in the mesh (besides each Rollout's own)."""
+    outbound_traffic_policy: OutboundTrafficPolicy = Field(default_factory=OutboundTrafficPolicy)
 
 
 # --- Service ----------------------------------------------------------------------------------------
@@ -196,8 +205,8 @@ class WorkloadSpec(Model):
     service_account: Name | None = None
     """Identity in the SPIFFE id (spiffe://<td>/ns/<ns>/sa/<serviceAccount>); defaults to the service name."""
     egress: list[str] | None = None
-    """Services this workload calls (`svc` in its namespace, or `svc.ns`); its sidecar gets only their
-    routes and clusters. Absent: every service."""
+    """Services and ExternalServices this workload calls (`name` in its namespace, or `name.ns`); its sidecar
+    gets only their routes and clusters. Absent: every one."""
 
 
 # --- Route ------------------------------------------------------------------------------------------
@@ -583,6 +592,61 @@ class TrafficPolicySpec(PolicySettings):
         return base.model_copy(update=changes)
 
 
+# --- ExternalService --------------------------------------------------------------------------------
+
+
+EXTERNAL_PROTOCOLS = ("HTTP", "HTTPS", "TLS", "TCP")
+"""How an external port is spoken: HTTP (routed by Host), HTTPS (HTTP inside TLS), TLS or TCP (opaque)."""
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+"""Where the proxies' host keeps its trusted roots (Debian's bundle): the default for TLS origination."""
+
+
+class ExternalPort(Model):
+    name: Name
+    number: int = Field(ge=1, le=65535)
+    """The port the app asks for (`http://host:number/`, `CONNECT host:number`) and, unless an endpoint says
+    otherwise, the port connected to."""
+    protocol: str = "HTTP"
+    """HTTP, HTTPS, TLS or TCP."""
+
+
+class ExternalEndpoint(Model):
+    address: str = Field(min_length=1)
+    """An IP address or a DNS name (resolved by the proxy)."""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    """Where to connect instead of the port's number (a test server on 127.0.0.1:PORT, say)."""
+
+
+class ExternalTLS(Model):
+    mode: Literal["originate", "passthrough"]
+    """originate: the app speaks plain HTTP to its sidecar, which speaks TLS to the service (HTTP and
+    HTTPS ports). passthrough: the app's own TLS goes through untouched, tunnelled by `CONNECT host:port`
+    (HTTPS and TLS ports; what the app does without `tls` on such ports too)."""
+    sni: str | None = None
+    """originate: the server name sent (default: the host asked for)."""
+    ca_certificates: str | None = None
+    """originate: PEM roots the server's certificate must chain to (default: the system bundle)."""
+    subject_alt_names: list[str] = Field(default_factory=list)
+    """originate: DNS names the server's certificate must hold one of (default: the host asked for)."""
+
+
+class ExternalServiceSpec(Model):
+    """A service outside the mesh the workloads may call (Istio's ServiceEntry)."""
+
+    hosts: list[str] = Field(min_length=1)
+    """DNS names the apps use for it (no wildcards); unique across ExternalServices and mesh Services."""
+    ports: list[ExternalPort] = Field(min_length=1)
+    endpoints: list[ExternalEndpoint] = Field(default_factory=list)
+    """Where it is; none: the proxy resolves the host by DNS."""
+    tls: ExternalTLS | None = None
+    timeout: Duration | None = None
+    """Whole HTTP request, retries included (HTTP routed ports); left out: none, as for mesh routes."""
+    retries: Retries | None = None
+    """Replaces the mesh's default retries (HTTP routed ports); `attempts: 0` turns them off."""
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierDetection | None = None
+
+
 # --- Envelopes --------------------------------------------------------------------------------------
 
 
@@ -627,13 +691,19 @@ class TrafficPolicy(ResourceBase):
     spec: TrafficPolicySpec
 
 
-Resource = Mesh | Service | Workload | Route | TrafficPolicy
+class ExternalService(ResourceBase):
+    kind: Literal["ExternalService"]
+    spec: ExternalServiceSpec
+
+
+Resource = Mesh | Service | Workload | Route | TrafficPolicy | ExternalService
 KINDS: dict[str, type[ResourceBase]] = {
     "Mesh": Mesh,
     "Service": Service,
     "Workload": Workload,
     "Route": Route,
     "TrafficPolicy": TrafficPolicy,
+    "ExternalService": ExternalService,
 }
 
 

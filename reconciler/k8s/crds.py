@@ -37,7 +37,7 @@ CLUSTER_SCOPED = frozenset({"Mesh"})
 suggest there could be one per namespace."""
 SHORT_NAMES = {"Mesh": "lgmesh", "Service": "lgsvc", "Workload": "lgwl", "Route": "lgroute",
                "TrafficPolicy": "lgtp", "PeerAuthentication": "lgpa", "AuthorizationPolicy": "lgap",
-               "RateLimit": "lgrl", "Rollout": "lgro", GITSOURCE_KIND: "lggs"}
+               "RateLimit": "lgrl", "Rollout": "lgro", "ExternalService": "lgext", GITSOURCE_KIND: "lggs"}
 """`kubectl get services` means the core kind, and Istio's plurals (peerauthentications, ...) clash too: a
 prefix no one else uses keeps short names unambiguous; `kubectl get lockgate` lists them all (the category)."""
 MAX_DEPTH = 32
