@@ -7,19 +7,23 @@ Pure: takes parsed resources, returns findings that point at a resource and a fi
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import re2
+from cryptography import x509
 from pydantic.alias_generators import to_camel
 
 from mesh.intent import (
     APP_PROTOCOLS,
     DNS_LABEL,
+    EXTERNAL_PROTOCOLS,
     FAILOVER_LABELS,
     L4_PROTOCOLS,
     PROTOCOLS,
+    ExternalService,
     HeaderOperations,
     HTTPRule,
     LocalityLbSetting,
@@ -92,18 +96,22 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
             cluster_names.add(c.name)
 
     services = {(r.metadata.namespace, r.metadata.name): r for r in resources if isinstance(r, Service)}
+    externals = {(r.metadata.namespace, r.metadata.name) for r in resources if isinstance(r, ExternalService)}
     governed = {key for r in resources if (key := r.governs()) is not None}
     for i, r in enumerate(resources):
         if isinstance(r, Service):
             out += _check_service(i, r)
         elif isinstance(r, Workload):
-            out += _check_workload(i, r, services, cluster_names, bool(meshes))
+            out += _check_workload(i, r, services, cluster_names, bool(meshes), externals=externals)
         elif isinstance(r, Route):
             out += _check_route(i, r, services, governed=(r.metadata.namespace, r.spec.service) in governed)
         elif isinstance(r, TrafficPolicy):
             out += _check_traffic_policy(i, r, services, mesh_clusters)
+        elif isinstance(r, ExternalService):
+            out += _check_external(i, r)
     out += _check_route_conflicts(resources)
     out += _check_policy_conflicts(resources)
+    out += _check_external_conflicts(resources)
     return out
 
 
@@ -168,7 +176,8 @@ def _unknown_service(ns: str, name: str, services: dict[tuple[str, str], Service
 
 
 def _check_workload(
-    i: int, w: Workload, services: dict[tuple[str, str], Service], clusters: set[str], have_mesh: bool
+    i: int, w: Workload, services: dict[tuple[str, str], Service], clusters: set[str], have_mesh: bool, *,
+    externals: set[tuple[str, str]] | None = None,
 ) -> list[Finding]:
     out = []
     ns = w.metadata.namespace
@@ -192,7 +201,7 @@ def _check_workload(
                                        "or service.namespace"))
             continue
         svc_name, _, svc_ns = name.partition(".")
-        if (svc_ns or ns, svc_name) not in services:
+        if (svc_ns or ns, svc_name) not in services and (svc_ns or ns, svc_name) not in (externals or set()):
             out.append(Finding(i, loc, _unknown_service(svc_ns or ns, svc_name, services)))
     for j in _dupes([n if "." in n else f"{n}.{ns}" for n in egress]):
         out.append(Finding(i, ("spec", "egress", j), f"service {egress[j]!r} listed twice"))
@@ -555,4 +564,135 @@ def _check_route_conflicts(resources: Sequence[ResourceBase]) -> list[Finding]:
                                    f"host {host!r} is already exposed by Route "
                                    f"{prev.metadata.namespace}/{prev.metadata.name}"))
             host_owner.setdefault(host, r)
+    return out
+
+
+# --- ExternalService --------------------------------------------------------------------------------------
+
+_DNS_NAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_SAN = re.compile(r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why a host of an ExternalService is not one (None: it is): a DNS name or an IP, no wildcard, no port."""
+    if "*" in host:
+        return f"wildcard host {host!r} is not supported: list each name"
+    if ":" in host and not _is_ip(host):
+        return f"host {host!r} has a port: give the name alone (ports go in `ports`)"
+    if not (_DNS_NAME.match(host) or _is_ip(host)):
+        return f"invalid host {host!r}: use a lower-case DNS name or an IP address"
+    return None
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _pem_problem(text: str) -> str | None:
+    """Why `caCertificates` is not PEM certificates (None: it is), as Envoy would refuse it when loading."""
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        return "caCertificates holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+    try:
+        x509.load_pem_x509_certificates(text.encode())
+    except ValueError as exc:
+        return f"caCertificates is not valid PEM: {exc}"
+    return None
+
+
+def _check_external(i: int, es: ExternalService) -> list[Finding]:
+    """One ExternalService on its own: names, ports, and whether its TLS mode fits its ports' protocols."""
+    spec = es.spec
+    out: list[Finding] = []
+    for j, host in enumerate(spec.hosts):
+        if (why := _host_problem(host)) is not None:
+            out.append(Finding(i, ("spec", "hosts", j), why))
+    out += [Finding(i, ("spec", "hosts", j), f"host {spec.hosts[j]!r} listed twice") for j in _dupes(spec.hosts)]
+    out += [Finding(i, ("spec", "ports", j, "name"), f"duplicate port name {spec.ports[j].name!r}")
+            for j in _dupes([p.name for p in spec.ports])]
+    out += [Finding(i, ("spec", "ports", j, "number"), f"duplicate port {spec.ports[j].number}")
+            for j in _dupes([p.number for p in spec.ports])]
+    known = True
+    for j, port in enumerate(spec.ports):
+        if port.protocol.upper() not in EXTERNAL_PROTOCOLS:
+            known = False
+            out.append(Finding(i, ("spec", "ports", j, "protocol"), f"unknown protocol {port.protocol!r} "
+                               f"({_did_you_mean(port.protocol.upper(), EXTERNAL_PROTOCOLS)})"))
+    for j, ep in enumerate(spec.endpoints):
+        if not (_DNS_NAME.match(ep.address) or _is_ip(ep.address)):
+            out.append(Finding(i, ("spec", "endpoints", j, "address"),
+                               f"invalid address {ep.address!r}: use an IP address or a DNS name"))
+    if known:
+        out += _check_external_tls(i, es)
+    http = [p for p in spec.ports if p.protocol.upper() == "HTTP"
+            or (p.protocol.upper() == "HTTPS" and spec.tls is not None and spec.tls.mode == "originate")]
+    if known and not http:
+        for name in ("timeout", "retries"):
+            if getattr(spec, name) is not None:
+                out.append(Finding(i, ("spec", name), f"{name} applies to HTTP requests, and every port here is "
+                                   "tunnelled (CONNECT): it changes nothing", warning=True))
+    if spec.retries is not None:
+        out += _check_retries(spec.retries, spec.timeout, ("spec", "retries"), i)
+    return out
+
+
+def _check_external_tls(i: int, es: ExternalService) -> list[Finding]:
+    """originate needs HTTP to route (HTTP, HTTPS ports); passthrough needs the app's TLS (HTTPS, TLS ports)."""
+    tls = es.spec.tls
+    if tls is None:
+        return []
+    out: list[Finding] = []
+    fits = ("HTTP", "HTTPS") if tls.mode == "originate" else ("HTTPS", "TLS")
+    why = ("the sidecar must read HTTP requests to originate TLS for them" if tls.mode == "originate" else
+           "passthrough carries the app's own TLS")
+    for j, port in enumerate(es.spec.ports):
+        if port.protocol.upper() not in fits:
+            out.append(Finding(i, ("spec", "ports", j, "protocol"),
+                               f"port {port.name!r} speaks {port.protocol.upper()}, but tls.mode is {tls.mode}: "
+                               f"{why} (ports {' or '.join(fits)}); split it into another ExternalService"))
+    if tls.mode == "passthrough":
+        for name in ("sni", "ca_certificates", "subject_alt_names"):
+            if getattr(tls, name):
+                out.append(Finding(i, ("spec", "tls", to_camel(name)), f"{to_camel(name)} applies only to "
+                                   "tls.mode originate (with passthrough the app does its own TLS)"))
+        return out
+    if tls.sni is not None and _host_problem(tls.sni) is not None:
+        out.append(Finding(i, ("spec", "tls", "sni"), f"invalid sni {tls.sni!r}: use a DNS name"))
+    if tls.ca_certificates is not None and (bad := _pem_problem(tls.ca_certificates)) is not None:
+        out.append(Finding(i, ("spec", "tls", "caCertificates"), bad))
+    for j, san in enumerate(tls.subject_alt_names):
+        if not _SAN.match(san):
+            out.append(Finding(i, ("spec", "tls", "subjectAltNames", j),
+                               f"invalid subject alt name {san!r}: use a DNS name (`*.` allowed first)"))
+    return out
+
+
+def _check_external_conflicts(resources: Sequence[ResourceBase]) -> list[Finding]:
+    """A host has one owner: one ExternalService, never a mesh Service's name (`svc.ns`, or `svc` as sidecars
+    of its namespace call it); an ExternalService and a Service never share a name (egress lists name both)."""
+    out: list[Finding] = []
+    mesh_names: dict[str, Service] = {}
+    for r in resources:
+        if isinstance(r, Service):
+            mesh_names.setdefault(f"{r.metadata.name}.{r.metadata.namespace}", r)
+            mesh_names.setdefault(r.metadata.name, r)
+    keys = {(r.metadata.namespace, r.metadata.name) for r in resources if isinstance(r, Service)}
+    owner: dict[str, ExternalService] = {}
+    for i, r in enumerate(resources):
+        if not isinstance(r, ExternalService):
+            continue
+        if (r.metadata.namespace, r.metadata.name) in keys:
+            out.append(Finding(i, ("metadata", "name"), f"Service {r.metadata.namespace}/{r.metadata.name} has this "
+                               "name too: a workload's egress would be ambiguous; rename one"))
+        for j, host in enumerate(r.spec.hosts):
+            if (svc := mesh_names.get(host)) is not None:
+                out.append(Finding(i, ("spec", "hosts", j), f"host {host!r} is the name of mesh Service "
+                                   f"{svc.metadata.namespace}/{svc.metadata.name}: sidecars route it there"))
+            elif (first := owner.get(host)) is not None and first.key != r.key:
+                out.append(Finding(i, ("spec", "hosts", j), f"host {host!r} is already declared by ExternalService "
+                                   f"{first.metadata.namespace}/{first.metadata.name}"))
+            owner.setdefault(host, r)
     return out
