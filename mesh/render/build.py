@@ -14,6 +14,7 @@ from mesh.intent import Intent
 from mesh.render.clusters import for_protocol as cluster_protocol
 from mesh.render.clusters import inbound_cluster, outbound_clusters
 from mesh.render.context import Ctx, Extension, GatewayResources, Proxy, RenderCache, Shared, shared_set
+from mesh.render.egress import EgressRender, outbound_listener
 from mesh.render.listeners import any_fault, listener_config
 from mesh.render.listeners import for_protocol as listener_protocol
 from mesh.render.routes import inbound_routes, ingress_vhosts, outbound_config, route_config
@@ -44,6 +45,7 @@ def render(
         prints = cache.prints
     cache.prints = prints
     shared = Shared(intent=intent, cache=cache, prints=prints)
+    leaving = EgressRender(intent=intent, cache=cache)  # ExternalServices and the outbound traffic policy
     by_service = _with_endpoint_hooks(shared, extensions, outbound_clusters(intent, topology, cache))
     base_inbound = inbound_routes()
     inbound_sets = {id(base_inbound): (base_inbound, ResourceSet([base_inbound]))}
@@ -92,28 +94,32 @@ def render(
                                          fault=any_fault(shared, exposed))]
             routes = [ResourceSet([route_config("ingress", ingress_vhosts(ctx))])]
             own: list[dict[str, Any]] = []
+            outside: list[ResourceSet] = []
         else:
             allowed = egress(intent, proxy)
             reach = everything if allowed is None else tuple(key for key in everything if key in allowed)
             clusters, endpoints, fault = for_reach(ctx, reach)
+            exits = leaving.for_sidecar(namespace=proxy.namespace, allowed=allowed, reach=reach)
             listeners = [  # the app's protocol first, so extensions see the listeners they will serve
                 listener_protocol(intent, proxy, listener_config("inbound", proxy.address, proxy.inbound_port,
                                                                  ingress=False)),
-                listener_protocol(intent, proxy, listener_config(
+                outbound_listener(listener_protocol(intent, proxy, listener_config(
                     "outbound", proxy.outbound_address or proxy.address, proxy.outbound_port, ingress=False,
-                    proxy=True, fault=fault)),
+                    proxy=True, fault=fault)), allow_any=exits.allow_any),
                 *tcp_outbound(intent, proxy, reach),
             ]
             # A TCP service's inbound listener has no routes (tcp_proxy): no inbound route configuration.
             inbound = [] if is_tcp(intent, proxy.namespace, proxy.service) else [inbound_for(ctx)]
-            routes = [*inbound, outbound_config(ctx, proxy, reach)]
+            routes = [*inbound, outbound_config(ctx, proxy, reach, external=exits.vhosts, catch_all=exits.catch_all,
+                                                external_key=exits.key)]
             own = [ctx.cluster(cluster_protocol(intent, proxy, inbound_cluster(proxy)))]
+            outside = [exits.clusters]  # no extension hooks: the mesh's mTLS is not for servers outside it
         if not shared_hooks:
             clusters = ResourceSet([ctx.cluster(c) for key in reach for c in by_service[key][0]])
         out[proxy.node_id] = Snapshot.compose(
             listeners=[ResourceSet([ctx.listener(x) for x in listeners])],
             routes=routes,
-            clusters=[clusters, ResourceSet(own)],
+            clusters=[clusters, ResourceSet(own), *outside],
             endpoints=[endpoints],
             secrets=[ResourceSet(ctx.secrets())],
             revision=revision,

@@ -64,13 +64,15 @@ NO_TIMEOUT = "0s"
 """Envoy's default route timeout is 15 s; Istio, and so lockgate, sets none unless a rule asks."""
 
 
-def route_config(name: str, vhosts: list[dict[str, Any]]) -> dict[str, Any]:
-    catch_all = {
-        "name": "not-found",
-        "domains": ["*"],
-        "routes": [{"match": {"prefix": "/"},
-                    "direct_response": {"status": 404, "body": {"inline_string": NOT_FOUND_BODY}}}],
-    }
+def route_config(name: str, vhosts: list[dict[str, Any]], catch_all: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`vhosts` and a catch-all: `catch_all` (the outbound side's, from the outbound traffic policy), else 404."""
+    if catch_all is None:
+        catch_all = {
+            "name": "not-found",
+            "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"},
+                        "direct_response": {"status": 404, "body": {"inline_string": NOT_FOUND_BODY}}}],
+        }
     return {"name": name, "virtual_hosts": [*vhosts, catch_all]}
 
 
@@ -96,19 +98,25 @@ def ingress_vhosts(ctx: Ctx) -> list[dict[str, Any]]:
     return vhosts
 
 
-def outbound_config(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> ResourceSet:
+def outbound_config(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
+                    external: Sequence[dict[str, Any]] = (), catch_all: dict[str, Any] | None = None,
+                    external_key: tuple[tuple[str, str], ...] = ()) -> ResourceSet:
     """The sidecar's outbound route configuration: one shared set for every sidecar of the same namespace
     and egress (unless an extension's route hook depends on the proxy), kept across renders while its
-    virtual hosts are the same objects."""
-    key = (me.namespace, tuple(sorted(reach)))
+    virtual hosts are the same objects. `external` (the ExternalServices' virtual hosts) and `catch_all`
+    come from render/egress, `external_key` (pairs no mesh service can spell) telling apart configurations
+    that differ by them."""
+    mesh = tuple(sorted(reach))
+    key = (me.namespace, mesh + external_key)
     if any(ext.routes_per_proxy for ext in ctx.extensions):
-        return ResourceSet([route_config("outbound", _mesh_vhosts(ctx, me, key[1]))])
+        return ResourceSet([route_config("outbound", [*_mesh_vhosts(ctx, me, mesh), *external], catch_all)])
     found = ctx.shared.configs.get(key)
     if found is None:
-        vhosts = _mesh_vhosts(ctx, me, key[1])
+        vhosts = [*_mesh_vhosts(ctx, me, mesh), *external]
         prev = ctx.shared.cache.configs.get(key)
-        config = prev[1] if prev is not None and same(prev[0], vhosts) else route_config("outbound", vhosts)
-        ctx.shared.cache.configs[key] = (tuple(vhosts), config)
+        parts = (*vhosts, catch_all)
+        config = prev[1] if prev is not None and same(prev[0], parts) else route_config("outbound", vhosts, catch_all)
+        ctx.shared.cache.configs[key] = (parts, config)
         found = ctx.shared.configs[key] = config
     return shared_set(ctx.shared.cache, ("routes", key), [found])
 
