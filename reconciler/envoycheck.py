@@ -169,6 +169,10 @@ def _culprit(r: Rejection, resources: Sequence[Any]) -> tuple[Any, tuple[str | i
         svc, _, ns = r.name.split("|")[1].partition(".")
         hit = find("TrafficPolicy", ns, svc)
         return (hit, ("spec",)) if hit is not None else (find("Service", ns, svc), ("spec",))
+    if r.kind == "cluster" and r.name.startswith("outbound_ext|"):  # mesh.render.egress.cluster_name
+        host = r.name.split("|", 2)[2]
+        hit = next((x for x in resources if x.key[0] == "ExternalService" and host in x.spec.hosts), None)
+        return hit, ("spec",) if hit is not None else ()
     if r.kind == "route":
         _, vhost, entry = [*r.name.split(" > "), "", ""][:3]
         svc, _, ns = vhost.partition(".")

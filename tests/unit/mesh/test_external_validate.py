@@ -173,3 +173,16 @@ def test_outbound_traffic_policy_takes_two_modes() -> None:
     found = problems(GOOD, **{"mesh.yaml": mesh})
     assert len(found) == 1 and found[0].startswith("mesh.yaml:10: spec.outboundTrafficPolicy.mode: "), found
     assert "REGISTRY_ONLY" in found[0] and "ALLOW_ANY" in found[0]
+
+
+def test_envoy_refusing_an_external_cluster_points_at_its_external_service() -> None:
+    """`lockgate validate`'s Envoy check names the ExternalService that rendered `outbound_ext|443|host`, not
+    `.:0`."""
+    from reconciler.envoycheck import Rejection, locate
+
+    loaded = load({**template_files(), "external.yaml": GOOD.encode()})
+    rejections = [Rejection(proxy=p, kind="cluster", name="outbound_ext|443|api.external.test", message="bad")
+                  for p in ("east/shop/frontend-v1-0", "east/shop/reviews-v1-0")]
+    [problem] = locate(rejections, loaded)
+    assert (problem.path, problem.line) == ("external.yaml", 4)  # its spec
+    assert "outbound_ext|443|api.external.test" in problem.message
