@@ -47,6 +47,7 @@ from mesh.render.context import (
     service_policy,
     shared_set,
 )
+from mesh.render.tcp import is_tcp
 from mesh.topology import Sidecar
 from mesh.xds.snapshot import ResourceSet
 
@@ -106,7 +107,9 @@ def outbound_config(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
     virtual hosts are the same objects. `external` (the ExternalServices' virtual hosts) and `catch_all`
     come from render/egress, `external_key` (pairs no mesh service can spell) telling apart configurations
     that differ by them."""
-    mesh = tuple(sorted(reach))
+    # A TCP service has no virtual host: its connections go through the sidecar's own TCP listener for it,
+    # and an HTTP request for it meets the catch-all (it would reach an app that speaks no HTTP).
+    mesh = tuple(sorted(key for key in reach if not is_tcp(ctx.shared.intent, *key)))
     key = (me.namespace, mesh + external_key)
     if any(ext.routes_per_proxy for ext in ctx.extensions):
         return ResourceSet([route_config("outbound", [*_mesh_vhosts(ctx, me, mesh), *external], catch_all)])

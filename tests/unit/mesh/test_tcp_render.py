@@ -209,3 +209,13 @@ def test_a_tcp_canary_steps_its_weights_through_the_route_rule(weight: int, expe
                            now=PLANNED_NOW.timestamp(), revision="r1")
     proxy = tcp_proxy(listeners(rendered["east"].snapshots["east/shop/client-v1-0"])["outbound_tcp|9000|echo.shop"])
     assert {k: v for k, v in proxy.items() if k in ("cluster", "weighted_clusters")} == expected
+
+
+def test_a_tcp_service_has_no_virtual_host_in_the_http_outbound_routes() -> None:
+    """An HTTP request through HTTP_PROXY for a TCP service meets the catch-all, not an app speaking no HTTP;
+    its HTTP neighbour keeps its virtual host."""
+    snaps = render(intent=intent_of(MESH + ROUTE_80_20), topology=topo())
+    [outbound] = [r for name, r in snaps["east/shop/client-v1-0"].items(ROUTE).items() if name == "outbound"]
+    domains = {d for vh in outbound["virtual_hosts"] for d in vh["domains"]}
+    assert not any(d.startswith("echo") for d in domains), domains
+    assert "client.shop" in domains
