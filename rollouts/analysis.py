@@ -6,6 +6,11 @@ canary actually served), so they need no instrumentation in the application.
 Before anything is judged, one query per cluster fetches the raw sample times of the canary's series
 over the window (and a little before it): a window Prometheus holds only part of (it restarted, or
 the canary's sidecar is new) is `PartialWindow`, and every check there is no-data.
+
+Which stats depends on the service's protocol (`Queries`, chosen by `queries_for`): HTTP, HTTP/2 and
+gRPC sidecars count requests on their inbound HTTP connection manager; a TCP service's inbound
+listener is a tcp_proxy with no requests to count, so its built-ins count connections to the app
+(`TCP_QUERIES`). The caller passes the protocol it read from the intent, as it passes the namespace.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
+from mesh.intent import L4_PROTOCOLS, Protocol
 from rollouts.advance import CompareData, Observations, PartialData
 from rollouts.intent import MetricSpec, RolloutSpec
 from rollouts.provider import MetricProvider, NoValuesFound, PartialWindow, ProviderError, Samples
@@ -24,11 +31,11 @@ from rollouts.provider import MetricProvider, NoValuesFound, PartialWindow, Prov
 _SEL = ('envoy_http_conn_manager_prefix="inbound",kind="sidecar",service="{{ service }}",'
         'version="{{ version }}",namespace="{{ namespace }}",cluster="{{ cluster }}"')
 REQUESTS_QUERY = f"sum(increase(envoy_http_downstream_rq_total{{{_SEL}}}[{{{{ interval }}}}]))"
-_GRPC_SEL = ('envoy_cluster_name="inbound|app",kind="sidecar",service="{{ service }}",'
-             'version="{{ version }}",namespace="{{ namespace }}",cluster="{{ cluster }}"')
+_APP_SEL = ('envoy_cluster_name="inbound|app",kind="sidecar",service="{{ service }}",'
+            'version="{{ version }}",namespace="{{ namespace }}",cluster="{{ cluster }}"')
 ERRORS_QUERY = (
-    f"(sum(increase(envoy_cluster_grpc_failure{{{_GRPC_SEL}}}[{{{{ interval }}}}]))"
-    f" or 0 * sum(increase(envoy_cluster_grpc_total{{{_GRPC_SEL}}}[{{{{ interval }}}}]))"
+    f"(sum(increase(envoy_cluster_grpc_failure{{{_APP_SEL}}}[{{{{ interval }}}}]))"
+    f" or 0 * sum(increase(envoy_cluster_grpc_total{{{_APP_SEL}}}[{{{{ interval }}}}]))"
     f" or sum(increase(envoy_http_downstream_rq_xx{{{_SEL},envoy_response_code_class=\"5\"}}[{{{{ interval }}}}])))"
 )
 """The failed requests over the interval. A gRPC service's failures are calls whose grpc-status is not 0,
@@ -67,7 +74,70 @@ REACH = 1.1
 missed scrape is no gap, a restart or a series that began inside the window is."""
 LATE = 2.0
 """Scrape intervals the newest sample vouches for after it: the next one may be late or not yet written."""
+
+CONNECTIONS_QUERY = f"sum(increase(envoy_cluster_upstream_cx_total{{{_APP_SEL}}}[{{{{ interval }}}}]))"
+"""A TCP service's "requests": connections its sidecars opened to the app (`inbound|app`) over the interval,
+refused and timed-out attempts included (what minRequests counts for it)."""
+CONNECTION_ERRORS_QUERY = (
+    f"sum(increase(envoy_cluster_upstream_cx_destroy_local{{{_APP_SEL}}}[{{{{ interval }}}}]))"
+    f" + sum(increase(envoy_cluster_upstream_cx_connect_fail{{{_APP_SEL}}}[{{{{ interval }}}}]))"
+    f" - sum(increase(envoy_cluster_upstream_cx_connect_timeout{{{_APP_SEL}}}[{{{{ interval }}}}]))"
+)
+"""A TCP service's failed connections over the interval, on its sidecars' `inbound|app` cluster:
+
+- `upstream_cx_connect_fail`: the app refused the connection or did not accept it within the connect
+  timeout;
+- `upstream_cx_destroy_local`: the app closed its side first. tcp_proxy passes half-closes through, and
+  Envoy names a close after the side that ended last (measured with Envoy 1.40): a client that closes
+  first (its FIN to the app, the app follows) ends as `destroy_remote`, an app that closes first (its FIN
+  to the client, the client follows) as `destroy_local`. Envoy's own closes count there too: a client's
+  reset and a connect timeout (both measured; the timeout is in connect_fail already, hence
+  `- upstream_cx_connect_timeout`, while a refused connect is `destroy_remote`, so counted once), and by
+  the same rule an idle timeout or a drained listener.
+
+So "the server closed first" is a failure. That is right only for protocols where the client closes
+first (request/response sessions, pooled database connections); a protocol whose server ends every
+session (HTTP/1.0-style, a server-side idle timeout) reads as failing: judge such a service on a query of
+its own. Connections the sidecar refused before the app (authorization and rate limits act before
+tcp_proxy; a circuit breaker's `upstream_cx_overflow`) are not counted, and connections still open
+count in the total only (their end counts in the interval it falls in)."""
+TCP_WINDOW_SELECTOR = f"envoy_cluster_upstream_cx_total{{{_APP_SEL}}}"
+"""WINDOW_SELECTOR for a TCP service: one series per canary sidecar, there from the cluster's creation."""
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The templates the built-ins of one kind of service read: what a request and a failure are, which
+    series shows the window, which built-ins exist at all."""
+
+    requests: str
+    """The count minRequests is compared with (and a success rate's denominator)."""
+    errors: str
+    """The failures among `requests` (a success rate's numerator, and what a comparison counts)."""
+    window: str
+    """One series per canary sidecar, whose sample times tell a partial window."""
+    builtins: Mapping[str, str]
+    """Built-in name -> its query; a built-in missing here has no honest series for this protocol."""
+    compare: Mapping[str, str]
+    """Built-ins compared through series of values (request-success-rate compares counts)."""
+
+
+HTTP_QUERIES = Queries(requests=REQUESTS_QUERY, errors=ERRORS_QUERY, window=WINDOW_SELECTOR,
+                       builtins=BUILTIN_QUERIES, compare=COMPARE_QUERIES)
+TCP_QUERIES = Queries(
+    requests=CONNECTIONS_QUERY, errors=CONNECTION_ERRORS_QUERY, window=TCP_WINDOW_SELECTOR,
+    builtins={"request-success-rate": f"100 * (1 - ({CONNECTION_ERRORS_QUERY}) / {CONNECTIONS_QUERY})"},
+    compare={})
+"""No request-duration-p99: tcp_proxy times no requests, and a connection's length
+(`upstream_cx_length_ms`) is how long its client kept it open, not how fast the app answered
+(validation refuses it for a TCP service)."""
 _VAR = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def queries_for(protocol: Protocol) -> Queries:
+    """TCP (and anything else the proxies carry as opaque connections) counts connections; every HTTP
+    flavour counts requests."""
+    return TCP_QUERIES if protocol in L4_PROTOCOLS else HTTP_QUERIES
 
 
 def render_query(template: str, variables: Mapping[str, str]) -> str:
@@ -75,8 +145,9 @@ def render_query(template: str, variables: Mapping[str, str]) -> str:
     return _VAR.sub(lambda m: variables.get(m.group(1), m.group(0)), template)
 
 
-def query_of(metric: MetricSpec) -> str:
-    return BUILTIN_QUERIES[metric.builtin] if metric.builtin is not None else str(metric.query)
+def query_of(metric: MetricSpec, queries: Queries = HTTP_QUERIES) -> str | None:
+    """The metric's PromQL; None for a built-in these queries have no series for (validation refuses it)."""
+    return queries.builtins.get(metric.builtin) if metric.builtin is not None else str(metric.query)
 
 
 def window(spec: RolloutSpec) -> str:
@@ -146,11 +217,11 @@ def check_window(samples: Samples, *, window_s: float) -> None:
     raise PartialWindow(covered_s=max(0.0, covered[worst]), window_s=window_s, why=why)
 
 
-def _window_of(provider: MetricProvider, variables: Mapping[str, str],
-               window_s: float) -> tuple[PartialData | None, float | None]:
+def _window_of(provider: MetricProvider, variables: Mapping[str, str], window_s: float,
+               selector: str = WINDOW_SELECTOR) -> tuple[PartialData | None, float | None]:
     """None when the canary's series cover the whole window (or do not exist: the queries say so); and
     the scrape interval the samples show (None without two samples)."""
-    samples = provider.samples(render_query(WINDOW_SELECTOR, variables), seconds=window_s + HISTORY_S)
+    samples = provider.samples(render_query(selector, variables), seconds=window_s + HISTORY_S)
     known = [s for ts in samples.series.values() if (s := scrape_interval(ts)) is not None]
     step = statistics.median_low(known) if known else None
     try:
@@ -179,16 +250,17 @@ def _count(provider: MetricProvider, promql: str, *, end: float, step: float) ->
 
 
 def compare_data(metric: MetricSpec, provider: MetricProvider, *, variables: Mapping[str, str], baseline: str,
-                 window_s: float, step: float, end: float) -> CompareData:
-    """Canary and baseline measured alike: same cluster, same queries, same instants. ProviderError through."""
+                 window_s: float, step: float, end: float, queries: Queries = HTTP_QUERIES) -> CompareData:
+    """Canary and baseline measured alike: same cluster, same queries, same instants. ProviderError through;
+    KeyError for a built-in `queries` cannot compare (`observe` never asks)."""
     if metric.builtin == "request-success-rate":
         counted = {**variables, "interval": f"{round(window_s * 1000)}ms"}
         base = {**counted, "version": baseline}
-        totals = [_count(provider, render_query(REQUESTS_QUERY, v), end=end, step=step) for v in (counted, base)]
-        errors = [_count(provider, render_query(ERRORS_QUERY, v), end=end, step=step) for v in (counted, base)]
+        totals = [_count(provider, render_query(queries.requests, v), end=end, step=step) for v in (counted, base)]
+        errors = [_count(provider, render_query(queries.errors, v), end=end, step=step) for v in (counted, base)]
         # No 5xx series: that version answered no 5xx; no request series: it served nothing (inconclusive).
         return CompareData(counts=(errors[0] or 0.0, totals[0] or 0.0, errors[1] or 0.0, totals[1] or 0.0))
-    template = COMPARE_QUERIES[metric.builtin] if metric.builtin is not None else str(metric.query)
+    template = queries.compare[metric.builtin] if metric.builtin is not None else str(metric.query)
     sample = {**variables, "interval": f"{round(SAMPLE_WINDOW_STEPS * step * 1000)}ms"}
     points = max(1, round(window_s / step))  # a learnt step of 1.0003 s still gives 5 points in 5 s
     start = end - (points - 1) * step
@@ -200,17 +272,24 @@ def compare_data(metric: MetricSpec, provider: MetricProvider, *, variables: Map
 
 def observe(
     *, spec: RolloutSpec, namespace: str, canary: str, providers: Mapping[str, MetricProvider],
-    stable: str | None = None, now: Callable[[], float] = time.time,
+    stable: str | None = None, now: Callable[[], float] = time.time, protocol: Protocol = "HTTP",
 ) -> Observations:
     """Query every check for every cluster (cluster -> its provider). Offline if any provider is.
+
+    `protocol` is the service's (`Service.spec.protocol`, read from the intent by the caller): it picks
+    what the built-ins count (`queries_for`). A built-in with no series for it (validation refuses
+    those) is an error of that metric and no data, never another protocol's numbers.
 
     A cluster whose window is partial is still queried (the numbers are shown), but `partial` says
     so and `advance.judge` makes every check there no-data."""
     if not providers or not all(p.is_online() for p in providers.values()):
         return Observations(online=False)
+    queries = queries_for(protocol)
     requests: dict[str, float | None] = {}
     values: dict[str, dict[str, float | None]] = {m.name: {} for m in spec.analysis.metrics}
-    errors: dict[str, str] = {}
+    errors = {m.name: f"built-in {m.builtin} has no series for a {protocol} service"
+              for m in spec.analysis.metrics if query_of(m, queries) is None}
+    missing = set(errors)
     partial: dict[str, PartialData] = {}
     compared: dict[str, dict[str, CompareData]] = {m.name: {} for m in spec.analysis.metrics if m.compare}
     baselines = {"stable": stable or spec.stable}
@@ -218,13 +297,13 @@ def observe(
         variables = {"service": spec.service, "version": canary, "namespace": namespace, "cluster": cluster,
                      "interval": window(spec)}
         try:
-            gap, step = _window_of(provider, variables, spec.interval_s)
+            gap, step = _window_of(provider, variables, spec.interval_s, queries.window)
             if gap is not None:
                 partial[cluster] = gap
         except ProviderError as exc:
             return Observations(online=False, errors={"window": str(exc)})
         try:
-            requests[cluster] = provider.query(render_query(REQUESTS_QUERY, variables))
+            requests[cluster] = provider.query(render_query(queries.requests, variables))
         except NoValuesFound:
             requests[cluster] = None
         except ProviderError as exc:
@@ -232,8 +311,12 @@ def observe(
         for m in spec.analysis.metrics:
             if m.min is None and m.max is None:
                 continue  # compared only: its range queries follow
+            promql = query_of(m, queries)
+            if promql is None:
+                values[m.name][cluster] = None
+                continue
             try:
-                values[m.name][cluster] = provider.query(render_query(query_of(m), variables))
+                values[m.name][cluster] = provider.query(render_query(promql, variables))
             except NoValuesFound:
                 values[m.name][cluster] = None
             except ProviderError as exc:
@@ -243,12 +326,12 @@ def observe(
             continue  # a partial window is not judged: nothing to compare
         end = float(math.floor(now()))  # whole seconds: what the range API takes
         for m in spec.analysis.metrics:
-            if m.compare is None:
+            if m.compare is None or m.name in missing:
                 continue
             try:
                 compared[m.name][cluster] = compare_data(
                     m, provider, variables=variables, baseline=baselines[m.compare.baseline],
-                    window_s=spec.interval_s, step=step or DEFAULT_STEP_S, end=end)
+                    window_s=spec.interval_s, step=step or DEFAULT_STEP_S, end=end, queries=queries)
             except ProviderError as exc:
                 errors[m.name] = str(exc)
     return Observations(online=True, requests=requests, values=values, errors=errors, partial=partial,

@@ -11,7 +11,7 @@ import re
 import urllib.parse
 from collections.abc import Sequence
 
-from mesh.intent import Mesh, NotificationSpec, ResourceBase, Service, Workload, parse_duration_ms
+from mesh.intent import L4_PROTOCOLS, Mesh, NotificationSpec, ResourceBase, Service, Workload, parse_duration_ms
 from mesh.validate import Finding
 from rollouts.intent import BASELINES, BUILTINS, Rollout, parse_percent
 
@@ -20,6 +20,12 @@ MIN_SINK_TIMEOUT_MS = 50
 MAX_SINK_TIMEOUT_MS = 10_000
 """A notification is sent off the loop, but a sink that takes longer than this is down."""
 _VERSION = re.compile(r"\{\{\s*version\s*\}\}")
+CONNECTIONS_ONLY = {"request-duration-p99": (
+    "its sidecars time no requests (tcp_proxy), and a connection's length is how long its client kept it open, "
+    "not how fast the app answered; judge it on request-success-rate (its connection failures) or a query of "
+    "your own")}
+"""Built-ins a TCP service's sidecars have no honest series for, and why: the ones rollouts.analysis's
+TCP_QUERIES leaves out (a test keeps the two in step; validation does not import the provider)."""
 
 
 def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
@@ -103,6 +109,9 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
                 close = difflib.get_close_matches(m.builtin, BUILTINS, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(BUILTINS)}"
                 out.append(Finding(i, (*loc, "builtin"), f"unknown builtin metric {m.builtin!r} ({hint})"))
+            elif m.builtin in CONNECTIONS_ONLY and svc is not None and svc.spec.protocol in L4_PROTOCOLS:
+                out.append(Finding(i, (*loc, "builtin"), f"builtin {m.builtin!r} has no series for "
+                                   f"{svc.spec.protocol} service {spec.service!r}: {CONNECTIONS_ONLY[m.builtin]}"))
             if m.min is not None and m.max is not None and m.min > m.max:
                 out.append(Finding(i, (*loc, "min"), f"min {m.min} is above max {m.max}"))
             if (c := m.compare) is not None:
