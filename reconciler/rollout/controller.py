@@ -179,8 +179,10 @@ class RolloutController:
                 judged = judged_clusters(spec, before)  # with waves: only the wave's own Prometheus
                 clusters = self._canary_clusters(ro, before.canary) if judged is None else judged
                 providers = {c: p for c in clusters if (p := self._provider(c)) is not None}
+                svc = self.intent.services.get((key[0], spec.service)) if self.intent is not None else None
                 observing = asyncio.to_thread(observe, spec=spec, namespace=key[0], canary=before.canary,
-                                              stable=before.stable, providers=providers)
+                                              stable=before.stable, providers=providers,
+                                              protocol=svc.spec.protocol if svc is not None else "HTTP")
                 if hooks:  # called beside the queries, each in its own thread
                     obs, answers = await asyncio.gather(observing, asyncio.to_thread(
                         call_hooks, hooks, namespace=key[0], name=key[1], state=before))

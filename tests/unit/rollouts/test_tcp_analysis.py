@@ -8,6 +8,8 @@ import ast
 import operator
 import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -285,3 +287,56 @@ def test_the_same_rollout_on_an_http_service_loads_and_tcp_without_duration_load
 def test_validation_refuses_exactly_the_builtins_the_tcp_queries_lack() -> None:
     assert {b for b in BUILTINS if b not in TCP_QUERIES.builtins} == set(CONNECTIONS_ONLY)
     assert set(BUILTIN_QUERIES) == set(BUILTINS)
+
+
+def test_the_controller_judges_a_tcp_service_by_its_connections(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rollout controller reads the service's protocol from the intent and hands it to observe(): a TCP
+    canary is queried with the connection series (before, every canary was asked HTTP questions)."""
+    import asyncio
+
+    import reconciler.rollout.controller as controller
+    from reconciler.rollout.controller import RolloutController
+    from reconciler.source.git import Pygit2Source, init_repo
+    from rollouts.advance import Observations
+    from tests.fixtures.intents import TEMPLATE, rollout_yaml
+    from tests.fixtures.runtime import FakeRuntime
+
+    mesh = """\
+apiVersion: lockgate.io/v1alpha1
+kind: Mesh
+metadata: {name: mesh}
+spec: {trustDomain: example.org, clusters: [{name: east}]}
+---
+apiVersion: lockgate.io/v1alpha1
+kind: Service
+metadata: {name: echo, namespace: shop}
+spec: {ports: [{name: tcp-echo, port: 9000}], versions: [v1, v2]}
+---
+"""
+    loaded = load({"mesh.yaml": (mesh + rollout_yaml(name="echo", service="echo", interval="500ms",
+                                                     writeBack="off")).encode()})
+    assert loaded.ok and loaded.intent is not None, [str(p) for p in loaded.problems]
+    repo = tmp_path / "repo"
+    init_repo(repo, template=TEMPLATE)
+    source = Pygit2Source.open(str(repo))
+    seen: list[str] = []
+
+    def observe(**kw: Any) -> Observations:
+        seen.append(kw["protocol"])
+        return Observations()
+
+    monkeypatch.setattr(controller, "observe", observe)
+
+    async def main() -> None:
+        ctl = RolloutController(state_dir=tmp_path / "state", source=source, runtime=FakeRuntime(),
+                                on_change=lambda: None)
+        ctl.on_revision(loaded.intent, source.head() or "")
+        for _ in range(100):  # the first analysis is due an interval after the start
+            await ctl.tick()
+            if seen:
+                return
+            await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert seen and set(seen) == {"TCP"}
