@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,7 +21,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from mesh.xds import wire as xds
 from mesh.xds.cache import SnapshotCache
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES, ResourceSet, Snapshot
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES, ResourceSet, Snapshot, part_diff
 
 log = logging.getLogger(__name__)
 
@@ -224,15 +224,20 @@ class _StreamState(_Bound):
         wildcard = type_url in WILDCARD_TYPES
         bodies = []
         for part in snapshot.parts[type_url]:
-            if wildcard or all(n in names for n in part):
+            if wildcard or part.digests.keys() <= names:
                 # The whole part: serialised once per part, however many proxies share it.
                 body = part.wire.get((type_url, None))
                 if body is None:
                     body = part.wire[(type_url, None)] = _framed(type_url, part, list(part))
             else:
-                body = _framed(type_url, part, [n for n in part if n in names])
+                body = _framed(type_url, part, sorted(names.intersection(part.digests)))
             bodies.append(body)
         return Response(type_url=type_url, version_info=version, nonce=nonce, body=b"".join(bodies))
+
+
+Pick = Collection[str] | None
+"""The resources of one part a delta response carries: None for none; the part's own `digests` for all
+of it (whose framed bytes are cached on the part); otherwise a collection of its names."""
 
 
 @dataclass
@@ -251,13 +256,111 @@ class _DeltaType:
     """The snapshot version of this type `known` was last reconciled with; None: never (answer at once)."""
     nonce: str | None = None
     """The latest response not yet ACKed or NACKed."""
-    carried: tuple[str, ...] = ()
-    """Names that response carried (resources and removals): what a NACK is about."""
+    carried: tuple[Collection[str], ...] = ()
+    """Names that response carried (resources and removals): what a NACK is about. Kept as the collections
+    the response was built from: a first fetch carries thousands, and a NACK is rare."""
     refused: set[str] = field(default_factory=set)
     """Names the proxy NACKed and has not since accepted in a newer response."""
+    basis: tuple[ResourceSet, ...] | None = ()
+    """The part objects `known` was last reconciled with (held, so that identity stays meaningful): `known`
+    is exactly the digests of their wanted resources, except names in `touched`. So a part still in the
+    snapshot holds nothing to send, and only replaced parts are compared (`part_diff`, shared by every
+    stream). None: not so (a reconnect's reported versions, a new wildcard subscription): the next
+    reconciliation compares every name once."""
+    touched: set[str] = field(default_factory=set)
+    """Names subscribed to since the last reconciliation: compared one by one then."""
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
+
+    def reconcile(self, parts: tuple[ResourceSet, ...]) -> tuple[list[Pick], list[str]]:
+        """What to send (one pick per part) and what to name as removed so that the proxy holds exactly
+        the wanted resources of `parts`; `known` is updated to that and `parts` become the basis."""
+        picks, removed = self._against_basis(parts) if self.basis is not None else self._against_all(parts)
+        known = self.known
+        for part, pick in zip(parts, picks, strict=True):
+            if pick is part.digests:
+                known.update(part.digests)
+            elif pick:
+                known.update(zip(pick, map(part.digests.__getitem__, pick), strict=True))
+        for name in removed:
+            known.pop(name, None)
+        self.basis = parts
+        self.touched.clear()
+        return picks, sorted(removed)
+
+    def _pick(self, part: ResourceSet, changed: Mapping[str, str] | Collection[str]) -> Pick:
+        """The wanted ones among a part's `changed` names; the part's own digests when that is all of it."""
+        if changed is part.digests and self.wildcard:
+            return part.digests
+        picked = changed if self.wildcard else self.names.intersection(changed)
+        if not picked:
+            return None
+        return part.digests if len(picked) == len(part) else picked
+
+    def _against_all(self, parts: tuple[ResourceSet, ...]) -> tuple[list[Pick], set[str]]:
+        """Every wanted name compared with what the proxy reported holding (set operations on the parts'
+        digest maps; the Python loops run over differences only)."""
+        known = self.known
+        picks: list[Pick] = []
+        for part in parts:
+            digests = part.digests
+            if not known:
+                picks.append(self._pick(part, digests))
+                continue
+            differ = {name for name, _ in digests.items() - known.items()}
+            picks.append(self._pick(part, differ))
+        removed: set[str] = set()
+        if known:
+            present = set().union(*(p.digests.keys() for p in parts))
+            removed = {n for n in known.keys() - present if self.wants(n)}
+            self.known = {n: v for n, v in known.items() if n in present and self.wants(n)}
+        return picks, removed
+
+    def _against_basis(self, parts: tuple[ResourceSet, ...]) -> tuple[list[Pick], set[str]]:
+        """Only parts that are not the basis's objects are compared, each against the basis part it
+        replaces (paired in order; a name that moved between parts is looked up in the others)."""
+        basis = self.basis or ()
+        kept = {id(p) for p in parts} & {id(p) for p in basis}
+        gone = [p for p in basis if id(p) not in kept]
+        came = [i for i, p in enumerate(parts) if id(p) not in kept]
+        picks: list[Pick] = [None] * len(parts)
+        removed: set[str] = set()
+        for k, i in enumerate(came):
+            part = parts[i]
+            diff = part_diff(gone[k] if k < len(gone) else None, part)
+            changed: Mapping[str, str] = diff.changed
+            others = [p for j, p in enumerate(gone) if j != k]
+            if others and diff.added:  # moved here from another replaced part, unchanged: already held
+                same = {n for n in diff.added if any(o.digests.get(n) == part.digests[n] for o in others)}
+                if same:
+                    changed = {n: v for n, v in changed.items() if n not in same}
+            picks[i] = self._pick(part, changed)
+        for k, old in enumerate(gone):
+            after = parts[came[k]] if k < len(came) else None
+            dropped = part_diff(old, after).removed if after is not None else old.digests.keys()
+            others = [parts[i] for j, i in enumerate(came) if j != k]
+            removed.update(n for n in dropped
+                           if n in self.known and not any(n in p.digests for p in others))
+        if self.touched:
+            self._touched(parts, picks, removed)
+        return picks, removed
+
+    def _touched(self, parts: tuple[ResourceSet, ...], picks: list[Pick], removed: set[str]) -> None:
+        """Add to `picks` and `removed` what names subscribed since the basis need: each compared with what
+        the proxy holds (a part already picked whole needs no look)."""
+        known = self.known
+        for i, part in enumerate(parts):
+            pick = picks[i]
+            if pick is part.digests:
+                continue
+            digests = part.digests
+            more = {n for n in self.touched.intersection(digests) if known.get(n) != digests[n] and self.wants(n)}
+            if more:
+                picks[i] = self._pick(part, more.union(pick or ()))
+        for name in self.touched.intersection(known):
+            if self.wants(name) and not any(name in p.digests for p in parts):
+                removed.add(name)
 
 
 class _DeltaStreamState(_Bound):
@@ -267,7 +370,10 @@ class _DeltaStreamState(_Bound):
     cache wakes it. A response carries only resources whose content digest differs from what the proxy
     holds, plus `removed_resources` for names it holds that the snapshot no longer has. A type whose
     subscribed resources did not change is not answered; the cache is told the proxy holds the new version
-    (it does: everything it asked for is unchanged), so convergence is measured the same way as in SotW."""
+    (it does: everything it asked for is unchanged), so convergence is measured the same way as in SotW.
+
+    The cost of a push is what changed, not the mesh: each type remembers the part objects the proxy is
+    synced with (`_DeltaType.basis`), and only parts render replaced are compared."""
 
     def __init__(self, cache: SnapshotCache, *, wake: Callable[[], None] | None = None,
                  allowed: str | None = None) -> None:
@@ -289,7 +395,7 @@ class _DeltaStreamState(_Bound):
         st = self._types.get(type_url)
         initial = dict(request.initial_resource_versions)
         if st is None:
-            st = self._types[type_url] = _DeltaType(known=initial)
+            st = self._types[type_url] = _DeltaType(known=initial, basis=None if initial else ())
             if initial:
                 self._holding = True  # reconnected under a configuration: never wipe it with an empty answer
             if type_url in WILDCARD_TYPES and not request.resource_names_subscribe:
@@ -298,21 +404,31 @@ class _DeltaStreamState(_Bound):
         if nonce and nonce == st.nonce:
             st.nonce = None
             if request.HasField("error_detail"):
-                st.refused.update(st.carried)
+                for names in st.carried:
+                    st.refused.update(names)
                 self._cache.rejected(node_id, type_url, version=st.synced or "",
-                                     message=str(request.error_detail.message), resources=st.carried)
+                                     message=str(request.error_detail.message),
+                                     resources=tuple(n for names in st.carried for n in names))
             else:
-                st.refused.difference_update(st.carried)
+                if st.refused:
+                    for names in st.carried:
+                        st.refused.difference_update(names)
                 if not st.refused:
                     self._cache.applied(node_id, type_url, st.synced or "")
         # else: no nonce (a subscription change), or one we have since superseded: the newer one decides.
-        for name in request.resource_names_subscribe:
-            if name == "*":
-                st.wildcard = True
-                continue
-            st.names.add(name)
-            if name not in initial:
-                st.known.pop(name, None)  # subscribing again to a held name asks for it again
+        subscribe = set(request.resource_names_subscribe)  # thousands on a first EDS fetch: set operations
+        if "*" in subscribe:
+            subscribe.discard("*")
+            if not st.wildcard and st.basis:
+                st.basis = None  # newly wanted: every held part's other resources
+            st.wildcard = True
+        if subscribe:
+            st.names |= subscribe
+            st.touched |= subscribe
+            asked = subscribe.difference(initial)
+            if asked:
+                for name in asked.intersection(st.known):
+                    del st.known[name]  # subscribing again to a held name asks for it again
                 st.synced = None
         for name in request.resource_names_unsubscribe:
             if name == "*":
@@ -340,42 +456,41 @@ class _DeltaStreamState(_Bound):
             if st is None:
                 continue
             version = snapshot.version(type_url)
+            parts = snapshot.parts[type_url]
             if st.synced == version:
+                if st.basis is not None and not st.touched:
+                    st.basis = parts  # the same content (equal versions): adopt the newer objects
                 continue
-            have = snapshot.digests[type_url]
-            wanted = have if st.wildcard else [n for n in st.names if n in have]
-            changed = sorted(n for n in wanted if st.known.get(n) != have[n])
-            removed = sorted(n for n in st.known if n not in have and st.wants(n))
-            st.known = {n: v for n, v in st.known.items() if st.wants(n) and n in have}
             first = st.synced is None
+            picks, removed = st.reconcile(parts)
             st.synced = version
-            if not changed and not removed and not first:
+            if not removed and not any(picks) and not first:
                 if st.nonce is None and not st.refused:
                     self._cache.applied(self.node_id, type_url, version)
                 continue
-            for n in changed:
-                st.known[n] = have[n]
             self._nonce += 1
-            st.nonce, st.carried = str(self._nonce), (*changed, *removed)
-            body = _delta_body(type_url, snapshot.parts[type_url], set(changed))
+            st.nonce = str(self._nonce)
+            st.carried = (*(p for p in picks if p), removed)
             out.append(DeltaResponse(type_url=type_url, system_version_info=version, nonce=st.nonce,
-                                     body=body, removed=tuple(removed)))
+                                     body=_delta_body(type_url, parts, picks), removed=tuple(removed)))
         return out
 
 
-def _delta_body(type_url: str, parts: tuple[ResourceSet, ...], names: set[str]) -> bytes:
-    """The `names` resources framed for a DeltaDiscoveryResponse. A part sent whole (a proxy's first
+def _delta_body(type_url: str, parts: tuple[ResourceSet, ...], picks: list[Pick]) -> bytes:
+    """The picked resources framed for a DeltaDiscoveryResponse. A part sent whole (a proxy's first
     fetch: three thousand clusters shared by a hundred proxies) is joined once and reused."""
     bodies = []
-    for part in parts:
-        if all(n in names for n in part):
+    for part, pick in zip(parts, picks, strict=True):
+        if not pick:
+            continue
+        if pick is part.digests:
             key = (f"delta:{type_url}", None)
             body = part.wire.get(key)
             if body is None:
                 body = part.wire[key] = b"".join(
                     _delta_resource(type_url, n, part[n], part.digests[n]) for n in part)
         else:
-            body = b"".join(_delta_resource(type_url, n, part[n], part.digests[n]) for n in part if n in names)
+            body = b"".join(_delta_resource(type_url, n, part[n], part.digests[n]) for n in sorted(pick))
         bodies.append(body)
     return b"".join(bodies)
 

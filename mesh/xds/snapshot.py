@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -98,7 +99,7 @@ class ResourceSet(Mapping[str, Resource]):
     one ResourceSet, and every snapshot holding it shares its digests, its version, the names it refers
     to, and (on the ADS server) its serialised form."""
 
-    __slots__ = ("_items", "_refs", "digests", "version", "wire")
+    __slots__ = ("__weakref__", "_diffs", "_items", "_refs", "digests", "version", "wire")
 
     def __init__(self, items: Iterable[Resource] = (), *, key: str = "name") -> None:
         found: dict[str, Resource] = {}
@@ -113,6 +114,8 @@ class ResourceSet(Mapping[str, Resource]):
         self.wire: dict[tuple[str, frozenset[str] | None], bytes] = {}
         """The ADS server's cache of this set's framed resources (by type and requested names)."""
         self._refs: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
+        self._diffs: dict[int, tuple[weakref.ref[ResourceSet], PartDiff]] | None = None
+        """`part_diff` answers with this set as the newer side, by the older set's identity."""
 
     def __getitem__(self, name: str) -> Resource:
         return self._items[name]
@@ -137,6 +140,49 @@ class ResourceSet(Mapping[str, Resource]):
                 frozenset().union(*(resource_secrets(r) for r in values)),
             )
         return self._refs
+
+
+@dataclass(frozen=True, eq=False)
+class PartDiff:
+    """How one ResourceSet differs from the one it replaces (by content digest, name by name)."""
+
+    changed: Mapping[str, str]
+    """Name -> digest in the newer set, for every resource that is new or different there."""
+    added: Collection[str]
+    """Names of the newer set the older one lacks (a subset of `changed`)."""
+    removed: Collection[str]
+    """Names of the older set the newer one lacks."""
+
+
+_DIFFS_KEPT = 8
+"""Diffs remembered per newer set: as many older sets as streams are likely to be behind on."""
+
+
+def part_diff(before: ResourceSet | None, after: ResourceSet) -> PartDiff:
+    """`after` against `before` (None: a set holding nothing, so everything in `after` is new).
+
+    Render keeps a part the same object while nothing in it changes and hands a hundred proxies the same
+    part, so the ADS server diffs a replaced part once per (old, new) pair rather than once per stream and
+    resource. Memoised on `after`, holding `before` weakly: identity stays a safe key (a dead `before`'s id
+    may be reused, and is then recognised as another object), and no chain of old generations is kept alive."""
+    if before is None:
+        return PartDiff(changed=after.digests, added=after.digests.keys(), removed=())
+    memo = after._diffs
+    if memo is None:
+        memo = after._diffs = {}
+    hit = memo.get(id(before))
+    if hit is not None and hit[0]() is before:
+        return hit[1]
+    new, old = after.digests, before.digests
+    found = PartDiff(changed=dict(new.items() - old.items()), added=new.keys() - old.keys(),
+                     removed=old.keys() - new.keys())
+    if len(memo) >= _DIFFS_KEPT:
+        for key in [k for k, (ref, _) in memo.items() if ref() is None]:
+            del memo[key]
+        if len(memo) >= _DIFFS_KEPT:
+            memo.clear()
+    memo[id(before)] = (weakref.ref(before), found)
+    return found
 
 
 class _Merged(Mapping[str, Any]):
