@@ -268,7 +268,7 @@ def egress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Egress]:
 
 
 def test_registry_only_refuses_an_undeclared_destination_clearly_and_counts_it(egress: Egress) -> None:
-    before = egress.stats("http.outbound.rq_direct_response").get("http.outbound.rq_direct_response", 0)
+    before = egress.stats("http.outbound.no_route").get("http.outbound.no_route", 0)
     undeclared = f"http://127.0.0.1:{egress.plain.port}/secret"
     answers = [egress.get(undeclared) for _ in range(5)]
     assert {status for status, _, _ in answers} == {502}, answers
@@ -277,7 +277,7 @@ def test_registry_only_refuses_an_undeclared_destination_clearly_and_counts_it(e
     # CONNECT (an app's https:// through its proxy) to an undeclared destination is refused too.
     assert "502" in egress.connect(f"127.0.0.1:{egress.api.port}")
     assert egress.plain.requests == []  # nothing reached the server
-    after = egress.stats("http.outbound.rq_direct_response")["http.outbound.rq_direct_response"]
+    after = egress.stats("http.outbound.no_route")["http.outbound.no_route"]
     assert after - before == 6, (before, after)
 
 

@@ -224,13 +224,14 @@ def admin_request(admin: str, path: str, *, method: str = "GET", timeout: float 
 
 def static_bootstrap(
     *, listeners: list[Any] = (), routes: list[Any] = (), clusters: list[Any] = (),  # type: ignore[assignment]
-    endpoints: list[Any] = (), secrets: list[Any] = (),  # type: ignore[assignment]
+    endpoints: list[Any] = (), secrets: list[Any] = (), scoped_routes: list[Any] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     """A bootstrap holding xDS resources statically, for `envoy --mode validate`.
 
-    RDS references become inline route configurations, EDS clusters become STATIC with their
-    endpoints, SDS references point at static secrets: the same resources, checked by Envoy itself
-    without a control plane."""
+    RDS references become inline route configurations, scoped RDS an inline list of the scopes (each
+    with its route configuration inline), EDS clusters become STATIC with their endpoints, SDS
+    references point at static secrets: the same resources, checked by Envoy itself without a control
+    plane."""
     by_route = {r["name"]: r for r in routes}
     by_eds = {e["cluster_name"]: e for e in endpoints}
 
@@ -240,6 +241,13 @@ def static_bootstrap(
             if "rds" in out and "route_config_name" in out["rds"]:
                 name = out.pop("rds")["route_config_name"]
                 out["route_config"] = inline(by_route.get(name, {"name": name}))
+            if "scoped_rds" in out and "scope_key_builder" in out:
+                out.pop("scoped_rds")
+                out["scoped_route_configurations_list"] = {"scoped_route_configurations": [
+                    {"name": sc["name"], "key": sc["key"],
+                     "route_configuration": inline(by_route.get(sc["route_configuration_name"],
+                                                                {"name": sc["route_configuration_name"]}))}
+                    for sc in scoped_routes]}
             return out
         if isinstance(value, list):
             return [inline(v) for v in value]

@@ -19,7 +19,7 @@ from typing import Any
 from mesh.envoy import static_bootstrap, validate_config
 from mesh.intent import Intent
 from mesh.render import Extension
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
 from reconciler.pipeline import RolloutStates, ephemeral_certificates, planned_topologies, render_planned
 
 
@@ -35,7 +35,7 @@ class Rejection:
 def _parts(snap: Snapshot) -> dict[str, list[Any]]:
     return {key: [dict(r) for r in snap.items(t).values()] for key, t in
             (("listeners", LISTENER), ("routes", ROUTE), ("clusters", CLUSTER), ("endpoints", ENDPOINT),
-             ("secrets", SECRET))}
+             ("secrets", SECRET), ("scoped_routes", SCOPED_ROUTE))}
 
 
 async def check_with_envoy(intent: Intent, *, states: RolloutStates | None = None,
@@ -97,7 +97,8 @@ async def _check_proxy(node: str, snap: Snapshot, valid: Any) -> list[Rejection]
         return out
     for listener in parts["listeners"]:
         msg = await valid(static_bootstrap(listeners=[listener], routes=parts["routes"], clusters=parts["clusters"],
-                                           endpoints=parts["endpoints"], secrets=parts["secrets"]))
+                                           endpoints=parts["endpoints"], secrets=parts["secrets"],
+                                           scoped_routes=parts["scoped_routes"]))
         if msg is not None:
             out.append(Rejection(node, "listener", listener["name"], msg))
     return out or [Rejection(node, "config", node, message)]
@@ -107,7 +108,8 @@ def _one_route(name: str, vhost: dict[str, Any], entry: dict[str, Any], parts: d
                ) -> dict[str, Any]:
     """A bootstrap with one listener whose route config holds just one route entry."""
     hcm_type = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-    holder = next((x for x in parts["listeners"] if _route_name(x) == name), None)
+    holder = next((x for x in parts["listeners"] if _route_name(x) == name
+                   or (name.startswith("outbound|") and x["name"] == "outbound")), None)  # scoped: per service
     filters = _http_filters(holder) if holder else [
         {"name": "envoy.filters.http.router",
          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]

@@ -15,9 +15,9 @@ from mesh.render.clusters import for_protocol as cluster_protocol
 from mesh.render.clusters import inbound_cluster, outbound_clusters
 from mesh.render.context import Ctx, Extension, GatewayResources, Proxy, RenderCache, Shared, shared_set
 from mesh.render.egress import EgressRender, outbound_listener
-from mesh.render.listeners import any_fault, listener_config
+from mesh.render.listeners import any_fault, listener_config, scoped
 from mesh.render.listeners import for_protocol as listener_protocol
-from mesh.render.routes import inbound_routes, ingress_vhosts, outbound_config, route_config
+from mesh.render.routes import inbound_routes, ingress_vhosts, outbound_config, outbound_scoped, route_config
 from mesh.render.tcp import is_tcp
 from mesh.render.tcp import outbound_listeners as tcp_outbound
 from mesh.topology import ClusterTopology, Gateway, Sidecar
@@ -95,23 +95,34 @@ def render(
             routes = [ResourceSet([route_config("ingress", ingress_vhosts(ctx))])]
             own: list[dict[str, Any]] = []
             outside: list[ResourceSet] = []
+            scopes: list[ResourceSet] = []
         else:
             allowed = egress(intent, proxy)
             reach = everything if allowed is None else tuple(key for key in everything if key in allowed)
             clusters, endpoints, fault = for_reach(ctx, reach)
             exits = leaving.for_sidecar(namespace=proxy.namespace, allowed=allowed, reach=reach)
+            outbound = outbound_listener(listener_protocol(intent, proxy, listener_config(
+                "outbound", proxy.outbound_address or proxy.address, proxy.outbound_port, ingress=False,
+                proxy=True, fault=fault)), allow_any=exits.allow_any)
+            # A TCP service's inbound listener has no routes (tcp_proxy): no inbound route configuration.
+            inbound = [] if is_tcp(intent, proxy.namespace, proxy.service) else [inbound_for(ctx)]
+            # Routes cut per destination (scopes), unless ALLOW_ANY (it needs a catch-all virtual host, which
+            # scopes cannot have) or there is no destination at all (Envoy wants at least one scope).
+            scope_set, route_set = (ResourceSet(), ResourceSet()) if exits.allow_any else outbound_scoped(
+                ctx, proxy, reach, external=exits.vhosts, external_key=exits.key)
+            if len(scope_set):
+                outbound = scoped(outbound, exits.catch_all)
+                routes, scopes = [*inbound, route_set], [scope_set]
+            else:
+                routes = [*inbound, outbound_config(ctx, proxy, reach, external=exits.vhosts,
+                                                    catch_all=exits.catch_all, external_key=exits.key)]
+                scopes = []
             listeners = [  # the app's protocol first, so extensions see the listeners they will serve
                 listener_protocol(intent, proxy, listener_config("inbound", proxy.address, proxy.inbound_port,
                                                                  ingress=False)),
-                outbound_listener(listener_protocol(intent, proxy, listener_config(
-                    "outbound", proxy.outbound_address or proxy.address, proxy.outbound_port, ingress=False,
-                    proxy=True, fault=fault)), allow_any=exits.allow_any),
+                outbound,
                 *tcp_outbound(intent, proxy, reach),
             ]
-            # A TCP service's inbound listener has no routes (tcp_proxy): no inbound route configuration.
-            inbound = [] if is_tcp(intent, proxy.namespace, proxy.service) else [inbound_for(ctx)]
-            routes = [*inbound, outbound_config(ctx, proxy, reach, external=exits.vhosts, catch_all=exits.catch_all,
-                                                external_key=exits.key)]
             own = [ctx.cluster(cluster_protocol(intent, proxy, inbound_cluster(proxy)))]
             outside = [exits.clusters]  # no extension hooks: the mesh's mTLS is not for servers outside it
         if not shared_hooks:
@@ -122,6 +133,7 @@ def render(
             clusters=[clusters, ResourceSet(own), *outside],
             endpoints=[endpoints],
             secrets=[ResourceSet(ctx.secrets())],
+            scoped_routes=scopes,
             revision=revision,
         )
     cache.hooked = shared.hooked  # only what this render used: the cache does not grow with history

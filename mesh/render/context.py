@@ -112,6 +112,8 @@ class Shared:
     hooked_routes: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
     """This render's outbound route configurations, by (namespace, reach)."""
+    scoped: dict[Any, tuple[ResourceSet, ResourceSet]] = field(default_factory=dict)
+    """This render's outbound scopes and per-destination route configurations, by (namespace, reach)."""
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,8 @@ def _refusing_vhost(name: str, domains: list[str], body: str, why: str) -> dict[
 
 REGISTRY_ONLY_VHOST = _refusing_vhost("registry-only", ["*"], REFUSED_BODY, "outboundTrafficPolicy=REGISTRY_ONLY")
 """The outbound catch-all under REGISTRY_ONLY (one object: route configurations compare vhosts by identity).
-Counted by the listener's `http.outbound.rq_direct_response`."""
+Under scopes (mesh.render.listeners.scoped) it is the local reply to "no route", counted in
+`http.outbound.no_route`; as a virtual host (ALLOW_ANY's egress refusals) in `rq_direct_response`."""
 ALLOW_ANY_VHOST: dict[str, Any] = {
     "name": "allow-any",
     "domains": ["*"],

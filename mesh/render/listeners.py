@@ -86,3 +86,31 @@ def for_protocol(intent: Intent, sc: Sidecar, listener: dict[str, Any]) -> dict[
         config = {**hcm["typed_config"], "http_filters": [stats, *hcm["typed_config"]["http_filters"]]}
         return {**listener, "filter_chains": [{**chain, "filters": [{**hcm, "typed_config": config}]}]}
     return listener
+
+
+SCOPE_KEY_BUILDER = {"fragments": [{"header_value_extractor": {"name": ":authority", "element_separator": ":",
+                                                               "index": 0}}]}
+"""The host a request is for, without its port: `reviews.shop:9080` and `reviews.shop` -> `reviews.shop`."""
+
+
+def scoped(listener: dict[str, Any], refusal: dict[str, Any]) -> dict[str, Any]:
+    """The outbound listener reading its routes by scope (SRDS, keyed on the host) instead of one route
+    configuration: `mesh.render.routes.outbound_scoped` says why.
+
+    A host no scope names gets Envoy's "no route" (NR), answered as `refusal` (the outbound traffic
+    policy's catch-all virtual host: its status, body and headers), so an undeclared destination reads as
+    before the cut."""
+    (chain,) = listener["filter_chains"]
+    (hcm,) = chain["filters"]
+    config = {k: v for k, v in hcm["typed_config"].items() if k != "rds"}
+    config["scoped_routes"] = {"name": listener["name"], "scope_key_builder": SCOPE_KEY_BUILDER,
+                               "rds_config_source": ADS, "scoped_rds": {"scoped_rds_config_source": ADS}}
+    answer = next(r["direct_response"] for r in refusal["routes"] if r.get("match") == {"prefix": "/"})
+    mapper: dict[str, Any] = {"filter": {"response_flag_filter": {"flags": ["NR"]}},
+                              "status_code": answer["status"]}
+    if "body" in answer:
+        mapper["body"] = answer["body"]
+    if refusal.get("response_headers_to_add"):
+        mapper["headers_to_add"] = refusal["response_headers_to_add"]
+    config["local_reply_config"] = {"mappers": [mapper]}
+    return {**listener, "filter_chains": [{**chain, "filters": [{**hcm, "typed_config": config}]}]}

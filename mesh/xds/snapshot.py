@@ -17,14 +17,16 @@ from typing import Any
 
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SCOPED_ROUTE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
+"""SRDS: which route configuration serves a request, by a key from its headers (the sidecar's outbound Host)."""
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 #: Make-before-break push order: what a resource refers to is sent before the resource itself.
-PUSH_ORDER: tuple[str, ...] = (SECRET, CLUSTER, ENDPOINT, LISTENER, ROUTE)
+PUSH_ORDER: tuple[str, ...] = (SECRET, CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
 #: Types Envoy subscribes to by wildcard (the full set); the others are requested by name.
-WILDCARD_TYPES = frozenset({LISTENER, CLUSTER})
+WILDCARD_TYPES = frozenset({LISTENER, CLUSTER, SCOPED_ROUTE})
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
@@ -254,12 +256,13 @@ class Snapshot:
         clusters: Sequence[Resource] = (),
         endpoints: Sequence[Resource] = (),
         secrets: Sequence[Resource] = (),
+        scoped_routes: Sequence[Resource] = (),
         revision: str = "",
     ) -> Snapshot:
         return Snapshot.compose(
             listeners=[ResourceSet(listeners)], routes=[ResourceSet(routes)], clusters=[ResourceSet(clusters)],
             endpoints=[ResourceSet(endpoints, key="cluster_name")], secrets=[ResourceSet(secrets)],
-            revision=revision)
+            scoped_routes=[ResourceSet(scoped_routes)], revision=revision)
 
     @staticmethod
     def compose(
@@ -269,12 +272,14 @@ class Snapshot:
         clusters: Sequence[ResourceSet] = (),
         endpoints: Sequence[ResourceSet] = (),
         secrets: Sequence[ResourceSet] = (),
+        scoped_routes: Sequence[ResourceSet] = (),
         revision: str = "",
     ) -> Snapshot:
         """A snapshot from parts; names must not repeat across the parts of one type (`consistent()`
         checks it)."""
         return Snapshot(parts={LISTENER: tuple(listeners), ROUTE: tuple(routes), CLUSTER: tuple(clusters),
-                               ENDPOINT: tuple(endpoints), SECRET: tuple(secrets)}, revision=revision)
+                               ENDPOINT: tuple(endpoints), SECRET: tuple(secrets),
+                               SCOPED_ROUTE: tuple(scoped_routes)}, revision=revision)
 
     def version(self, type_url: str) -> str:
         return self.versions[type_url]
@@ -294,7 +299,7 @@ class Snapshot:
         for t in PUSH_ORDER:
             if len(self.resources[t]) != len({n for p in self.parts[t] for n in p}):
                 problems.append(f"a {t.rsplit('.', 1)[-1]} name appears in two parts")
-        want_routes = frozenset().union(*(p.refs()[0] for p in self.parts[LISTENER]))
+        want_routes = frozenset().union(*(p.refs()[0] for t in (LISTENER, SCOPED_ROUTE) for p in self.parts[t]))
         want_eds = frozenset().union(*(p.refs()[1] for p in self.parts[CLUSTER]))
         want_sds = frozenset().union(*(p.refs()[2] for t in PUSH_ORDER if t != SECRET for p in self.parts[t]))
         have_routes = {n for p in self.parts[ROUTE] for n in p}
@@ -313,7 +318,7 @@ class Snapshot:
     def to_json(self) -> dict[str, list[Resource]]:
         """Readable form for golden files: short type names, resources sorted by name."""
         short = {LISTENER: "listeners", ROUTE: "routes", CLUSTER: "clusters", ENDPOINT: "endpoints",
-                 SECRET: "secrets"}
+                 SECRET: "secrets", SCOPED_ROUTE: "scoped_routes"}
         return {short[t]: [self.resources[t][n] for n in sorted(self.resources[t])]
                 for t in PUSH_ORDER if len(self.resources[t])}
 
@@ -361,7 +366,11 @@ def _sds_names(value: Any) -> Iterator[str]:
 
 
 def _route_names(listeners: Any) -> Iterator[str]:
+    """Route configurations that listeners (through their HCMs' `rds`) or scopes refer to."""
     for listener in listeners:
+        if "route_configuration_name" in listener:  # a ScopedRouteConfiguration
+            yield listener["route_configuration_name"]
+            continue
         for chain in listener.get("filter_chains", []):
             for flt in chain.get("filters", []):
                 cfg = flt.get("typed_config", {})
