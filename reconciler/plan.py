@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mesh.intent import Intent
-from mesh.render.routes import NO_TIMEOUT
+from mesh.render.routes import NO_TIMEOUT, OUTBOUND_PREFIX
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from reconciler.pipeline import Certificates, RolloutStates, ephemeral_certificates, render_planned
 
@@ -82,12 +82,25 @@ def _diff(before: Mapping[str, Snapshot], after: Mapping[str, Snapshot]) -> list
         for type_url, kind in _KIND.items():
             a = dict(old.items(type_url)) if old else {}
             b = dict(new.items(type_url)) if new else {}
+            if type_url == ROUTE:
+                a, b = _as_one_outbound(a), _as_one_outbound(b)
             if old is None or new is None:
                 continue  # a whole proxy appearing or going is one line, not one per resource
             for change in _diff_resources(kind, a, b):
                 grouped.setdefault(change, []).append(node)
     return [Change(op=op, kind=kind, name=name, detail=detail, proxies=tuple(nodes))
             for (op, kind, name, detail), nodes in grouped.items()]
+
+
+def _as_one_outbound(resources: dict[str, Any]) -> dict[str, Any]:
+    """Route configurations cut per destination (`outbound|svc.ns`, render's scopes) read as the one
+    `outbound` configuration they replace: a plan names the virtual host and rule that change
+    (`outbound > reviews.shop > default`), whichever way render cut the routes."""
+    cut = sorted(n for n in resources if n.startswith(OUTBOUND_PREFIX))
+    if not cut:
+        return resources
+    merged = {"name": "outbound", "virtual_hosts": [vh for n in cut for vh in resources[n]["virtual_hosts"]]}
+    return {**{n: r for n, r in resources.items() if n not in cut}, "outbound": merged}
 
 
 def _diff_resources(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[Op, str, str, str]]:
