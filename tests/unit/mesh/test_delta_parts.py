@@ -236,3 +236,21 @@ def check_and_ack(envoy: FakeDeltaEnvoy, response: DeltaResponse, snapshot: Snap
         assert held.get(r.name) != new[r.name], f"{r.name} resent unchanged"
     assert set(response.removed_resources) <= set(held), "removed a name the proxy does not hold"
     assert envoy.ack(response) == []
+
+
+def test_a_sotw_nack_names_exactly_the_resources_that_differ_from_the_accepted_version() -> None:
+    cache = SnapshotCache()
+    big = ResourceSet(clusters(1000))
+    a, b = clusters(4, prefix="a"), clusters(4, prefix="b")
+    accepted = cds(big, a, b, revision="r1")
+    cache.set(NODE, accepted)
+    cache.applied(NODE, CLUSTER, accepted.version(CLUSTER))
+    # big kept; a0001 changed, a0003 moved to the other part unchanged, b0000 removed, x0000 added.
+    bad = cds(big, [a[0], dict(a[1], connect_timeout="8s"), a[2]], [a[3], *b[1:], *clusters(1, prefix="x")],
+              revision="r2")
+    cache.set(NODE, bad)
+    cache.rejected(NODE, CLUSTER, version=bad.version(CLUSTER), message="bad cluster")
+    st = cache.status()[NODE]
+    assert (st.nack, st.nack_resources) == ("bad cluster", ("a0001", "x0000"))
+    old, new = accepted.digests[CLUSTER], bad.digests[CLUSTER]
+    assert st.nack_resources == tuple(sorted(n for n in new if old.get(n) != new[n]))
