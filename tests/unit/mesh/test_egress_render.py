@@ -13,10 +13,11 @@ import yaml
 
 from mesh.intent import SYSTEM_CA_BUNDLE, Intent
 from mesh.render import RenderCache, render
-from mesh.render.egress import ALLOW_ANY_CLUSTER, DFP_FILTER, REFUSED_BODY, external_cluster_name
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from mesh.render.egress import ALLOW_ANY_CLUSTER, DFP_FILTER, REFUSED_BODY, REFUSED_HEADER, external_cluster_name
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
 from reconciler.load import load
 from tests.fixtures.intents import template_files
+from tests.fixtures.routes import no_scope_reply, outbound_configs, outbound_vhosts, scopes
 from tests.fixtures.topology import topology
 
 FRONTEND, REVIEWS = "east/shop/frontend-v1-0", "east/shop/reviews-v1-0"
@@ -91,7 +92,9 @@ def snapshots(it: Intent, cache: RenderCache | None = None) -> dict[str, Snapsho
 
 
 def vhosts(snap: Snapshot, name: str = "outbound") -> dict[str, dict[str, Any]]:
-    return {v["name"]: v for v in snap.items(ROUTE)[name]["virtual_hosts"]}
+    """Virtual hosts by name: of one route configuration, or (`outbound`) of every outbound one, however cut."""
+    found = outbound_vhosts(snap) if name == "outbound" else snap.items(ROUTE)[name]["virtual_hosts"]
+    return {v["name"]: v for v in found}
 
 
 def hcm(snap: Snapshot, listener: str = "outbound") -> dict[str, Any]:
@@ -103,13 +106,16 @@ def test_registry_only_is_the_default_and_refuses_undeclared_hosts_and_connect_w
     it = intent(externals=[])
     assert it.mesh.spec.outbound_traffic_policy.mode == "REGISTRY_ONLY"
     snap = snapshots(it)[FRONTEND]
-    *mesh, last = snap.items(ROUTE)["outbound"]["virtual_hosts"]
-    assert last["domains"] == ["*"] and [v["name"] for v in mesh] == ["frontend.shop", "reviews.shop"]
-    answers = {r["name"]: (r["match"], r["direct_response"]["status"], r["direct_response"]["body"]["inline_string"])
-               for r in last["routes"]}
-    assert answers == {"refused-connect": ({"connect_matcher": {}}, 502, REFUSED_BODY),
-                       "refused": ({"prefix": "/"}, 502, REFUSED_BODY)}
+    # Only declared hosts have a scope (each its own route configuration); no catch-all virtual host ("*").
+    assert scopes(snap) == {"frontend": "outbound|frontend.shop", "frontend.shop": "outbound|frontend.shop",
+                            "reviews": "outbound|reviews.shop", "reviews.shop": "outbound|reviews.shop"}
+    assert [v["name"] for v in outbound_vhosts(snap)] == ["frontend.shop", "reviews.shop"]
+    assert not any("*" in v["domains"] for v in outbound_vhosts(snap))
+    # Any other host (CONNECT too: no scope, whatever the method) meets Envoy's "no route", answered as the refusal.
+    assert no_scope_reply(snap) == {"status": 502, "body": REFUSED_BODY,
+                                    "headers": {REFUSED_HEADER: "outboundTrafficPolicy=REGISTRY_ONLY"}}
     assert "REGISTRY_ONLY" in REFUSED_BODY
+    assert "scoped_routes" in hcm(snap) and "rds" not in hcm(snap)
     # CONNECT reaches the routes (else Envoy answers 403 itself); no dynamic forward proxy anywhere.
     assert hcm(snap)["upgrade_configs"] == [{"upgrade_type": "CONNECT"}]
     assert hcm(snap)["http_protocol_options"] == {"allow_absolute_url": True, "accept_http_10": True}
@@ -125,7 +131,10 @@ def test_tls_origination_routes_plain_http_by_host_to_a_verifying_tls_cluster() 
     name = external_cluster_name(443, API)
     vhost = vhosts(snap)[name]
     assert vhost["domains"] == [API, f"{API}:443"]  # http://api.external.test/ and http://api.external.test:443/
-    [route] = vhost["routes"]
+    route, *tail = vhost["routes"]
+    # A CONNECT to this HTTP port meets no rule: a 404 of its own (Envoy's "no route" is the REGISTRY_ONLY refusal).
+    assert [(r["name"], r["match"], r["direct_response"]["status"]) for r in tail] == [
+        ("no-rule-matched-connect", {"connect_matcher": {}}, 404)]
     assert route["route"]["cluster"] == name and route["route"]["timeout"] == "2s"
     assert route["route"]["retry_policy"]["num_retries"] == 4 and route["route"]["retry_policy"]["retry_on"] == "5xx"
     cluster = snap.items(CLUSTER)[name]
@@ -162,7 +171,10 @@ def test_passthrough_and_tcp_ports_are_connect_tunnels_without_tls_from_the_side
         name = external_cluster_name(port, host)
         vhost = vhosts(snap)[name]
         assert vhost["domains"] == [f"{host}:{port}"]  # CONNECT's authority
-        [route] = vhost["routes"]
+        route, *tail = vhost["routes"]
+        # Plain HTTP to a tunnelled port meets no rule: a 404 of its own, not the REGISTRY_ONLY refusal.
+        assert [(r["name"], r["match"], r["direct_response"]["status"]) for r in tail] == [
+            ("no-rule-matched", {"prefix": "/"}, 404)]
         assert route["match"] == {"connect_matcher": {}}
         assert route["route"]["upgrade_configs"] == [{"upgrade_type": "CONNECT", "connect_config": {}}]
         assert "transport_socket" not in snap.items(CLUSTER)[name]
@@ -182,18 +194,27 @@ def test_a_workload_whose_egress_does_not_name_an_external_service_cannot_reach_
     front, reviews = snaps[FRONTEND], snaps[REVIEWS]
     ext = {n for n in front.items(CLUSTER) if n.startswith("outbound_ext|")}
     assert ext == {external_cluster_name(443, API)}
-    assert [v["name"] for v in front.items(ROUTE)["outbound"]["virtual_hosts"]] == [
-        "reviews.shop", external_cluster_name(443, API), "registry-only"]
+    assert [v["name"] for v in outbound_vhosts(front)] == [external_cluster_name(443, API), "reviews.shop"]
+    # Outside its egress: no scope (frontend itself, the other ExternalServices), so the REGISTRY_ONLY refusal.
+    assert scopes(front) == {API: f"outbound|{API}", "reviews": "outbound|reviews.shop",
+                             "reviews.shop": "outbound|reviews.shop"}
+    assert no_scope_reply(front)["status"] == 502 and no_scope_reply(front)["body"] == REFUSED_BODY
     # reviews has no egress list: every ExternalService, on a route configuration of its own.
     assert {n for n in reviews.items(CLUSTER) if n.startswith("outbound_ext|")} == {
         external_cluster_name(443, API), external_cluster_name(443, PAY), external_cluster_name(5432, DB),
         external_cluster_name(8080, "pinned.external.test")}
     # The same mesh services but fewer external ones: not the same (shared) route configuration.
     same_mesh = snapshots(intent(frontend_egress=["reviews", "frontend", "api"]))
-    mine = {v["name"] for v in same_mesh[FRONTEND].items(ROUTE)["outbound"]["virtual_hosts"]}
-    theirs = {v["name"] for v in same_mesh[REVIEWS].items(ROUTE)["outbound"]["virtual_hosts"]}
+    mine = {v["name"] for v in outbound_vhosts(same_mesh[FRONTEND])}
+    theirs = {v["name"] for v in outbound_vhosts(same_mesh[REVIEWS])}
     assert theirs - mine == {external_cluster_name(443, PAY), external_cluster_name(5432, DB),
                              external_cluster_name(8080, "pinned.external.test")}
+    assert set(scopes(same_mesh[REVIEWS])) - set(scopes(same_mesh[FRONTEND])) == {PAY, DB, "pinned.external.test"}
+    # What both reach is one object each (a change to one destination is built and hashed once) ...
+    for name, config in outbound_configs(same_mesh[FRONTEND]).items():
+        assert outbound_configs(same_mesh[REVIEWS])[name] is config, name
+    # ... but the scope sets are not one shared set.
+    assert same_mesh[FRONTEND].parts[SCOPED_ROUTE] != same_mesh[REVIEWS].parts[SCOPED_ROUTE]
 
 
 def test_allow_any_forwards_undeclared_hosts_through_the_dynamic_forward_proxy() -> None:
@@ -245,7 +266,9 @@ def test_the_render_cache_reuses_egress_parts_and_notices_changes() -> None:
     it = intent()
     a = snapshots(it, cache)[FRONTEND]
     b = snapshots(it, cache)[FRONTEND]
-    assert a.items(ROUTE)["outbound"] is b.items(ROUTE)["outbound"]
+    assert outbound_configs(a) and set(outbound_configs(a)) == set(outbound_configs(b))
+    assert all(outbound_configs(a)[n] is outbound_configs(b)[n] for n in outbound_configs(a))
+    assert scopes(a) and all(a.items(SCOPED_ROUTE)[n] is b.items(SCOPED_ROUTE)[n] for n in a.items(SCOPED_ROUTE))
     assert a.items(CLUSTER)[external_cluster_name(443, API)] is b.items(CLUSTER)[external_cluster_name(443, API)]
     changed = [e if e["metadata"]["name"] != "api" else {**e, "spec": {**e["spec"], "timeout": "3s"}}
                for e in EXTERNALS]
@@ -253,6 +276,10 @@ def test_the_render_cache_reuses_egress_parts_and_notices_changes() -> None:
     route = vhosts(c)[external_cluster_name(443, API)]["routes"][0]["route"]
     assert route["timeout"] == "3s"
     assert a.versions[ROUTE] != c.versions[ROUTE] and a.versions[CLUSTER] == c.versions[CLUSTER]
+    # Only the changed host's route configuration is new; the scopes (which names go where) stay.
+    assert {n for n in outbound_configs(a) if outbound_configs(a)[n] is not outbound_configs(c)[n]} == {
+        f"outbound|{API}"}
+    assert a.versions[SCOPED_ROUTE] == c.versions[SCOPED_ROUTE]
     d = snapshots(intent(externals=changed, mode="ALLOW_ANY"), cache)[FRONTEND]
     assert d.items(ROUTE)["outbound"]["virtual_hosts"][-1]["name"] == "allow-any"
 
@@ -260,7 +287,7 @@ def test_the_render_cache_reuses_egress_parts_and_notices_changes() -> None:
 def _parts(snap: Snapshot) -> dict[str, list[Any]]:
     return {key: [dict(r) for r in snap.items(t).values()] for key, t in (
         ("listeners", LISTENER), ("routes", ROUTE), ("clusters", CLUSTER), ("endpoints", ENDPOINT),
-        ("secrets", SECRET))}
+        ("secrets", SECRET), ("scoped_routes", SCOPED_ROUTE))}
 
 
 def test_envoy_accepts_every_rendered_configuration(tmp_path: Path) -> None:

@@ -130,7 +130,8 @@ def _render_golden_protocols() -> dict[str, object]:
 
 
 def test_grpc_services_speak_http2_upstream_and_count_grpc_failures_inbound() -> None:
-    from mesh.xds.snapshot import CLUSTER, LISTENER, ROUTE
+    from mesh.xds.snapshot import CLUSTER, LISTENER
+    from tests.fixtures.routes import outbound_vhost
 
     snaps: dict[str, object] = _render_golden_protocols()
     front, grpc_sidecar = snaps["east/shop/frontend-v1-0"], snaps["east/shop/reviews-v2-0"]
@@ -145,8 +146,7 @@ def test_grpc_services_speak_http2_upstream_and_count_grpc_failures_inbound() ->
     inbound = json.dumps(dict(grpc_sidecar.items(LISTENER)["inbound"]))  # type: ignore[attr-defined]
     assert "envoy.filters.http.grpc_stats" in inbound
     assert "grpc_stats" not in json.dumps(front.to_json())  # type: ignore[attr-defined]
-    vhost = next(v for v in front.items(ROUTE)["outbound"]["virtual_hosts"]  # type: ignore[attr-defined]
-                 if v["name"] == "reviews.shop")
+    vhost = outbound_vhost(front, "reviews.shop")  # type: ignore[arg-type]
     routes = {r["name"]: r for r in vhost["routes"]}
     assert routes["default"]["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "2s"}
     assert routes["method"]["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
@@ -155,6 +155,5 @@ def test_grpc_services_speak_http2_upstream_and_count_grpc_failures_inbound() ->
         "unavailable,cancelled,deadline-exceeded,resource-exhausted,internal"
     abort = routes["chaos"]["typed_per_filter_config"]["envoy.filters.http.fault"]["abort"]
     assert abort == {"grpc_status": 14, "percentage": {"numerator": 50, "denominator": "HUNDRED"}}
-    http_vhost = next(v for v in front.items(ROUTE)["outbound"]["virtual_hosts"]  # type: ignore[attr-defined]
-                      if v["name"] == "frontend.shop")
+    http_vhost = outbound_vhost(front, "frontend.shop")  # type: ignore[arg-type]
     assert "max_stream_duration" not in json.dumps(http_vhost)

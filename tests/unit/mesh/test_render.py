@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from mesh.render import cluster_name, duration, render
+from mesh.render.routes import OUTBOUND_PREFIX
 from mesh.topology import ClusterTopology, Gateway, Sidecar
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
 from reconciler.load import load, read_worktree
+from tests.fixtures.routes import outbound_configs, scopes
 from tests.fixtures.topology import golden_topology as topology
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -136,9 +138,17 @@ def test_render_cache_changes_the_work_not_the_result() -> None:
     node = "east/ingress"
     assert first[node].parts[CLUSTER][0] is second[node].parts[CLUSTER][0]
     assert first[node].items(ROUTE)["ingress"] is not second[node].items(ROUTE)["ingress"]
-    # Sidecars of one namespace share one route configuration object.
+    # Sidecars of one namespace share their outbound route configurations and scopes: the same objects,
+    # in one shared set each (built and hashed once).
     sidecars = [s for n, s in second.items() if n.startswith("east/shop/")]
-    assert len({id(s.items(ROUTE)["outbound"]) for s in sidecars}) == 1
+    assert len(sidecars) > 1
+    names = {frozenset(outbound_configs(s)) for s in sidecars}
+    assert len(names) == 1 and all(n.startswith(OUTBOUND_PREFIX) for n in next(iter(names))), names
+    for name in next(iter(names)):
+        assert len({id(outbound_configs(s)[name]) for s in sidecars}) == 1, name
+    assert len({id(sc) for s in sidecars for sc in s.items(SCOPED_ROUTE).values()}) == len(scopes(sidecars[0])) > 0
+    assert len({id(s.parts[SCOPED_ROUTE][0]) for s in sidecars}) == 1
+    assert len({id(s.parts[ROUTE][-1]) for s in sidecars}) == 1  # the outbound set (after the sidecar's inbound)
 
 
 def test_the_inbound_route_hook_shapes_one_sidecar_and_leaves_the_rest_shared() -> None:

@@ -15,6 +15,7 @@ from mesh.render import cluster_name, render
 from mesh.xds.snapshot import CLUSTER, ROUTE
 from reconciler.load import Loaded, load
 from tests.fixtures.intents import reviews_policy_yaml, with_reviews_rules
+from tests.fixtures.routes import outbound_vhosts
 from tests.fixtures.topology import topology
 
 UNLIMITED = 4_294_967_295
@@ -48,7 +49,10 @@ def snaps(rules: str | None, extra: str = "") -> dict[str, Any]:
 
 def virtual_host(snapshots: dict[str, Any], node: str = "east/shop/frontend-v1-0", config: str = "outbound",
                  vhost: str = "reviews.shop") -> dict[str, Any]:
-    (found,) = [v for v in snapshots[node].items(ROUTE)[config]["virtual_hosts"] if v["name"] == vhost]
+    """One virtual host of a route configuration; `outbound`: of the sidecar's outbound ones, however cut."""
+    snap = snapshots[node]
+    hosts = outbound_vhosts(snap) if config == "outbound" else snap.items(ROUTE)[config]["virtual_hosts"]
+    (found,) = [v for v in hosts if v["name"] == vhost]
     return dict(found)
 
 

@@ -12,8 +12,9 @@ import pytest
 from mesh.intent import Intent
 from mesh.render import render
 from mesh.topology import ClusterTopology, Sidecar
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
 from reconciler.load import load
+from tests.fixtures.routes import no_scope_reply, outbound_configs, outbound_vhosts, scopes
 
 MESH = """\
 apiVersion: lockgate.io/v1alpha1
@@ -169,7 +170,7 @@ def test_envoy_accepts_what_the_pipeline_renders_for_tcp(tmp_path: Path) -> None
         for node, snap in sorted(snaps.items()):
             parts = {key: [dict(r) for r in snap.items(t).values()] for key, t in (
                 ("listeners", LISTENER), ("routes", ROUTE), ("clusters", CLUSTER), ("endpoints", ENDPOINT),
-                ("secrets", SECRET))}
+                ("secrets", SECRET), ("scoped_routes", SCOPED_ROUTE))}
             out.append((node, await validate_config(static_bootstrap(**parts), workdir=tmp_path)))
         return out
 
@@ -212,10 +213,13 @@ def test_a_tcp_canary_steps_its_weights_through_the_route_rule(weight: int, expe
 
 
 def test_a_tcp_service_has_no_virtual_host_in_the_http_outbound_routes() -> None:
-    """An HTTP request through HTTP_PROXY for a TCP service meets the catch-all, not an app speaking no HTTP;
-    its HTTP neighbour keeps its virtual host."""
+    """An HTTP request through HTTP_PROXY for a TCP service meets the outbound traffic policy's refusal (no
+    scope for its host), not an app speaking no HTTP; its HTTP neighbour keeps its virtual host and scopes."""
     snaps = render(intent=intent_of(MESH + ROUTE_80_20), topology=topo())
-    [outbound] = [r for name, r in snaps["east/shop/client-v1-0"].items(ROUTE).items() if name == "outbound"]
-    domains = {d for vh in outbound["virtual_hosts"] for d in vh["domains"]}
+    client = snaps["east/shop/client-v1-0"]
+    domains = {d for vh in outbound_vhosts(client) for d in vh["domains"]}
     assert not any(d.startswith("echo") for d in domains), domains
     assert "client.shop" in domains
+    assert set(outbound_configs(client)) == {"outbound|client.shop"}
+    assert scopes(client) == {"client": "outbound|client.shop", "client.shop": "outbound|client.shop"}
+    assert no_scope_reply(client)["status"] == 502

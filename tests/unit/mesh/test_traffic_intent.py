@@ -11,9 +11,10 @@ import pytest
 from mesh.intent import Destination, Intent, ResourceBase, Route, TrafficPolicy
 from mesh.render import egress_key, fractional, render
 from mesh.validate import validate
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, ROUTE
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, Snapshot
 from reconciler.load import load, read_worktree
 from tests.fixtures.intents import with_reviews_rules
+from tests.fixtures.routes import outbound_vhost
 from tests.fixtures.topology import golden_topology as topology
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "repo-template"
@@ -127,6 +128,13 @@ def _default_rule(intent: Intent, destinations: list[Destination]) -> Intent:
     return intent.model_copy(update={"routes": routes})
 
 
+def _catch_all_rule(snap: Snapshot) -> dict[str, Any]:
+    """The action of carts.data's rule without a match (`prefix: /`) on the frontend's outbound side."""
+    (rule,) = [r for r in outbound_vhost(snap, "carts.data")["routes"] if r["match"] == {"prefix": "/"}]
+    action: dict[str, Any] = rule["route"]
+    return action
+
+
 def test_hash_policy_follows_the_destinations_ring_hash_clusters() -> None:
     loaded = load(read_worktree(GOLDEN / "policy"))
     assert loaded.intent is not None
@@ -134,13 +142,11 @@ def test_hash_policy_follows_the_destinations_ring_hash_clusters() -> None:
     weighted = _default_rule(loaded.intent, [Destination(version="v1", weight=10),
                                              Destination(version="v2", weight=90)])
     snap = render(intent=weighted, topology=topology())["east/shop/frontend-v1-0"]
-    vhost = next(v for v in snap.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "carts.data")
-    default = vhost["routes"][-1]["route"]
+    default = _catch_all_rule(snap)
     assert default["hash_policy"] == [{"cookie": {"name": "session", "ttl": "3600s", "path": "/"}}]
     weighted = _default_rule(loaded.intent, [Destination(version="v2", weight=100)])
     snap = render(intent=weighted, topology=topology())["east/shop/frontend-v1-0"]
-    vhost = next(v for v in snap.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "carts.data")
-    assert "hash_policy" not in vhost["routes"][-1]["route"]
+    assert "hash_policy" not in _catch_all_rule(snap)
 
 
 def test_egress_scopes_sidecars_only() -> None:

@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from mesh.xds.snapshot import ROUTE, Snapshot
+from mesh.xds.snapshot import Snapshot
 from reconciler.loop import Reconciler, RollbackRefused, UpConfig
 from reconciler.source.git import Pygit2Source, init_repo
 from reconciler.state import SUSPENDED_FILE
 from tests.fixtures.intents import TEMPLATE
+from tests.fixtures.routes import outbound_vhost
 from tests.fixtures.runtime import FakeRuntime
 
 USER = ("dev", "dev@example.org")
@@ -25,7 +26,7 @@ SPLIT = (TEMPLATE / "routes.yaml").read_text().replace("          weight: 100", 
 def weights(rec: Reconciler) -> list[tuple[str, int]]:
     snap = rec.planes["east"].cache.get(FRONTEND)
     assert isinstance(snap, Snapshot)
-    vhost = next(v for v in snap.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "reviews.shop")
+    vhost = outbound_vhost(snap, "reviews.shop")
     action: dict[str, Any] = next(r for r in vhost["routes"] if r["name"] == "default")["route"]
     if "weighted_clusters" in action:
         return [(c["name"].rsplit("|", 1)[1], c["weight"]) for c in action["weighted_clusters"]["clusters"]]
