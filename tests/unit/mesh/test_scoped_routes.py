@@ -1,0 +1,153 @@
+"""A sidecar's outbound routes cut per destination under REGISTRY_ONLY (issue 15): one route configuration per
+mesh service and per external host, picked by scopes keyed on the request's host.
+
+What the cut is for: a one-rule commit changes one small route configuration, the same object for every
+sidecar of a namespace, and no scope, so delta xDS sends each proxy that one resource. What it must keep:
+each name a caller may use has a scope (the short name only inside its own namespace), egress still decides
+what is reachable, an ExternalService's ports share their host's configuration, and a request for a known
+service that no rule matches is a 404 of its own, never Envoy's "no route" (the REGISTRY_ONLY refusal now).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from mesh.intent import Intent
+from mesh.render import RenderCache, render
+from mesh.render.egress import external_cluster_name
+from mesh.render.routes import NO_RULE_BODY
+from mesh.topology import ClusterTopology
+from mesh.xds.snapshot import LISTENER, ROUTE, SCOPED_ROUTE, Snapshot, part_diff
+from reconciler.load import load
+from tests.fixtures.intents import template_files
+from tests.fixtures.routes import no_scope_reply, outbound_configs, outbound_vhost, scopes
+from tests.fixtures.topology import INGRESS, SHOP, sidecar
+
+FRONTEND, REVIEWS_V1, REVIEWS_V2, RATINGS = ("east/shop/frontend-v1-0", "east/shop/reviews-v1-0",
+                                             "east/shop/reviews-v2-0", "east/data/ratings-v1-0")
+API = "api.external.test"
+
+
+def _doc(kind: str, name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "lockgate.io/v1alpha1", "kind": kind, "metadata": {"name": name, "namespace": namespace},
+            "spec": spec}
+
+
+RATINGS_DOCS = [
+    _doc("Service", "ratings", "data", {"ports": [{"name": "http", "port": 7070}], "versions": ["v1"]}),
+    _doc("Workload", "ratings-v1", "data", {"service": "ratings", "version": "v1", "clusters": ["east"],
+                                            "command": ["app"]}),
+]
+API_DOC = _doc("ExternalService", "api", "shop", {
+    "hosts": [API], "ports": [{"name": "http", "number": 80, "protocol": "HTTP"},
+                              {"name": "https", "number": 443, "protocol": "HTTPS"}],
+    "tls": {"mode": "originate"}})
+HEADER_ONLY = _doc("Route", "ratings", "data", {"service": "ratings", "http": [
+    {"name": "testers", "match": [{"headers": {"x-tester": {"exact": "yes"}}}], "route": [{"version": "v1"}]}]})
+
+
+def intent(*, reviews_v2: int = 0, frontend_egress: list[str] | None = None,
+           extra: tuple[dict[str, Any], ...] = ()) -> Intent:
+    """The template (frontend -> reviews, namespace shop), reviews' v2 at `reviews_v2` percent, a `ratings`
+    service in namespace `data`, and `extra` documents."""
+    files = template_files()
+    routes = files["routes.yaml"].decode()
+    assert "weight: 100\n        - version: v2\n          weight: 0" in routes
+    files["routes.yaml"] = routes.replace("weight: 100\n        - version: v2\n          weight: 0",
+                                          f"weight: {100 - reviews_v2}\n        - version: v2\n"
+                                          f"          weight: {reviews_v2}").encode()
+    if frontend_egress is not None:
+        docs = list(yaml.safe_load_all(files["workloads.yaml"]))
+        (front,) = [d for d in docs if d["metadata"]["name"] == "frontend-v1"]
+        front["spec"]["egress"] = frontend_egress
+        files["workloads.yaml"] = yaml.safe_dump_all(docs).encode()
+    files["more.yaml"] = yaml.safe_dump_all([*RATINGS_DOCS, *extra]).encode()
+    loaded = load(files)
+    assert loaded.intent is not None and not loaded.problems, loaded.problems
+    return loaded.intent
+
+
+def topo() -> ClusterTopology:
+    sidecars = (*(sidecar(*i) for i in SHOP), sidecar("ratings", "v1", 0, 20040, namespace="data"))
+    return ClusterTopology(cluster="east", ingress=INGRESS, sidecars=sidecars,
+                           ready=frozenset(s.node_id for s in sidecars))
+
+
+def snapshots(it: Intent, cache: RenderCache | None = None) -> dict[str, Snapshot]:
+    snaps = render(intent=it, topology=topo(), cache=cache)
+    for snap in snaps.values():
+        snap.consistent()
+    return snaps
+
+
+def sidecars(snaps: dict[str, Snapshot]) -> dict[str, Snapshot]:
+    return {n: s for n, s in snaps.items() if n != INGRESS.node_id}
+
+
+def test_one_rule_change_changes_one_route_configuration_and_no_scope_on_every_sidecar() -> None:
+    cache = RenderCache()
+    before = snapshots(intent(extra=(API_DOC,)), cache)
+    after = snapshots(intent(reviews_v2=10, extra=(API_DOC,)), cache)
+    assert set(sidecars(after)) == {FRONTEND, REVIEWS_V1, REVIEWS_V2, RATINGS}
+    for node, new in sidecars(after).items():
+        old = before[node]
+        was, now = outbound_configs(old), outbound_configs(new)
+        assert set(was) == set(now) and {"outbound|reviews.shop", "outbound|ratings.data",
+                                          f"outbound|{API}"} <= set(now), node
+        assert {n for n in now if now[n] is not was[n]} == {"outbound|reviews.shop"}, node
+        assert {n for n in now if new.digests[ROUTE][n] != old.digests[ROUTE][n]} == {"outbound|reviews.shop"}, node
+        # Nothing else moved: not a scope (same objects, same version), not a listener, not another route.
+        assert all(new.items(SCOPED_ROUTE)[n] is old.items(SCOPED_ROUTE)[n] for n in old.items(SCOPED_ROUTE)), node
+        assert set(new.items(SCOPED_ROUTE)) == set(old.items(SCOPED_ROUTE)) and len(scopes(new)) > 0, node
+        assert new.version(SCOPED_ROUTE) == old.version(SCOPED_ROUTE), node
+        assert new.version(LISTENER) == old.version(LISTENER), node
+        assert {n for n in new.items(ROUTE) if new.digests[ROUTE][n] != old.digests[ROUTE].get(n)} == {
+            "outbound|reviews.shop"}, node
+        # What delta xDS sends this proxy: the one configuration (the outbound set is the last route part).
+        diff = part_diff(old.parts[ROUTE][-1], new.parts[ROUTE][-1])
+        assert set(diff.changed) == {"outbound|reviews.shop"} and not diff.added and not diff.removed, node
+        weights = [c["weight"] for c in outbound_vhost(new, "reviews.shop")["routes"][0]["route"][
+            "weighted_clusters"]["clusters"]]
+        assert weights == [90, 10], node
+    # Every sidecar of one namespace holds the same new object; another namespace its own (no short name).
+    shop = {id(outbound_configs(after[n])["outbound|reviews.shop"]) for n in (FRONTEND, REVIEWS_V1, REVIEWS_V2)}
+    assert len(shop) == 1
+    assert id(outbound_configs(after[RATINGS])["outbound|reviews.shop"]) not in shop
+
+
+def test_scopes_follow_names_egress_external_hosts_and_rules_that_can_fall_through() -> None:
+    snaps = snapshots(intent(frontend_egress=["reviews", "api"], extra=(API_DOC, HEADER_ONLY)))
+    # Short names only for callers in the service's own namespace; `svc.ns` for everyone.
+    assert scopes(snaps[REVIEWS_V1]) == {
+        "frontend": "outbound|frontend.shop", "frontend.shop": "outbound|frontend.shop",
+        "reviews": "outbound|reviews.shop", "reviews.shop": "outbound|reviews.shop",
+        "ratings.data": "outbound|ratings.data", API: f"outbound|{API}"}
+    assert scopes(snaps[RATINGS]) == {
+        "frontend.shop": "outbound|frontend.shop", "reviews.shop": "outbound|reviews.shop",
+        "ratings": "outbound|ratings.data", "ratings.data": "outbound|ratings.data", API: f"outbound|{API}"}
+    assert not {d.split(":")[0] for d in outbound_vhost(snaps[RATINGS], "reviews.shop")["domains"]} - {
+        "reviews.shop"}
+    # One scope resource per name (the mapping above lost none to a repeated key).
+    assert all(len(snaps[n].items(SCOPED_ROUTE)) == len(scopes(snaps[n])) for n in sidecars(snaps))
+    # Egress restricts the scopes: frontend reaches reviews and the API only; the rest is refused as undeclared.
+    assert scopes(snaps[FRONTEND]) == {"reviews": "outbound|reviews.shop", "reviews.shop": "outbound|reviews.shop",
+                                       API: f"outbound|{API}"}
+    assert set(outbound_configs(snaps[FRONTEND])) == {"outbound|reviews.shop", f"outbound|{API}"}
+    assert no_scope_reply(snaps[FRONTEND])["status"] == 502
+    # An ExternalService host: one scope, its configuration holding a virtual host per port.
+    api = snaps[FRONTEND].items(ROUTE)[f"outbound|{API}"]
+    assert [v["name"] for v in api["virtual_hosts"]] == [external_cluster_name(80, API),
+                                                         external_cluster_name(443, API)]
+    assert all(d.split(":")[0] == API for v in api["virtual_hosts"] for d in v["domains"])
+    # A Route whose only rule matches a header can fall through: a 404 that says so (HTTP, and CONNECT).
+    ratings = outbound_vhost(snaps[REVIEWS_V1], "ratings.data")
+    assert [(r["name"], r["match"]) for r in ratings["routes"]] == [
+        ("testers", {"prefix": "/", "headers": [{"name": "x-tester", "string_match": {"exact": "yes"}}]}),
+        ("no-rule-matched", {"prefix": "/"}), ("no-rule-matched-connect", {"connect_matcher": {}})]
+    for tail in ratings["routes"][1:]:
+        assert tail["direct_response"] == {"status": 404, "body": {"inline_string": NO_RULE_BODY}}
+    # A rule without a match already catches every HTTP request: no 404 before it could ever be reached.
+    reviews = outbound_vhost(snaps[REVIEWS_V1], "reviews.shop")
+    assert [r["name"] for r in reviews["routes"]] == ["default", "no-rule-matched-connect"]
