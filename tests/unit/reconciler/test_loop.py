@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mesh.xds.snapshot import ROUTE, SECRET, Snapshot
+from mesh.xds.snapshot import SECRET, Snapshot
 from reconciler.loop import Reconciler, UpConfig
 from reconciler.pipeline import render_planned
 from reconciler.plan import plan
@@ -24,6 +24,7 @@ from reconciler.source.git import Pygit2Source, init_repo
 from reconciler.state import STATUS_FILE, read_json
 from rollouts.provider import Samples
 from tests.fixtures.intents import TEMPLATE, peer_authentication_yaml, rollout_yaml
+from tests.fixtures.routes import outbound_vhost
 from tests.fixtures.runtime import FakeRuntime
 
 USER = ("dev", "dev@example.org")
@@ -73,7 +74,7 @@ def reconciler(repo: Path, state: Path, runtime: FakeRuntime) -> Reconciler:
 
 
 def reviews_weights(snap: Snapshot) -> list[tuple[str, int]]:
-    vhost = next(v for v in snap.items(ROUTE)["outbound"]["virtual_hosts"] if v["name"] == "reviews.shop")
+    vhost = outbound_vhost(snap, "reviews.shop")
     action: dict[str, Any] = next(r for r in vhost["routes"] if r["name"] == "default")["route"]
     if "weighted_clusters" in action:
         return [(c["name"].rsplit("|", 1)[1], c["weight"]) for c in action["weighted_clusters"]["clusters"]]
