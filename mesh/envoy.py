@@ -293,4 +293,7 @@ async def validate_config(config: dict[str, Any], *, workdir: Path, timeout: flo
     message = next((ln for ln in lines if "error initializing configuration" in ln), lines[-1] if lines else text)
     message = message.split("': ", 1)[-1] if "error initializing configuration" in message else message
     # protobuf appends a randomised marker (goo.gle/debugproto, goo.gle/debugstr) to discourage parsing.
-    return re.sub(r"\s*goo\.gle/debug\w+", "", message).strip()
+    message = re.sub(r"\s*goo\.gle/debug\w+", "", message).strip()
+    if not message.strip(" :") and lines:  # the reason after a dump of the configuration (a proto constraint)
+        message = re.sub(r"\s*goo\.gle/debug\w+", "", lines[-1]).strip(" :")
+    return message

@@ -79,3 +79,23 @@ def test_envoy_rejection_is_narrowed_to_the_resource_and_located() -> None:
     [problem] = locate(rejections, loaded)  # one culprit, though every proxy has the cluster
     assert (problem.path, problem.line) == ("services.yaml", 17)  # the reviews Service's spec
     assert problem.message.startswith("Envoy would reject cluster 'outbound|reviews.shop|v2': ")
+
+
+def test_a_reason_envoy_prints_on_a_line_of_its_own_is_the_message(tmp_path: Path) -> None:
+    """A proto constraint Envoy reports after the configuration it dumps over many lines: the message is that
+    reason, not the empty rest of the first line."""
+    from mesh.envoy import validate_config
+
+    hcm = {"@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                    "HttpConnectionManager", "stat_prefix": "x",
+           "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+           "scoped_routes": {"name": "x", "rds_config_source": {"ads": {}},
+                             "scope_key_builder": {"fragments": [{"header_value_extractor": {"name": "host"}}]},
+                             "scoped_route_configurations_list": {"scoped_route_configurations": []}}}
+    config = {"static_resources": {"listeners": [{
+        "name": "x", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}]}]}}
+    message = asyncio.run(validate_config(config, workdir=tmp_path))
+    assert message and "at least 1 item" in message, message
