@@ -1,7 +1,7 @@
 """Control-plane scale: 1000 services, 2000 route rules, 100 simulated proxies + 2 real Envoys.
 
 The control plane (render, snapshot cache, ADS server) runs in this process; the simulated proxies are
-real gRPC ADS clients in a second process that subscribe like Envoy (LDS/CDS wildcard, then RDS/EDS by
+real gRPC ADS clients in a second process that subscribe like Envoy (LDS/CDS/SRDS wildcard, then RDS/EDS by
 name) and ACK every response. Two real Envoys (an ingress and a sidecar) join them. Prints:
 
 - full push: every snapshot set -> every proxy ACKed all of it;
@@ -40,7 +40,7 @@ from mesh.render import RenderCache, render
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.cache import SnapshotCache
 from mesh.xds.server import TOKEN_METADATA, AdsServer
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET
 from reconciler.load import load
 from reconciler.loop import GC_SETTLE_S, Reconciler, UpConfig, settle_gc
 from reconciler.runtime.base import Bind, Metrics, RuntimeStatus
@@ -101,7 +101,7 @@ def _clients_main(port: int, subs: Subs, ready: Any, stop: Any, delta: bool = Fa
 
 
 async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool = False, token: bool = False) -> None:
-    """One ADS stream per simulated proxy: LDS and CDS by wildcard (and SDS by name, when the snapshot has
+    """One ADS stream per simulated proxy: LDS, CDS, SRDS by wildcard (and SDS by name, when the snapshot has
     secrets), then RDS and EDS by the names it was given (a real Envoy reads them from its listeners and
     clusters, in C++ and in microseconds; doing that in Python here would make this process, not the
     control plane, what the bench measures). Every response is ACKed with its version and nonce. `token`:
@@ -119,7 +119,7 @@ async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool 
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         out: asyncio.Queue[Any] = asyncio.Queue()
         eds, rds, sds = subs[node_id]
-        names = {CLUSTER: [], LISTENER: [], eds_type: eds, rds_type: rds, SECRET: sds}
+        names = {CLUSTER: [], LISTENER: [], SCOPED_ROUTE: [], eds_type: eds, rds_type: rds, SECRET: sds}
 
         def req(type_url: str, version: str = "", nonce: str = "") -> Any:
             r = discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=version, response_nonce=nonce)
@@ -131,7 +131,7 @@ async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool 
             while True:
                 yield await out.get()
 
-        for t in (SECRET, CLUSTER, LISTENER) if sds else (CLUSTER, LISTENER):
+        for t in (SECRET, CLUSTER, LISTENER, SCOPED_ROUTE) if sds else (CLUSTER, LISTENER, SCOPED_ROUTE):
             await out.put(req(t))
         subscribed: set[str] = set()
         async for resp in stub.StreamAggregatedResources(requests(), metadata=metadata(node_id)):
@@ -143,7 +143,7 @@ async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool 
                 await out.put(req(follow))
 
     async def one_delta(node_id: str, channel: Any) -> None:
-        """The same subscriptions over delta xDS: LDS/CDS wildcard, RDS/EDS names once the first answer
+        """The same subscriptions over delta xDS: LDS/CDS/SRDS wildcard, RDS/EDS names once the first answer
         that refers to them arrived; every response ACKed by its nonce."""
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         out: asyncio.Queue[Any] = asyncio.Queue()
@@ -165,7 +165,7 @@ async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool 
 
         if sds:
             await out.put(req(SECRET, subscribe=sds))
-        for t in (CLUSTER, LISTENER):
+        for t in (CLUSTER, LISTENER, SCOPED_ROUTE):
             await out.put(req(t))
         subscribed: set[str] = set()
         async for resp in stub.DeltaAggregatedResources(requests(), metadata=metadata(node_id)):
@@ -219,7 +219,8 @@ async def floor(snaps: dict[str, Any], nodes: list[str], tmp: Path, free: Any) -
     t0 = time.perf_counter()
     for node in nodes:
         parts = snaps[node].to_json()
-        config = static_bootstrap(**{k: parts.get(k, []) for k in ("listeners", "routes", "clusters", "endpoints")})
+        config = static_bootstrap(**{k: parts.get(k, []) for k in (
+            "listeners", "routes", "clusters", "endpoints", "scoped_routes")})
         admin = free()
         config["node"] = {"id": node, "cluster": "c1"}
         config["admin"] = {"address": {"socket_address": {"address": ADDR, "port_value": admin}}}

@@ -113,6 +113,8 @@ class Shared:
     configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
     """This render's outbound route configurations, by (namespace, reach)."""
     scoped: dict[Any, tuple[ResourceSet, ResourceSet]] = field(default_factory=dict)
+    http_reach: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    """A reach -> its services that are not TCP, sorted (routes._http_reach)."""
     """This render's outbound scopes and per-destination route configurations, by (namespace, reach)."""
 
 

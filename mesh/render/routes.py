@@ -109,7 +109,7 @@ def outbound_config(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
     that differ by them."""
     # A TCP service has no virtual host: its connections go through the sidecar's own TCP listener for it,
     # and an HTTP request for it meets the catch-all (it would reach an app that speaks no HTTP).
-    mesh = tuple(sorted(key for key in reach if not is_tcp(ctx.shared.intent, *key)))
+    mesh = _http_reach(ctx, reach)
     key = (me.namespace, mesh + external_key)
     if any(ext.routes_per_proxy for ext in ctx.extensions):
         return ResourceSet([route_config("outbound", [*_mesh_vhosts(ctx, me, mesh), *external], catch_all)])
@@ -141,7 +141,7 @@ def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
     configuration of every virtual host sent each proxy 100s of KiB (issue 15's measure). Shared like
     `outbound_config`: per namespace and egress, and across renders while the virtual hosts are the same
     objects."""
-    mesh = tuple(sorted(key for key in reach if not is_tcp(ctx.shared.intent, *key)))
+    mesh = _http_reach(ctx, reach)
     memo = (me.namespace, mesh + external_key)
     per_proxy = any(ext.routes_per_proxy for ext in ctx.extensions)
     found = None if per_proxy else ctx.shared.scoped.get(memo)
@@ -172,6 +172,17 @@ def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
     found = (shared_set(cache, ("scopes", memo), scopes), shared_set(cache, ("scoped-routes", memo), configs))
     if not per_proxy:
         ctx.shared.scoped[memo] = found
+    return found
+
+
+def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The services of `reach` that get virtual hosts (not TCP ones), sorted: once per distinct reach per
+    render (every sidecar of a namespace has the same one; filtering a thousand services per sidecar cost
+    most of a one-route render at 100 sidecars)."""
+    memo = ctx.shared.http_reach
+    found = memo.get(reach if isinstance(reach, tuple) else tuple(reach))
+    if found is None:
+        found = memo[tuple(reach)] = tuple(sorted(k for k in reach if not is_tcp(ctx.shared.intent, *k)))
     return found
 
 
