@@ -3,18 +3,18 @@
 A service's route entries are built once per render (once per proxy only where an extension says its
 route hook depends on the proxy) and reused across renders while their inputs are equal.
 
-Why a sidecar's outbound routes are still one RouteConfiguration (issue 15), and the cut chosen for it:
-at 1000 services it is ~360 KiB of protobuf, so one changed rule sends ~35 MiB to 100 proxies, where one
-service's share is ~440 bytes (43 KiB in all). The sidecar's outbound port is a plain HTTP proxy, so
-nothing below HTTP (port, SNI) tells services apart, and the HCM takes one RDS name. Of Envoy's two
-ways to split by Host: VHDS is delta-only and on demand (the first request for each host on each proxy
-waits a round trip to the control plane, and needs the on_demand filter); scoped routes keyed on the
-host part of `:authority` (`scoped_route_configurations_list` inline in the listener, `rds_config_source`
-ADS, one scope per `svc.ns` plus one per same-namespace short name, each naming the RouteConfiguration
-`outbound|svc.ns` shared by every sidecar) keep every host resolved locally and add no xDS type. Scoped
-routes is the choice; it is not built yet because the layout is read outside render (`envoycheck`'s and
-the test fixtures' static inlining of `rds`, tests naming the `outbound` configuration), and an unknown
-host then gets Envoy's own 404 rather than the catch-all's body.
+How a sidecar's outbound routes are cut (issue 15): one RouteConfiguration of every virtual host is
+~750 KiB at 1000 services, so one changed rule sent ~75 MiB to 100 proxies where one service's share is
+~1 KiB. The outbound port is a plain HTTP proxy, so nothing below HTTP (port, SNI) tells services apart.
+Of Envoy's two ways to split by Host, VHDS is delta-only and on demand (the first request for each host
+on each proxy waits a round trip, and needs the on_demand filter); scoped routes keyed on the host part of
+`:authority` keep every host resolved locally. So `outbound_scoped`: scopes over SRDS (a new xDS type,
+wildcard, shared objects: listing them inline in the listener would put ~100 KiB in every sidecar's own
+listener), one per `svc.ns` plus one per same-namespace short name and per external host, each naming the
+route configuration `outbound|<svc.ns or host>`. Envoy's "no route" then means "no scope for this host",
+which the listener answers as the outbound traffic policy's refusal (`listeners.scoped`); a virtual host
+whose rules can fall through ends in a 404 of its own so that it never reads as that. ALLOW_ANY keeps one
+configuration (`outbound_config`): its catch-all virtual host cannot be a scope.
 """
 
 from __future__ import annotations
