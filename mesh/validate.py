@@ -137,10 +137,6 @@ def _check_service(i: int, s: Service) -> list[Finding]:
     if any("unknown" in f.message for f in found):
         return out  # an unknown word reads as HTTP: comparing it with the other ports would only add noise
     first = s.spec.ports[0].effective_protocol
-    if first == "TLS":
-        out.append(Finding(i, ("spec", "ports", 0), "TLS services are not served: sidecars do not route passthrough "
-                           "TLS by SNI; declare the port TCP (the app's TLS bytes are carried as they are, inside "
-                           "the mesh's mTLS) or let the mesh's mTLS replace the app's TLS"))
     out += [Finding(i, ("spec", "ports", j), f"port {p.name!r} speaks {p.effective_protocol} but port "
                     f"{s.spec.ports[0].name!r} speaks {first}: a service has one protocol (its sidecar "
                     "forwards to one app port); split it into two services")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from mesh.intent import H2_PROTOCOLS, Intent
+from mesh.intent import H2_PROTOCOLS, L4_PROTOCOLS, Intent
 from mesh.render import ADS, Extension, Proxy, cluster_name, sni
 from mesh.topology import Sidecar
 from policies.identity import IssuedCert, service_identities
@@ -143,7 +143,7 @@ class SecurityExtension(Extension):
 
     def _inbound(self, sc: Sidecar, listener: dict[str, Any]) -> dict[str, Any]:
         service = self.intent.services.get((sc.namespace, sc.service))
-        if service is not None and service.spec.protocol == "TCP":
+        if service is not None and service.spec.protocol in L4_PROTOCOLS:
             # No routes at L4: the rules are the listener's own network filters (policies/l4).
             limit = self._service_limits.get((sc.namespace, sc.service))
             listener = with_network_filters(listener, network_filters(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mesh.intent import DNS_LABEL, Mesh, ResourceBase, Route, Service
+from mesh.intent import DNS_LABEL, L4_PROTOCOLS, Mesh, ResourceBase, Route, Service
 from mesh.validate import Finding, Loc
 from policies.intent import AuthorizationPolicy, Operation, PeerAuthentication, RateLimit, ServiceSelector, Source
 
@@ -165,7 +165,7 @@ def _check_authz(i: int, r: AuthorizationPolicy, services: dict[tuple[str, str],
         out.append(Finding(i, ("spec", "rules"), f"an ALLOW policy without rules matches nothing: every request to "
                                                  f"{target} is denied", warning=True))
     tcp = [s.metadata.name for s in ([service] if service else [s for (sns, _), s in sorted(services.items())
-                                                                  if sns == ns]) if s.spec.protocol == "TCP"]
+                                                                  if sns == ns]) if s.spec.protocol in L4_PROTOCOLS]
     for k, rule in enumerate(r.spec.rules):
         for j, src in enumerate(rule.from_):
             out += _check_source(i, src, ("spec", "rules", k, "from", j), trust_domain)
@@ -194,7 +194,7 @@ def _check_rate_limit(i: int, r: RateLimit, services: dict[tuple[str, str], Serv
         return [Finding(i, ("spec", "service"), _unknown_service(ns, r.spec.service, services))]
     if r.spec.rule is None:
         return []
-    if services[(ns, r.spec.service)].spec.protocol == "TCP":
+    if services[(ns, r.spec.service)].spec.protocol in L4_PROTOCOLS:
         return [Finding(i, ("spec", "rule"), f"service {r.spec.service!r} speaks TCP: its RateLimit is a bucket of "
                                              "connections at its own sidecars; leave `rule` out")]
     route = routes.get((ns, r.spec.service))

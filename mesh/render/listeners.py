@@ -8,7 +8,7 @@ from typing import Any
 # Registers the gRPC statistics filter's message for packing: mesh.xds.wire imports the others' modules.
 from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2  # noqa: F401
 
-from mesh.intent import Intent
+from mesh.intent import L4_PROTOCOLS, Intent
 from mesh.render.context import ADS, FAULT, FAULT_FILTER, ROUTER, Shared
 from mesh.render.tcp import inbound_listener as tcp_inbound
 from mesh.topology import Sidecar
@@ -77,7 +77,7 @@ def for_protocol(intent: Intent, sc: Sidecar, listener: dict[str, Any]) -> dict[
     if service is None or listener.get("name") != "inbound":
         return listener
     protocol = service.spec.protocol
-    if protocol == "TCP":
+    if protocol in L4_PROTOCOLS:  # TLS: the app's own TLS, carried as bytes inside the mesh's mTLS
         return tcp_inbound(listener)
     if protocol == "GRPC":
         (chain,) = listener["filter_chains"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from mesh.intent import Intent
+from mesh.intent import L4_PROTOCOLS, Intent
 from mesh.names import cluster_name
 from mesh.topology import Sidecar
 
@@ -40,7 +40,7 @@ def is_tcp(intent: Intent, namespace: str, service: str) -> bool:
     """Whether the proxies carry this service as plain TCP connections (TLS passthrough is refused by
     validation and never reaches render)."""
     svc = intent.services.get((namespace, service))
-    return svc is not None and svc.spec.protocol == "TCP"
+    return svc is not None and svc.spec.protocol in L4_PROTOCOLS
 
 
 def destinations(intent: Intent, allowed: frozenset[tuple[str, str]] | None) -> tuple[tuple[str, str, int], ...]:
@@ -48,7 +48,7 @@ def destinations(intent: Intent, allowed: frozenset[tuple[str, str]] | None) -> 
     None: every service), sorted: what the runtime gives local ports to."""
     return tuple(sorted(
         (ns, svc, p.port) for (ns, svc), service in intent.services.items()
-        if service.spec.protocol == "TCP" and (allowed is None or (ns, svc) in allowed)
+        if service.spec.protocol in L4_PROTOCOLS and (allowed is None or (ns, svc) in allowed)
         for p in service.spec.ports))
 
 
@@ -59,7 +59,7 @@ def outbound_listeners(intent: Intent, sc: Sidecar, reach: Sequence[tuple[str, s
     out = []
     for ns, svc, port, local in sc.tcp_outbound:
         service = intent.services.get((ns, svc))
-        if (ns, svc) not in reachable or service is None or service.spec.protocol != "TCP" \
+        if (ns, svc) not in reachable or service is None or service.spec.protocol not in L4_PROTOCOLS \
                 or port not in {p.port for p in service.spec.ports}:
             continue
         proxy = {"@type": TCP_PROXY, "stat_prefix": stat_prefix(ns, svc, port), **_split(intent, ns, svc)}

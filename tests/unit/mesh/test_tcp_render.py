@@ -145,13 +145,19 @@ def test_a_tcp_service_inbound_listener_forwards_connections_and_its_clusters_ca
     assert client_inbound["filter_chains"][0]["filters"][0]["name"] == "envoy.filters.network.http_connection_manager"
 
 
-def test_tcp_is_served_and_tls_is_refused_with_why() -> None:
+def test_tcp_and_tls_are_served_and_tls_is_carried_like_tcp() -> None:
+    """A TLS port (`tls`, `https`, appProtocol tls) is the app's own TLS: carried as opaque bytes by
+    tcp_proxy inside the mesh's mTLS, split by the same weights (no SNI routing: one Route rule decides)."""
     assert load({"mesh.yaml": (MESH + ROUTE_80_20).encode()}).problems == []
-    tls = MESH.replace("{name: tcp-echo, port: 9000}, {name: tcp-admin, port: 9001}", "{name: tls, port: 9443}")
-    problems = [str(p) for p in load({"mesh.yaml": tls.encode()}).problems]
-    assert problems == ["mesh.yaml:14: spec.ports[0]: TLS services are not served: sidecars do not route passthrough "
-                        "TLS by SNI; declare the port TCP (the app's TLS bytes are carried as they are, inside the "
-                        "mesh's mTLS) or let the mesh's mTLS replace the app's TLS"]
+    tls = MESH.replace("{name: tcp-echo, port: 9000}, {name: tcp-admin, port: 9001}", "{name: https, port: 9443}")
+    assert [str(p) for p in load({"mesh.yaml": (tls + ROUTE_80_20).encode()}).problems] == []
+    client = sidecar("client", "v1", 20000, (("shop", "echo", 9443, 21443),))
+    snaps = render(intent=intent_of(tls + ROUTE_80_20), topology=topo(client))
+    listener = listeners(snaps["east/shop/client-v1-0"])["outbound_tcp|9443|echo.shop"]
+    weights = {c["name"]: c["weight"] for c in tcp_proxy(listener)["weighted_clusters"]["clusters"]}
+    assert weights == {"outbound|echo.shop|v1": 80, "outbound|echo.shop|v2": 20}
+    inbound = listeners(snaps["east/shop/echo-v1-0"])["inbound"]
+    assert tcp_proxy(inbound)["cluster"] == "inbound|app"
 
 
 def test_envoy_accepts_what_the_pipeline_renders_for_tcp(tmp_path: Path) -> None:
