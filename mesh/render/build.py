@@ -74,6 +74,19 @@ def render(
             found = per_reach[reach] = (clusters, endpoints, any_fault(shared, reach))
         return found
 
+    own_now: dict[tuple[str, str], tuple[list[dict[str, Any]], ResourceSet]] = {}
+
+    def kept(key: tuple[str, str], items: list[dict[str, Any]]) -> ResourceSet:
+        """A proxy's own resources (its listeners, its inbound cluster, its secrets), built afresh every
+        render: last render's set when equal in content. A deep `==` costs a fraction of hashing them
+        again, and the kept set keeps its identity, so its version, its serialised form and the delta
+        server's per-part bookkeeping all carry over (only proxies whose own resources changed differ)."""
+        hit = cache.own.get(key)
+        if hit is None or hit[0] != items:
+            hit = (items, ResourceSet(items))
+        own_now[key] = hit
+        return hit[1]
+
     out: dict[str, Snapshot] = {}
     for gw in topology.gateways:
         # A gateway of a kind render does not know: the extension that knows it renders it; none does, an
@@ -128,15 +141,16 @@ def render(
         if not shared_hooks:
             clusters = ResourceSet([ctx.cluster(c) for key in reach for c in by_service[key][0]])
         out[proxy.node_id] = Snapshot.compose(
-            listeners=[ResourceSet([ctx.listener(x) for x in listeners])],
+            listeners=[kept((proxy.node_id, "listeners"), [ctx.listener(x) for x in listeners])],
             routes=routes,
-            clusters=[clusters, ResourceSet(own), *outside],
+            clusters=[clusters, kept((proxy.node_id, "clusters"), own), *outside],
             endpoints=[endpoints],
-            secrets=[ResourceSet(ctx.secrets())],
+            secrets=[kept((proxy.node_id, "secrets"), ctx.secrets())],
             scoped_routes=scopes,
             revision=revision,
         )
     cache.hooked = shared.hooked  # only what this render used: the cache does not grow with history
+    cache.own = own_now
     return out
 
 

@@ -169,7 +169,11 @@ class RenderCache:
         self.vhosts: dict[tuple[str, str, bool], tuple[tuple[object, ...], dict[str, Any]]] = {}
         self.configs: dict[Any, tuple[tuple[object, ...], dict[str, Any]]] = {}
         self.sets: dict[Any, tuple[tuple[object, ...], ResourceSet]] = {}
+        self.scoped: dict[tuple[str, str], tuple[tuple[object, ...], dict[str, Any], tuple[dict[str, Any], ...]]] = {}
+        """Per (caller namespace, destination): its virtual hosts, route configuration and scopes."""
         self.hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = {}
+        self.own: dict[tuple[str, str], tuple[list[dict[str, Any]], ResourceSet]] = {}
+        """Per (node id, kind): a proxy's own resources of the last render and their set (build.render)."""
         self.prints: tuple[object, ...] = ()
         """The extensions' fingerprints of the last render (one object while they stay equal)."""
 

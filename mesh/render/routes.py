@@ -153,22 +153,26 @@ def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
         by_host.setdefault(scope_key(vh["domains"][0]), []).append(vh)
     groups += sorted(by_host.items())
     cache = ctx.shared.cache
-    configs, scopes = [], []
+    configs: list[dict[str, Any]] = []
+    scopes: list[dict[str, Any]] = []
+    memo_groups = cache.scoped
     for group, vhosts in groups:
-        prev = cache.configs.get(("scoped", me.namespace, group))
+        # One lookup per group and an identity check of its virtual hosts: a one-rule render of 1000
+        # services meets 999 unchanged groups in each namespace.
+        prev = memo_groups.get((me.namespace, group))
         if prev is not None and same(prev[0], vhosts):
-            config = prev[1]
+            config, own = prev[1], prev[2]
         else:
             config = {"name": OUTBOUND_PREFIX + group, "virtual_hosts": [_closed(vh) for vh in vhosts]}
-            cache.configs[("scoped", me.namespace, group)] = (tuple(vhosts), config)
+            old = {sc["key"]["fragments"][0]["string_key"]: sc for sc in prev[2]} if prev is not None else {}
+            own = tuple(
+                sc if (sc := old.get(key)) is not None and sc["route_configuration_name"] == config["name"] else {
+                    "name": OUTBOUND_PREFIX + key, "route_configuration_name": config["name"],
+                    "key": {"fragments": [{"string_key": key}]}}
+                for key in sorted({scope_key(d) for vh in vhosts for d in vh["domains"]}))
+            memo_groups[(me.namespace, group)] = (tuple(vhosts), config, own)
         configs.append(config)
-        for key in sorted({scope_key(d) for vh in vhosts for d in vh["domains"]}):
-            hit = cache.configs.get(("scope", key, config["name"]))
-            scope = hit[1] if hit is not None else {
-                "name": OUTBOUND_PREFIX + key, "route_configuration_name": config["name"],
-                "key": {"fragments": [{"string_key": key}]}}
-            cache.configs[("scope", key, config["name"])] = ((), scope)
-            scopes.append(scope)
+        scopes.extend(own)
     found = (shared_set(cache, ("scopes", memo), scopes), shared_set(cache, ("scoped-routes", memo), configs))
     if not per_proxy:
         ctx.shared.scoped[memo] = found

@@ -151,3 +151,25 @@ def test_scopes_follow_names_egress_external_hosts_and_rules_that_can_fall_throu
     # A rule without a match already catches every HTTP request: no 404 before it could ever be reached.
     reviews = outbound_vhost(snaps[REVIEWS_V1], "reviews.shop")
     assert [r["name"] for r in reviews["routes"]] == ["default", "no-rule-matched-connect"]
+
+
+def test_a_proxys_own_resources_keep_their_sets_until_they_change() -> None:
+    """Listeners, the inbound cluster and secrets are built afresh for each proxy every render; equal in
+    content, last render's ResourceSet is kept (its identity carries versions, serialised bytes and the delta
+    server's per-part bookkeeping), and a change anywhere in them gives that proxy a new set."""
+    from mesh.xds.snapshot import CLUSTER
+
+    cache = RenderCache()
+    before = snapshots(intent(), cache)
+    after = snapshots(intent(reviews_v2=10), cache)
+    for node, new in sidecars(after).items():
+        assert new.parts[LISTENER][0] is before[node].parts[LISTENER][0], node
+        assert any(p is q for p in new.parts[CLUSTER] for q in before[node].parts[CLUSTER] if len(p) == 1), node
+    # A fault on reviews puts the fault filter in the outbound listener of the sidecars that call it.
+    fault = _doc("Route", "ratings", "data", {"service": "ratings", "http": [
+        {"name": "slow", "fault": {"delay": {"fixedDelay": "1s", "percentage": 50}}, "route": [{"version": "v1"}]}]})
+    faulty = snapshots(intent(reviews_v2=10, extra=(fault,)), cache)
+    changed = {n for n, s in sidecars(faulty).items() if s.parts[LISTENER][0] is not after[n].parts[LISTENER][0]}
+    assert changed and all(faulty[n].version(LISTENER) != after[n].version(LISTENER) for n in changed)
+    kept = set(sidecars(faulty)) - changed
+    assert all(faulty[n].version(LISTENER) == after[n].version(LISTENER) for n in kept)
