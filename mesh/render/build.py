@@ -151,6 +151,7 @@ def render(
         )
     cache.hooked = shared.hooked  # only what this render used: the cache does not grow with history
     cache.own = own_now
+    cache.scoped = shared.scoped_groups
     return out
 
 

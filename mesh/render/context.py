@@ -96,6 +96,9 @@ ADS = {"ads": {}, "resource_api_version": "V3"}
 NOT_FOUND_BODY = "lockgate: no route for this host\n"
 
 
+ScopedGroup = tuple[tuple[object, ...], dict[str, Any], tuple[dict[str, Any], ...]]
+
+
 @dataclass
 class Shared:
     """What every proxy of one render shares: route entries per service, virtual hosts and route
@@ -113,6 +116,8 @@ class Shared:
     configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
     """This render's outbound route configurations, by (namespace, reach)."""
     scoped: dict[Any, tuple[ResourceSet, ResourceSet]] = field(default_factory=dict)
+    scoped_groups: dict[tuple[Any, ...], ScopedGroup] = field(default_factory=dict)
+    """This render's `RenderCache.scoped` (what the next render finds)."""
     http_reach: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = field(default_factory=dict)
     """A reach -> its services that are not TCP, sorted (routes._http_reach)."""
     """This render's outbound scopes and per-destination route configurations, by (namespace, reach)."""
@@ -169,8 +174,8 @@ class RenderCache:
         self.vhosts: dict[tuple[str, str, bool], tuple[tuple[object, ...], dict[str, Any]]] = {}
         self.configs: dict[Any, tuple[tuple[object, ...], dict[str, Any]]] = {}
         self.sets: dict[Any, tuple[tuple[object, ...], ResourceSet]] = {}
-        self.scoped: dict[tuple[str, str], tuple[tuple[object, ...], dict[str, Any], tuple[dict[str, Any], ...]]] = {}
-        """Per (caller namespace, destination): its virtual hosts, route configuration and scopes."""
+        self.scoped: dict[tuple[Any, ...], ScopedGroup] = {}
+        """Per destination and its virtual host objects: those, its route configuration and its scopes."""
         self.hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = {}
         self.own: dict[tuple[str, str], tuple[list[dict[str, Any]], ResourceSet]] = {}
         """Per (node id, kind): a proxy's own resources of the last render and their set (build.render)."""

@@ -41,6 +41,7 @@ from mesh.render.context import (
     FAULT_FILTER,
     NOT_FOUND_BODY,
     Ctx,
+    RenderCache,
     duration_field,
     fractional,
     same,
@@ -155,22 +156,21 @@ def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
     cache = ctx.shared.cache
     configs: list[dict[str, Any]] = []
     scopes: list[dict[str, Any]] = []
-    memo_groups = cache.scoped
+    now = ctx.shared.scoped_groups
     for group, vhosts in groups:
-        # One lookup per group and an identity check of its virtual hosts: a one-rule render of 1000
-        # services meets 999 unchanged groups in each namespace.
-        prev = memo_groups.get((me.namespace, group))
+        # One lookup per group: a one-rule render of 1000 services meets 999 unchanged groups in each
+        # namespace. Keyed by the virtual host objects, so callers in every namespace but the service's own
+        # (which adds the short name) share one configuration and its scopes.
+        gkey = (group, *map(id, vhosts))
+        prev = now.get(gkey) or cache.scoped.get(gkey)
         if prev is not None and same(prev[0], vhosts):
             config, own = prev[1], prev[2]
+            now[gkey] = prev
         else:
             config = {"name": OUTBOUND_PREFIX + group, "virtual_hosts": [_closed(vh) for vh in vhosts]}
-            old = {sc["key"]["fragments"][0]["string_key"]: sc for sc in prev[2]} if prev is not None else {}
-            own = tuple(
-                sc if (sc := old.get(key)) is not None and sc["route_configuration_name"] == config["name"] else {
-                    "name": OUTBOUND_PREFIX + key, "route_configuration_name": config["name"],
-                    "key": {"fragments": [{"string_key": key}]}}
-                for key in sorted({scope_key(d) for vh in vhosts for d in vh["domains"]}))
-            memo_groups[(me.namespace, group)] = (tuple(vhosts), config, own)
+            own = tuple(_scope(cache, key, config["name"])
+                        for key in sorted({scope_key(d) for vh in vhosts for d in vh["domains"]}))
+            now[gkey] = (tuple(vhosts), config, own)
         configs.append(config)
         scopes.extend(own)
     found = (shared_set(cache, ("scopes", memo), scopes), shared_set(cache, ("scoped-routes", memo), configs))
@@ -188,6 +188,17 @@ def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, 
     if found is None:
         found = memo[tuple(reach)] = tuple(sorted(k for k in reach if not is_tcp(ctx.shared.intent, *k)))
     return found
+
+
+def _scope(cache: RenderCache, key: str, config: str) -> dict[str, Any]:
+    """One scope object per (host, configuration) for as long as the cache lives: a destination whose rules
+    change keeps its scopes (their identity, so the scope set and its version stay as they were)."""
+    found = cache.configs.get(("scope", key, config))
+    if found is None:
+        found = cache.configs[("scope", key, config)] = ((), {
+            "name": OUTBOUND_PREFIX + key, "route_configuration_name": config,
+            "key": {"fragments": [{"string_key": key}]}})
+    return found[1]
 
 
 def scope_key(domain: str) -> str:
