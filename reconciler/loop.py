@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -26,14 +27,16 @@ from typing import Any
 from mesh.intent import Intent
 from mesh.names import kind_of
 from mesh.render import RenderCache
+from mesh.topology import ClusterTopology
 from mesh.xds.cache import SnapshotCache
 from mesh.xds.server import AdsServer
 from mesh.xds.snapshot import SECRET
 from multicluster.ca import CADirectoryWatch, CAError, ensure_hierarchy
 from multicluster.eastwest import eastwest_gateway
 from multicluster.issuer import WorkloadIssuer, bundle_acked
+from policies import IssuedCert
 from reconciler.isolate import load_isolated
-from reconciler.pipeline import render_mesh
+from reconciler.pipeline import ClusterRender, render_mesh
 from reconciler.rollout.controller import GitSource, RolloutController
 from reconciler.runtime.base import Bind, ProxyProcess, Runtime, RuntimeStatus
 from reconciler.source.base import DEFAULT_AUTHOR, GitError, StaleParent
@@ -72,6 +75,9 @@ class UpConfig:
     """The SSH private key lockgate signs its own write-back commits with."""
     isolate_clusters: bool = False
     """Local runtime: each cluster in a network namespace of its own, joined by a bridge (needs root)."""
+    render_timeout: float = 120.0
+    """Seconds one render (in a worker thread) may take before it is abandoned: the push fails, every proxy
+    keeps what it has, and the next push starts afresh (1000 services render in ~0.5 s)."""
 
 
 @dataclass
@@ -119,6 +125,12 @@ class Reconciler:
     """Intent from elsewhere than the commit (on Kubernetes: lockgate resources applied with kubectl, as
     `@cluster/<Kind>/<namespace>/<name>.yaml`), validated with the commit's files as one revision."""
     _applying: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _rendering: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held from a push's render to its landing in the caches: one render at a time (a RenderCache is never
+    used by two threads) and pushes land in the order they started."""
+    _landing: _Rendered | None = None
+    """The render `_push` sets into the caches (handed from the worker thread to the loop)."""
+    _push_tasks: set[asyncio.Task[None]] = field(default_factory=set)
     dashboard: str | None = None
     """The web view's address (`http://host:port/`), shown in status as `lockgate.dashboard`; None when off."""
     status_listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
@@ -222,7 +234,7 @@ class Reconciler:
         self.applied, self.failed, self.last_error = sha, None, []
         await self.runtime.apply(intent)
         self.rollouts.on_revision(intent, sha)
-        self.push()
+        await self.push()  # under the apply lock: the next revision's render starts after this one landed
         self.rollouts.note_applied(sha, sorted(self.planes))
         log.info("applied %s in %.1f ms", sha[:12], (time.monotonic() - t0) * 1000)
         self.write_status()
@@ -365,48 +377,99 @@ class Reconciler:
     # --- pushing -----------------------------------------------------------------------------------
 
     def schedule_push(self) -> None:
-        """Coalesce bursts of topology changes into one render."""
+        """Coalesce bursts of topology and weight changes into one render: every request made before that
+        render starts is served by it (one waits, at most, behind the render in flight)."""
         if not self._push_pending:
             self._push_pending = True
-            asyncio.get_running_loop().call_soon(self.push)
+            task = asyncio.get_running_loop().create_task(self._pending_push(), name="push")
+            self._push_tasks.add(task)
+            task.add_done_callback(self._push_tasks.discard)
 
-    def push(self) -> None:
-        """Render every cluster through the one pipeline and set what rendered consistently. A render that
-        raises (a bug) leaves every proxy with what it has and says so in status."""
+    async def _pending_push(self) -> None:
+        async with self._rendering:
+            if self._push_pending:  # else a push that started since (a new revision's) rendered it all
+                await self._push_locked()
+
+    async def push(self) -> None:
+        """Render every cluster through the one pipeline and set what rendered consistently; returns once it
+        has landed in the caches (after any render in flight). A render that raises (a bug) or overruns
+        `render_timeout` leaves every proxy with what it has and says so in status."""
+        async with self._rendering:
+            await self._push_locked()
+
+    async def settled(self) -> None:
+        """Until no push is pending or rendering (what a caller waits on after a change it scheduled)."""
+        while self._push_tasks or self._rendering.locked():
+            if self._push_tasks:
+                await asyncio.gather(*self._push_tasks, return_exceptions=True)
+            else:
+                async with self._rendering:
+                    pass
+
+    async def _push_locked(self) -> None:
         self._push_pending = False
         if self.intent is None or self.applied is None:
             return
+        revision = self.applied
         try:
+            self._landing = await self._render()
             self._push()
             self.push_error = None
         except Exception as exc:
-            log.exception("push of %s failed; every proxy keeps what it has", self.applied[:12])
+            log.exception("push of %s failed; every proxy keeps what it has", revision[:12])
             self.push_error = f"{exc!r}"
+        finally:
+            self._landing = None
         self._arm_rotation()
         self._schedule_gc()
         self.write_status()
 
-    def _push(self) -> None:
+    async def _render(self) -> _Rendered:
+        """The pure pipeline for the current revision, in a worker thread: at 1000 services a render takes
+        0.4-0.7 s, which on the loop would stall every ADS stream, webhook and status write as long.
+
+        Its inputs are taken here, on the loop (topologies, a copy of the rollout states: the controller
+        changes them while the thread runs); certificates are issued on the loop too, since the issuer is
+        the loop's (status reads it). Only the RenderCaches go to the thread, and `_rendering` keeps
+        them to one thread at a time; one abandoned at its timeout keeps the old caches, the planes get
+        new ones."""
         assert self.intent is not None and self.applied is not None
-        rendered = render_mesh(
-            intent=self.intent, states=self.rollouts.states,
-            topologies={name: self.runtime.topology(name) for name in self.planes},
-            remote={c.name: self.runtime.topology(c.name) for c in self.intent.mesh.spec.clusters
-                    if c.name not in self.planes and not self.runtime.serves(c.name)},
-            certs=self.issuer, now=time.time(), revision=self.applied,
-            caches={name: plane.render_cache for name, plane in self.planes.items()})
+        intent, revision, planes = self.intent, self.applied, dict(self.planes)
+        call = functools.partial(
+            render_mesh, intent=intent, states=dict(self.rollouts.states),
+            topologies={name: self.runtime.topology(name) for name in planes},
+            remote={c.name: self.runtime.topology(c.name) for c in intent.mesh.spec.clusters
+                    if c.name not in planes and not self.runtime.serves(c.name)},
+            certs=LoopCertificates(self.issuer, asyncio.get_running_loop(), timeout=self.config.render_timeout),
+            now=time.time(), revision=revision, caches={name: plane.render_cache for name, plane in planes.items()})
+        try:
+            async with asyncio.timeout(self.config.render_timeout):
+                rendered = await asyncio.to_thread(call)
+        except TimeoutError:
+            for plane in planes.values():
+                plane.render_cache = RenderCache()
+            raise RenderTimeout(f"rendering {revision[:12]} took longer than {self.config.render_timeout:g} s; "
+                                "abandoned") from None
+        return _Rendered(revision=revision, clusters=rendered)
+
+    def _push(self) -> None:
+        """Set the render in `_landing` into the caches, on the loop (ADS streams are woken from here)."""
+        assert self._landing is not None
+        landing = self._landing
         for plane in self.planes.values():
-            result = rendered[plane.name]
+            result = landing.clusters.get(plane.name)
+            if result is None:  # a cluster added while the render ran: the push that follows covers it
+                continue
             if result.error is not None:
                 # A render bug, not a user error: every proxy of the cluster keeps what it has.
                 log.error("cluster %s: not pushing revision %s, its snapshot is inconsistent: %s",
-                          plane.name, self.applied[:12], result.error)
+                          plane.name, landing.revision[:12], result.error)
                 continue
             for node_id, snap in result.snapshots.items():
                 plane.cache.set(node_id, snap)
             for node_id in set(plane.cache.nodes()) - set(result.snapshots):
                 plane.cache.clear(node_id)
-            plane.applied = self.applied
+            plane.applied = landing.revision
 
     def _schedule_gc(self) -> None:
         """Once a push has settled, collect garbage and freeze what is left (the applied configuration,
@@ -424,7 +487,7 @@ class Reconciler:
             self._rotation.cancel()
         due = self.issuer.next_rotation()
         if due is not None:
-            self._rotation = asyncio.get_running_loop().call_later(max(0.0, due - time.time()), self.push)
+            self._rotation = asyncio.get_running_loop().call_later(max(0.0, due - time.time()), self.schedule_push)
 
     async def _follow_ca(self, *, interval: float = 0.5) -> None:
         """Pick up what `lockgate ca rotate-cluster|rotate-root|finish-root-rotation` (or a copy by hand) wrote
@@ -451,7 +514,7 @@ class Reconciler:
                         and all(bundle_acked(plane.cache, bundle) for plane in self.planes.values())):
                     changed = bool(self.issuer.bundle_delivered())
                 if changed:
-                    self.push()
+                    await self.push()
             except Exception:  # a bug of ours: the certificates in place keep serving
                 log.exception("following the CA directory failed")
 
@@ -560,6 +623,7 @@ class Reconciler:
         self._final = RuntimeStatus(
             proxies={k: dataclasses.replace(p, pid=None, state="stopped") for k, p in before.proxies.items()},
             workloads=[dataclasses.replace(w, pid=None, state="stopped", ready=False) for w in before.workloads])
+        await self._cancel_pushes()
         await self.rollouts.close()
         await self.runtime.close()
         for plane in self.planes.values():
@@ -573,6 +637,12 @@ class Reconciler:
         write_json(self.config.state_dir / STATUS_FILE, status)
         self.git.close()
 
+    async def _cancel_pushes(self) -> None:
+        """A push still waiting or rendering goes (its thread, if any, finishes unseen)."""
+        for task in list(self._push_tasks):
+            task.cancel()
+        await asyncio.gather(*self._push_tasks, return_exceptions=True)
+
     async def detach(self) -> None:
         """After an internal error: lockgate goes, the data plane stays. Envoys keep their last configuration
         and the workloads keep running, to be adopted by the next `lockgate up` (only an explicit stop, Ctrl-C
@@ -581,6 +651,7 @@ class Reconciler:
             if handle is not None:
                 handle.cancel()
         self._status_handle = self._rotation = self._gc_handle = None
+        await self._cancel_pushes()
         with contextlib.suppress(Exception):
             status = self.status()
             status["lockgate"]["pid"] = None
@@ -620,6 +691,40 @@ def _read_json_or(path: Path, default: dict[str, Any]) -> dict[str, Any]:
     except (OSError, ValueError):
         return default
     return value if isinstance(value, dict) else default
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    """One push's render, from the worker thread: the revision it was made of and each cluster's result."""
+
+    revision: str
+    clusters: Mapping[str, ClusterRender]
+
+
+class RenderTimeout(Exception):
+    """A render overran `UpConfig.render_timeout`: the push is refused (a bug of ours, or a mesh too big)."""
+
+
+class LoopCertificates:
+    """The issuer as the render's worker thread sees it: each `certs_for` runs on the event loop that owns
+    the issuer (status and the CA watch read and change it there) and the thread waits for the answer. Keys
+    are made there too, ~0.2 ms each, only when a certificate is new or due."""
+
+    def __init__(self, issuer: WorkloadIssuer, loop: asyncio.AbstractEventLoop, *, timeout: float) -> None:
+        self._issuer, self._loop, self._timeout = issuer, loop, timeout
+        self._bundle = issuer.trust_bundle
+
+    def certs_for(self, intent: Intent, topology: ClusterTopology, *, now: float) -> dict[str, IssuedCert]:
+        async def issue() -> tuple[dict[str, IssuedCert], list[str]]:
+            return self._issuer.certs_for(intent, topology, now=now), self._issuer.trust_bundle
+
+        certs, self._bundle = asyncio.run_coroutine_threadsafe(issue(), self._loop).result(self._timeout)
+        return certs
+
+    @property
+    def trust_bundle(self) -> list[str]:
+        """The bundle as it was when the last certificates were issued (the two always agree)."""
+        return self._bundle
 
 
 READ_TIMEOUT = 30.0

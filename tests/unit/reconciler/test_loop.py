@@ -132,15 +132,15 @@ def test_a_rollout_tick_moves_the_weights_that_are_served(repo: Path, tmp_path: 
             assert reviews_weights(plane.cache.get(FRONTEND)) == [("v1", 100)]  # type: ignore[arg-type]
             rec.rollouts.providers["fake://prometheus/east"] = FakeProvider(100.0)
             await rec.rollouts.tick()  # the run starts: the first step's weight
-            await asyncio.sleep(0)  # the push the controller scheduled
+            await rec.settled()  # the push the controller scheduled (rendered off the loop)
             assert reviews_weights(plane.cache.get(FRONTEND)) == [("v1", 90), ("v2", 10)]  # type: ignore[arg-type]
             await asyncio.sleep(1.1)  # one interval: an analysis is due; the fake Prometheus says all is well
             await rec.rollouts.tick()
-            await asyncio.sleep(0)
+            await rec.settled()
             assert reviews_weights(plane.cache.get(FRONTEND)) == [("v1", 50), ("v2", 50)]  # type: ignore[arg-type]
             # A topology change re-renders with the rollout's weights still in place.
             runtime.set_ready("east/shop/reviews-v2-0", False)
-            await asyncio.sleep(0)
+            await rec.settled()
             assert reviews_weights(plane.cache.get(FRONTEND)) == [("v1", 50), ("v2", 50)]  # type: ignore[arg-type]
         finally:
             await rec.close()
@@ -157,7 +157,7 @@ def test_a_restart_takes_the_same_control_plane_port_and_resumes_the_rollout(rep
         try:
             await rec.apply_revision(sha)
             await rec.rollouts.tick()
-            await asyncio.sleep(0)
+            await rec.settled()
             return rec.planes["east"].port, reviews_weights(rec.planes["east"].cache.get(FRONTEND))  # type: ignore[arg-type]
         finally:
             await rec.close()
@@ -189,7 +189,7 @@ def test_planning_a_revision_renders_what_up_pushes_for_it(repo: Path, tmp_path:
         try:
             await rec.apply_revision(sha)
             await rec.rollouts.tick()
-            await asyncio.sleep(0)
+            await rec.settled()
             assert rec.intent is not None
             planned = render_planned(rec.intent, states=rec.rollouts.states, certs=rec.issuer, revision=sha)
             assert set(planned) == {"east", "west"}

@@ -69,7 +69,8 @@ def test_rollback_undoes_the_last_human_change_one_at_a_time_and_refuses_what_it
             first = rec.source.head()
             await until("the first revision", lambda: rec.applied == first)
             split = commit(repo, {"routes.yaml": SPLIT}, "reviews: 50/50")
-            await until("the split", lambda: rec.applied == split)
+            # served: the render lands in the caches a moment after `applied` moves (it runs off the loop)
+            await until("the split", lambda: rec.applied == split and rec.planes["east"].applied == split)
             assert weights(rec) == [("v1", 50), ("v2", 50)]
 
             with pytest.raises(RollbackRefused, match="cannot resolve revision 'nope'"):
