@@ -101,6 +101,9 @@ class RolloutController:
     _notes: set[asyncio.Task[None]] = field(default_factory=set)
     intent: Intent | None = None
     revision: str | None = None
+    rollouts: dict[Key, Rollout] = field(default_factory=dict)
+    """The applied revision's Rollouts by (namespace, name), found once per revision (`on_revision`): a tick
+    runs five times a second and must not scan every resource of a big mesh each time."""
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     notifier: Notifier = field(default_factory=Notifier)
     """Sends every decision to the Mesh-wide sinks and the Rollout's, off the tick (a sink that is down never
@@ -122,7 +125,9 @@ class RolloutController:
         return self.providers[metrics.url]
 
     def on_revision(self, intent: Intent, sha: str) -> None:
+        """A new applied revision: its Rollouts are found here, the one scan of its resources."""
         self.intent, self.revision = intent, sha
+        self.rollouts = {(r.metadata.namespace, r.metadata.name): r for r in intent.of_kind(Rollout)}
         self._wake.set()
 
     # --- the loop -----------------------------------------------------------------------------------
@@ -143,7 +148,7 @@ class RolloutController:
     async def tick(self) -> None:
         if self.intent is None:
             return
-        rollouts = {(r.metadata.namespace, r.metadata.name): r for r in self.intent.of_kind(Rollout)}
+        rollouts = self.rollouts  # with none (and no state left to drop), only the command folder is read
         for key in set(self.states) - set(rollouts):
             self.states.pop(key)
             self.records.pop(key, None)
@@ -371,9 +376,7 @@ class RolloutController:
 
     def describe(self) -> list[dict[str, Any]]:
         out = []
-        rollouts = {(r.metadata.namespace, r.metadata.name): r for r in self.intent.of_kind(Rollout)} \
-            if self.intent else {}
-        for key, ro in sorted(rollouts.items()):
+        for key, ro in sorted(self.rollouts.items()):
             out.append(summary(ro.spec.model_dump(mode="json", by_alias=True), self.records.get(key, {}),
                                namespace=key[0], name=key[1]))
         return out
