@@ -72,9 +72,9 @@ async def main(rounds: int) -> None:
                 has_b = "10.0.0.3" in str(dict(plane.cache.get(FRONTEND).items(ENDPOINT)))  # type: ignore[union-attr]
                 assert has_b == (i % 2 == 0), f"round {i}: the EDS does not show what the API says"
 
-            def push_once() -> float:
+            async def push_once() -> float:
                 t = time.perf_counter()
-                rec.push()
+                await rec.push()  # render (in a worker thread) and cache set
                 return (time.perf_counter() - t) * 1000
 
             floor = [thread.call(push_once) for _ in range(rounds)]
