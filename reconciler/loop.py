@@ -543,6 +543,13 @@ class Reconciler:
         if self._status_handle is None:
             self._status_handle = asyncio.get_running_loop().call_later(0.05, self._write_status_now)
 
+    def flush_status(self) -> None:
+        """Write status now (a debounced write pending is written at once): for an answer that promises status
+        already shows what it did (`lockgate rollback`, `suspend`, `resume`)."""
+        if self._status_handle is not None:
+            self._status_handle.cancel()
+        self._write_status_now()
+
     def _write_status_now(self) -> None:
         self._status_handle = None
         status = self.status()

@@ -145,5 +145,6 @@ async def serve_commands(rec: Reconciler, *, interval: float = 0.1) -> None:
             except Exception as exc:  # a bug of ours: answered, and the loop goes on
                 log.exception("lockgate %s failed", command.get("action") if isinstance(command, dict) else "?")
                 answer = {"ok": False, "message": f"lockgate: internal error: {exc!r}"}
+            rec.flush_status()  # the answer implies status shows what was done (its write is debounced)
             write_json(path.with_suffix(".done"), {"id": path.stem, **answer})
             path.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ import pytest
 from reconciler.source import watch
 from reconciler.source.git import GitError, Pygit2Source, StaleParent, init_repo
 from tests.fixtures.git import bare_remote, commit_all, git, mesh_repo, write
-from tests.fixtures.processes import open_fds
+from tests.fixtures.processes import inotify_fds
 
 
 @pytest.fixture
@@ -273,10 +273,11 @@ def test_watch_local_notices_a_git_commit_quickly(work: Path) -> None:
 
     async def scenario() -> list[float]:
         latencies: list[float] = []
-        fds_before = open_fds()
+        fds_before = inotify_fds()
         gen = source.watch(poll_interval=60.0)  # the safety poll cannot be what notices
         async with contextlib.aclosing(gen):
             assert await _next(gen) == source.head()
+            assert inotify_fds() == fds_before + 1  # the watch holds one
             for n in range(5):
                 task = asyncio.create_task(asyncio.to_thread(cli_commit, n))
                 seen = await _next(gen)
@@ -284,7 +285,7 @@ def test_watch_local_notices_a_git_commit_quickly(work: Path) -> None:
                 await task
                 assert seen == git(work, "rev-parse", "HEAD")
                 latencies.append(seen_at - ref_file.stat().st_mtime)
-        assert open_fds() == fds_before  # inotify fd closed with the generator
+        assert inotify_fds() == fds_before  # inotify fd closed with the generator
         return latencies
 
     latencies = asyncio.run(scenario())
