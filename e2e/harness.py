@@ -29,9 +29,14 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "dev", "GIT_AUTHOR_EMAIL": "dev@example.org",
 
 
 def lockgate(*args: str, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the CLI of this installation as a user would."""
-    return subprocess.run([sys.executable, "-m", "reconciler.cli", *args], capture_output=True, text=True,
-                          check=check, cwd=cwd, timeout=60)
+    """Run the CLI of this installation as a user would; with `check`, a non-zero exit fails with what the
+    command printed (a CalledProcessError shows neither stream)."""
+    out = subprocess.run([sys.executable, "-m", "reconciler.cli", *args], capture_output=True, text=True,
+                         cwd=cwd, timeout=60)
+    if check and out.returncode != 0:
+        raise AssertionError(f"lockgate {' '.join(args)} exited {out.returncode}\nstdout: {out.stdout}\n"
+                             f"stderr: {out.stderr}")
+    return out
 
 
 def git(repo: Path, *args: str) -> str:
@@ -82,6 +87,10 @@ class Up:
         # a second, and a CLI process per poll took CPU from the mesh under test (tests/unit/reconciler/
         # test_cli_light.py and the CLI tests cover the command itself).
         status = read_status(self.state_dir)
+        if status["lockgate"].get("pid") != self.proc.pid:
+            # The last status an earlier lockgate wrote (one SIGKILLed, say) is not this one's: a restarted `up`
+            # looks converged on it before it has written anything (`lockgate rollout` then finds no `up`).
+            raise RuntimeError(f"status in {self.state_dir} is not yet this lockgate up's (pid {self.proc.pid})")
         for c in status["clusters"]:
             self.child_pids |= {p["pid"] for p in c["proxies"] if p.get("pid")}
         self.child_pids |= {w["pid"] for w in status.get("workloads", []) if w.get("pid")}
