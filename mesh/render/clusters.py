@@ -43,7 +43,7 @@ def outbound_clusters(
                 "eds_cluster_config": {"service_name": name, "eds_config": ADS},
             }
             settings = service_policy(intent, ns, svc, version)
-            cluster.update(_cluster_policy(settings) if settings is not None else _unlimited())
+            cluster.update(cluster_policy(settings) if settings is not None else _unlimited())
             if service.spec.protocol in H2_PROTOCOLS:
                 cluster = with_http2(cluster)
             elif service.spec.protocol in L4_PROTOCOLS:  # tcp_proxy: HTTP protocol options mean nothing here
@@ -66,7 +66,7 @@ def _unlimited() -> dict[str, Any]:
         "max_connections", "max_pending_requests", "max_requests", "max_retries")}]}}
 
 
-def _cluster_policy(p: PolicySettings) -> dict[str, Any]:
+def cluster_policy(p: PolicySettings) -> dict[str, Any]:
     """DestinationRule semantics on one EDS cluster: balancing, circuit breaking, outlier ejection."""
     out = _unlimited()
     lb = p.load_balancer

@@ -24,9 +24,9 @@ from envoy.extensions.clusters.dynamic_forward_proxy.v3 import cluster_pb2  # no
 from envoy.extensions.filters.http.dynamic_forward_proxy.v3 import dynamic_forward_proxy_pb2  # noqa: F401
 
 from mesh.intent import SYSTEM_CA_BUNDLE, ExternalPort, ExternalService, ExternalTLS, Intent, PolicySettings
-from mesh.render.clusters import _cluster_policy
+from mesh.render.clusters import cluster_policy
 from mesh.render.context import RenderCache, duration_field, shared_set
-from mesh.render.routes import NO_TIMEOUT, _retry_policy, default_retry_policy
+from mesh.render.routes import NO_TIMEOUT, default_retry_policy, retry_policy
 from mesh.xds.snapshot import ResourceSet
 
 ALLOW_ANY_CLUSTER = "outbound|allow-any"
@@ -150,7 +150,7 @@ def _external_parts(es: ExternalService) -> dict[str, Any]:
     spec = es.spec
     clusters: list[dict[str, Any]] = []
     vhosts: list[dict[str, Any]] = []
-    policy = _cluster_policy(PolicySettings(connection_pool=spec.connection_pool,
+    policy = cluster_policy(PolicySettings(connection_pool=spec.connection_pool,
                                             outlier_detection=spec.outlier_detection))
     for host in spec.hosts:
         bare = False  # `http://host/` (no port) goes to the first HTTP-routed port
@@ -164,7 +164,7 @@ def _external_parts(es: ExternalService) -> dict[str, Any]:
                 continue
             action: dict[str, Any] = {"cluster": name,
                                       "timeout": duration_field(spec.timeout) if spec.timeout else NO_TIMEOUT}
-            if (retry := _retry_policy(spec.retries, sticky=False)) is not None:
+            if (retry := retry_policy(spec.retries, sticky=False)) is not None:
                 action["retry_policy"] = retry
             domains = [f"{host}:{port.number}", *([] if bare else [host])]
             bare = True

@@ -361,7 +361,7 @@ def _action(ctx: Ctx, rule: HTTPRule, ns: str, svc: str) -> dict[str, Any]:
         action["request_mirror_policies"] = [mirror]
     if hashes := _hash_policies(ctx, ns, svc, [d.version for d in live] or [None]):
         action["hash_policy"] = hashes
-    if (retry := _retry_policy(rule.retries, sticky=bool(hashes))) is not None:
+    if (retry := retry_policy(rule.retries, sticky=bool(hashes))) is not None:
         action["retry_policy"] = retry
     return action
 
@@ -381,7 +381,7 @@ NO_RETRIES: dict[str, Any] = {"num_retries": 0}
 """A route entry's own policy that retries nothing: `attempts: 0` must override the virtual host's default."""
 
 
-def _retry_policy(retries: Retries | None, *, sticky: bool) -> dict[str, Any] | None:
+def retry_policy(retries: Retries | None, *, sticky: bool) -> dict[str, Any] | None:
     """What a route entry sets over its virtual host's default (None: the default applies).
 
     Istio's semantics: no `retries` gets the default; `attempts: 0` none at all; a rule's own replaces the
