@@ -21,7 +21,18 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from mesh.xds import wire as xds
 from mesh.xds.cache import SnapshotCache
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, PUSH_ORDER, WILDCARD_TYPES, ResourceSet, Snapshot, part_diff
+from mesh.xds.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    PUSH_ORDER,
+    ROUTE,
+    SCOPED_ROUTE,
+    WILDCARD_TYPES,
+    ResourceSet,
+    Snapshot,
+    part_diff,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +43,15 @@ EMPTY = Snapshot.of()
 DiscoveryRequest = Any  # envoy.service.discovery.v3.DiscoveryRequest (the generated modules are untyped)
 DiscoveryResponse = Any  # what tests and callers receive: our `Response`
 
+
+ROUTING_TYPES = (LISTENER, SCOPED_ROUTE, ROUTE)
+"""What refers to clusters. Make-before-break both ways, as the xDS protocol asks: these are sent only once
+the proxy has ACKed the snapshot's clusters (Envoy ACKs CDS when the new clusters have warmed), and a
+cluster the snapshot dropped is removed only once these are ACKed at the snapshot's version. Otherwise a
+request between the two finds no cluster (Envoy's 503 `NC`): measured on a real Envoy, 12-19 of ~1100
+requests over 12 route moves (tests/integration). A NACKed route update leaves the old routes, and so
+their clusters, serving; a NACKed cluster update holds the routes that would name its clusters."""
+HELD_TYPES = (CLUSTER, ENDPOINT)
 
 TOKEN_METADATA = "x-lockgate-token"
 """The gRPC metadata key a proxy's credential travels in (Envoy: `grpc_services[].initial_metadata`)."""
@@ -128,6 +148,11 @@ class _StreamState(_Bound):
         self._nonce = 0
         self._holding = False
         """The proxy reconnected holding a configuration (its first requests carried a version)."""
+        self._acked: dict[str, str] = {}
+        """Type -> the version this stream's proxy last ACKed."""
+        self._cds: tuple[tuple[ResourceSet, ...], dict[str, ResourceSet]] | None = None
+        """The parts the last CDS response was built from, and the clusters it still carried from older
+        parts (name -> that part) while the routes that dropped them were not yet ACKed (`ROUTING_TYPES`)."""
 
     # --- the cache's Watch protocol ---
 
@@ -157,6 +182,7 @@ class _StreamState(_Bound):
                 )
             else:
                 self._cache.applied(node_id, type_url, str(request.version_info))
+                self._acked[type_url] = str(request.version_info)
                 if self._warming(type_url):
                     log.debug("node %s asks for EDS again after a CDS update: answering", node_id)
                     self._owed.add(type_url)
@@ -197,6 +223,11 @@ class _StreamState(_Bound):
             sent = self._sent.get(type_url)
             if sent is not None and sent.version == version and sent.names == names and type_url not in self._owed:
                 continue
+            if type_url == CLUSTER and sent is not None and sent.version.startswith(f"{version}+") \
+                    and sent.names == names and self._routing_unsettled(snapshot):
+                continue  # sent, holding the dropped clusters: the final CDS follows the routes' ACK
+            if type_url in ROUTING_TYPES and self._clusters_unsettled(snapshot):
+                continue  # sent once the proxy has the clusters they name (its CDS ACK answers this)
             out.append(self._response(snapshot, type_url, names))
         return out
 
@@ -215,10 +246,48 @@ class _StreamState(_Bound):
         eds, cds = self._sent.get(ENDPOINT), self._sent.get(CLUSTER)
         return eds is not None and cds is not None and cds.seq > eds.seq
 
+    def _routing_unsettled(self, snapshot: Snapshot) -> bool:
+        return any(t in self._names and self._acked.get(t) != snapshot.version(t) for t in ROUTING_TYPES)
+
+    def _clusters_unsettled(self, snapshot: Snapshot) -> bool:
+        """Whether the proxy has not ACKed the snapshot's clusters (a CDS still holding dropped ones counts
+        as ACKed: it has every cluster the snapshot names)."""
+        if CLUSTER not in self._names:
+            return False
+        acked, version = self._acked.get(CLUSTER), snapshot.version(CLUSTER)
+        return acked != version and not (acked or "").startswith(f"{version}+")
+
+    def _held_clusters(self, snapshot: Snapshot) -> dict[str, ResourceSet]:
+        """Clusters the proxy holds that `snapshot` dropped, kept in this CDS response while the routes
+        are not ACKed at the snapshot's version (name -> the older part holding it). Only replaced parts
+        are looked into: a part still in the snapshot lost nothing."""
+        parts = snapshot.parts[CLUSTER]
+        prev = self._cds
+        self._cds = (parts, {})
+        if prev is None or not self._routing_unsettled(snapshot):
+            return {}
+        now = {id(p) for p in parts}
+        replaced = [p for p in parts if id(p) not in {id(q) for q in prev[0]}]
+        held: dict[str, ResourceSet] = {}
+        for old in prev[0]:
+            if id(old) in now:
+                continue
+            for name in old:
+                if not any(name in p.digests for p in replaced):
+                    held[name] = old
+        for name, old in prev[1].items():
+            if not any(name in p.digests for p in parts):
+                held[name] = old
+        self._cds = (parts, held)
+        return held
+
     def _response(self, snapshot: Snapshot, type_url: str, names: frozenset[str]) -> DiscoveryResponse:
         self._nonce += 1
         nonce = str(self._nonce)
         version = snapshot.version(type_url)
+        held = self._held_clusters(snapshot) if type_url == CLUSTER else {}
+        if held:
+            version = f"{version}+{len(held)}held"  # not the snapshot's: the proxy is not converged yet
         self._sent[type_url] = _Sent(version=version, names=names, nonce=nonce, seq=self._nonce)
         self._owed.discard(type_url)
         wildcard = type_url in WILDCARD_TYPES
@@ -232,6 +301,10 @@ class _StreamState(_Bound):
             else:
                 body = _framed(type_url, part, sorted(names.intersection(part.digests)))
             bodies.append(body)
+        by_part: dict[int, tuple[ResourceSet, list[str]]] = {}
+        for name, old in held.items():
+            by_part.setdefault(id(old), (old, []))[1].append(name)
+        bodies.extend(_framed(type_url, old, sorted(kept)) for old, kept in by_part.values())
         return Response(type_url=type_url, version_info=version, nonce=nonce, body=b"".join(bodies))
 
 
@@ -269,6 +342,9 @@ class _DeltaType:
     reconciliation compares every name once."""
     touched: set[str] = field(default_factory=set)
     """Names subscribed to since the last reconciliation: compared one by one then."""
+    withheld: set[str] = field(default_factory=set)
+    """Removals not yet sent (clusters and endpoints): the routes that dropped them are not ACKed yet
+    (`ROUTING_TYPES`). No longer in `known`; sent as `removed_resources` once they are."""
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -413,7 +489,7 @@ class _DeltaStreamState(_Bound):
                 if st.refused:
                     for names in st.carried:
                         st.refused.difference_update(names)
-                if not st.refused:
+                if not st.refused and not st.withheld:
                     self._cache.applied(node_id, type_url, st.synced or "")
         # else: no nonce (a subscription change), or one we have since superseded: the newer one decides.
         subscribe = set(request.resource_names_subscribe)  # thousands on a first EDS fetch: set operations
@@ -441,6 +517,40 @@ class _DeltaStreamState(_Bound):
                     st.refused.discard(name)
         return self.pending()
 
+    def _routing_unsettled(self, snapshot: Snapshot) -> bool:
+        """Whether a routing type is not yet ACKed at the snapshot's version (sent and unanswered, NACKed,
+        or still to be sent)."""
+        for t in ROUTING_TYPES:
+            st = self._types.get(t)
+            if st is None:
+                if t == LISTENER and self._holding:
+                    return True  # reconnected under old listeners and routes it has not asked about yet
+                continue
+            if st.synced != snapshot.version(t) or st.nonce is not None or st.refused:
+                return True
+        return False
+
+    def _clusters_unsettled(self, snapshot: Snapshot) -> bool:
+        """Whether the proxy has not ACKed the snapshot's clusters (sent and unanswered, NACKed, or still
+        to be sent)."""
+        st = self._types.get(CLUSTER)
+        return st is not None and (st.synced != snapshot.version(CLUSTER) or st.nonce is not None or bool(st.refused))
+
+    def _hold(self, st: _DeltaType, parts: tuple[ResourceSet, ...], removed: list[str],
+              snapshot: Snapshot) -> list[str]:
+        """The removals to send now: none while the routes are unsettled (they wait in `withheld`), else
+        the withheld ones still wanted and absent, with `removed`."""
+        if st.withheld:
+            st.withheld = {n for n in st.withheld if st.wants(n) and not any(n in p.digests for p in parts)}
+        if self._routing_unsettled(snapshot):
+            st.withheld.update(removed)
+            return []
+        if not st.withheld:
+            return removed
+        out = sorted(st.withheld.union(removed))
+        st.withheld.clear()
+        return out
+
     def pending(self) -> list[DeltaResponse]:
         """One response per type whose subscribed resources differ from what the proxy holds, in
         make-before-break order; the first reconciliation of a type is always answered (Envoy waits out
@@ -457,15 +567,24 @@ class _DeltaStreamState(_Bound):
                 continue
             version = snapshot.version(type_url)
             parts = snapshot.parts[type_url]
+            picks: list[Pick]
+            removed: list[str]
+            if type_url in ROUTING_TYPES and self._clusters_unsettled(snapshot):
+                continue  # sent once the proxy has the clusters they name (its CDS ACK answers this)
             if st.synced == version:
                 if st.basis is not None and not st.touched:
                     st.basis = parts  # the same content (equal versions): adopt the newer objects
-                continue
-            first = st.synced is None
-            picks, removed = st.reconcile(parts)
-            st.synced = version
+                if not st.withheld or st.nonce is not None or self._routing_unsettled(snapshot):
+                    continue
+                first, picks, removed = False, [None] * len(parts), []  # only the withheld removals
+            else:
+                first = st.synced is None
+                picks, removed = st.reconcile(parts)
+                st.synced = version
+            if type_url in HELD_TYPES:
+                removed = self._hold(st, parts, removed, snapshot)
             if not removed and not any(picks) and not first:
-                if st.nonce is None and not st.refused:
+                if st.nonce is None and not st.refused and not st.withheld:
                     self._cache.applied(self.node_id, type_url, version)
                 continue
             self._nonce += 1

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from test_ads_envoy import free_port, sample, snapshot, wait_for
+from test_ads_envoy import flips_under_load, free_port, sample, snapshot, wait_for
 
 from mesh.envoy import admin_address, admin_request, bootstrap, envoy_argv, wait_ready
 from mesh.xds.server import _DeltaStreamState
@@ -132,3 +132,14 @@ def test_delta_route_change_cluster_removal_and_nack(
     assert cp.wait_converged(NODE, fixed)
     assert cp.status(NODE).nack is None
     wait_for(listen, "200:v1")
+
+
+def test_delta_route_moving_off_a_removed_cluster_loses_no_request(
+    control_plane: ControlPlane, backend: Callable[[str], int], delta_envoy: Callable[[str], Path],
+) -> None:
+    ports = {"v1": backend("v1"), "v2": backend("v2")}
+    delta_envoy(NODE)
+    seen = flips_under_load(control_plane, free_port(), ports)
+    print(f"delta, 12 flips under load: {dict(seen)}")
+    assert set(seen) <= {"200:v1", "200:v2"}, seen
+    assert seen["200:v1"] > 0 and seen["200:v2"] > 0

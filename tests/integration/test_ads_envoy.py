@@ -7,6 +7,7 @@ import asyncio
 import http.client
 import json
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -210,6 +211,57 @@ def test_cluster_change_with_unchanged_endpoints_leaves_warming_at_once(
     assert {c["cluster"]["name"]: c["cluster"].get("lb_policy") for c in active} == {"v1": "LEAST_REQUEST", "v2": None}
     assert cp.wait_converged(NODE, second, timeout=1)  # Envoy ACKs the CDS update once warming is over
     assert sample(listen) == Counter({"200:v1": 20})
+
+
+def flips_under_load(cp: ControlPlane, listen: int, ports: dict[str, int], flips: int = 12) -> Counter[str]:
+    """Move the route between two versions `flips` times, each snapshot dropping the cluster the previous
+    one routed to, while a client sends requests back to back on one pooled connection (as an app's HTTP
+    client would). Returns what came back. Make-before-break: the dropped cluster must outlive the routes
+    that named it, or a request in between finds no cluster (Envoy's 503 NC)."""
+    first = snapshot(listen=listen, ports={"v1": ports["v1"]}, weights={"v1": 100}, revision="f0")
+    cp.set(NODE, first)
+    assert cp.wait_converged(NODE, first)
+    wait_for(listen, "200:v1")
+    seen: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def load() -> None:
+        conn = http.client.HTTPConnection(LOOPBACK, listen, timeout=2)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/", headers={"Host": "web"})
+                response = conn.getresponse()
+                body = response.read().decode()
+                seen[f"{response.status}:{body}" if response.status == 200 else
+                     f"{response.status}:{response.getheader('x-envoy-response-flags', body.strip()[:40])}"] += 1
+            except (OSError, http.client.HTTPException) as exc:
+                seen[f"error:{type(exc).__name__}"] += 1
+                conn.close()
+                conn = http.client.HTTPConnection(LOOPBACK, listen, timeout=2)
+        conn.close()
+
+    client = threading.Thread(target=load, daemon=True)
+    client.start()
+    try:
+        for i in range(1, flips + 1):
+            version = "v2" if i % 2 else "v1"
+            snap = snapshot(listen=listen, ports={version: ports[version]}, weights={version: 100}, revision=f"f{i}")
+            cp.set(NODE, snap)
+            assert cp.wait_converged(NODE, snap), cp.status(NODE)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        client.join(5)
+    return seen
+
+
+def test_a_route_moving_off_a_dropped_cluster_loses_no_request(
+        web: tuple[ControlPlane, int, dict[str, int]]) -> None:  # fmt: skip
+    cp, listen, ports = web
+    seen = flips_under_load(cp, listen, ports)
+    print(f"SotW, 12 flips under load: {dict(seen)}")
+    assert set(seen) <= {"200:v1", "200:v2"}, seen
+    assert seen["200:v1"] > 0 and seen["200:v2"] > 0
 
 
 def test_wait_ready_names_the_address_when_it_gives_up() -> None:

@@ -137,7 +137,7 @@ def test_a_change_sends_only_the_changed_resources_and_unchanged_types_are_not_a
     assert (st.acked_revision, st.acked_version) == ("r2", changed.version_all)
 
 
-def test_a_removed_cluster_is_named_in_removed_resources() -> None:
+def test_a_removed_cluster_goes_only_after_the_routes_that_named_it_are_acked() -> None:
     cache = SnapshotCache()
     cache.set(NODE, snap(clusters=("v1", "v2", "v3")))
     envoy = FakeDeltaEnvoy(cache)
@@ -145,13 +145,55 @@ def test_a_removed_cluster_is_named_in_removed_resources() -> None:
         envoy.ack(envoy.request(type_url, subscribe)[0])
     cache.set(NODE, snap(clusters=("v1", "v2"), revision="r2"))
     got = by_type(envoy.stream.pending())
-    assert got[CLUSTER].removed_resources == ["v3"] and names(got[CLUSTER]) == []
-    assert got[ENDPOINT].removed_resources == ["v3"]
-    assert names(got[ROUTE]) == ["web"]  # its weights changed (three ways -> two)
-    for response in got.values():
-        envoy.ack(response)
-    assert "v3" not in envoy.held[CLUSTER]
+    # Make-before-break: the routes go first; v3 stays while the routes Envoy serves may still name it.
+    assert list(got) == [ROUTE] and names(got[ROUTE]) == ["web"]  # its weights changed (three ways -> two)
+    assert cache.status()[NODE].acked_revision == "r1"
+    removal = by_type(envoy.ack(got[ROUTE]))
+    assert list(removal) == [CLUSTER, ENDPOINT]
+    assert removal[CLUSTER].removed_resources == ["v3"] and names(removal[CLUSTER]) == []
+    assert removal[ENDPOINT].removed_resources == ["v3"]
+    assert cache.status()[NODE].acked_revision == "r1"  # converged only once the removal is ACKed too
+    for response in removal.values():
+        assert envoy.ack(response) == []
+    assert "v3" not in envoy.held[CLUSTER] and "v3" not in envoy.held[ENDPOINT]
     assert cache.status()[NODE].acked_revision == "r2"
+
+
+def test_a_nacked_route_update_keeps_the_clusters_the_old_routes_name() -> None:
+    cache = SnapshotCache()
+    cache.set(NODE, snap(clusters=("v1", "v2", "v3")))
+    envoy = FakeDeltaEnvoy(cache)
+    for type_url, subscribe in ((CLUSTER, []), (ENDPOINT, ["v1", "v2", "v3"]), (LISTENER, []), (ROUTE, ["web"])):
+        envoy.ack(envoy.request(type_url, subscribe)[0])
+    cache.set(NODE, snap(clusters=("v1", "v2"), revision="bad"))
+    (routes,) = envoy.stream.pending()
+    assert envoy.nack(routes, "invalid route") == []  # the old routes serve, so v3 must stay
+    assert "v3" in envoy.held[CLUSTER] and envoy.stream.pending() == []
+    cache.set(NODE, snap(weights={"v1": 40, "v2": 60}, clusters=("v1", "v2"), revision="fixed"))
+    (fixed,) = envoy.stream.pending()
+    removal = by_type(envoy.ack(fixed))
+    assert removal[CLUSTER].removed_resources == ["v3"]
+    for response in removal.values():
+        envoy.ack(response)
+    assert cache.status()[NODE].acked_revision == "fixed"
+
+
+def test_a_cluster_dropped_and_back_before_the_routes_ack_is_never_removed() -> None:
+    cache = SnapshotCache()
+    cache.set(NODE, snap(clusters=("v1", "v2", "v3")))
+    envoy = FakeDeltaEnvoy(cache)
+    for type_url, subscribe in ((CLUSTER, []), (ENDPOINT, ["v1", "v2", "v3"]), (LISTENER, []), (ROUTE, ["web"])):
+        envoy.ack(envoy.request(type_url, subscribe)[0])
+    cache.set(NODE, snap(clusters=("v1", "v2"), revision="r2"))
+    (routes,) = envoy.stream.pending()
+    cache.set(NODE, snap(weights={"v1": 50, "v2": 25, "v3": 25}, clusters=("v1", "v2", "v3"), revision="r3"))
+    queue = [routes, *envoy.stream.pending()]
+    while queue:  # ACK everything, and what each ACK brings, in order
+        response = queue.pop(0)
+        assert "v3" not in response.removed_resources
+        queue.extend(envoy.ack(response))
+    assert "v3" in envoy.held[CLUSTER]
+    assert cache.status()[NODE].acked_revision == "r3"
 
 
 def test_ack_is_recorded_per_type_and_convergence_waits_for_every_type() -> None:
@@ -240,15 +282,21 @@ def test_reconnect_with_initial_resource_versions_sends_only_what_differs() -> N
     back = FakeDeltaEnvoy(cache)
     held = first.held
     (cds,) = back.request(CLUSTER, initial=held[CLUSTER])
-    assert (names(cds), cds.removed_resources) == ([], ["v3"])
+    # Answered (a first reconciliation), but v3 stays until the routes it held are replaced.
+    assert (names(cds), cds.removed_resources) == ([], [])
     (eds,) = back.request(ENDPOINT, ["v1", "v2"], initial={n: v for n, v in held[ENDPOINT].items() if n != "v3"})
     assert (names(eds), eds.removed_resources) == (["v1"], [])
-    (lds,) = back.request(LISTENER, initial=held[LISTENER])
+    assert back.request(LISTENER, initial=held[LISTENER]) == []  # routing waits for the clusters' ACK
+    (lds,) = back.ack(cds)
     assert names(lds) == [] and lds.removed_resources == []  # answered (an ACK to measure), nothing in it
     (rds,) = back.request(ROUTE, ["web"], initial=held[ROUTE])
     assert names(rds) == ["web"]  # its weights changed with the clusters
-    for response in (cds, eds, lds, rds):
-        back.ack(response)
+    for response in (eds, lds):
+        assert back.ack(response) == []
+    (removal,) = back.ack(rds)
+    assert (removal.type_url, names(removal), removal.removed_resources) == (CLUSTER, [], ["v3"])
+    assert cache.status()[NODE].acked_revision != "r2"  # converged once the removal is ACKed too
+    back.ack(removal)
     assert cache.status()[NODE].acked_revision == "r2"
 
 

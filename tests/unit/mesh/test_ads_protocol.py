@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -294,7 +295,58 @@ def test_snapshot_change_pushes_only_changed_types_in_make_before_break_order() 
         endpoints=[endpoints("v1", 9001), endpoints("v3", 9003)],
     )
     cache.set(NODE, renamed)
-    assert [r.type_url for r in envoy.stream.pending()] == [CLUSTER, ENDPOINT, ROUTE]
+    cds, eds = envoy.stream.pending()
+    assert [cds.type_url, eds.type_url] == [CLUSTER, ENDPOINT]
+    # The routes that name v3 go once the proxy has the cluster (Envoy ACKs CDS when it has warmed).
+    assert [r.type_url for r in envoy.ack(cds)] == [ROUTE]
+
+
+def cluster_names(response: Any) -> list[str]:
+    out = []
+    for packed in response.resources:
+        msg = cluster_pb2.Cluster()
+        packed.Unpack(msg)
+        out.append(msg.name)
+    return sorted(out)
+
+
+def test_a_dropped_cluster_stays_in_cds_until_the_routes_that_named_it_are_acked() -> None:
+    """Make-before-break for removals: SotW CDS is the whole set, so a cluster the routes Envoy serves
+    still name is carried (under a version that is not the snapshot's) until the new routes are ACKed."""
+    cache = SnapshotCache()
+    cache.set(NODE, snap(50, 50))
+    envoy = FakeEnvoy(cache)
+    envoy.subscribe_all()
+    only_v1 = Snapshot.of(listeners=[listener("web")], routes=[route("web", {"v1": 100})],
+                          clusters=[cluster("v1")], endpoints=[endpoints("v1", 9001)], revision="rev2")
+    cache.set(NODE, only_v1)
+    pushed = {r.type_url: r for r in envoy.stream.pending()}
+    assert list(pushed) == [CLUSTER, ENDPOINT]
+    assert cluster_names(pushed[CLUSTER]) == ["v1", "v2"]
+    assert pushed[CLUSTER].version_info != only_v1.version(CLUSTER)
+    envoy.ack(pushed[ENDPOINT], ["v1", "v2"])
+    # Its ACK brings the routes, not CDS again (those are still out), and nothing is converged yet.
+    (routes,) = envoy.ack(pushed[CLUSTER])
+    assert routes.type_url == ROUTE and status(cache).acked_revision == "rev1"
+    (final,) = envoy.ack(routes, ["web"])
+    assert final.type_url == CLUSTER and cluster_names(final) == ["v1"]
+    assert final.version_info == only_v1.version(CLUSTER)
+    envoy.ack(final)
+    assert status(cache).acked_revision == "rev2"
+
+
+def test_a_nacked_route_update_keeps_the_dropped_cluster_in_cds() -> None:
+    cache = SnapshotCache()
+    cache.set(NODE, snap(50, 50))
+    envoy = FakeEnvoy(cache)
+    envoy.subscribe_all()
+    cache.set(NODE, Snapshot.of(listeners=[listener("web")], routes=[route("web", {"v1": 100})],
+                                clusters=[cluster("v1")], endpoints=[endpoints("v1", 9001)], revision="bad"))
+    pushed = {r.type_url: r for r in envoy.stream.pending()}
+    (routes,) = envoy.ack(pushed[CLUSTER])
+    envoy.nack(routes, "invalid route", ["web"])
+    assert [r.type_url for r in envoy.stream.pending()] in ([], [ENDPOINT])  # no CDS without v2
+    assert cluster_names(pushed[CLUSTER]) == ["v1", "v2"] and envoy.accepted[CLUSTER] == pushed[CLUSTER].version_info
 
 
 def lb_change(*, v2_port: int = 9002) -> Snapshot:
@@ -391,16 +443,18 @@ def test_unknown_node_gets_an_empty_answer_then_the_snapshot_when_it_arrives() -
     cache = SnapshotCache()
     envoy = FakeEnvoy(cache)
     (cds,) = envoy.request(CLUSTER)
-    (lds,) = envoy.request(LISTENER)
+    assert envoy.ack(cds) == []
+    (lds,) = envoy.request(LISTENER)  # as Envoy does: listeners once its clusters are initialised
     assert (len(cds.resources), len(lds.resources)) == (0, 0)
     assert cds.version_info == EMPTY.version(CLUSTER)
-    assert envoy.ack(cds) == [] and envoy.ack(lds) == []
+    assert envoy.ack(lds) == []
     assert envoy.wakes == 0
     s = snap()
     cache.set(NODE, s)
     assert envoy.wakes == 1
-    pushed = envoy.stream.pending()
-    assert [(r.type_url, len(r.resources)) for r in pushed] == [(CLUSTER, 2), (LISTENER, 1)]
+    (cds,) = envoy.stream.pending()
+    assert (cds.type_url, len(cds.resources)) == (CLUSTER, 2)
+    assert [(r.type_url, len(r.resources)) for r in envoy.ack(cds)] == [(LISTENER, 1)]  # after the clusters
 
 
 def test_a_reconnecting_proxy_reports_what_it_holds() -> None:
@@ -441,8 +495,8 @@ def test_acked_version_converges_only_after_every_type_acks() -> None:
     first = snap(revision="rev1")
     cache.set(NODE, first)
     envoy = FakeEnvoy(cache)
-    responses = [envoy.request(t, n)[0] for t, n in ((CLUSTER, []), (ENDPOINT, ["v1", "v2"]), (LISTENER, []))]
-    for response, names in zip(responses, ([], ["v1", "v2"], []), strict=True):
+    for t, names in ((CLUSTER, []), (ENDPOINT, ["v1", "v2"]), (LISTENER, [])):
+        (response,) = envoy.request(t, names)
         envoy.ack(response, names)
         assert status(cache).acked_version is None
     (rds,) = envoy.request(ROUTE, ["web"])
