@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mesh.intent import Intent
+from mesh.render.clusters import cluster_versions, inbound_cluster, outbound_clusters
 from mesh.render.clusters import for_protocol as cluster_protocol
-from mesh.render.clusters import inbound_cluster, outbound_clusters
 from mesh.render.context import Ctx, Extension, GatewayResources, Proxy, RenderCache, Shared, shared_set
 from mesh.render.egress import EgressRender, outbound_listener
 from mesh.render.listeners import any_fault, listener_config, scoped
@@ -170,7 +170,7 @@ def _with_endpoint_hooks(shared: Shared, extensions: Sequence[Extension], by_ser
 
     out: Services = {}
     for (ns, svc), (clusters, endpoints) in by_service.items():
-        versions = [None, *shared.intent.services[(ns, svc)].spec.versions]
+        versions = cluster_versions(shared.intent, ns, svc)
         out[(ns, svc)] = (clusters, [
             _hooked(shared, cla, functools.partial(hook, namespace=ns, service=svc, version=version))
             for version, cla in zip(versions, endpoints, strict=True)])

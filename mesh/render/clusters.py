@@ -28,13 +28,13 @@ def outbound_clusters(
             ready.setdefault((sc.namespace, sc.service), []).append(sc)
     for (ns, svc), service in sorted(intent.services.items()):
         members_all = tuple(sorted((sc.version, sc.address, sc.inbound_port) for sc in ready.get((ns, svc), ())))
-        inputs = (service, intent.traffic_policies.get((ns, svc)), members_all)
+        inputs = (service, intent.traffic_policies.get((ns, svc)), members_all, all_versions_used(intent, ns, svc))
         prev = cache.clusters.get((ns, svc))
         if prev is not None and prev[0] == inputs:
             out[(ns, svc)] = prev[1]
             continue
         clusters, endpoints = [], []
-        for version in [None, *service.spec.versions]:
+        for version in cluster_versions(intent, ns, svc):
             name = cluster_name(ns, svc, version)
             cluster: dict[str, Any] = {
                 "name": name,
@@ -57,6 +57,24 @@ def outbound_clusters(
         out[(ns, svc)] = (clusters, endpoints)
         cache.clusters[(ns, svc)] = (inputs, out[(ns, svc)])
     return out
+
+
+def all_versions_used(intent: Intent, ns: str, svc: str) -> bool:
+    """Whether anything routes to the service's every-version cluster (`outbound|svc.ns`): a service
+    without a Route, a rule whose destinations all weigh 0 (a rollout-governed rule before its state
+    exists), a Route without rules (TCP splits by the first rule). Mirrors always name a version.
+    Kept in step with `routes._action` and `tcp._split`, which make those references."""
+    route = intent.routes.get((ns, svc))
+    if route is None or not route.spec.http:
+        return True
+    return any(rule.redirect is None and rule.direct_response is None and not any(d.weight > 0 for d in rule.route)
+               for rule in route.spec.http)
+
+
+def cluster_versions(intent: Intent, ns: str, svc: str) -> list[str | None]:
+    """The versions a service has outbound clusters for, in cluster order (None: every version)."""
+    versions: list[str | None] = list(intent.services[(ns, svc)].spec.versions)
+    return [None, *versions] if all_versions_used(intent, ns, svc) else versions
 
 
 def _unlimited() -> dict[str, Any]:

@@ -140,7 +140,7 @@ def test_grpc_services_speak_http2_upstream_and_count_grpc_failures_inbound() ->
         return "http2_protocol_options" in json.dumps(cluster)
 
     clusters = front.items(CLUSTER)  # type: ignore[attr-defined]
-    assert h2(clusters["outbound|reviews.shop|v1"]) and not h2(clusters["outbound|frontend.shop"])
+    assert h2(clusters["outbound|reviews.shop|v1"]) and not h2(clusters["outbound|frontend.shop|v1"])
     assert h2(grpc_sidecar.items(CLUSTER)["inbound|app"])  # type: ignore[attr-defined]
     assert not h2(clusters["inbound|app"])
     inbound = json.dumps(dict(grpc_sidecar.items(LISTENER)["inbound"]))  # type: ignore[attr-defined]

@@ -166,8 +166,10 @@ def test_hashed_routes_retry_on_the_same_instance() -> None:
 
 def test_clusters_have_no_connection_limits_unless_a_policy_sets_them() -> None:
     s = snaps(RULES)
-    for version in (None, "v1", "v2"):
+    for version in ("v1", "v2"):
         assert thresholds(s, version) == [NO_LIMITS], version  # no track_remaining either
+    # Every rule names a version, so nothing routes to the every-version cluster: it is not rendered.
+    assert cluster_name("shop", "reviews") not in s["east/ingress"].items(CLUSTER)
     frontend = s["east/shop/reviews-v1-0"].items(CLUSTER)
     assert frontend[cluster_name("shop", FRONTEND, "v1")]["circuit_breakers"]["thresholds"] == [NO_LIMITS]
 
@@ -180,7 +182,6 @@ def test_a_policy_value_wins_for_its_field_only() -> None:
       connectionPool: {http: {http2MaxRequests: 9, maxRetries: 0}}
 """)
     s = snaps(RULES, policy)
-    assert thresholds(s, None) == [{**NO_LIMITS, "max_connections": 7}]
     assert thresholds(s, "v1") == [{**NO_LIMITS, "max_connections": 7}]
     # A version's connectionPool replaces the service's whole (DestinationRule subsets), so v2 has no 7.
     assert thresholds(s, "v2") == [{**NO_LIMITS, "max_requests": 9, "max_retries": 0}]
