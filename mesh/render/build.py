@@ -121,11 +121,11 @@ def render(
             inbound = [] if is_tcp(intent, proxy.namespace, proxy.service) else [inbound_for(ctx)]
             # Routes cut per destination (scopes), unless ALLOW_ANY (it needs a catch-all virtual host, which
             # scopes cannot have) or there is no destination at all (Envoy wants at least one scope).
-            scope_set, route_set = (ResourceSet(), ResourceSet()) if exits.allow_any else outbound_scoped(
+            scope_sets, route_sets = ([], []) if exits.allow_any else outbound_scoped(
                 ctx, proxy, reach, external=exits.vhosts, external_key=exits.key)
-            if len(scope_set):
+            if any(len(part) for part in scope_sets):
                 outbound = scoped(outbound, exits.catch_all)
-                routes, scopes = [*inbound, route_set], [scope_set]
+                routes, scopes = [*inbound, *route_sets], scope_sets
             else:
                 routes = [*inbound, outbound_config(ctx, proxy, reach, external=exits.vhosts,
                                                     catch_all=exits.catch_all, external_key=exits.key)]
@@ -152,6 +152,7 @@ def render(
     cache.hooked = shared.hooked  # only what this render used: the cache does not grow with history
     cache.own = own_now
     cache.scoped = shared.scoped_groups
+    cache.group_configs = shared.group_configs
     return out
 
 

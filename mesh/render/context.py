@@ -96,7 +96,9 @@ ADS = {"ads": {}, "resource_api_version": "V3"}
 NOT_FOUND_BODY = "lockgate: no route for this host\n"
 
 
-ScopedGroup = tuple[tuple[object, ...], dict[str, Any], tuple[dict[str, Any], ...]]
+ScopedGroup = tuple[tuple[object, ...], ResourceSet, ResourceSet]
+"""A bucket of per-destination outbound routes: its virtual hosts, its scopes, its route configurations."""
+GroupConfig = tuple[tuple[object, ...], dict[str, Any]]
 
 
 @dataclass
@@ -115,9 +117,11 @@ class Shared:
     hooked_routes: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
     """This render's outbound route configurations, by (namespace, reach)."""
-    scoped: dict[Any, tuple[ResourceSet, ResourceSet]] = field(default_factory=dict)
+    scoped: dict[Any, tuple[list[ResourceSet], list[ResourceSet]]] = field(default_factory=dict)
     scoped_groups: dict[tuple[Any, ...], ScopedGroup] = field(default_factory=dict)
     """This render's `RenderCache.scoped` (what the next render finds)."""
+    group_configs: dict[tuple[Any, ...], GroupConfig] = field(default_factory=dict)
+    """This render's `RenderCache.group_configs`: one destination's route configuration, by its virtual hosts."""
     http_reach: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = field(default_factory=dict)
     """A reach -> its services that are not TCP, sorted (routes._http_reach)."""
     """This render's outbound scopes and per-destination route configurations, by (namespace, reach)."""
@@ -171,10 +175,12 @@ class RenderCache:
         self.clusters: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[list[Any], list[Any]]]] = {}
         # Identity-keyed entries hold the objects themselves (compared with `is`), never bare ids: a freed
         # object's id can be reused by a different one.
-        self.vhosts: dict[tuple[str, str, bool], tuple[tuple[object, ...], dict[str, Any]]] = {}
+        self.vhosts: dict[tuple[Any, ...], tuple[tuple[object, ...], dict[str, Any]]] = {}
+        """Virtual hosts by (ns, svc, local) for sidecars, ("ingress", ns, svc, *hosts) for the ingress."""
         self.configs: dict[Any, tuple[tuple[object, ...], dict[str, Any]]] = {}
         self.sets: dict[Any, tuple[tuple[object, ...], ResourceSet]] = {}
         self.scoped: dict[tuple[Any, ...], ScopedGroup] = {}
+        self.group_configs: dict[tuple[Any, ...], GroupConfig] = {}
         """Per destination and its virtual host objects: those, its route configuration and its scopes."""
         self.hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = {}
         self.own: dict[tuple[str, str], tuple[list[dict[str, Any]], ResourceSet]] = {}

@@ -19,6 +19,7 @@ configuration (`outbound_config`): its catch-all virtual host cannot be a scope.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,12 +92,23 @@ def inbound_routes() -> dict[str, Any]:
 
 
 def ingress_vhosts(ctx: Ctx) -> list[dict[str, Any]]:
+    """One virtual host per Route with hosts, kept across renders while its hosts and entries are the same
+    (a new object per render cost a digest and a serialisation of every exposed service on each commit)."""
     vhosts = []
+    cache = ctx.shared.cache.vhosts
     for (ns, svc), route in sorted(ctx.intent.routes.items()):
         if route.spec.hosts:
-            domains = sorted({d for h in route.spec.hosts for d in (h, f"{h}:*")})
-            vhosts.append({"name": f"{svc}.{ns}", "domains": domains, "routes": _routes(ctx, route, ns, svc),
-                           "retry_policy": default_retry_policy(sticky=False)})
+            routes = _routes(ctx, route, ns, svc)
+            memo_key = ("ingress", ns, svc, *route.spec.hosts)
+            prev = cache.get(memo_key)
+            if prev is not None and same(prev[0], routes):
+                vhost = prev[1]
+            else:
+                domains = sorted({d for h in route.spec.hosts for d in (h, f"{h}:*")})
+                vhost = {"name": f"{svc}.{ns}", "domains": domains, "routes": routes,
+                         "retry_policy": default_retry_policy(sticky=False)}
+                cache[memo_key] = (tuple(routes), vhost)
+            vhosts.append(vhost)
     return vhosts
 
 
@@ -130,53 +142,75 @@ OUTBOUND_PREFIX = "outbound|"
 NO_RULE_BODY = "lockgate: no rule of this service's Route matches the request\n"
 
 
+SCOPED_BUCKETS = 32
+"""A sidecar's per-destination route configurations and scopes are held in this many parts, a destination's
+bucket fixed by its name (crc32), so a one-rule commit rebuilds one ~1/32 part per caller namespace (its
+digests, its version, its serialised form, the delta server's diff) instead of a thousand-resource set,
+and a new service lands in one bucket without moving the others."""
+
+
 def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
                     external: Sequence[dict[str, Any]] = (), external_key: tuple[tuple[str, str], ...] = ()
-                    ) -> tuple[ResourceSet, ResourceSet]:
-    """The sidecar's outbound routes cut per destination: (scopes, route configurations).
+                    ) -> tuple[list[ResourceSet], list[ResourceSet]]:
+    """The sidecar's outbound routes cut per destination: (scope parts, route configuration parts).
 
     One route configuration per mesh service (`outbound|svc.ns`, its one virtual host) and per external
     host (its ports' virtual hosts), and one scope per name a caller may use for it (`svc.ns`, `svc` in its
     own namespace, the external host), keyed on the request's host without its port. A one-rule commit
     then changes one small route configuration: with delta xDS that is all each proxy is sent, where one
     configuration of every virtual host sent each proxy 100s of KiB (issue 15's measure). Shared like
-    `outbound_config`: per namespace and egress, and across renders while the virtual hosts are the same
-    objects."""
+    `outbound_config`: per namespace and egress, and across renders and namespaces while a bucket's virtual
+    hosts are the same objects (`SCOPED_BUCKETS`)."""
     mesh = _http_reach(ctx, reach)
     memo = (me.namespace, mesh + external_key)
     per_proxy = any(ext.routes_per_proxy for ext in ctx.extensions)
     found = None if per_proxy else ctx.shared.scoped.get(memo)
     if found is not None:
         return found
-    groups: list[tuple[str, list[dict[str, Any]]]] = [(vh["name"], [vh]) for vh in _mesh_vhosts(ctx, me, mesh)]
     by_host: dict[str, list[dict[str, Any]]] = {}
     for vh in external:
         by_host.setdefault(scope_key(vh["domains"][0]), []).append(vh)
-    groups += sorted(by_host.items())
-    cache = ctx.shared.cache
-    configs: list[dict[str, Any]] = []
-    scopes: list[dict[str, Any]] = []
-    now = ctx.shared.scoped_groups
-    for group, vhosts in groups:
-        # One lookup per group: a one-rule render of 1000 services meets 999 unchanged groups in each
-        # namespace. Keyed by the virtual host objects, so callers in every namespace but the service's own
-        # (which adds the short name) share one configuration and its scopes.
-        gkey = (group, *map(id, vhosts))
-        prev = now.get(gkey) or cache.scoped.get(gkey)
-        if prev is not None and same(prev[0], vhosts):
-            config, own = prev[1], prev[2]
-            now[gkey] = prev
-        else:
-            config = {"name": OUTBOUND_PREFIX + group, "virtual_hosts": [_closed(vh) for vh in vhosts]}
-            own = tuple(_scope(cache, key, config["name"])
-                        for key in sorted({scope_key(d) for vh in vhosts for d in vh["domains"]}))
-            now[gkey] = (tuple(vhosts), config, own)
-        configs.append(config)
-        scopes.extend(own)
-    found = (shared_set(cache, ("scopes", memo), scopes), shared_set(cache, ("scoped-routes", memo), configs))
+    buckets: dict[int, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for group, vhosts in [*((vh["name"], [vh]) for vh in _mesh_vhosts(ctx, me, mesh)), *sorted(by_host.items())]:
+        buckets.setdefault(zlib.crc32(group.encode()) % SCOPED_BUCKETS, []).append((group, vhosts))
+    scope_parts: list[ResourceSet] = []
+    route_parts: list[ResourceSet] = []
+    for _, members in sorted(buckets.items()):
+        scopes, routes = _scoped_bucket(ctx, members)
+        scope_parts.append(scopes)
+        route_parts.append(routes)
+    found = (scope_parts, route_parts)
     if not per_proxy:
         ctx.shared.scoped[memo] = found
     return found
+
+
+def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]]) -> tuple[ResourceSet, ResourceSet]:
+    """One bucket's scopes and route configurations, reused (this render and the next) while its virtual
+    hosts are the same objects: callers in every namespace but a member's own (which adds the short name)
+    share it."""
+    flat = tuple(vh for _, vhosts in members for vh in vhosts)
+    bkey = (tuple(group for group, _ in members), *map(id, flat))
+    cache, now = ctx.shared.cache, ctx.shared.scoped_groups
+    prev = now.get(bkey) or cache.scoped.get(bkey)
+    if prev is not None and same(prev[0], flat):
+        now[bkey] = prev
+        return prev[1], prev[2]
+    configs: list[dict[str, Any]] = []
+    scopes: list[dict[str, Any]] = []
+    for group, vhosts in members:
+        gkey = (group, *map(id, vhosts))
+        hit = ctx.shared.group_configs.get(gkey) or cache.group_configs.get(gkey)
+        if hit is None or not same(hit[0], vhosts):
+            hit = (tuple(vhosts), {"name": OUTBOUND_PREFIX + group, "virtual_hosts": [_closed(vh) for vh in vhosts]})
+        ctx.shared.group_configs[gkey] = hit
+        config = hit[1]
+        configs.append(config)
+        scopes.extend(_scope(cache, key, config["name"])
+                      for key in sorted({scope_key(d) for vh in vhosts for d in vh["domains"]}))
+    made = (flat, ResourceSet(scopes), ResourceSet(configs))
+    now[bkey] = made
+    return made[1], made[2]
 
 
 def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
