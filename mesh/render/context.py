@@ -96,9 +96,11 @@ ADS = {"ads": {}, "resource_api_version": "V3"}
 NOT_FOUND_BODY = "lockgate: no route for this host\n"
 
 
-ScopedGroup = tuple[tuple[object, ...], ResourceSet, ResourceSet]
-"""A bucket of per-destination outbound routes: its virtual hosts, its scopes, its route configurations."""
 GroupConfig = tuple[tuple[object, ...], dict[str, Any]]
+"""One destination's outbound route configuration and the virtual hosts it was made of."""
+ScopedGroup = tuple[tuple[object, ...], ResourceSet, ResourceSet, tuple[tuple[tuple[Any, ...], GroupConfig], ...]]
+"""A bucket of per-destination outbound routes: its virtual hosts, its scopes, its route configurations,
+and its destinations' configurations (by key)."""
 
 
 @dataclass
@@ -120,6 +122,11 @@ class Shared:
     scoped: dict[Any, tuple[list[ResourceSet], list[ResourceSet]]] = field(default_factory=dict)
     scoped_groups: dict[tuple[Any, ...], ScopedGroup] = field(default_factory=dict)
     """This render's `RenderCache.scoped` (what the next render finds)."""
+    layouts: dict[tuple[tuple[str, str], ...], tuple[tuple[str, tuple[tuple[str, str], ...]], ...]] = field(
+        default_factory=dict)
+    """A reach's services in buckets (routes._layout)."""
+    remote_buckets: dict[tuple[tuple[str, str], ...], tuple[ResourceSet, ResourceSet]] = field(default_factory=dict)
+    """Scopes and route configurations of one bucket as callers outside its namespace see it, by its services."""
     group_configs: dict[tuple[Any, ...], GroupConfig] = field(default_factory=dict)
     """This render's `RenderCache.group_configs`: one destination's route configuration, by its virtual hosts."""
     http_reach: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = field(default_factory=dict)

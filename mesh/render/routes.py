@@ -42,6 +42,7 @@ from mesh.render.context import (
     FAULT_FILTER,
     NOT_FOUND_BODY,
     Ctx,
+    GroupConfig,
     RenderCache,
     duration_field,
     fractional,
@@ -142,11 +143,16 @@ OUTBOUND_PREFIX = "outbound|"
 NO_RULE_BODY = "lockgate: no rule of this service's Route matches the request\n"
 
 
-SCOPED_BUCKETS = 32
-"""A sidecar's per-destination route configurations and scopes are held in this many parts, a destination's
-bucket fixed by its name (crc32), so a one-rule commit rebuilds one ~1/32 part per caller namespace (its
-digests, its version, its serialised form, the delta server's diff) instead of a thousand-resource set,
-and a new service lands in one bucket without moving the others."""
+BUCKET_SIZE = 64
+"""A sidecar's per-destination route configurations and scopes are held in parts: per destination
+namespace, a power of two of buckets holding up to ~BUCKET_SIZE services each (a destination's bucket fixed
+by crc32 of its name). A one-rule commit then rebuilds one small part (its digests, its version, its
+serialised form, the delta server's diff) instead of a thousand-resource set, and a new service lands in
+one bucket without moving the others (until its namespace doubles). By namespace first because a caller's
+own namespace is the only one whose virtual hosts differ for it (the short names): every other
+namespace's buckets are built once per render and shared by every caller. Measured at 1000 services in 10
+namespaces x 100 proxies, one-rule render CPU (median): one part per namespace 49 ms, 8 per namespace 56 ms,
+32 across the mesh 77 ms (more parts cost each snapshot more than smaller rebuilds save)."""
 
 
 def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
@@ -160,28 +166,61 @@ def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
     then changes one small route configuration: with delta xDS that is all each proxy is sent, where one
     configuration of every virtual host sent each proxy 100s of KiB (issue 15's measure). Shared like
     `outbound_config`: per namespace and egress, and across renders and namespaces while a bucket's virtual
-    hosts are the same objects (`SCOPED_BUCKETS`)."""
+    hosts are the same objects (`BUCKET_SIZE`)."""
     mesh = _http_reach(ctx, reach)
     memo = (me.namespace, mesh + external_key)
     per_proxy = any(ext.routes_per_proxy for ext in ctx.extensions)
     found = None if per_proxy else ctx.shared.scoped.get(memo)
     if found is not None:
         return found
+    made: list[tuple[ResourceSet, ResourceSet]] = []
+    remote = ctx.shared.remote_buckets
+    for dest_ns, members in _layout(ctx, mesh):
+        shared = dest_ns != me.namespace and not per_proxy
+        hit = remote.get(members) if shared else None
+        if hit is None:
+            hit = _scoped_bucket(ctx, [(vh["name"], [vh]) for vh in _mesh_vhosts(ctx, me, members)])
+            if shared:
+                remote[members] = hit
+        made.append(hit)
     by_host: dict[str, list[dict[str, Any]]] = {}
     for vh in external:
         by_host.setdefault(scope_key(vh["domains"][0]), []).append(vh)
-    buckets: dict[int, list[tuple[str, list[dict[str, Any]]]]] = {}
-    for group, vhosts in [*((vh["name"], [vh]) for vh in _mesh_vhosts(ctx, me, mesh)), *sorted(by_host.items())]:
-        buckets.setdefault(zlib.crc32(group.encode()) % SCOPED_BUCKETS, []).append((group, vhosts))
-    scope_parts: list[ResourceSet] = []
-    route_parts: list[ResourceSet] = []
-    for _, members in sorted(buckets.items()):
-        scopes, routes = _scoped_bucket(ctx, members)
-        scope_parts.append(scopes)
-        route_parts.append(routes)
-    found = (scope_parts, route_parts)
+    outside: dict[int, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for host, vhosts in sorted(by_host.items()):
+        outside.setdefault(_bucket(host, _buckets_for(len(by_host))), []).append((host, vhosts))
+    made.extend(_scoped_bucket(ctx, groups) for _, groups in sorted(outside.items()))
+    found = ([scopes for scopes, _ in made], [routes for _, routes in made])
     if not per_proxy:
         ctx.shared.scoped[memo] = found
+    return found
+
+
+def _bucket(name: str, count: int) -> int:
+    return zlib.crc32(name.encode()) % count
+
+
+def _buckets_for(services: int) -> int:
+    """The smallest power of two of buckets that holds `services` in buckets of at most BUCKET_SIZE."""
+    count = 1
+    while count * BUCKET_SIZE < services:
+        count *= 2
+    return count
+
+
+def _layout(ctx: Ctx, mesh: tuple[tuple[str, str], ...]) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """`mesh`'s services in buckets: (destination namespace, its services), sorted by (namespace, bucket);
+    once per distinct reach per render."""
+    found = ctx.shared.layouts.get(mesh)
+    if found is None:
+        per_ns: dict[str, int] = {}
+        for ns, _ in mesh:
+            per_ns[ns] = per_ns.get(ns, 0) + 1
+        count = {ns: _buckets_for(n) for ns, n in per_ns.items()}
+        groups: dict[tuple[str, int], list[tuple[str, str]]] = {}
+        for ns, svc in mesh:
+            groups.setdefault((ns, _bucket(f"{svc}.{ns}", count[ns])), []).append((ns, svc))
+        found = ctx.shared.layouts[mesh] = tuple((key[0], tuple(v)) for key, v in sorted(groups.items()))
     return found
 
 
@@ -195,20 +234,23 @@ def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]]) ->
     prev = now.get(bkey) or cache.scoped.get(bkey)
     if prev is not None and same(prev[0], flat):
         now[bkey] = prev
+        ctx.shared.group_configs.update(prev[3])  # so the next render finds them, should this bucket change
         return prev[1], prev[2]
     configs: list[dict[str, Any]] = []
     scopes: list[dict[str, Any]] = []
+    groups: list[tuple[tuple[Any, ...], GroupConfig]] = []
     for group, vhosts in members:
         gkey = (group, *map(id, vhosts))
         hit = ctx.shared.group_configs.get(gkey) or cache.group_configs.get(gkey)
         if hit is None or not same(hit[0], vhosts):
             hit = (tuple(vhosts), {"name": OUTBOUND_PREFIX + group, "virtual_hosts": [_closed(vh) for vh in vhosts]})
         ctx.shared.group_configs[gkey] = hit
+        groups.append((gkey, hit))
         config = hit[1]
         configs.append(config)
         scopes.extend(_scope(cache, key, config["name"])
                       for key in sorted({scope_key(d) for vh in vhosts for d in vh["domains"]}))
-    made = (flat, ResourceSet(scopes), ResourceSet(configs))
+    made = (flat, ResourceSet(scopes), ResourceSet(configs), tuple(groups))
     now[bkey] = made
     return made[1], made[2]
 
