@@ -190,10 +190,11 @@ def part_diff(before: ResourceSet | None, after: ResourceSet) -> PartDiff:
 class _Merged(Mapping[str, Any]):
     """A read-only view over several disjoint mappings (a snapshot's parts of one type)."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_len", "_parts")
 
     def __init__(self, parts: Sequence[Mapping[str, Any]]) -> None:
         self._parts = parts
+        self._len: int | None = None
 
     def __getitem__(self, name: str) -> Any:
         for part in self._parts:
@@ -206,7 +207,13 @@ class _Merged(Mapping[str, Any]):
             yield from part
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self._parts)
+        # Parts never change; a snapshot's routes are ~80 parts and every ACK asks whether a type is empty.
+        if self._len is None:
+            self._len = sum(len(p) for p in self._parts)
+        return self._len
+
+    def __bool__(self) -> bool:
+        return any(len(p) for p in self._parts)
 
     def __contains__(self, name: object) -> bool:
         return any(name in p for p in self._parts)
