@@ -264,6 +264,27 @@ def test_a_route_moving_off_a_dropped_cluster_loses_no_request(
     assert seen["200:v1"] > 0 and seen["200:v2"] > 0
 
 
+def test_a_clusters_traffic_stats_exist_once_it_carries_traffic(
+    control_plane: ControlPlane, backend: Callable[[str], int], envoy: Callable[..., EnvoyProcess],
+) -> None:
+    """Deferred stat creation (`mesh.envoy.DEFERRED_STATS`): a cluster nobody called has no upstream_rq
+    counters (what makes 2000 clusters cheap to load); one that carried requests counts them exactly."""
+    cp = control_plane
+    ports = {"v1": backend("v1"), "v2": backend("v2")}
+    proxy = envoy(node_id=NODE, xds_port=cp.port, ready_timeout=5)
+    listen = free_port()
+    snap = snapshot(listen=listen, ports=ports, weights={"v1": 100, "v2": 0}, revision="r1")
+    cp.set(NODE, snap)
+    assert cp.wait_converged(NODE, snap)
+    wait_for(listen, "200:v1")
+    before = proxy.stats("upstream_rq_total").get("cluster.v1.upstream_rq_total", 0)
+    assert sample(listen, 5) == Counter({"200:v1": 5})
+    stats = proxy.stats(".upstream_rq_total")
+    assert stats["cluster.v1.upstream_rq_total"] == before + 5
+    assert "cluster.v2.upstream_rq_total" not in stats  # never called: never created
+    assert proxy.stats("cluster.v2.membership_total")["cluster.v2.membership_total"] == 1  # the cluster is there
+
+
 def test_wait_ready_names_the_address_when_it_gives_up() -> None:
     port = free_port()  # nothing listens there
     with pytest.raises(TimeoutError, match=rf"Envoy admin at 127\.0\.0\.1:{port} not ready after 0\.2s"):
