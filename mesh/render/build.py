@@ -62,9 +62,14 @@ def render(
     shared_hooks = not any(ext.clusters_per_proxy for ext in extensions)
     everything = tuple(by_service)
     per_reach: dict[tuple[tuple[str, str], ...], tuple[ResourceSet, ResourceSet, bool]] = {}
+    reach_ids: dict[int, tuple[object, tuple[ResourceSet, ResourceSet, bool]]] = {}
 
     def for_reach(ctx: Ctx, reach: tuple[tuple[str, str], ...]) -> tuple[ResourceSet, ResourceSet, bool]:
-        """Clusters, endpoints and "any fault" of one reach: computed once per render, not per proxy."""
+        """Clusters, endpoints and "any fault" of one reach: computed once per render, not per proxy (found
+        by identity first: most sidecars hold the one `everything` tuple, which is slow to hash)."""
+        hit = reach_ids.get(id(reach))
+        if hit is not None and hit[0] is reach:
+            return hit[1]
         found = per_reach.get(reach)
         if found is None:
             clusters = shared_set(cache, ("clusters", reach),
@@ -72,6 +77,7 @@ def render(
             endpoints = shared_set(cache, ("endpoints", reach), [e for key in reach for e in by_service[key][1]],
                                    key="cluster_name")
             found = per_reach[reach] = (clusters, endpoints, any_fault(shared, reach))
+        reach_ids[id(reach)] = (reach, found)
         return found
 
     own_now: dict[tuple[str, str], tuple[list[dict[str, Any]], ResourceSet]] = {}

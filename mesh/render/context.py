@@ -122,15 +122,15 @@ class Shared:
     scoped: dict[Any, tuple[list[ResourceSet], list[ResourceSet]]] = field(default_factory=dict)
     scoped_groups: dict[tuple[Any, ...], ScopedGroup] = field(default_factory=dict)
     """This render's `RenderCache.scoped` (what the next render finds)."""
-    layouts: dict[tuple[tuple[str, str], ...], tuple[tuple[str, tuple[tuple[str, str], ...]], ...]] = field(
+    layouts: dict[int, tuple[object, tuple[tuple[str, tuple[tuple[str, str], ...]], ...]]] = field(
         default_factory=dict)
-    """A reach's services in buckets (routes._layout)."""
+    """A reach's services in buckets (routes._layout), by the identity of _http_reach's tuple."""
     remote_buckets: dict[tuple[tuple[str, str], ...], tuple[ResourceSet, ResourceSet]] = field(default_factory=dict)
     """Scopes and route configurations of one bucket as callers outside its namespace see it, by its services."""
     group_configs: dict[tuple[Any, ...], GroupConfig] = field(default_factory=dict)
     """This render's `RenderCache.group_configs`: one destination's route configuration, by its virtual hosts."""
-    http_reach: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = field(default_factory=dict)
-    """A reach -> its services that are not TCP, sorted (routes._http_reach)."""
+    http_reach: dict[int, tuple[object, tuple[tuple[str, str], ...]]] = field(default_factory=dict)
+    """A reach (by identity, held) -> its services that are not TCP, sorted (routes._http_reach)."""
     """This render's outbound scopes and per-destination route configurations, by (namespace, reach)."""
 
 

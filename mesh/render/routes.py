@@ -97,9 +97,10 @@ def ingress_vhosts(ctx: Ctx) -> list[dict[str, Any]]:
     (a new object per render cost a digest and a serialisation of every exposed service on each commit)."""
     vhosts = []
     cache = ctx.shared.cache.vhosts
+    per_proxy = any(ext.routes_per_proxy for ext in ctx.extensions)
     for (ns, svc), route in sorted(ctx.intent.routes.items()):
         if route.spec.hosts:
-            routes = _routes(ctx, route, ns, svc)
+            routes = _hooked_routes(ctx, ns, svc, per_proxy=per_proxy)  # the sidecars' entries, when shared
             memo_key = ("ingress", ns, svc, *route.spec.hosts)
             prev = cache.get(memo_key)
             if prev is not None and same(prev[0], routes):
@@ -168,7 +169,7 @@ def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
     `outbound_config`: per namespace and egress, and across renders and namespaces while a bucket's virtual
     hosts are the same objects (`BUCKET_SIZE`)."""
     mesh = _http_reach(ctx, reach)
-    memo = (me.namespace, mesh + external_key)
+    memo = (me.namespace, id(mesh), external_key)  # `mesh` is _http_reach's object, alive for the render
     per_proxy = any(ext.routes_per_proxy for ext in ctx.extensions)
     found = None if per_proxy else ctx.shared.scoped.get(memo)
     if found is not None:
@@ -211,7 +212,8 @@ def _buckets_for(services: int) -> int:
 def _layout(ctx: Ctx, mesh: tuple[tuple[str, str], ...]) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
     """`mesh`'s services in buckets: (destination namespace, its services), sorted by (namespace, bucket);
     once per distinct reach per render."""
-    found = ctx.shared.layouts.get(mesh)
+    hit = ctx.shared.layouts.get(id(mesh))
+    found = hit[1] if hit is not None and hit[0] is mesh else None
     if found is None:
         per_ns: dict[str, int] = {}
         for ns, _ in mesh:
@@ -220,7 +222,8 @@ def _layout(ctx: Ctx, mesh: tuple[tuple[str, str], ...]) -> tuple[tuple[str, tup
         groups: dict[tuple[str, int], list[tuple[str, str]]] = {}
         for ns, svc in mesh:
             groups.setdefault((ns, _bucket(f"{svc}.{ns}", count[ns])), []).append((ns, svc))
-        found = ctx.shared.layouts[mesh] = tuple((key[0], tuple(v)) for key, v in sorted(groups.items()))
+        found = tuple((key[0], tuple(v)) for key, v in sorted(groups.items()))
+        ctx.shared.layouts[id(mesh)] = (mesh, found)
     return found
 
 
@@ -260,9 +263,11 @@ def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, 
     render (every sidecar of a namespace has the same one; filtering a thousand services per sidecar cost
     most of a one-route render at 100 sidecars)."""
     memo = ctx.shared.http_reach
-    found = memo.get(reach if isinstance(reach, tuple) else tuple(reach))
-    if found is None:
-        found = memo[tuple(reach)] = tuple(sorted(k for k in reach if not is_tcp(ctx.shared.intent, *k)))
+    hit = memo.get(id(reach))  # by identity: every sidecar without an egress list holds the same reach object,
+    if hit is not None and hit[0] is reach:  # and hashing a 1000-service tuple 5 times per sidecar added up
+        return hit[1]
+    found = tuple(sorted(k for k in reach if not is_tcp(ctx.shared.intent, *k)))
+    memo[id(reach)] = (reach, found)
     return found
 
 
@@ -367,10 +372,6 @@ def _default_base(ctx: Ctx, service: Service) -> list[tuple[str, dict[str, Any]]
 def default_rule_index(route: Route) -> int | None:
     """The catch-all: the first rule without match conditions (the rule a Rollout's weights govern)."""
     return next((i for i, rule in enumerate(route.spec.http) if not rule.match), None)
-
-
-def _routes(ctx: Ctx, route: Route, ns: str, svc: str) -> list[dict[str, Any]]:
-    return [ctx.route(entry, namespace=ns, service=svc, rule=rule) for rule, entry in _service_routes(ctx, ns, svc)]
 
 
 def _base_routes(ctx: Ctx, route: Route, ns: str, svc: str) -> list[tuple[str, dict[str, Any]]]:

@@ -55,6 +55,8 @@ def destinations(intent: Intent, allowed: frozenset[tuple[str, str]] | None) -> 
 def outbound_listeners(intent: Intent, sc: Sidecar, reach: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
     """One listener per `tcp_outbound` entry whose service is (still) a TCP service with that port and in
     the sidecar's reach (its egress): an entry the runtime has not caught up with gets no listener."""
+    if not sc.tcp_outbound:
+        return []  # most sidecars: no TCP destination (and a set of a 1000-service reach per sidecar adds up)
     reachable = set(reach)
     out = []
     for ns, svc, port, local in sc.tcp_outbound:
