@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mesh.intent import Intent
 from mesh.names import kind_of
@@ -444,7 +444,7 @@ class Reconciler:
             now=time.time(), revision=revision, caches={name: plane.render_cache for name, plane in planes.items()})
         try:
             async with asyncio.timeout(self.config.render_timeout):
-                rendered = await asyncio.to_thread(call)
+                rendered = await asyncio.to_thread(gc_paused, call)
         except TimeoutError:
             for plane in planes.values():
                 plane.render_cache = RenderCache()
@@ -769,6 +769,24 @@ def settle_gc() -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+T = TypeVar("T")
+
+
+def gc_paused(fn: Callable[[], T]) -> T:
+    """`fn()` with the cyclic garbage collector paused (reference counting still frees as it goes).
+
+    A render allocates hundreds of thousands of dicts and lists, which set off full collections over
+    every object the process holds: measured at 1000 services x 100 proxies, one took 155 ms of a 500 ms
+    render. What a render drops holds no cycles, so nothing waits for the collector; the pause ends with
+    the call, and `settle_gc` runs once pushes settle. The collector is process-wide: only one render runs
+    at a time (`Reconciler._rendering`), and nothing else here turns it off."""
+    gc.disable()
+    try:
+        return fn()
+    finally:
+        gc.enable()
 
 
 def _address(gw: Any) -> str | None:

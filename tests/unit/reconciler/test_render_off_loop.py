@@ -8,6 +8,7 @@ rest is the real loop on a real repository and real control-plane caches (FakeRu
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,10 +52,13 @@ class SlowRender:
     fail: set[str] = field(default_factory=set)
     threads: list[int] = field(default_factory=list)
     took: list[float] = field(default_factory=list)
+    collecting: list[bool] = field(default_factory=list)
+    """Whether the cyclic GC was on while each render ran."""
 
     def __call__(self, **kw: Any) -> Any:
         t0 = time.monotonic()
         self.threads.append(threading.get_ident())
+        self.collecting.append(gc.isenabled())
         revision = kw["revision"]
         end = t0 + self.spin.get(revision, 0.0)
         while time.monotonic() < end:  # pure Python: holds the GIL as render does, between switches
@@ -176,6 +180,8 @@ def test_a_render_that_raises_keeps_what_is_served(repo: Path, tmp_path: Path, s
             await rec.apply_revision(broken)
             assert rec.push_error is not None and "a render bug" in rec.push_error
             assert served(rec) == base and rec.planes["east"].applied == base
+            # Every render ran with the cyclic GC paused, and a render that raised turned it back on.
+            assert slow.collecting == [False, False] and gc.isenabled()
             slow.fail.clear()
             await rec.push()  # the next push (a topology change, a rotation) succeeds and clears the error
             assert rec.push_error is None and served(rec) == broken
@@ -241,3 +247,11 @@ async def until(check: Callable[[], bool], *, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not check():
             await asyncio.sleep(0.005)
+
+
+def test_gc_paused_pauses_the_collector_for_the_call_only() -> None:
+    seen: list[bool] = []
+    assert reconciler.loop.gc_paused(lambda: seen.append(gc.isenabled()) or 7) == 7
+    with pytest.raises(ZeroDivisionError):
+        reconciler.loop.gc_paused(lambda: seen.append(gc.isenabled()) or 1 // 0)
+    assert seen == [False, False] and gc.isenabled()
