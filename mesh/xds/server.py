@@ -305,7 +305,7 @@ class _StreamState(_Bound):
         for name, old in held.items():
             by_part.setdefault(id(old), (old, []))[1].append(name)
         bodies.extend(_framed(type_url, old, sorted(kept)) for old, kept in by_part.values())
-        return Response(type_url=type_url, version_info=version, nonce=nonce, body=b"".join(bodies))
+        return Response(type_url=type_url, version_info=version, nonce=nonce, body=tuple(bodies))
 
 
 Pick = Collection[str] | None
@@ -595,9 +595,10 @@ class _DeltaStreamState(_Bound):
         return out
 
 
-def _delta_body(type_url: str, parts: tuple[ResourceSet, ...], picks: list[Pick]) -> bytes:
-    """The picked resources framed for a DeltaDiscoveryResponse. A part sent whole (a proxy's first
-    fetch: three thousand clusters shared by a hundred proxies) is joined once and reused."""
+def _delta_body(type_url: str, parts: tuple[ResourceSet, ...], picks: list[Pick]) -> tuple[bytes, ...]:
+    """The picked resources framed for a DeltaDiscoveryResponse, as chunks (one per part): the response
+    joins them once with its own fields, so a first fetch's ~2.5 MB per proxy is copied once, not twice. A
+    part sent whole (three thousand clusters shared by a hundred proxies) is joined once and reused."""
     bodies = []
     for part, pick in zip(parts, picks, strict=True):
         if not pick:
@@ -611,7 +612,7 @@ def _delta_body(type_url: str, parts: tuple[ResourceSet, ...], picks: list[Pick]
         else:
             body = b"".join(_delta_resource(type_url, n, part[n], part.digests[n]) for n in sorted(pick))
         bodies.append(body)
-    return b"".join(bodies)
+    return tuple(bodies)
 
 
 _delta_framed: dict[tuple[str, str, str], bytes] = {}
@@ -640,19 +641,19 @@ class DeltaResponse:
     type_url: str
     system_version_info: str
     nonce: str
-    body: bytes
-    """The changed resources, already framed as field 2 entries."""
+    body: tuple[bytes, ...]
+    """The changed resources, already framed as field 2 entries (chunks, joined once when sent)."""
     removed: tuple[str, ...] = ()
 
     def SerializeToString(self) -> bytes:  # the protobuf spelling, so gRPC can treat it alike
-        return b"".join([xds.field_bytes(1, self.system_version_info.encode()), self.body,
+        return b"".join([xds.field_bytes(1, self.system_version_info.encode()), *self.body,
                          xds.field_bytes(4, self.type_url.encode()), xds.field_bytes(5, self.nonce.encode()),
                          *(xds.field_bytes(6, n.encode()) for n in self.removed)])
 
     @property
     def resources(self) -> list[Any]:
         """The resources as `Resource` messages (for tests and logs; the wire path never builds these)."""
-        return list(discovery_pb2.DeltaDiscoveryResponse.FromString(self.body).resources)
+        return list(discovery_pb2.DeltaDiscoveryResponse.FromString(b"".join(self.body)).resources)
 
     @property
     def removed_resources(self) -> list[str]:
@@ -676,17 +677,17 @@ class Response:
     type_url: str
     version_info: str
     nonce: str
-    body: bytes
-    """The resources, already framed as DiscoveryResponse field 2 entries."""
+    body: tuple[bytes, ...]
+    """The resources, already framed as DiscoveryResponse field 2 entries (chunks, joined once when sent)."""
 
     def SerializeToString(self) -> bytes:  # the protobuf spelling, so gRPC can treat it alike
-        return b"".join([xds.field_bytes(1, self.version_info.encode()), self.body,
+        return b"".join([xds.field_bytes(1, self.version_info.encode()), *self.body,
                          xds.field_bytes(4, self.type_url.encode()), xds.field_bytes(5, self.nonce.encode())])
 
     @property
     def resources(self) -> list[Any]:
         """The resources as `Any` messages (for tests and logs; the wire path never builds these)."""
-        return list(discovery_pb2.DiscoveryResponse.FromString(self.body).resources)
+        return list(discovery_pb2.DiscoveryResponse.FromString(b"".join(self.body)).resources)
 
 
 _SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"

@@ -589,8 +589,8 @@ def test_response_wire_bytes_are_what_protobuf_would_send() -> None:
 
     big = "x" * 300  # long enough for a multi-byte varint length
     snap = Snapshot.of(clusters=[{"name": f"c{i}-{big}", "type": "STATIC", "connect_timeout": "1s"} for i in range(3)])
-    body = b"".join(xds.field_bytes(2, xds.to_any_bytes(CLUSTER, r)) for r in snap.items(CLUSTER).values())
-    ours = Response(type_url=CLUSTER, version_info=snap.version(CLUSTER), nonce="7", body=body)
+    body = tuple(xds.field_bytes(2, xds.to_any_bytes(CLUSTER, r)) for r in snap.items(CLUSTER).values())
+    ours = Response(type_url=CLUSTER, version_info=snap.version(CLUSTER), nonce="7", body=body)  # in chunks
     theirs = discovery_pb2.DiscoveryResponse(version_info=snap.version(CLUSTER), type_url=CLUSTER, nonce="7")
     theirs.resources.extend(xds.to_any(CLUSTER, r) for r in snap.items(CLUSTER).values())
     assert discovery_pb2.DiscoveryResponse.FromString(ours.SerializeToString()) == theirs
