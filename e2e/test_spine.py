@@ -6,6 +6,7 @@ workloads, and a Git repository changed with the git command line.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,11 @@ def test_commit_changes_what_envoy_serves(tmp_path: Path) -> None:
         kinds = sorted(p["kind"] for p in st["clusters"][0]["proxies"])
         assert kinds == ["eastwest", "ingress"] + ["sidecar"] * 4  # frontend x1, reviews-v1 x2, reviews-v2 x1
         assert all(p["nack"] is None and p["ackedVersion"] for p in st["clusters"][0]["proxies"])
+        # Every Envoy lockgate started speaks delta xDS and defers its clusters' traffic stats (its bootstrap).
+        bootstraps = [json.loads(f.read_text()) for f in (tmp_path / "state" / "envoy").glob("*.json")]
+        assert len(bootstraps) == len(kinds)
+        assert {b["dynamic_resources"]["ads_config"]["api_type"] for b in bootstraps} == {"DELTA_GRPC"}
+        assert all(b["deferred_stat_options"]["enable_deferred_creation_stats"] for b in bootstraps)
         client = Client(up.ingress())
 
         # 100% v1, end to end: ingress -> frontend sidecar -> frontend -> its sidecar -> reviews sidecar.

@@ -37,7 +37,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mesh.envoy import admin_address, admin_request, bootstrap, envoy_argv
+from mesh.envoy import XDS_DELTA, admin_address, admin_request, bootstrap, envoy_argv
 from mesh.names import NodeId
 from reconciler.k8s import inject
 
@@ -69,6 +69,7 @@ def sidecar_bootstrap(env: Mapping[str, str], token: str) -> dict[str, Any]:
     return bootstrap(
         node_id=str(node), cluster=s.cluster, xds_host=s.xds_host, xds_port=s.xds_port, xds_dns=s.xds_dns,
         admin_socket=s.admin_socket, stats_host=s.stats_host, stats_port=s.stats_port, xds_token=token.strip(),
+        delta=XDS_DELTA,
     )
 
 

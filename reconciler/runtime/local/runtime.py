@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mesh.envoy import admin_address, bootstrap, envoy_argv, wait_ready
+from mesh.envoy import XDS_DELTA, admin_address, bootstrap, envoy_argv, wait_ready
 from mesh.intent import Intent, Workload
 from mesh.names import NodeId
 from mesh.probe import wait_tcp
@@ -453,7 +453,7 @@ class LocalRuntime:
             token = self._tokens.issue(node_id, sup)
             write_private(cfg, json.dumps(bootstrap(
                 node_id=node_id, cluster=cluster, xds_host=xds_host or address, xds_port=xds_port, admin_socket=socket,
-                stats_host=address, stats_port=stats_port, xds_token=token), indent=1))
+                stats_host=address, stats_port=stats_port, xds_token=token, delta=XDS_DELTA), indent=1))
 
         return Supervised(name=f"envoy {node_id}", argv=self._envoy_argv(node_id), env=child_env({}),
                           log_path=self.state_dir / "logs" / f"envoy-{slug}.log", before_spawn=write_bootstrap,

@@ -78,6 +78,8 @@ def test_sidecar_bootstrap(tmp_path: Path, xds: str, kind: str) -> None:
         "socket_address": {"address": host, "port_value": int(port)}}
     grpc = config["dynamic_resources"]["ads_config"]["grpc_services"][0]
     assert grpc["initial_metadata"] == [{"key": TOKEN_METADATA, "value": "tok-1"}]
+    assert config["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"  # mesh.envoy.XDS_DELTA
+    assert config["deferred_stat_options"] == {"enable_deferred_creation_stats": True}
     assert config["admin"]["address"]["pipe"]["path"] == str(tmp_path / "admin.sock")
     (stats,) = config["static_resources"]["listeners"]
     assert stats["name"] == STATS_LISTENER
