@@ -78,6 +78,15 @@ class FakeDeltaEnvoy:
             assert self.ack(response) == []
 
 
+def holding_three(cache: SnapshotCache) -> FakeDeltaEnvoy:
+    """A proxy that subscribed to and ACKed `snap()` with clusters v1, v2 and v3."""
+    cache.set(NODE, snap(clusters=("v1", "v2", "v3")))
+    envoy = FakeDeltaEnvoy(cache)
+    for type_url, subscribe in ((CLUSTER, []), (ENDPOINT, ["v1", "v2", "v3"]), (LISTENER, []), (ROUTE, ["web"])):
+        envoy.ack(envoy.request(type_url, subscribe)[0])
+    return envoy
+
+
 def names(response: DeltaResponse) -> list[str]:
     return [r.name for r in response.resources]
 
@@ -139,10 +148,7 @@ def test_a_change_sends_only_the_changed_resources_and_unchanged_types_are_not_a
 
 def test_a_removed_cluster_goes_only_after_the_routes_that_named_it_are_acked() -> None:
     cache = SnapshotCache()
-    cache.set(NODE, snap(clusters=("v1", "v2", "v3")))
-    envoy = FakeDeltaEnvoy(cache)
-    for type_url, subscribe in ((CLUSTER, []), (ENDPOINT, ["v1", "v2", "v3"]), (LISTENER, []), (ROUTE, ["web"])):
-        envoy.ack(envoy.request(type_url, subscribe)[0])
+    envoy = holding_three(cache)
     cache.set(NODE, snap(clusters=("v1", "v2"), revision="r2"))
     got = by_type(envoy.stream.pending())
     # Make-before-break: the routes go first; v3 stays while the routes Envoy serves may still name it.
@@ -161,10 +167,7 @@ def test_a_removed_cluster_goes_only_after_the_routes_that_named_it_are_acked() 
 
 def test_a_nacked_route_update_keeps_the_clusters_the_old_routes_name() -> None:
     cache = SnapshotCache()
-    cache.set(NODE, snap(clusters=("v1", "v2", "v3")))
-    envoy = FakeDeltaEnvoy(cache)
-    for type_url, subscribe in ((CLUSTER, []), (ENDPOINT, ["v1", "v2", "v3"]), (LISTENER, []), (ROUTE, ["web"])):
-        envoy.ack(envoy.request(type_url, subscribe)[0])
+    envoy = holding_three(cache)
     cache.set(NODE, snap(clusters=("v1", "v2"), revision="bad"))
     (routes,) = envoy.stream.pending()
     assert envoy.nack(routes, "invalid route") == []  # the old routes serve, so v3 must stay
@@ -180,10 +183,7 @@ def test_a_nacked_route_update_keeps_the_clusters_the_old_routes_name() -> None:
 
 def test_a_cluster_dropped_and_back_before_the_routes_ack_is_never_removed() -> None:
     cache = SnapshotCache()
-    cache.set(NODE, snap(clusters=("v1", "v2", "v3")))
-    envoy = FakeDeltaEnvoy(cache)
-    for type_url, subscribe in ((CLUSTER, []), (ENDPOINT, ["v1", "v2", "v3"]), (LISTENER, []), (ROUTE, ["web"])):
-        envoy.ack(envoy.request(type_url, subscribe)[0])
+    envoy = holding_three(cache)
     cache.set(NODE, snap(clusters=("v1", "v2"), revision="r2"))
     (routes,) = envoy.stream.pending()
     cache.set(NODE, snap(weights={"v1": 50, "v2": 25, "v3": 25}, clusters=("v1", "v2", "v3"), revision="r3"))
@@ -270,11 +270,7 @@ def test_subscribing_again_to_a_held_name_sends_it_again() -> None:
 
 def test_reconnect_with_initial_resource_versions_sends_only_what_differs() -> None:
     cache = SnapshotCache()
-    old = snap(clusters=("v1", "v2", "v3"))
-    cache.set(NODE, old)
-    first = FakeDeltaEnvoy(cache)
-    for type_url, subscribe in ((CLUSTER, []), (ENDPOINT, ["v1", "v2", "v3"]), (LISTENER, []), (ROUTE, ["web"])):
-        first.ack(first.request(type_url, subscribe)[0])
+    first = holding_three(cache)
     first.stream.close()
     # The control plane moves on while the proxy is away: v3 goes, v1's endpoint moves.
     new = snap(clusters=("v1", "v2"), port=9777, revision="r2")
