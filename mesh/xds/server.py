@@ -50,7 +50,8 @@ the proxy has ACKed the snapshot's clusters (Envoy ACKs CDS when the new cluster
 cluster the snapshot dropped is removed only once these are ACKed at the snapshot's version. Otherwise a
 request between the two finds no cluster (Envoy's 503 `NC`): measured on a real Envoy, 12-19 of ~1100
 requests over 12 route moves (tests/integration). A NACKed route update leaves the old routes, and so
-their clusters, serving; a NACKed cluster update holds the routes that would name its clusters."""
+their clusters, serving. A NACKed cluster update does not hold routes back: the proxy keeps its old
+clusters, status names the NACK, and other services' route changes still reach it."""
 HELD_TYPES = (CLUSTER, ENDPOINT)
 
 TOKEN_METADATA = "x-lockgate-token"
@@ -150,6 +151,8 @@ class _StreamState(_Bound):
         """The proxy reconnected holding a configuration (its first requests carried a version)."""
         self._acked: dict[str, str] = {}
         """Type -> the version this stream's proxy last ACKed."""
+        self._answered: dict[str, str] = {}
+        """Type -> the nonce of the last response the proxy ACKed or NACKed."""
         self._cds: tuple[tuple[ResourceSet, ...], dict[str, ResourceSet]] | None = None
         """The parts the last CDS response was built from, and the clusters it still carried from older
         parts (name -> that part) while the routes that dropped them were not yet ACKed (`ROUTING_TYPES`)."""
@@ -176,6 +179,7 @@ class _StreamState(_Bound):
         if nonce:
             if sent is None or nonce != sent.nonce:
                 return []  # stale: answers a response we have since superseded; a newer request follows
+            self._answered[type_url] = nonce
             if request.HasField("error_detail"):
                 self._cache.rejected(
                     node_id, type_url, version=sent.version, message=str(request.error_detail.message)
@@ -250,12 +254,14 @@ class _StreamState(_Bound):
         return any(t in self._names and self._acked.get(t) != snapshot.version(t) for t in ROUTING_TYPES)
 
     def _clusters_unsettled(self, snapshot: Snapshot) -> bool:
-        """Whether the proxy has not ACKed the snapshot's clusters (a CDS still holding dropped ones counts
-        as ACKed: it has every cluster the snapshot names)."""
+        """Whether the snapshot's clusters are still to be sent, or sent and not yet answered (a CDS still
+        holding dropped ones is the snapshot's: it has every cluster the snapshot names). A NACK answers."""
         if CLUSTER not in self._names:
             return False
-        acked, version = self._acked.get(CLUSTER), snapshot.version(CLUSTER)
-        return acked != version and not (acked or "").startswith(f"{version}+")
+        sent, version = self._sent.get(CLUSTER), snapshot.version(CLUSTER)
+        if sent is None or (sent.version != version and not sent.version.startswith(f"{version}+")):
+            return True
+        return self._answered.get(CLUSTER) != sent.nonce
 
     def _held_clusters(self, snapshot: Snapshot) -> dict[str, ResourceSet]:
         """Clusters the proxy holds that `snapshot` dropped, kept in this CDS response while the routes
@@ -531,10 +537,10 @@ class _DeltaStreamState(_Bound):
         return False
 
     def _clusters_unsettled(self, snapshot: Snapshot) -> bool:
-        """Whether the proxy has not ACKed the snapshot's clusters (sent and unanswered, NACKed, or still
-        to be sent)."""
+        """Whether the snapshot's clusters are still to be reconciled, or sent and not yet answered (a NACK
+        answers: the proxy keeps its old clusters, and other routes' changes must still reach it)."""
         st = self._types.get(CLUSTER)
-        return st is not None and (st.synced != snapshot.version(CLUSTER) or st.nonce is not None or bool(st.refused))
+        return st is not None and (st.synced != snapshot.version(CLUSTER) or st.nonce is not None)
 
     def _hold(self, st: _DeltaType, parts: tuple[ResourceSet, ...], removed: list[str],
               snapshot: Snapshot) -> list[str]:

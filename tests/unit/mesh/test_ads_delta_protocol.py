@@ -196,6 +196,16 @@ def test_a_cluster_dropped_and_back_before_the_routes_ack_is_never_removed() -> 
     assert cache.status()[NODE].acked_revision == "r3"
 
 
+def test_routes_wait_for_the_clusters_answer_and_a_nack_does_not_hold_them() -> None:
+    cache = SnapshotCache()
+    envoy = holding_three(cache)
+    cache.set(NODE, snap(weights={"v1": 50, "v4": 50}, clusters=("v1", "v4"), revision="r2"))
+    got = by_type(envoy.stream.pending())
+    assert list(got) == [CLUSTER] and names(got[CLUSTER]) == ["v4"]  # v4 first, then the routes
+    (routes,) = envoy.nack(got[CLUSTER], "invalid cluster")  # answered: the old clusters serve
+    assert routes.type_url == ROUTE and names(routes) == ["web"]  # (the subscribed one)
+
+
 def test_ack_is_recorded_per_type_and_convergence_waits_for_every_type() -> None:
     cache = SnapshotCache()
     s = snap()

@@ -349,6 +349,20 @@ def test_a_nacked_route_update_keeps_the_dropped_cluster_in_cds() -> None:
     assert cluster_names(pushed[CLUSTER]) == ["v1", "v2"] and envoy.accepted[CLUSTER] == pushed[CLUSTER].version_info
 
 
+def test_a_nacked_cluster_update_does_not_hold_the_routes_back() -> None:
+    """The proxy keeps its old clusters after a NACK; other routes' changes must still reach it."""
+    cache = SnapshotCache()
+    cache.set(NODE, snap(50, 50))
+    envoy = FakeEnvoy(cache)
+    envoy.subscribe_all()
+    cache.set(NODE, Snapshot.of(listeners=[listener("web")], routes=[route("web", {"v1": 100, "v2": 0})],
+                                clusters=[{**cluster("v1"), "lb_policy": "LEAST_REQUEST"}, cluster("v2")],
+                                endpoints=[endpoints("v1", 9001), endpoints("v2", 9002)], revision="bad"))
+    (cds,) = envoy.stream.pending()  # the routes wait for the proxy's answer
+    assert cds.type_url == CLUSTER
+    assert [r.type_url for r in envoy.nack(cds, "invalid lb_policy")] == [ROUTE]
+
+
 def lb_change(*, v2_port: int = 9002) -> Snapshot:
     """`snap()` with cluster v1's definition changed (load balancing policy) and the same endpoints."""
     return Snapshot.of(
