@@ -522,9 +522,11 @@ async def churn_and_idle(services: int, proxies: int, *, seconds: float, every: 
         nodes = [topo.ingress.node_id] if topo.ingress else []
         nodes += [s.node_id for s in topo.sidecars]
         snaps = {n: plane.cache.get(n) for n in nodes}
-        clients = ctx.Process(target=_clients_main, args=(plane.port, subscriptions(snaps, nodes), ready, done,
-                                                          delta, True), daemon=True)
-        clients.start()
+        # Off the loop: reading 101 proxies' subscriptions and pickling them for the client process took ~1 s,
+        # which the loop-lag watchdog reported as the reconciler's.
+        subs = await asyncio.to_thread(subscriptions, snaps, nodes)
+        clients = ctx.Process(target=_clients_main, args=(plane.port, subs, ready, done, delta, True), daemon=True)
+        await asyncio.to_thread(clients.start)
         await _wait_for(ready.is_set, timeout=60, what="the simulated proxies")
         await _wait_for(lambda: all(st.acked_revision == rec.applied for n, st in plane.cache.status().items()
                                     if n in snaps), timeout=300, what="every proxy converged on the first revision")

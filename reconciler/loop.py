@@ -29,7 +29,7 @@ from mesh.names import kind_of
 from mesh.render import RenderCache
 from mesh.topology import ClusterTopology
 from mesh.xds.cache import SnapshotCache
-from mesh.xds.server import AdsServer
+from mesh.xds.server import AdsServer, serialise_ahead
 from mesh.xds.snapshot import SECRET
 from multicluster.ca import CADirectoryWatch, CAError, ensure_hierarchy
 from multicluster.eastwest import eastwest_gateway
@@ -442,9 +442,14 @@ class Reconciler:
                     if c.name not in planes and not self.runtime.serves(c.name)},
             certs=LoopCertificates(self.issuer, asyncio.get_running_loop(), timeout=self.config.render_timeout),
             now=time.time(), revision=revision, caches={name: plane.render_cache for name, plane in planes.items()})
+        def render_and_serialise() -> Mapping[str, ClusterRender]:
+            out = call()
+            serialise_ahead(snap for result in out.values() for snap in result.snapshots.values())
+            return out
+
         try:
             async with asyncio.timeout(self.config.render_timeout):
-                rendered = await asyncio.to_thread(gc_paused, call)
+                rendered = await asyncio.to_thread(gc_paused, render_and_serialise)
         except TimeoutError:
             for plane in planes.values():
                 plane.render_cache = RenderCache()

@@ -130,6 +130,14 @@ def to_any_bytes(type_url: str, resource: Resource, *, content_digest: str | Non
     return packed
 
 
+def serialise_once(type_url: str, resource: Resource, content_digest: str) -> bool:
+    """`to_any_bytes` for a resource not serialised yet; whether it was new (server.serialise_ahead)."""
+    if _cache.get((type_url, content_digest)) is not None:
+        return False
+    to_any_bytes(type_url, resource, content_digest=content_digest)
+    return True
+
+
 _field_cache = _AnyCache(maxsize=65536)
 
 

@@ -662,3 +662,15 @@ def test_a_reconnecting_proxy_is_not_answered_empty_before_its_snapshot_exists()
     req2 = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
     req2.node.id = NODE
     assert [len(r.resources) for r in fresh.on_request(req2)] == [0]
+
+
+def test_serialise_ahead_serialises_each_shared_resource_once_and_then_nothing() -> None:
+    from mesh.xds.server import serialise_ahead
+
+    unique = {"name": f"ahead-{id(object())}", "type": "STATIC", "connect_timeout": "7s"}  # new to the cache
+    shared = Snapshot.of(listeners=[listener("web")], clusters=[cluster("v1"), unique])
+    again = Snapshot.compose(clusters=shared.parts[CLUSTER], listeners=shared.parts[LISTENER])  # same parts
+    made = serialise_ahead([shared, again])
+    assert 1 <= made <= 3  # the new cluster at least; what earlier tests serialised already is not redone
+    assert serialise_ahead([shared, again]) == 0
+    assert not xds.serialise_once(CLUSTER, unique, shared.digests[CLUSTER][unique["name"]])

@@ -255,3 +255,24 @@ def test_gc_paused_pauses_the_collector_for_the_call_only() -> None:
     with pytest.raises(ZeroDivisionError):
         reconciler.loop.gc_paused(lambda: seen.append(gc.isenabled()) or 1 // 0)
     assert seen == [False, False] and gc.isenabled()
+
+
+def test_what_a_push_serves_was_serialised_in_the_render_thread(repo: Path, tmp_path: Path) -> None:
+    """The event loop never serialises a resource for a stream: the render thread did (serialise_ahead)."""
+    from mesh.xds import wire
+
+    async def scenario() -> None:
+        rec = make(repo, tmp_path)
+        try:
+            head = rec.source.head()
+            assert head is not None
+            await rec.apply_revision(head)
+            snap = rec.planes["east"].cache.get(FRONTEND)
+            assert snap is not None
+            pending = [(t, name) for t, parts in snap.parts.items() for part in parts for name in part
+                       if wire.serialise_once(t, part[name], part.digests[name])]
+            assert pending == []
+        finally:
+            await rec.close()
+
+    asyncio.run(scenario())
