@@ -272,8 +272,8 @@ class _StreamState(_Bound):
         self._cds = (parts, {})
         if prev is None or not self._routing_unsettled(snapshot):
             return {}
-        now = {id(p) for p in parts}
-        replaced = [p for p in parts if id(p) not in {id(q) for q in prev[0]}]
+        now, before = {id(p) for p in parts}, {id(q) for q in prev[0]}
+        replaced = [p for p in parts if id(p) not in before]
         held: dict[str, ResourceSet] = {}
         for old in prev[0]:
             if id(old) in now:
