@@ -39,7 +39,7 @@ from mesh.intent import Intent
 from mesh.render import RenderCache, render
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.cache import SnapshotCache
-from mesh.xds.server import TOKEN_METADATA, AdsServer
+from mesh.xds.server import TOKEN_METADATA, AdsServer, forget_serialised, serialise_ahead
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET
 from reconciler.load import load
 from reconciler.loop import GC_SETTLE_S, Reconciler, UpConfig, gc_paused, settle_gc
@@ -239,10 +239,29 @@ async def floor(snaps: dict[str, Any], nodes: list[str], tmp: Path, free: Any) -
             await p.wait()
 
 
+def rendered(intent: Intent, topo: ClusterTopology, revision: str, rcache: RenderCache) -> dict[str, Any]:
+    """What the reconciler's render thread does: render, then serialise the new resources."""
+    snaps = render(intent=intent, topology=topo, revision=revision, cache=rcache)
+    serialise_ahead(snaps.values())
+    return snaps
+
+
 def subscriptions(snaps: dict[str, Any], nodes: list[str]) -> Subs:
     """What each simulated proxy subscribes to by name: the EDS, RDS and SDS names of its snapshot."""
     return {n: (sorted(snaps[n].items(ENDPOINT)), sorted(snaps[n].items(ROUTE)), sorted(snaps[n].items(SECRET)))
             for n in nodes}
+
+
+def proc_cpu(pids: Iterable[int | None]) -> float:
+    """CPU seconds (user + system) the given processes have used so far."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        if pid is not None:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def free_port() -> int:
@@ -258,6 +277,7 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
     """One bench point. `profile`: a cProfile.Profile enabled around the full push only (render + push/ACK);
     its figures then measure the profiler too, so a profiled run's times are not reported as the point's."""
     free = free_port
+    forget_serialised()  # every point starts cold: an earlier point's serialised resources would be reused
     ports = [free() for _ in range(2 * proxies + 1)]
     topo = topology(proxies, services, ports)
     intent = big_intent(services)
@@ -272,8 +292,9 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
     # counted into the full push's CPU below (render is part of every push).
     cpu = time.process_time()
     t = time.perf_counter()
-    # As the reconcile loop renders: in a worker thread with the cyclic GC paused (reconciler.loop.gc_paused).
-    snaps = gc_paused(lambda: render(intent=intent, topology=topo, revision="r1", cache=rcache))
+    # As the reconcile loop renders: in a worker thread with the cyclic GC paused (reconciler.loop.gc_paused),
+    # then serialising what is new (serialise_ahead), so "render" is the reconciler's whole render step.
+    snaps = gc_paused(lambda: rendered(intent, topo, "r1", rcache))
     render_full = (time.perf_counter() - t) * 1000
     cpu_render_full = time.process_time() - cpu
     subs = subscriptions(snaps, simulated)
@@ -299,27 +320,34 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
         rss0 = rss_mb()
         if profile is not None:
             profile.enable()
+        others = {"sim": [clients.pid], "envoys": [p.pid for p in procs]}
         cpu = time.process_time()
+        before = {k: proc_cpu(v) for k, v in others.items()}
         full = await converge(cache, snaps)
         cpu_full = time.process_time() - cpu + cpu_render_full
+        spent_full = {k: proc_cpu(v) - before[k] for k, v in others.items()}
         if profile is not None:
             profile.disable()
         await asyncio.sleep(0.1)
         settle_gc()  # what the reconciler does once a push has settled (reconciler.loop: GC_SETTLE_S)
         changed = big_intent(services, canary_weight=10)
         cpu = time.process_time()
+        before = {k: proc_cpu(v) for k, v in others.items()}
         t = time.perf_counter()
-        snaps2 = gc_paused(lambda: render(intent=changed, topology=topo, revision="r2", cache=rcache))
+        snaps2 = gc_paused(lambda: rendered(changed, topo, "r2", rcache))
         render_one = (time.perf_counter() - t) * 1000
         one = await converge(cache, snaps2)
         cpu_one = time.process_time() - cpu
+        spent_one = {k: proc_cpu(v) - before[k] for k, v in others.items()}
         route_kb = len(json.dumps(dict(snaps2[topo.sidecars[0].node_id].items(
             "type.googleapis.com/envoy.config.route.v3.RouteConfiguration")))) / 1024
         rss = rss_mb()
         floor_ms = await floor(snaps2, real, Path(tmp.name), free) if real else 0.0
         return {"render_full_ms": render_full, "push_full_ms": full, "render_one_ms": render_one,
                 "push_one_ms": one, "rss_mb": rss, "rss_before_mb": rss0, "route_kb": route_kb,
-                "floor_ms": floor_ms, "cpu_full_s": cpu_full, "cpu_one_s": cpu_one}
+                "floor_ms": floor_ms, "cpu_full_s": cpu_full, "cpu_one_s": cpu_one,
+                "sim_cpu_full_s": spent_full["sim"], "envoy_cpu_full_s": spent_full["envoys"],
+                "sim_cpu_one_s": spent_one["sim"], "envoy_cpu_one_s": spent_one["envoys"]}
     finally:
         stop.set()
         clients.join(10)
@@ -632,6 +660,9 @@ def report(services: int, proxies: int, mode: str, base: dict[str, float] | None
     one = big["render_one_ms"] + big["push_one_ms"]
     print(f"  CPU seconds per push (control-plane process, time.process_time(): every thread of it):"
           f" full {big['cpu_full_s']:.2f} s, one route {big['cpu_one_s']:.2f} s")
+    print(f"  CPU seconds of the others on this machine's {os.cpu_count()} cores, full / one route:"
+          f" the {proxies - 2} simulated proxies {big['sim_cpu_full_s']:.2f} / {big['sim_cpu_one_s']:.2f} s,"
+          f" the 2 real Envoys {big['envoy_cpu_full_s']:.2f} / {big['envoy_cpu_one_s']:.2f} s")
     if base is not None:
         print(f"  ratio {proxies}/10 proxies: full {full / (base['render_full_ms'] + base['push_full_ms']):.1f}x,"
               f" one route {one / (base['render_one_ms'] + base['push_one_ms']):.1f}x")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
 from typing import Any
 
 # Importing a generated module registers its messages in the default descriptor pool; without these,
@@ -38,6 +37,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
+from mesh.xds.encode import Unsupported, encode_as
 from mesh.xds.snapshot import Resource, digest, resource_digest
 
 _PREFIX = "type.googleapis.com/"
@@ -98,7 +98,7 @@ def _parse(type_url: str, resource: Resource) -> Message:
     msg = message_class(type_url)()
     try:
         json_format.ParseDict(_plain(resource), msg)
-    except json_format.ParseError as exc:
+    except (json_format.ParseError, KeyError, TypeError, ValueError) as exc:  # ParseDict raises all four
         # Drop protobuf's list of every available field: long, and camelCase where we write snake_case.
         detail = str(exc).split("\n Available Fields", 1)[0]
         raise ValueError(f"{_label(type_url, resource)}: {detail}") from None
@@ -138,53 +138,13 @@ def serialise_once(type_url: str, resource: Resource, content_digest: str) -> bo
     return True
 
 
-_field_cache = _AnyCache(maxsize=65536)
-
-
 def _fields_bytes(type_url: str, resource: Resource) -> bytes:
-    """A message serialised field by field, each top-level field converted once per distinct value.
-
-    Three thousand clusters differ in their names and little else: their shared fields (type, timeouts,
-    the transport socket of one service's versions, ...) are parsed once, non-empty string fields are
-    encoded directly, and plain nested messages are assembled the same way. The pieces concatenate into
-    the message (protobuf allows any field order)."""
-    cls = message_class(type_url)
+    """A message's bytes, written straight from its JSON form (`encode`); ParseDict only for what the
+    encoder does not handle, which also names the error in a resource protobuf rejects."""
     try:
-        return _message_bytes(cls, _plain(resource))
-    except (json_format.ParseError, _Unsupported):
-        return _parse(type_url, resource).SerializeToString(deterministic=True)  # names the error
-
-
-class _Unsupported(Exception):
-    """A field the piecewise path does not handle; fall back to parsing the whole resource."""
-
-
-def _message_bytes(cls: type[Message], value: Mapping[str, Any]) -> bytes:
-    fields = cls.DESCRIPTOR.fields_by_name
-    out = []
-    for name, item in value.items():
-        f = fields.get(name)
-        if f is None:
-            raise _Unsupported(name)
-        if f.is_repeated or (f.containing_oneof is not None and not isinstance(item, str | dict)):
-            pass  # parsed below, as one piece
-        elif isinstance(item, str) and item and f.type == f.TYPE_STRING:
-            out.append(field_bytes(f.number, item.encode()))
-            continue
-        elif (isinstance(item, dict) and f.type == f.TYPE_MESSAGE and "@type" not in item
-              and f.message_type is not None and not f.message_type.full_name.startswith("google.protobuf.")):
-            sub = message_factory.GetMessageClass(f.message_type)  # type: ignore[arg-type]
-            out.append(field_bytes(f.number, _message_bytes(sub, item)))
-            continue
-        key = (f"{cls.DESCRIPTOR.full_name}#{name}", digest(item))
-        piece = _field_cache.get(key)
-        if piece is None:
-            msg = cls()
-            json_format.ParseDict({name: item}, msg)
-            piece = msg.SerializeToString(deterministic=True)
-            _field_cache.put(key, piece)
-        out.append(piece)
-    return b"".join(out)
+        return encode_as(message_class(type_url), _plain(resource))
+    except Unsupported:
+        return _parse(type_url, resource).SerializeToString(deterministic=True)
 
 
 def field_bytes(number: int, payload: bytes) -> bytes:
@@ -213,8 +173,7 @@ _ROUTES_FIELD = route_components_pb2.VirtualHost.DESCRIPTOR.fields_by_name["rout
 def _route_config_bytes(config: Resource) -> bytes:
     """RouteConfiguration bytes from cached pieces: each virtual host, and inside it each route entry
     (route entries are shared between the variants of a virtual host, so each is parsed once)."""
-    head = _parse(_ROUTE, {k: v for k, v in config.items() if k != "virtual_hosts"}).SerializeToString(
-        deterministic=True)
+    head = _fields_bytes(_ROUTE, {k: v for k, v in config.items() if k != "virtual_hosts"})
     parts = []
     for vhost in config["virtual_hosts"]:
         key = ("vhost", resource_digest(vhost))
@@ -232,19 +191,18 @@ def _route_config_bytes(config: Resource) -> bytes:
 
 
 def _vhost_bytes(vhost: Resource) -> bytes:
-    msg = route_components_pb2.VirtualHost()
-    json_format.ParseDict({k: v for k, v in vhost.items() if k != "routes"}, msg)
-    pieces = [msg.SerializeToString(deterministic=True)]
-    for entry in vhost.get("routes", ()):
-        key = ("route", resource_digest(entry))
-        piece = _vhost_cache.get(key)
-        if piece is None:
-            route = route_components_pb2.Route()
-            json_format.ParseDict(_plain(entry), route)
-            piece = route.SerializeToString(deterministic=True)
-            _vhost_cache.put(key, piece)
-        pieces.append(field_bytes(_ROUTES_FIELD, piece))
-    return b"".join(pieces)
+    try:
+        return encode_as(route_components_pb2.VirtualHost, _plain(vhost))
+    except Unsupported:
+        msg = route_components_pb2.VirtualHost()
+        json_format.ParseDict(_plain(vhost), msg)
+        return bytes(msg.SerializeToString(deterministic=True))
+
+
+def forget() -> None:
+    """Drop every memoised serialisation: for a measurement that must start cold (bench/scale.py)."""
+    _cache.clear()
+    _vhost_cache.clear()
 
 
 def to_any(type_url: str, resource: Resource, *, content_digest: str | None = None) -> any_pb2.Any:
