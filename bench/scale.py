@@ -320,7 +320,7 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
         rss0 = rss_mb()
         if profile is not None:
             profile.enable()
-        others = {"sim": [clients.pid], "envoys": [p.pid for p in procs]}
+        others: dict[str, list[int | None]] = {"sim": [clients.pid], "envoys": [p.pid for p in procs]}
         cpu = time.process_time()
         before = {k: proc_cpu(v) for k, v in others.items()}
         full = await converge(cache, snaps)
