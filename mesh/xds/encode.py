@@ -256,11 +256,16 @@ def _writer(f: FieldDescriptor, *, always: bool = False) -> Writer:
         if sub.GetOptions().map_entry:
             return _map_writer(f, sub, tag)
         body = _body(sub)
-
-        def one(v: Any) -> bytes:
-            payload = body(v)
-            n = len(payload)
-            return tag + (_SMALL[n] if n < 0x80 else varint(n)) + payload
+        if body is None:  # a plain message (most of them): `encode` called directly, one frame fewer
+            def one(v: Any) -> bytes:
+                payload = encode(sub, v)
+                n = len(payload)
+                return tag + (_SMALL[n] if n < 0x80 else varint(n)) + payload
+        else:
+            def one(v: Any) -> bytes:
+                payload = body(v)
+                n = len(payload)
+                return tag + (_SMALL[n] if n < 0x80 else varint(n)) + payload
 
         if f.is_repeated:
             def many(v: Any) -> bytes:
@@ -311,22 +316,21 @@ def _writer(f: FieldDescriptor, *, always: bool = False) -> Writer:
     return lambda v: stag + payload(v)
 
 
-def _body(sub: Descriptor) -> Callable[[Any], bytes]:
-    """JSON value -> the bytes of a nested message of type `sub` (without its tag and length)."""
+def _body(sub: Descriptor) -> Callable[[Any], bytes] | None:
+    """JSON value -> the bytes of a nested message of type `sub` (without its tag and length), for the
+    types whose JSON form is a scalar; None for the rest (`encode`)."""
     if sub.full_name == "google.protobuf.Value":
         return _value
     if sub.full_name in _WRAPPERS:
         return lambda v: _wrapper(sub, v)
     if sub.full_name == "google.protobuf.Duration":
         return _duration
-
-    def message(v: Any) -> bytes:
-        return encode(sub, v)
-    return message
+    return None
 
 
 def _message(sub: Descriptor, v: Any) -> bytes:
-    return _body(sub)(v)
+    body = _body(sub)
+    return encode(sub, v) if body is None else body(v)
 
 
 def _map_writer(f: FieldDescriptor, entry: Descriptor, tag: bytes) -> Writer:

@@ -37,7 +37,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from mesh.xds.encode import Unsupported, encode_as
+from mesh.xds.encode import Unsupported, encode_as, varint
 from mesh.xds.snapshot import Resource, digest, resource_digest
 
 _PREFIX = "type.googleapis.com/"
@@ -150,16 +150,14 @@ def _fields_bytes(type_url: str, resource: Resource) -> bytes:
 def field_bytes(number: int, payload: bytes) -> bytes:
     """One length-delimited protobuf field: tag, varint length, payload. Concatenated fields of a
     message are that message (the wire format allows any field order and repeats)."""
-    return _varint((number << 3) | 2) + _varint(len(payload)) + payload
+    n = len(payload)
+    tag = _TAGS[number] if number < len(_TAGS) else varint((number << 3) | 2)
+    return tag + (_ONE_BYTE[n] if n < 0x80 else varint(n)) + payload
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+_TAGS = [varint((number << 3) | 2) for number in range(16)]
+_ONE_BYTE = [bytes([i]) for i in range(0x80)]
+
 
 
 _ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
