@@ -49,3 +49,27 @@ def test_percentiles_are_measured_values_and_growth_divides_like_figures() -> No
     assert math.isnan(pct([], 50))
     assert growth({"full": 2.0, "rss": 100.0, "zero": 0.0}, {"full": 9.0, "rss": 250.0, "zero": 1.0}) == {
         "full": 4.5, "rss": 2.5}
+
+
+def test_the_simulated_proxies_envelope_reads_what_they_ack_from_both_protocols() -> None:
+    """The envelope the simulated proxies decode responses with reads the type URL, nonce and version of
+    real responses, and tells one that carries resources from one that carries none."""
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from bench.scale import _envelope_class
+
+    envelope = _envelope_class()
+    delta = discovery_pb2.DeltaDiscoveryResponse(type_url="t/cds", nonce="7", system_version_info="v3",
+                                                 removed_resources=["gone"])
+    for i in range(3):
+        delta.resources.add(name=f"c{i}", version=f"d{i}")
+    got = envelope.FromString(delta.SerializeToString())
+    assert (got.type_url, got.nonce, got.version_info) == ("t/cds", "7", "v3")
+    assert got.resource  # some resource came
+    empty = envelope.FromString(discovery_pb2.DeltaDiscoveryResponse(
+        type_url="t/cds", nonce="8", removed_resources=["c0"]).SerializeToString())
+    assert (empty.nonce, empty.resource) == ("8", b"")
+    sotw = discovery_pb2.DiscoveryResponse(type_url="t/lds", nonce="9", version_info="abc")
+    sotw.resources.add(type_url="x", value=b"y")
+    got = envelope.FromString(sotw.SerializeToString())
+    assert (got.type_url, got.nonce, got.version_info, bool(got.resource)) == ("t/lds", "9", "abc", True)
