@@ -609,21 +609,23 @@ def serialise_ahead(snapshots: Iterable[Snapshot]) -> int:
     are visited once."""
     seen: set[int] = set()
     made = 0
+    epoch = str(xds.epoch()).encode()
     for snap in snapshots:
         for type_url, parts in snap.parts.items():
             for part in parts:
-                if id(part) in seen or _SERIALISED in part.wire:
+                if id(part) in seen or part.wire.get(_SERIALISED) == epoch:
                     continue
                 seen.add(id(part))
                 for name in part:
                     made += xds.serialise_once(type_url, part[name], part.digests[name])
-                part.wire[_SERIALISED] = b""
+                part.wire[_SERIALISED] = str(xds.epoch()).encode()
     return made
 
 
 _SERIALISED = ("serialised", None)
-"""Marks a part `serialise_ahead` has visited: render carries unchanged parts into the next snapshot, and
-walking their thousands of resources again found nothing to do (~10 ms per one-route commit)."""
+"""Marks a part `serialise_ahead` found all serialised, with the cache's epoch then: render carries
+unchanged parts into the next snapshot, and walking their thousands of resources again found nothing to
+do (~10 ms per one-route commit). A resource dropped from the cache since changes the epoch."""
 
 
 def _delta_body(type_url: str, parts: tuple[ResourceSet, ...], picks: list[Pick]) -> tuple[bytes, ...]:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -38,7 +39,7 @@ from google.protobuf import any_pb2, descriptor_pool, json_format, message_facto
 from google.protobuf.message import Message
 
 from mesh.xds.encode import Unsupported, encode_as, varint
-from mesh.xds.snapshot import Resource, digest, resource_digest
+from mesh.xds.snapshot import Resource, digest
 
 _PREFIX = "type.googleapis.com/"
 
@@ -52,6 +53,9 @@ class _AnyCache:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.dropped = 0
+        """How many entries were ever evicted or cleared: a reader that saw every entry present can tell
+        whether that still holds (`epoch`)."""
 
     def get(self, key: tuple[str, str]) -> bytes | None:
         with self._lock:
@@ -69,9 +73,11 @@ class _AnyCache:
             self._items.move_to_end(key)
             while len(self._items) > self._maxsize:
                 self._items.popitem(last=False)
+                self.dropped += 1
 
     def clear(self) -> None:
         with self._lock:
+            self.dropped += len(self._items)
             self._items.clear()
             self.hits = self.misses = 0
 
@@ -121,13 +127,48 @@ def to_any_bytes(type_url: str, resource: Resource, *, content_digest: str | Non
     key = (type_url, content_digest or digest(_plain(resource)))
     packed = _cache.get(key)
     if packed is None:
-        if type_url == _ROUTE and resource.get("virtual_hosts"):
-            value = _route_config_bytes(resource)
-        else:
-            value = _fields_bytes(type_url, resource)
+        value = _value_bytes(type_url, resource)
         packed = field_bytes(1, type_url.encode()) + field_bytes(2, value)  # Any: type_url = 1, value = 2
         _cache.put(key, packed)
     return packed
+
+
+def typed_digest(type_url: str, resource: Resource) -> str:
+    """The digest of a resource's serialised form (its `Any` value), serialising it on the way: the bytes
+    are kept for the ADS server under (type URL, this digest). Memoised by identity, so a resource shared
+    by a hundred proxies, or kept by render across commits, is serialised once. The encoding is
+    deterministic (fields in number order, maps sorted), so equal content has one digest; a resource
+    that does not serialise gets its JSON digest, and serving it names the error (as before)."""
+    hit = _typed.get(id(resource))
+    if hit is not None and hit[0] is resource and hit[1] == type_url:
+        return hit[2]
+    try:
+        value = _value_bytes(type_url, resource)
+    except ValueError:
+        found = digest(_plain(resource))
+    else:
+        found = hashlib.sha256(value).hexdigest()[:16]
+        _cache.put((type_url, found), field_bytes(1, type_url.encode()) + field_bytes(2, value))
+    if len(_typed) >= 200_000:
+        _typed.clear()
+    _typed[id(resource)] = (resource, type_url, found)
+    return found
+
+
+_typed: dict[int, tuple[Resource, str, str]] = {}
+"""typed_digest's memo, by identity (holding the resource, so its id is not reused while remembered)."""
+
+
+def _value_bytes(type_url: str, resource: Resource) -> bytes:
+    if type_url == _ROUTE and resource.get("virtual_hosts"):
+        return _route_config_bytes(resource)
+    return _fields_bytes(type_url, resource)
+
+
+def epoch() -> int:
+    """Changes whenever a serialised resource is dropped from the cache: what was all serialised at one
+    epoch still is while it lasts (server.serialise_ahead skips such parts)."""
+    return _cache.dropped
 
 
 def serialise_once(type_url: str, resource: Resource, content_digest: str) -> bool:
@@ -162,7 +203,6 @@ _ONE_BYTE = [bytes([i]) for i in range(0x80)]
 
 _ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 _VHOSTS_FIELD = route_pb2.RouteConfiguration.DESCRIPTOR.fields_by_name["virtual_hosts"].number
-_vhost_cache = _AnyCache(maxsize=65536)
 
 
 _ROUTES_FIELD = route_components_pb2.VirtualHost.DESCRIPTOR.fields_by_name["routes"].number
@@ -174,18 +214,26 @@ def _route_config_bytes(config: Resource) -> bytes:
     head = _fields_bytes(_ROUTE, {k: v for k, v in config.items() if k != "virtual_hosts"})
     parts = []
     for vhost in config["virtual_hosts"]:
-        key = ("vhost", resource_digest(vhost))
-        piece = _vhost_cache.get(key)
-        if piece is None:
-            try:
-                piece = _vhost_bytes(vhost)
-            except json_format.ParseError as exc:
-                detail = str(exc).split("\n Available Fields", 1)[0]
-                raise ValueError(f"RouteConfiguration {config.get('name')!r} virtual host "
-                                 f"{vhost.get('name')!r}: {detail}") from None
-            _vhost_cache.put(key, piece)
-        parts.append(field_bytes(_VHOSTS_FIELD, piece))
+        hit = _vhosts.get(id(vhost))
+        if hit is not None and hit[0] is vhost:
+            parts.append(hit[1])
+            continue
+        try:
+            piece = field_bytes(_VHOSTS_FIELD, _vhost_bytes(vhost))
+        except (json_format.ParseError, KeyError, TypeError, ValueError) as exc:
+            detail = str(exc).split("\n Available Fields", 1)[0]
+            raise ValueError(f"RouteConfiguration {config.get('name')!r} virtual host "
+                             f"{vhost.get('name')!r}: {detail}") from None
+        if len(_vhosts) >= 200_000:
+            _vhosts.clear()
+        _vhosts[id(vhost)] = (vhost, piece)
+        parts.append(piece)
     return head + b"".join(parts)
+
+
+_vhosts: dict[int, tuple[Resource, bytes]] = {}
+"""Framed virtual hosts by identity: render keeps a virtual host the same object while its routes are, and
+shares it between the route configurations that hold it (the ingress and the sidecars' buckets)."""
 
 
 def _vhost_bytes(vhost: Resource) -> bytes:
@@ -200,7 +248,8 @@ def _vhost_bytes(vhost: Resource) -> bytes:
 def forget() -> None:
     """Drop every memoised serialisation: for a measurement that must start cold (bench/scale.py)."""
     _cache.clear()
-    _vhost_cache.clear()
+    _vhosts.clear()
+    _typed.clear()
 
 
 def to_any(type_url: str, resource: Resource, *, content_digest: str | None = None) -> any_pb2.Any:

@@ -6,6 +6,7 @@ No network: a `FakeEnvoy` plays the proxy's side of one stream against `_StreamS
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -664,13 +665,22 @@ def test_a_reconnecting_proxy_is_not_answered_empty_before_its_snapshot_exists()
     assert [len(r.resources) for r in fresh.on_request(req2)] == [0]
 
 
-def test_serialise_ahead_serialises_each_shared_resource_once_and_then_nothing() -> None:
-    from mesh.xds.server import serialise_ahead
+def test_a_snapshot_is_serialised_where_it_is_built_and_serialise_ahead_redoes_only_what_was_dropped() -> None:
+    """Building a snapshot (render's thread) serialises its resources, its digests being those of the
+    bytes: an ADS stream finds them ready. serialise_ahead serialises what is missing, once per part."""
+    from mesh.xds.server import forget_serialised, serialise_ahead
 
     unique = {"name": f"ahead-{id(object())}", "type": "STATIC", "connect_timeout": "7s"}  # new to the cache
     shared = Snapshot.of(listeners=[listener("web")], clusters=[cluster("v1"), unique])
     again = Snapshot.compose(clusters=shared.parts[CLUSTER], listeners=shared.parts[LISTENER])  # same parts
-    made = serialise_ahead([shared, again])
-    assert 1 <= made <= 3  # the new cluster at least; what earlier tests serialised already is not redone
+    d = shared.digests[CLUSTER][unique["name"]]
+    assert d == hashlib.sha256(xds.to_any(CLUSTER, unique, content_digest=d).value).hexdigest()[:16]
+    assert not xds.serialise_once(CLUSTER, unique, d)  # already there
     assert serialise_ahead([shared, again]) == 0
-    assert not xds.serialise_once(CLUSTER, unique, shared.digests[CLUSTER][unique["name"]])
+    forget_serialised()
+    fresh = Snapshot.of(clusters=[cluster("v1"), unique])  # new parts, the same resources
+    assert fresh.digests[CLUSTER][unique["name"]] == d  # equal content, equal digest
+    assert serialise_ahead([fresh, fresh]) == 0  # bound again, so serialised again where it was built
+    forget_serialised()
+    assert serialise_ahead([fresh, fresh]) == 2  # dropped after it was built: redone, once for both
+    assert serialise_ahead([fresh]) == 0
