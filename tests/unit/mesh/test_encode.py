@@ -170,6 +170,7 @@ ACCEPTED: list[dict[str, Any]] = [
     {"left": ""}, {"right": 0}, {"left": "x", "maybe": 0}, {"maybe": -4},
     {"text": None, "child": None},  # null is the default
     {"flt": 3.4028234663852886e38}, {"i32": (1 << 31) - 1},
+    {"children": ({"text": "t"},), "many_text": ("a", "b"), "many_i32": (1, 2)},  # tuples, as ParseDict takes them
 ]
 
 
