@@ -408,6 +408,22 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
 # --- churn and idle: the reconcile loop `lockgate up` runs, on a real Git repository ------------------
 
 
+def combine(rounds: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Several rounds of one bench point as one: each figure's median, the totals' (render + push/ACK)
+    medians taken over the rounds' totals, and the totals' ranges. A 2-core VM shared with other jobs
+    swings ±30% between runs; a median of three moves less, and the range says how much it swung."""
+    import statistics
+
+    totals = [{**r, "full_ms": r["render_full_ms"] + r["push_full_ms"],
+               "one_ms": r["render_one_ms"] + r["push_one_ms"]} for r in rounds]
+    out = {k: float(statistics.median(t[k] for t in totals)) for k in totals[0]}
+    out["rounds"] = float(len(rounds))
+    for key in ("full_ms", "one_ms"):
+        out[key.replace("_ms", "_min_ms")] = min(t[key] for t in totals)
+        out[key.replace("_ms", "_max_ms")] = max(t[key] for t in totals)
+    return out
+
+
 def pct(values: Sequence[float], q: float) -> float:
     """The q-th percentile by nearest rank (no interpolation: every figure printed was measured)."""
     ordered = sorted(values)
@@ -701,8 +717,11 @@ def report(services: int, proxies: int, mode: str, base: dict[str, float] | None
         print(f"  {label:20} full: render {r['render_full_ms']:7.0f} ms + push/ACK {r['push_full_ms']:7.0f} ms"
               f"   one route: render {r['render_one_ms']:6.0f} ms + push/ACK {r['push_one_ms']:6.0f} ms"
               f"   RSS {r['rss_mb']:.0f} MB   (route config {r['route_kb']:.0f} KiB per sidecar)")
-    full = big["render_full_ms"] + big["push_full_ms"]
-    one = big["render_one_ms"] + big["push_one_ms"]
+    full = big.get("full_ms", big["render_full_ms"] + big["push_full_ms"])
+    one = big.get("one_ms", big["render_one_ms"] + big["push_one_ms"])
+    if big.get("rounds", 1) > 1:
+        print(f"  {proxies} proxies: medians of {big['rounds']:.0f} rounds; full push {big['full_min_ms']:.0f}-"
+              f"{big['full_max_ms']:.0f} ms, one route {big['one_min_ms']:.0f}-{big['one_max_ms']:.0f} ms")
     print(f"  CPU seconds per push (control-plane process, time.process_time(): every thread of it):"
           f" full {big['cpu_full_s']:.2f} s, one route {big['cpu_one_s']:.2f} s")
     print(f"  CPU seconds of the others on this machine's {os.cpu_count()} cores, full / one route:"
@@ -732,8 +751,8 @@ def report(services: int, proxies: int, mode: str, base: dict[str, float] | None
 def headline(r: Mapping[str, float]) -> dict[str, float]:
     """The figures a bench point is compared by: full push and one-route change (render + push/ACK), RSS,
     CPU seconds per push."""
-    return {"full push ms": r["render_full_ms"] + r["push_full_ms"],
-            "one route ms": r["render_one_ms"] + r["push_one_ms"],
+    return {"full push ms": r.get("full_ms", r["render_full_ms"] + r["push_full_ms"]),
+            "one route ms": r.get("one_ms", r["render_one_ms"] + r["push_one_ms"]),
             "RSS MB": r["rss_mb"], "CPU s full push": r["cpu_full_s"], "CPU s one route": r["cpu_one_s"]}
 
 
@@ -797,6 +816,7 @@ def main() -> int:
     parser.add_argument("--idle", type=float, default=0.0, metavar="S", help="the reconciler idle for S seconds")
     parser.add_argument("--profile", action="store_true", help="cProfile the full push (and the idle reconciler)")
     parser.add_argument("--quick", action="store_true", help="100 services, 10 proxies, 5 s churn: while developing")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each point; medians are reported")
     args = parser.parse_args()
     if args.quick:
         args.services, args.proxies, args.churn_seconds = 100, 10, 5.0
@@ -813,7 +833,8 @@ def main() -> int:
             results = []
             for i, (services, proxies) in enumerate(points):
                 base = asyncio.run(run(services, 10, envoys=False, delta=delta)) if i == 0 else None
-                big = asyncio.run(run(services, proxies, envoys=True, delta=delta))
+                big = combine([asyncio.run(run(services, proxies, envoys=True, delta=delta))
+                               for _ in range(max(1, args.rounds))])
                 report(services, proxies, mode, base, big)
                 results.append((services, proxies, big))
             if len(results) > 1:

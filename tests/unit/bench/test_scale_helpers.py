@@ -73,3 +73,19 @@ def test_the_simulated_proxies_envelope_reads_what_they_ack_from_both_protocols(
     sotw.resources.add(type_url="x", value=b"y")
     got = envelope.FromString(sotw.SerializeToString())
     assert (got.type_url, got.nonce, got.version_info, bool(got.resource)) == ("t/lds", "9", "abc", True)
+
+
+def test_rounds_combine_into_medians_and_the_totals_median_is_taken_over_totals() -> None:
+    """The totals' median is the median round's total, not the sum of two medians from different rounds."""
+    from bench.scale import combine
+
+    def one(rf: float, pf: float, ro: float, po: float, rss: float) -> dict[str, float]:
+        return {"render_full_ms": rf, "push_full_ms": pf, "render_one_ms": ro, "push_one_ms": po, "rss_mb": rss}
+
+    got = combine([one(100, 900, 10, 50, 250), one(300, 800, 30, 40, 240), one(200, 1000, 20, 60, 260)])
+    assert got["render_full_ms"] == 200 and got["push_full_ms"] == 900 and got["rss_mb"] == 250
+    assert got["full_ms"] == 1100  # totals 1000, 1100, 1200 (the medians' sum would be 1100 too: next case)
+    assert (got["full_min_ms"], got["full_max_ms"], got["one_min_ms"], got["one_max_ms"]) == (1000, 1200, 60, 80)
+    skew = combine([one(100, 1000, 0, 0, 0), one(500, 500, 0, 0, 0), one(600, 2000, 0, 0, 0)])
+    assert skew["full_ms"] == 1100  # totals 1100, 1000, 2600; the components' medians would say 500 + 1000
+    assert skew["rounds"] == 3
