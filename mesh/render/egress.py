@@ -26,7 +26,7 @@ from envoy.extensions.filters.http.dynamic_forward_proxy.v3 import dynamic_forwa
 from mesh.intent import SYSTEM_CA_BUNDLE, ExternalPort, ExternalService, ExternalTLS, Intent, PolicySettings
 from mesh.render.clusters import cluster_policy
 from mesh.render.context import RenderCache, duration_field, shared_set
-from mesh.render.routes import NO_TIMEOUT, default_retry_policy, retry_policy
+from mesh.render.routes import NO_TIMEOUT, VHOST_RETRIES, retry_policy
 from mesh.xds.snapshot import ResourceSet
 
 ALLOW_ANY_CLUSTER = "outbound|allow-any"
@@ -170,7 +170,7 @@ def _external_parts(es: ExternalService) -> dict[str, Any]:
             bare = True
             vhosts.append({"name": name, "domains": sorted(domains),
                            "routes": [{"name": "default", "match": {"prefix": "/"}, "route": action}],
-                           "retry_policy": default_retry_policy(sticky=False)})
+                           "retry_policy": VHOST_RETRIES})
     return {"clusters": clusters, "vhosts": vhosts}
 
 

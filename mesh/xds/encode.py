@@ -13,17 +13,19 @@ rendered resource and on a message with every scalar type.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import struct
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-__all__ = ["Unsupported", "encode", "encode_as"]
+__all__ = ["Unsupported", "encode", "encode_as", "forget_written", "shared_objects"]
 
 
 class Unsupported(Exception):
@@ -105,6 +107,36 @@ class _Plan:
 
 
 _plans: dict[Descriptor, _Plan] = {}
+
+
+class _Scope(threading.local):
+    shared = False
+
+
+_scope = _Scope()
+_written: dict[int, tuple[Any, str, bytes]] = {}
+"""Nested messages already written while `shared_objects()` was on, by identity (holding the object, so its
+id is not reused while remembered): render shares one dict between thousands of resources (a route entry
+between the ingress and every sidecar's virtual host, the ADS config source between every cluster)."""
+_WRITTEN_MAX = 300_000
+
+
+def forget_written() -> None:
+    """Drop what `shared_objects` remembered (wire.forget)."""
+    _written.clear()
+
+
+@contextlib.contextmanager
+def shared_objects() -> Iterator[None]:
+    """Within it (this thread only), a nested object met again is not written again: for objects that are
+    never mutated once written, as a snapshot's resources are (wire.typed_digest). Outside it, every call
+    writes what it is given, so a caller that edits a dict between two calls gets what it edited."""
+    before = _scope.shared
+    _scope.shared = True
+    try:
+        yield
+    finally:
+        _scope.shared = before
 
 
 # --- the wire format ----------------------------------------------------------------------------------
@@ -257,7 +289,20 @@ def _writer(f: FieldDescriptor, *, always: bool = False) -> Writer:
             return _map_writer(f, sub, tag)
         body = _body(sub)
         if body is None:  # a plain message (most of them): `encode` called directly, one frame fewer
+            type_name = sub.full_name
+
             def one(v: Any) -> bytes:
+                if _scope.shared:  # a snapshot's resources: a nested object shared by many is written once
+                    hit = _written.get(id(v))
+                    if hit is not None and hit[0] is v and hit[1] == type_name:
+                        return tag + hit[2]
+                    payload = encode(sub, v)
+                    n = len(payload)
+                    framed = (_SMALL[n] if n < 0x80 else varint(n)) + payload
+                    if len(_written) >= _WRITTEN_MAX:
+                        _written.clear()
+                    _written[id(v)] = (v, type_name, framed)
+                    return tag + framed
                 payload = encode(sub, v)
                 n = len(payload)
                 return tag + (_SMALL[n] if n < 0x80 else varint(n)) + payload

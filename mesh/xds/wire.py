@@ -39,7 +39,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
 from google.protobuf.message import Message
 
-from mesh.xds.encode import Unsupported, encode_as, varint
+from mesh.xds.encode import Unsupported, encode_as, forget_written, shared_objects, varint
 from mesh.xds.snapshot import Resource, digest
 
 _PREFIX = "type.googleapis.com/"
@@ -144,7 +144,8 @@ def typed_digest(type_url: str, resource: Resource) -> str:
     if hit is not None and hit[0] is resource and hit[1] == type_url:
         return hit[2]
     try:
-        value = _value_bytes(type_url, resource)
+        with shared_objects():
+            value = _value_bytes(type_url, resource)
     except ValueError:
         found = digest(_plain(resource))
     else:
@@ -250,6 +251,7 @@ def forget() -> None:
     _cache.clear()
     _vhosts.clear()
     _typed.clear()
+    forget_written()
 
 
 def to_any(type_url: str, resource: Resource, *, content_digest: str | None = None) -> any_pb2.Any:
