@@ -710,6 +710,10 @@ KINDS: dict[str, type[ResourceBase]] = {
 R = TypeVar("R", bound=ResourceBase)
 
 
+_KINDS: dict[int, tuple[tuple[Any, ...], dict[type, tuple[Any, ...]]]] = {}
+"""Intent.of_kind's memo: id of a resources tuple -> (the tuple, kind -> its resources)."""
+
+
 class Intent(BaseModel):
     """Every valid resource of one revision, indexed for render. Built only after validation passed."""
 
@@ -727,8 +731,18 @@ class Intent(BaseModel):
     """Every valid resource of the revision, including kinds of higher layers, in file order."""
 
     def of_kind(self, cls: type[R]) -> list[R]:
-        """All resources of one kind (e.g. a policy kind this package does not know)."""
-        return [r for r in self.resources if isinstance(r, cls)]
+        """All resources of one kind (e.g. a policy kind this package does not know). Memoised on the
+        `resources` tuple (immutable, and shared by the copies the rollout overlay makes): render asks
+        per sidecar, and scanning 2000 resources each time was ~5 ms of every 1000-service render."""
+        entry = _KINDS.get(id(self.resources))
+        if entry is None or entry[0] is not self.resources:
+            if len(_KINDS) >= 16:
+                _KINDS.clear()
+            entry = _KINDS[id(self.resources)] = (self.resources, {})
+        found = entry[1].get(cls)
+        if found is None:
+            found = entry[1][cls] = tuple(r for r in self.resources if isinstance(r, cls))
+        return list(found)
 
     @staticmethod
     def from_resources(resources: list[Any]) -> Intent:

@@ -338,21 +338,22 @@ class Snapshot:
         """Raise InconsistentSnapshot unless every referenced RDS/EDS name is present and vice versa,
         every SDS secret referenced is present, and no name repeats within a type."""
         problems = []
+        names = {t: set().union(*self.parts[t]) for t in PUSH_ORDER}  # C-level unions: 100 proxies x 9000 names
         for t in PUSH_ORDER:
-            if len(self.resources[t]) != len({n for p in self.parts[t] for n in p}):
+            if len(self.parts[t]) > 1 and len(self.resources[t]) != len(names[t]):
                 problems.append(f"a {t.rsplit('.', 1)[-1]} name appears in two parts")
         want_routes = frozenset().union(*(p.refs()[0] for t in (LISTENER, SCOPED_ROUTE) for p in self.parts[t]))
         want_eds = frozenset().union(*(p.refs()[1] for p in self.parts[CLUSTER]))
         want_sds = frozenset().union(*(p.refs()[2] for t in PUSH_ORDER if t != SECRET for p in self.parts[t]))
-        have_routes = {n for p in self.parts[ROUTE] for n in p}
-        have_eds = {n for p in self.parts[ENDPOINT] for n in p}
+        have_routes = names[ROUTE]
+        have_eds = names[ENDPOINT]
         for kind, want, have in (("route configuration", want_routes, have_routes),
                                  ("endpoint set", want_eds, have_eds)):
             if missing := sorted(want - have):
                 problems.append(f"missing {kind}(s) {missing}")
             if extra := sorted(have - want):
                 problems.append(f"unreferenced {kind}(s) {extra}")
-        if missing := sorted(want_sds - {n for p in self.parts[SECRET] for n in p}):
+        if missing := sorted(want_sds - names[SECRET]):
             problems.append(f"missing secret(s) {missing}")
         if problems:
             raise InconsistentSnapshot("; ".join(problems))
