@@ -67,8 +67,19 @@ def all_versions_used(intent: Intent, ns: str, svc: str) -> bool:
     route = intent.routes.get((ns, svc))
     if route is None or not route.spec.http:
         return True
-    return any(rule.redirect is None and rule.direct_response is None and not any(d.weight > 0 for d in rule.route)
+    hit = _USED.get(id(route))  # by identity (held): asked twice per service per render, models are frozen
+    if hit is not None and hit[0] is route:
+        return hit[1]
+    used = any(rule.redirect is None and rule.direct_response is None and not any(d.weight > 0 for d in rule.route)
                for rule in route.spec.http)
+    if len(_USED) >= 100_000:
+        _USED.clear()
+    _USED[id(route)] = (route, used)
+    return used
+
+
+_USED: dict[int, tuple[Any, bool]] = {}
+"""all_versions_used's memo: id of a Route -> (the Route, the answer)."""
 
 
 def cluster_versions(intent: Intent, ns: str, svc: str) -> list[str | None]:

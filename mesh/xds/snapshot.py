@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -258,12 +258,21 @@ def _names_of(parts: tuple[ResourceSet, ...]) -> frozenset[str]:
     """Every name in `parts`, memoised by the parts' identities (held weakly): a hundred sidecars of one
     namespace hold the same route and endpoint parts, and `Snapshot.consistent` unions ~9000 names for
     each of them on every render."""
-    key = tuple(map(id, parts))
+    return _union(parts, -1, lambda: frozenset().union(*parts))
+
+
+def _refs_of(parts: tuple[ResourceSet, ...], which: int) -> frozenset[str]:
+    """The union of the parts' `refs()[which]`, memoised as `_names_of`."""
+    return _union(parts, which, lambda: frozenset().union(*(p.refs()[which] for p in parts)))
+
+
+def _union(parts: tuple[ResourceSet, ...], kind: int, make: Callable[[], frozenset[str]]) -> frozenset[str]:
+    key = (kind, *map(id, parts))
     hit = _unions.get(key)
     if hit is not None and all(ref() is part for ref, part in zip(hit[0], parts, strict=True)):
         return hit[1]
-    found = frozenset().union(*parts)
-    if len(_unions) >= 1024:
+    found = make()
+    if len(_unions) >= 2048:
         _unions.clear()
     _unions[key] = (tuple(weakref.ref(p) for p in parts), found)
     return found
@@ -360,9 +369,9 @@ class Snapshot:
         for t in PUSH_ORDER:
             if len(self.parts[t]) > 1 and len(self.resources[t]) != len(names[t]):
                 problems.append(f"a {t.rsplit('.', 1)[-1]} name appears in two parts")
-        want_routes = frozenset().union(*(p.refs()[0] for t in (LISTENER, SCOPED_ROUTE) for p in self.parts[t]))
-        want_eds = frozenset().union(*(p.refs()[1] for p in self.parts[CLUSTER]))
-        want_sds = frozenset().union(*(p.refs()[2] for t in PUSH_ORDER if t != SECRET for p in self.parts[t]))
+        want_routes = _refs_of((*self.parts[LISTENER], *self.parts[SCOPED_ROUTE]), 0)
+        want_eds = _refs_of(self.parts[CLUSTER], 1)
+        want_sds = _refs_of(tuple(p for t in PUSH_ORDER if t != SECRET for p in self.parts[t]), 2)
         have_routes = names[ROUTE]
         have_eds = names[ENDPOINT]
         for kind, want, have in (("route configuration", want_routes, have_routes),
