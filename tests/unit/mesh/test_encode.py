@@ -58,8 +58,9 @@ def test_every_golden_resource_encodes_to_protobufs_own_bytes(label: str, type_u
     assert encode_as(cls, resource) == reference(cls, resource)
 
 
-def test_a_rendered_mesh_encodes_to_protobufs_own_bytes() -> None:
-    """Everything a 20-service mesh with canaries renders (sidecars and the ingress), byte for byte."""
+def rendered_resources(*, canary_weight: int) -> list[tuple[str, str, Any, str]]:
+    """(type URL, name, resource, its digest) of everything a 20-service mesh with canaries renders (the
+    sidecars and the ingress), serialised cold, as snapshots are."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parents[3] / "bench"))
@@ -67,46 +68,34 @@ def test_a_rendered_mesh_encodes_to_protobufs_own_bytes() -> None:
 
     from mesh.render import RenderCache, render
 
+    wire.forget()
     topo = scale.topology(4, 20, list(range(30000, 30009)))
-    snaps = render(intent=scale.big_intent(20, canary_weight=10), topology=topo, revision="r", cache=RenderCache())
-    count = 0
-    for snap in snaps.values():
-        for type_url, parts in snap.parts.items():
-            cls = wire.message_class(type_url)
-            for part in parts:
-                for name in part:
-                    assert encode_as(cls, part[name]) == reference(cls, part[name]), (type_url, name)
-                    count += 1
-    assert count > 100
+    snaps = render(intent=scale.big_intent(20, canary_weight=canary_weight), topology=topo, revision="r",
+                   cache=RenderCache())
+    out = [(type_url, name, part[name], part.digests[name]) for snap in snaps.values()
+           for type_url, parts in snap.parts.items() for part in parts for name in part]
+    assert len(out) > 100
+    return out
+
+
+def test_a_rendered_mesh_encodes_to_protobufs_own_bytes() -> None:
+    for type_url, name, resource, _ in rendered_resources(canary_weight=10):
+        cls = wire.message_class(type_url)
+        assert encode_as(cls, resource) == reference(cls, resource), (type_url, name)
 
 
 def test_a_rendered_mesh_serialised_as_snapshots_are_is_protobufs_own_bytes() -> None:
     """The snapshot path (wire.typed_digest: nested objects shared by many resources written once, under
     `shared_objects`) gives every resource the bytes ParseDict gives it, and a digest of those bytes."""
     import hashlib
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[3] / "bench"))
-    import scale
-
-    from mesh.render import RenderCache, render
-
-    wire.forget()
-    topo = scale.topology(4, 20, list(range(30100, 30109)))
-    snaps = render(intent=scale.big_intent(20, canary_weight=20), topology=topo, revision="r", cache=RenderCache())
-    count = 0
-    for snap in snaps.values():
-        for type_url, parts in snap.parts.items():
-            cls = wire.message_class(type_url)
-            for part in parts:
-                for name in part:
-                    packed = wire.to_any(type_url, part[name], content_digest=part.digests[name]).value
-                    assert cls.FromString(packed) == cls.FromString(reference(cls, part[name])), (type_url, name)
-                    if type_url != ROUTE:  # a route configuration is assembled from its virtual hosts' bytes
-                        assert packed == reference(cls, part[name]), (type_url, name)
-                    assert part.digests[name] == hashlib.sha256(packed).hexdigest()[:16]
-                    count += 1
-    assert count > 100
+    for type_url, name, resource, d in rendered_resources(canary_weight=20):
+        cls = wire.message_class(type_url)
+        packed = wire.to_any(type_url, resource, content_digest=d).value
+        assert cls.FromString(packed) == cls.FromString(reference(cls, resource)), (type_url, name)
+        if type_url != ROUTE:  # a route configuration is assembled from its virtual hosts' bytes
+            assert packed == reference(cls, resource), (type_url, name)
+        assert d == hashlib.sha256(packed).hexdigest()[:16]
 
 
 def test_outside_shared_objects_an_edited_dict_is_written_as_edited() -> None:
