@@ -37,8 +37,12 @@ Writer = Callable[[Any], bytes]
 
 
 def encode_as(cls: type[Message], value: Mapping[str, Any]) -> bytes:
-    """`encode` for a generated message class."""
-    return encode(cast(Descriptor, cls.DESCRIPTOR), value)
+    """`encode` for a generated message class. A value nested past Python's recursion limit is refused
+    too: ParseDict then refuses it with its own depth error (it stops at 100 levels)."""
+    try:
+        return encode(cast(Descriptor, cls.DESCRIPTOR), value)
+    except RecursionError:
+        raise Unsupported("nested too deeply") from None
 
 
 def encode(descriptor: Descriptor, value: Mapping[str, Any]) -> bytes:

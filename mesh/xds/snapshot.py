@@ -34,9 +34,13 @@ Resource = Mapping[str, Any]
 
 
 def canonical(value: Any) -> bytes:
-    """Deterministic JSON bytes: sorted keys, no whitespace. The basis of every version."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=_plain).encode()
+    """Deterministic JSON bytes: sorted keys, no whitespace. ValueError for a value nested past Python's
+    recursion limit (json raises RecursionError, which no caller expects of a bad resource)."""
+    try:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          default=_plain).encode()
+    except RecursionError:
+        raise ValueError("a value nested too deeply to serialise") from None
 
 
 def _plain(value: Any) -> Any:

@@ -193,13 +193,11 @@ def _fields_bytes(type_url: str, resource: Resource) -> bytes:
 def field_bytes(number: int, payload: bytes) -> bytes:
     """One length-delimited protobuf field: tag, varint length, payload. Concatenated fields of a
     message are that message (the wire format allows any field order and repeats)."""
-    n = len(payload)
     tag = _TAGS[number] if number < len(_TAGS) else varint((number << 3) | 2)
-    return tag + (_ONE_BYTE[n] if n < 0x80 else varint(n)) + payload
+    return tag + varint(len(payload)) + payload
 
 
 _TAGS = [varint((number << 3) | 2) for number in range(16)]
-_ONE_BYTE = [bytes([i]) for i in range(0x80)]
 
 
 

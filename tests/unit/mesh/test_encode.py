@@ -271,6 +271,21 @@ def test_what_the_encoder_refuses_is_what_parsedict_makes_of_it(value: dict[str,
     assert wire.to_any(ALL_URL, value).value == expected
 
 
+def test_a_value_nested_thousands_deep_is_refused_and_parsedict_names_it() -> None:
+    """A careless (or hostile) resource: a Struct 5000 levels deep. The encoder does not crash on it; the
+    caller gets ParseDict's depth error as a ValueError, and the process goes on serialising."""
+    deep: dict[str, Any] = {}
+    inner = deep
+    for _ in range(5000):
+        inner["k"] = {}
+        inner = inner["k"]
+    with pytest.raises(Unsupported):
+        encode_as(ALL, {"meta": deep})
+    with pytest.raises(ValueError):
+        wire.to_any_bytes(ALL_URL, {"meta": deep})
+    assert ALL.FromString(encode_as(ALL, {"text": "after"})).text == "after"  # type: ignore[attr-defined]
+
+
 def test_a_bad_resource_still_gets_parsedicts_error_through_to_any_bytes() -> None:
     with pytest.raises(ValueError, match="no field named"):
         wire.to_any_bytes(CLUSTER, {"name": "c", "conect_timeout": "1s"})
