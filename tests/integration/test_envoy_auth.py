@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from e2e.harness import SECRET_TYPE, ads_attempt
-from mesh.xds.snapshot import Snapshot
+from e2e.harness import SECRET_TYPE, ads_attempt, wait_for
+from mesh.xds.snapshot import LISTENER, Snapshot
 from multicluster import ca
 from reconciler.runtime.local.runtime import ProxyTokens
 from reconciler.runtime.local.supervisor import Supervised
@@ -61,6 +61,9 @@ def test_only_the_proxy_holding_the_token_is_served(
     cp.set(OTHER, secured_snapshot("r1-other"))
     proxy = envoy(node_id=NODE, xds_port=cp.port, token=token)
     assert cp.wait_converged(NODE, snap), cp.status(NODE)
+    # Envoy asks for listeners only once its clusters have warmed, so the (empty) LDS ACK can land after
+    # the snapshot's own types converged: wait for it, or it would look like something the attempts changed.
+    wait_for("the proxy's LDS ACK", lambda: LISTENER in cp.status(NODE).acked, timeout=10)
     before = cp.status(NODE)
     assert before.connected and before.acked[SECRET_TYPE] == snap.version(SECRET_TYPE)
     address = f"127.0.0.1:{cp.port}"
