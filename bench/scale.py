@@ -310,9 +310,10 @@ def free_port() -> int:
 
 
 async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
-              profile: Any = None) -> dict[str, float]:
-    """One bench point. `profile`: a cProfile.Profile enabled around the full push only (render + push/ACK);
-    its figures then measure the profiler too, so a profiled run's times are not reported as the point's."""
+              profile: Any = None, profile_one: Any = None) -> dict[str, float]:
+    """One bench point. `profile`: a cProfile.Profile enabled around the full push only (render + push/ACK),
+    `profile_one` around the one-route change (the same); their figures then measure the profiler too, so a
+    profiled run's times are not reported as the point's."""
     free = free_port
     forget_serialised()  # every point starts cold: an earlier point's serialised resources would be reused
     ports = [free() for _ in range(2 * proxies + 1)]
@@ -370,11 +371,15 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
         changed = big_intent(services, canary_weight=10)
         cpu = time.process_time()
         before = {k: proc_cpu(v) for k, v in others.items()}
+        if profile_one is not None:
+            profile_one.enable()
         t = time.perf_counter()
         snaps2 = gc_paused(lambda: rendered(changed, topo, "r2", rcache))
         render_one = (time.perf_counter() - t) * 1000
         acked: dict[str, float] = {}
         one = await converge(cache, snaps2, acked=acked)
+        if profile_one is not None:
+            profile_one.disable()
         sims_acked = [acked[n] for n in simulated]
         cpu_one = time.process_time() - cpu
         spent_one = {k: proc_cpu(v) - before[k] for k, v in others.items()}
@@ -814,7 +819,7 @@ def main() -> int:
     parser.add_argument("--churn-seconds", type=float, default=30.0)
     parser.add_argument("--churn-every", type=float, default=0.1, help="seconds between commits")
     parser.add_argument("--idle", type=float, default=0.0, metavar="S", help="the reconciler idle for S seconds")
-    parser.add_argument("--profile", action="store_true", help="cProfile the full push (and the idle reconciler)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the full push, the one-route change (and the idle reconciler)")
     parser.add_argument("--quick", action="store_true", help="100 services, 10 proxies, 5 s churn: while developing")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each point; medians are reported")
     args = parser.parse_args()
@@ -842,9 +847,12 @@ def main() -> int:
             if args.profile:
                 import cProfile
 
-                prof = cProfile.Profile()
-                asyncio.run(run(points[0][0], points[0][1], envoys=True, delta=delta, profile=prof))
+                prof, prof_one = cProfile.Profile(), cProfile.Profile()
+                asyncio.run(run(points[0][0], points[0][1], envoys=True, delta=delta, profile=prof,
+                                profile_one=prof_one))
                 report_profile(mode, prof, what=f"full push (render + push/ACK), {points[0][0]} x {points[0][1]}")
+                report_profile(mode, prof_one, what=f"one-route change (render + push/ACK), {points[0][0]} x "
+                                                    f"{points[0][1]}", top=25)
         if args.churn or args.idle:
             import cProfile
 
