@@ -109,6 +109,10 @@ class Reconciler:
     failed: str | None = None
     last_error: list[str] = field(default_factory=list)
     announced: bool = False
+    stages: dict[str, float] = field(default_factory=dict)
+    """Milliseconds each step of the last applied revision took (read, load, apply, push: the push is the
+    render and its landing in the caches, after any push in flight): the `applied` log line's breakdown,
+    and what bench/scale.py --churn reports of a commit's cycle."""
     _push_pending: bool = False
     _gc_handle: asyncio.TimerHandle | None = None
     _settle_gc: GcSettler = field(default_factory=lambda: GcSettler())  # defined below
@@ -210,6 +214,14 @@ class Reconciler:
             if why is not None:
                 self._fail(sha, [f".:0: commit {sha[:12]} is not trusted: {why}"])
                 return
+        stages: dict[str, float] = {}
+        mark = time.monotonic()
+
+        def lap(stage: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            stages[stage], mark = (now - mark) * 1000, now
+
         try:
             files = await self.git.call(self.source.read_tree, sha, timeout=READ_TIMEOUT)
         except GitError as exc:
@@ -217,8 +229,10 @@ class Reconciler:
             return
         if self.extra_files is not None:
             files = {**files, **self.extra_files()}
+        lap("read")
         # In a worker process, bounded in time and memory: nothing a commit holds can freeze or bloat `up`.
         loaded = await asyncio.to_thread(load_isolated, files)
+        lap("load")
         if not loaded.ok or loaded.intent is None:
             self._fail(sha, [str(p) for p in loaded.problems])
             return
@@ -235,9 +249,13 @@ class Reconciler:
         self.applied, self.failed, self.last_error = sha, None, []
         await self.runtime.apply(intent)
         self.rollouts.on_revision(intent, sha)
+        lap("apply")
         await self.push()  # under the apply lock: the next revision's render starts after this one landed
+        lap("push")
         self.rollouts.note_applied(sha, sorted(self.planes))
-        log.info("applied %s in %.1f ms", sha[:12], (time.monotonic() - t0) * 1000)
+        self.stages = stages
+        log.info("applied %s in %.1f ms (%s)", sha[:12], (time.monotonic() - t0) * 1000,
+                 ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))
         self.write_status()
         if not self.announced:
             self.announced = True
