@@ -247,3 +247,42 @@ def test_hidden_work_tree_entries_are_skipped(tmp_path: Path, tree: Path) -> Non
     (tree / ".link.yaml").symlink_to(tmp_path)
     files = read_worktree(tree)
     assert not files.refused and load(files).ok
+
+
+def test_a_second_read_takes_known_blobs_from_the_last_one_with_the_same_limits(crafted: Crafted) -> None:
+    """Blobs are kept by id between reads (reconciler.source.git `_blobs`): a read after a commit inflates only
+    what changed, and gives what a fresh source gives, byte for byte and refusal for refusal, the total
+    budget counted again over every kept file (20 paths of one 1 MiB blob pass the 16 MiB limit)."""
+    big = crafted.blob(b"# " + b"x" * (MiB - 3) + b"\n")
+    shared = [(BLOB, b"f%02d.yaml" % k, big) for k in range(20)]
+    source = crafted.commit(crafted.tree([*crafted.template(), *shared]))
+    first = source.read_tree("HEAD")
+    assert len(first.refused) == 5 and all("total more than 16 MiB" in why for why in first.refused.values())
+    assert set(source._blobs) == {big, *(oid for _, _, oid in crafted.template())}  # one for 15 paths of `big`
+
+    changed = crafted.blob(b"# changed\n")
+    sig = pygit2.Signature("t", "t@t")
+    crafted.repo.create_commit("refs/heads/main", sig, sig, "one file", crafted.tree(
+        [*crafted.template(), (BLOB, b"f00.yaml", changed), *shared[1:]]), [crafted.repo.references["refs/heads/main"].target])
+    inflated: list[pygit2.Oid] = []
+    repo = source._repo
+
+    class Counting:
+        """The repository, counting the blobs looked up (inflated) by id."""
+        odb = repo.odb
+
+        def __getitem__(self, oid: pygit2.Oid) -> object:
+            obj = repo[oid]
+            if isinstance(obj, pygit2.Blob):
+                inflated.append(oid)
+            return obj
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(repo, name)
+
+    source._repo = Counting()  # type: ignore[assignment]
+    second = source.read_tree("HEAD")
+    assert inflated == [changed]
+    fresh = Pygit2Source.open(str(crafted.path), branch="main").read_tree("HEAD")
+    assert second == fresh and second.refused == fresh.refused
+    assert second["f00.yaml"] == b"# changed\n" and len(second.refused) == 4
