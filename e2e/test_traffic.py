@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 from e2e.harness import Up, envoy_stats, git, lockgate, proxy_admin, request, running, wait_for
+from mesh.envoy import admin_request
+from mesh.render.context import NOT_FOUND_BODY
 
 pytestmark = pytest.mark.e2e
 
@@ -236,6 +238,23 @@ def test_header_and_query_matches_send_only_matching_requests_to_v2(mesh: Mesh) 
     assert by_header == {"v2": 30}
     assert wrong_value == {"v1": 30}
     assert by_query == {"v2": 30}
+
+
+def test_the_ingress_finds_a_host_whatever_its_case_and_port(mesh: Mesh) -> None:
+    """The ingress's routes are cut per host (one route configuration each, picked by a scope keyed on the
+    host: issue 15). A scope key matches exactly, so the ingress lowercases the host first: host names are
+    case-insensitive, as Envoy's own virtual host matching is."""
+    dump = json.loads(admin_request(proxy_admin(mesh.status), "/config_dump")[1])
+    scoped = [c for c in dump["configs"] if c["@type"].endswith("ScopedRoutesConfigDump")]
+    held = {scope["name"] for c in scoped for group in c.get("dynamic_scoped_route_configs", [])
+            for scope in group.get("scoped_route_configs", [])}
+    assert {f"ingress|{WEB}", f"ingress|{FRONT}"} <= held
+    port = mesh.ingress[1]
+    for host in (WEB, WEB.upper(), "Web.Example.Com", f"{WEB}:{port}", f"WEB.example.COM:{port}"):
+        status, _, body = mesh.get(host)
+        assert (status, version(body)) == (200, "v1"), host
+    assert mesh.get("nobody.example.com")[::2] == (404, NOT_FOUND_BODY)
+    assert mesh.get(f"nobody.{WEB}")[::2] == (404, NOT_FOUND_BODY)  # an exact host covers no subdomain
 
 
 def test_fault_abort_hits_its_percentage(mesh: Mesh) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from mesh.intent import Intent
-from mesh.render.routes import NO_TIMEOUT, OUTBOUND_PREFIX
+from mesh.render.routes import INGRESS_PREFIX, NO_TIMEOUT, OUTBOUND_PREFIX
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from reconciler.pipeline import Certificates, RolloutStates, ephemeral_certificates, render_planned
 
@@ -93,14 +93,21 @@ def _diff(before: Mapping[str, Snapshot], after: Mapping[str, Snapshot]) -> list
 
 
 def _as_one_outbound(resources: dict[str, Any]) -> dict[str, Any]:
-    """Route configurations cut per destination (`outbound|svc.ns`, render's scopes) read as the one
-    `outbound` configuration they replace: a plan names the virtual host and rule that change
-    (`outbound > reviews.shop > default`), whichever way render cut the routes."""
-    cut = sorted(n for n in resources if n.startswith(OUTBOUND_PREFIX))
-    if not cut:
-        return resources
-    merged = {"name": "outbound", "virtual_hosts": [vh for n in cut for vh in resources[n]["virtual_hosts"]]}
-    return {**{n: r for n, r in resources.items() if n not in cut}, "outbound": merged}
+    """Route configurations cut per destination (`outbound|svc.ns`) or per exposed host (`ingress|host`),
+    render's scopes, read as the one `outbound` or `ingress` configuration they replace: a plan names the
+    virtual host and rule that change (`outbound > reviews.shop > default`), whichever way render cut the
+    routes. A virtual host under several hosts' configurations is read once."""
+    for prefix, whole in ((OUTBOUND_PREFIX, "outbound"), (INGRESS_PREFIX, "ingress")):
+        cut = sorted(n for n in resources if n.startswith(prefix))
+        if not cut:
+            continue
+        vhosts: dict[str, Any] = {}
+        for n in cut:
+            for vh in resources[n]["virtual_hosts"]:
+                vhosts.setdefault(vh["name"], vh)
+        merged = {"name": whole, "virtual_hosts": list(vhosts.values())}
+        resources = {**{n: r for n, r in resources.items() if n not in cut}, whole: merged}
+    return resources
 
 
 def _diff_resources(kind: str, a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[Op, str, str, str]]:

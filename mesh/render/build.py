@@ -17,7 +17,14 @@ from mesh.render.context import Ctx, Extension, GatewayResources, Proxy, RenderC
 from mesh.render.egress import EgressRender, outbound_listener
 from mesh.render.listeners import any_fault, listener_config, scoped
 from mesh.render.listeners import for_protocol as listener_protocol
-from mesh.render.routes import inbound_routes, ingress_vhosts, outbound_config, outbound_scoped, route_config
+from mesh.render.routes import (
+    inbound_routes,
+    ingress_scoped,
+    ingress_vhosts,
+    outbound_config,
+    outbound_scoped,
+    route_config,
+)
 from mesh.render.tcp import is_tcp
 from mesh.render.tcp import outbound_listeners as tcp_outbound
 from mesh.topology import ClusterTopology, Gateway, Sidecar
@@ -109,12 +116,19 @@ def render(
             reach = everything  # the ingress may route to any service (hosts, and their mirrors)
             clusters, endpoints, _ = for_reach(ctx, reach)
             exposed = [key for key, r in intent.routes.items() if r.spec.hosts]
-            listeners = [listener_config("ingress", proxy.address, proxy.port, ingress=True,
-                                         fault=any_fault(shared, exposed))]
-            routes = [ResourceSet([route_config("ingress", ingress_vhosts(ctx))])]
+            vhosts = ingress_vhosts(ctx)
+            cut = ingress_scoped(ctx, vhosts)  # one route configuration per host, unless a host is a wildcard
+            listener = listener_config("ingress", proxy.address, proxy.port, ingress=True,
+                                       fault=any_fault(shared, exposed), lowercase_host=cut is not None)
+            scopes: list[ResourceSet] = []
+            if cut is None:
+                routes = [ResourceSet([route_config("ingress", vhosts)])]
+            else:
+                scopes, routes = cut
+                listener = scoped(listener, route_config("ingress", [])["virtual_hosts"][-1])
+            listeners = [listener]
             own: list[dict[str, Any]] = []
             outside: list[ResourceSet] = []
-            scopes: list[ResourceSet] = []
         else:
             allowed = egress(intent, proxy)
             reach = everything if allowed is None else tuple(key for key in everything if key in allowed)

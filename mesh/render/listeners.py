@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# Registers the gRPC statistics filter's message for packing: mesh.xds.wire imports the others' modules.
+# Registers the gRPC statistics and Lua filters' messages for packing: mesh.xds.wire imports the others' modules.
 from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2  # noqa: F401
+from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401
 
 from mesh.intent import L4_PROTOCOLS, Intent
 from mesh.render.context import ADS, FAULT, FAULT_FILTER, ROUTER, Shared
@@ -18,6 +19,27 @@ GRPC_STATS_FILTER = "envoy.filters.http.grpc_stats"
 GRPC_STATS = "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig"
 HEADER_MUTATION = ("type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3."
                    "HeaderMutation")
+
+
+LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+LOWERCASE_HOST_LUA = """\
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local host = headers:get(":authority")
+  if host ~= nil then
+    local lower = string.lower(host)
+    if lower ~= host then
+      headers:replace(":authority", lower)
+    end
+  end
+end
+"""
+LOWERCASE_HOST = {"name": "lockgate.lowercase_host", "typed_config": {
+    "@type": LUA, "default_source_code": {"inline_string": LOWERCASE_HOST_LUA}, "clear_route_cache": True}}
+"""First in the scoped ingress's chain: host names are case-insensitive and a scope key is not, so a request
+for `Shop.Example.COM` is looked up as `shop.example.com` (the route cache cleared, so the scope is chosen
+again from the lowercased header). Only a host that is not lowercase already is rewritten, so the app sees
+what the client sent otherwise; filters after this one (rate limits, faults) see the final route."""
 
 
 def any_fault(shared: Shared, services: Sequence[tuple[str, str]]) -> bool:
@@ -32,8 +54,8 @@ def any_fault(shared: Shared, services: Sequence[tuple[str, str]]) -> bool:
     return any(has(key) for key in services)
 
 
-def listener_config(name: str, address: str, port: int, *, ingress: bool, proxy: bool = False, fault: bool = False
-              ) -> dict[str, Any]:
+def listener_config(name: str, address: str, port: int, *, ingress: bool, proxy: bool = False, fault: bool = False,
+                    lowercase_host: bool = False) -> dict[str, Any]:
     router = {"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER}}
     hcm: dict[str, Any] = {
         "@type": HCM,
@@ -42,7 +64,8 @@ def listener_config(name: str, address: str, port: int, *, ingress: bool, proxy:
         "rds": {"route_config_name": name, "config_source": ADS},
         # The fault filter only where a route this listener serves injects faults: a filter in the
         # chain costs every request, faults or not.
-        "http_filters": [{"name": FAULT_FILTER, "typed_config": {"@type": FAULT}}, router] if fault else [router],
+        "http_filters": [*([LOWERCASE_HOST] if lowercase_host else []),
+                         *([{"name": FAULT_FILTER, "typed_config": {"@type": FAULT}}] if fault else []), router],
     }
     if ingress:
         # The caller's address for the apps behind: the ingress is where a request enters the mesh. Envoy

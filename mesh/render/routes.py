@@ -15,6 +15,14 @@ route configuration `outbound|<svc.ns or host>`. Envoy's "no route" then means "
 which the listener answers as the outbound traffic policy's refusal (`listeners.scoped`); a virtual host
 whose rules can fall through ends in a 404 of its own so that it never reads as that. ALLOW_ANY keeps one
 configuration (`outbound_config`): its catch-all virtual host cannot be a scope.
+
+The ingress is cut the same way (`ingress_scoped`): one route configuration `ingress|<host>` per exposed
+host, a scope each. One configuration of every exposed host made a one-rule commit rebuild the whole table
+in the ingress Envoy (measured at 1000 hosts: its ACK 23-43 ms after the push alone, the sidecars' 3 ms).
+A scope key matches exactly, so the cut holds only while every exposed host is exact: one wildcard host
+(`*.example.com`, `*`) keeps the one configuration, which Envoy matches by suffix. Host names are
+case-insensitive, so the scoped ingress lowercases `:authority` before the scope is looked up
+(`listeners.LOWERCASE_HOST`).
 """
 
 from __future__ import annotations
@@ -112,6 +120,34 @@ def ingress_vhosts(ctx: Ctx) -> list[dict[str, Any]]:
                 cache[memo_key] = (tuple(routes), vhost)
             vhosts.append(vhost)
     return vhosts
+
+
+INGRESS_PREFIX = "ingress|"
+"""The ingress's per-host route configurations and scopes: `ingress|shop.example.com`."""
+
+
+def ingress_scoped(ctx: Ctx, vhosts: Sequence[dict[str, Any]]) -> tuple[list[ResourceSet], list[ResourceSet]] | None:
+    """The ingress's routes cut per exposed host: (scope parts, route configuration parts), or None when a
+    host is a wildcard (or none is exposed: Envoy wants at least one scope), and one configuration serves.
+
+    A host's key is the host without its port, what the listener's key builder extracts from `:authority`:
+    the virtual hosts whose domains share it (`shop.example.com` and `shop.example.com:8080`) share one
+    configuration. Parts are buckets as on the sidecars (`BUCKET_SIZE`), so a one-rule commit rebuilds one."""
+    by_host: dict[str, list[dict[str, Any]]] = {}
+    for vh in vhosts:
+        keys = {d.split(":", 1)[0] for d in vh["domains"]}
+        if any(k.startswith("*") for k in keys):
+            return None
+        for key in sorted(keys):
+            by_host.setdefault(key, []).append(vh)
+    if not by_host:
+        return None
+    count = _buckets_for(len(by_host))
+    buckets: dict[int, list[tuple[str, list[dict[str, Any]]]]] = {}
+    for host, members in sorted(by_host.items()):
+        buckets.setdefault(_bucket(host, count), []).append((host, members))
+    made = [_scoped_bucket(ctx, groups, prefix=INGRESS_PREFIX) for _, groups in sorted(buckets.items())]
+    return [scopes for scopes, _ in made], [routes for _, routes in made]
 
 
 def outbound_config(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
@@ -227,12 +263,13 @@ def _layout(ctx: Ctx, mesh: tuple[tuple[str, str], ...]) -> tuple[tuple[str, tup
     return found
 
 
-def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]]) -> tuple[ResourceSet, ResourceSet]:
-    """One bucket's scopes and route configurations, reused (this render and the next) while its virtual
-    hosts are the same objects: callers in every namespace but a member's own (which adds the short name)
-    share it."""
+def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *, prefix: str = OUTBOUND_PREFIX
+                   ) -> tuple[ResourceSet, ResourceSet]:
+    """One bucket's scopes and route configurations (named `prefix` + group, and + key), reused (this
+    render and the next) while its virtual hosts are the same objects: callers in every namespace but a
+    member's own (which adds the short name) share it."""
     flat = tuple(vh for _, vhosts in members for vh in vhosts)
-    bkey = (tuple(group for group, _ in members), *map(id, flat))
+    bkey = (prefix, tuple(group for group, _ in members), *map(id, flat))
     cache, now = ctx.shared.cache, ctx.shared.scoped_groups
     prev = now.get(bkey) or cache.scoped.get(bkey)
     if prev is not None and same(prev[0], flat):
@@ -243,16 +280,16 @@ def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]]) ->
     scopes: list[dict[str, Any]] = []
     groups: list[tuple[tuple[Any, ...], GroupConfig]] = []
     for group, vhosts in members:
-        gkey = (group, *map(id, vhosts))
+        gkey = (prefix, group, *map(id, vhosts))
         hit = ctx.shared.group_configs.get(gkey) or cache.group_configs.get(gkey)
         if hit is None or not same(hit[0], vhosts):
-            hit = (tuple(vhosts), {"name": OUTBOUND_PREFIX + group, "virtual_hosts": [_closed(vh) for vh in vhosts]})
+            hit = (tuple(vhosts), {"name": prefix + group, "virtual_hosts": [_closed(vh) for vh in vhosts]})
         ctx.shared.group_configs[gkey] = hit
         groups.append((gkey, hit))
         config = hit[1]
         configs.append(config)
-        scopes.extend(_scope(cache, key, config["name"])
-                      for key in sorted({scope_key(d) for vh in vhosts for d in vh["domains"]}))
+        keys = {group} if prefix == INGRESS_PREFIX else {scope_key(d) for vh in vhosts for d in vh["domains"]}
+        scopes.extend(_scope(cache, key, config["name"], prefix=prefix) for key in sorted(keys))
     made = (flat, ResourceSet(scopes), ResourceSet(configs), tuple(groups))
     now[bkey] = made
     return made[1], made[2]
@@ -271,13 +308,13 @@ def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, 
     return found
 
 
-def _scope(cache: RenderCache, key: str, config: str) -> dict[str, Any]:
+def _scope(cache: RenderCache, key: str, config: str, *, prefix: str = OUTBOUND_PREFIX) -> dict[str, Any]:
     """One scope object per (host, configuration) for as long as the cache lives: a destination whose rules
     change keeps its scopes (their identity, so the scope set and its version stay as they were)."""
     found = cache.configs.get(("scope", key, config))
     if found is None:
         found = cache.configs[("scope", key, config)] = ((), {
-            "name": OUTBOUND_PREFIX + key, "route_configuration_name": config,
+            "name": prefix + key, "route_configuration_name": config,
             "key": {"fragments": [{"string_key": key}]}})
     return found[1]
 

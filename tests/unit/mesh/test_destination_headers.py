@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from mesh.render import render
-from mesh.xds.snapshot import ROUTE
 from reconciler.load import load
 from tests.fixtures.intents import with_reviews_rules
+from tests.fixtures.routes import ingress_vhost
 from tests.fixtures.topology import golden_topology as topology
 
 RULES = """\
@@ -26,7 +26,7 @@ def entries(rules: str) -> dict[str, Any]:
     loaded = load(with_reviews_rules(rules))
     assert loaded.intent is not None, loaded.problems
     snap = render(intent=loaded.intent, topology=topology())["east/ingress"]
-    vhost = next(v for v in snap.items(ROUTE)["ingress"]["virtual_hosts"] if v["name"] == "reviews.shop")
+    vhost = ingress_vhost(snap, "reviews.shop")
     return {r["match"].get("prefix"): r for r in vhost["routes"]}
 
 

@@ -13,6 +13,7 @@ import yaml
 
 from mesh.intent import SYSTEM_CA_BUNDLE, Intent
 from mesh.render import RenderCache, render
+from mesh.render.context import NOT_FOUND_BODY
 from mesh.render.egress import ALLOW_ANY_CLUSTER, DFP_FILTER, REFUSED_BODY, REFUSED_HEADER, external_cluster_name
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET, Snapshot
 from reconciler.load import load
@@ -122,7 +123,7 @@ def test_registry_only_is_the_default_and_refuses_undeclared_hosts_and_connect_w
     assert DFP_FILTER not in json.dumps(snap.to_json()) and ALLOW_ANY_CLUSTER not in snap.items(CLUSTER)
     # The ingress is not a way out: an unknown host there stays the mesh's 404.
     ingress = snapshots(it)["east/ingress"]
-    assert vhosts(ingress, "ingress")["not-found"]["routes"][0]["direct_response"]["status"] == 404
+    assert no_scope_reply(ingress, "ingress") == {"status": 404, "body": NOT_FOUND_BODY, "headers": {}}
     assert "upgrade_configs" not in hcm(ingress, "ingress")
 
 

@@ -13,7 +13,7 @@ from mesh.render.routes import OUTBOUND_PREFIX
 from mesh.topology import ClusterTopology, Gateway, Sidecar
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE
 from reconciler.load import load, read_worktree
-from tests.fixtures.routes import outbound_configs, scopes
+from tests.fixtures.routes import ingress_vhost, outbound_configs, scopes
 from tests.fixtures.topology import golden_topology as topology
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -56,7 +56,7 @@ def test_weights_and_unready_instances() -> None:
     loaded = load(read_worktree(GOLDEN / "matches"))
     assert loaded.intent is not None
     snap = render(intent=loaded.intent, topology=topology())["east/ingress"]
-    vhost = next(v for v in snap.items(ROUTE)["ingress"]["virtual_hosts"] if v["name"] == "reviews.shop")
+    vhost = ingress_vhost(snap, "reviews.shop")
     default = next(r for r in vhost["routes"] if r["name"] == "default")
     # A zero weight is dropped (Envoy rejects all-zero splits and needs no empty cluster).
     assert default["route"]["weighted_clusters"]["clusters"] == [
@@ -137,7 +137,7 @@ def test_render_cache_changes_the_work_not_the_result() -> None:
     # Unchanged resources keep their identity across renders; the changed route configuration does not.
     node = "east/ingress"
     assert first[node].parts[CLUSTER][0] is second[node].parts[CLUSTER][0]
-    assert first[node].items(ROUTE)["ingress"] is not second[node].items(ROUTE)["ingress"]
+    assert ingress_vhost(first[node], "reviews.shop") is not ingress_vhost(second[node], "reviews.shop")
     # Sidecars of one namespace share their outbound route configurations and scopes: the same objects,
     # in one shared set each (built and hashed once).
     sidecars = [s for n, s in second.items() if n.startswith("east/shop/")]

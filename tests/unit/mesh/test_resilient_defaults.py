@@ -15,7 +15,7 @@ from mesh.render import cluster_name, render
 from mesh.xds.snapshot import CLUSTER, ROUTE
 from reconciler.load import Loaded, load
 from tests.fixtures.intents import reviews_policy_yaml, with_reviews_rules
-from tests.fixtures.routes import outbound_vhosts
+from tests.fixtures.routes import ingress_vhosts, outbound_vhosts
 from tests.fixtures.topology import topology
 
 UNLIMITED = 4_294_967_295
@@ -51,7 +51,7 @@ def virtual_host(snapshots: dict[str, Any], node: str = "east/shop/frontend-v1-0
                  vhost: str = "reviews.shop") -> dict[str, Any]:
     """One virtual host of a route configuration; `outbound`: of the sidecar's outbound ones, however cut."""
     snap = snapshots[node]
-    hosts = outbound_vhosts(snap) if config == "outbound" else snap.items(ROUTE)[config]["virtual_hosts"]
+    hosts = outbound_vhosts(snap) if config == "outbound" else ingress_vhosts(snap)
     (found,) = [v for v in hosts if v["name"] == vhost]
     return dict(found)
 

@@ -16,13 +16,15 @@ import yaml
 
 from mesh.intent import Intent
 from mesh.render import RenderCache, render
+from mesh.render.context import NOT_FOUND_BODY
 from mesh.render.egress import external_cluster_name
+from mesh.render.listeners import LOWERCASE_HOST
 from mesh.render.routes import NO_RULE_BODY
 from mesh.topology import ClusterTopology
 from mesh.xds.snapshot import LISTENER, ROUTE, SCOPED_ROUTE, Snapshot, part_diff
 from reconciler.load import load
 from tests.fixtures.intents import template_files
-from tests.fixtures.routes import no_scope_reply, outbound_configs, outbound_vhost, scopes
+from tests.fixtures.routes import ingress_vhost, no_scope_reply, outbound_configs, outbound_vhost, scopes
 from tests.fixtures.topology import INGRESS, SHOP, sidecar
 
 FRONTEND, REVIEWS_V1, REVIEWS_V2, RATINGS = ("east/shop/frontend-v1-0", "east/shop/reviews-v1-0",
@@ -177,3 +179,63 @@ def test_a_proxys_own_resources_keep_their_sets_until_they_change() -> None:
     assert changed and all(faulty[n].version(LISTENER) != after[n].version(LISTENER) for n in changed)
     kept = set(sidecars(faulty)) - changed
     assert all(faulty[n].version(LISTENER) == after[n].version(LISTENER) for n in kept)
+
+
+# --- the ingress: one route configuration per exposed host -----------------------------------------------
+
+
+def ingress_listener(snap: Snapshot) -> dict[str, Any]:
+    config: dict[str, Any] = snap.items(LISTENER)["ingress"]["filter_chains"][0]["filters"][0]["typed_config"]
+    return config
+
+
+def test_the_ingress_is_cut_per_host_and_a_one_rule_change_changes_one_host_and_no_scope() -> None:
+    cache = RenderCache()
+    before = snapshots(intent(), cache)[INGRESS.node_id]
+    after = snapshots(intent(reviews_v2=10), cache)[INGRESS.node_id]
+    assert scopes(after) == {"shop.example.com": "ingress|shop.example.com",
+                             "reviews.example.com": "ingress|reviews.example.com"}
+    assert set(after.items(ROUTE)) == {"ingress|shop.example.com", "ingress|reviews.example.com"}
+    hcm = ingress_listener(after)
+    assert "scoped_routes" in hcm and "rds" not in hcm
+    # Host names are case-insensitive, scope keys are not: the host is lowercased first, before any filter.
+    assert hcm["http_filters"][0] == LOWERCASE_HOST and hcm["http_filters"][-1]["name"] == "envoy.filters.http.router"
+    # A host no Route exposes stays the mesh's 404; a known host whose rules all fall through says so.
+    assert no_scope_reply(after, "ingress") == {"status": 404, "body": NOT_FOUND_BODY, "headers": {}}
+    tail = ingress_vhost(after, "reviews.shop")["routes"][-1]
+    assert tail["direct_response"] == {"status": 404, "body": {"inline_string": NO_RULE_BODY}}
+    # The rule change: one configuration, the same scopes, the other host's configuration the same object.
+    changed = {n for n in after.items(ROUTE) if after.digests[ROUTE][n] != before.digests[ROUTE][n]}
+    assert changed == {"ingress|reviews.example.com"}
+    assert after.items(ROUTE)["ingress|shop.example.com"] is before.items(ROUTE)["ingress|shop.example.com"]
+    assert after.version(SCOPED_ROUTE) == before.version(SCOPED_ROUTE)
+    assert after.version(LISTENER) == before.version(LISTENER)
+    weights = [c["weight"] for c in ingress_vhost(after, "reviews.shop")["routes"][0]["route"]["weighted_clusters"][
+        "clusters"]]
+    assert weights == [90, 10]
+
+
+def _route(name: str, hosts: list[str]) -> dict[str, Any]:
+    return _doc("Route", name, "data", {"service": "ratings", "hosts": hosts, "http": [{"route": [{"version": "v1"}]}]})
+
+
+def test_hosts_with_a_port_share_their_hosts_scope_and_one_route_exposes_several_hosts() -> None:
+    snap = snapshots(intent(extra=(_route("ratings", ["ratings.example.com:8080", "rates.example.com"]),)))[
+        INGRESS.node_id]
+    keys = scopes(snap)
+    assert keys["ratings.example.com"] == "ingress|ratings.example.com"
+    assert keys["rates.example.com"] == "ingress|rates.example.com"
+    configs = snap.items(ROUTE)
+    for name in ("ingress|ratings.example.com", "ingress|rates.example.com"):
+        assert [vh["name"] for vh in configs[name]["virtual_hosts"]] == ["ratings.data"]
+
+
+def test_a_wildcard_host_keeps_one_route_configuration_matched_by_suffix() -> None:
+    snap = snapshots(intent(extra=(_route("ratings", ["*.ratings.example.com"]),)))[INGRESS.node_id]
+    assert set(snap.items(ROUTE)) == {"ingress"} and snap.items(SCOPED_ROUTE) == {}
+    hcm = ingress_listener(snap)
+    assert hcm["rds"]["route_config_name"] == "ingress" and "scoped_routes" not in hcm
+    assert LOWERCASE_HOST not in hcm["http_filters"]  # Envoy's own virtual host matching ignores case
+    vhosts = {vh["name"]: vh for vh in snap.items(ROUTE)["ingress"]["virtual_hosts"]}
+    assert vhosts["ratings.data"]["domains"] == ["*.ratings.example.com", "*.ratings.example.com:*"]
+    assert vhosts["not-found"]["domains"] == ["*"]

@@ -97,7 +97,7 @@ def test_envoy_accepts_locality_priorities_and_the_gateway(tmp_path: Path) -> No
     import asyncio
 
     from mesh.envoy import static_bootstrap, validate_config
-    from mesh.xds.snapshot import ROUTE, SECRET
+    from mesh.xds.snapshot import ROUTE, SCOPED_ROUTE, SECRET
 
     loaded = load(read_worktree(GOLDEN / "template"))
     assert loaded.intent is not None
@@ -111,5 +111,5 @@ def test_envoy_accepts_locality_priorities_and_the_gateway(tmp_path: Path) -> No
         snap = snaps[node]
         parts = {key: [dict(r) for r in snap.items(t).values()] for key, t in (
             ("listeners", LISTENER), ("routes", ROUTE), ("clusters", CLUSTER), ("endpoints", ENDPOINT),
-            ("secrets", SECRET))}
+            ("secrets", SECRET), ("scoped_routes", SCOPED_ROUTE))}
         assert asyncio.run(validate_config(static_bootstrap(**parts), workdir=tmp_path)) is None, node

@@ -13,7 +13,7 @@ from mesh.intent import LocalityLbSetting
 from mesh.names import cluster_name
 from mesh.render import render
 from mesh.topology import Gateway
-from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
+from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET
 from multicluster.eastwest import EASTWEST, EastWestExtension, RemoteCluster, locality_policies
 from multicluster.locality import Place, matches, nearness
 from reconciler.load import load
@@ -198,5 +198,5 @@ def test_envoy_accepts_weights_and_priorities(tmp_path: Path) -> None:
     assert [g["priority"] for g in eds[cluster_name("shop", "reviews", "v2")]["endpoints"]] == [0, 1]
     parts = {key: [dict(r) for r in snap.items(t).values()] for key, t in (
         ("listeners", LISTENER), ("routes", ROUTE), ("clusters", CLUSTER), ("endpoints", ENDPOINT),
-        ("secrets", SECRET))}
+        ("secrets", SECRET), ("scoped_routes", SCOPED_ROUTE))}
     assert asyncio.run(validate_config(static_bootstrap(**parts), workdir=tmp_path)) is None

@@ -164,10 +164,11 @@ def test_missing_secret_is_refused() -> None:
 
 REVIEWS = ("east/shop/reviews-v1-0", "east/shop/reviews-v2-0")
 REVIEWS_INBOUND = frozenset((n, "inbound") for n in REVIEWS)
-EVERY_RULE_ROUTE = frozenset({("east/ingress", "ingress"), ("east/shop/frontend-v1-0", "outbound|frontend.shop"),
+EVERY_RULE_ROUTE = frozenset({("east/ingress", "ingress|shop.example.com"),
+                              ("east/shop/frontend-v1-0", "outbound|frontend.shop"),
                               *((n, "outbound|frontend.shop") for n in REVIEWS)})
-"""Where a rule of frontend's Route is served: the ingress, and each sidecar's route configuration for frontend
-alone (the outbound routes are cut per destination: reviews' stays as it was)."""
+"""Where a rule of frontend's Route is served: the ingress's route configuration for frontend's host, and each
+sidecar's for frontend alone (routes are cut per host and per destination: reviews' stay as they were)."""
 DENY_FRONTEND = """---
 apiVersion: lockgate.io/v1alpha1
 kind: AuthorizationPolicy

@@ -262,8 +262,9 @@ def test_a_second_read_takes_known_blobs_from_the_last_one_with_the_same_limits(
 
     changed = crafted.blob(b"# changed\n")
     sig = pygit2.Signature("t", "t@t")
+    tip = crafted.repo.references["refs/heads/main"].target
     crafted.repo.create_commit("refs/heads/main", sig, sig, "one file", crafted.tree(
-        [*crafted.template(), (BLOB, b"f00.yaml", changed), *shared[1:]]), [crafted.repo.references["refs/heads/main"].target])
+        [*crafted.template(), (BLOB, b"f00.yaml", changed), *shared[1:]]), [tip])
     inflated: list[pygit2.Oid] = []
     repo = source._repo
 

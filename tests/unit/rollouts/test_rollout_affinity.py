@@ -10,12 +10,12 @@ import re2
 
 from mesh.intent import HTTPRule, Intent
 from mesh.render import render
-from mesh.xds.snapshot import ROUTE
 from reconciler.load import load
 from rollouts.advance import RolloutState
 from rollouts.intent import Rollout
 from rollouts.routing import AFFINITY_RULE, affinity_cookie, cookie_regex, overlay
 from tests.fixtures.intents import rollout_yaml, with_reviews_rules, with_rollout
+from tests.fixtures.routes import ingress_vhost
 from tests.fixtures.topology import golden_topology as topology
 
 KEY = ("shop", "reviews")
@@ -132,8 +132,8 @@ def test_render_sets_the_cookie_on_the_canary_cluster_only_and_routes_the_cookie
     i = intent()
     st = running()
     snap = render(intent=overlay(i, {KEY: st}), topology=topology())["east/ingress"]
-    vhost = next(v for v in snap.items(ROUTE)["ingress"]["virtual_hosts"] if v["name"] == "reviews.shop")
-    sticky, default = vhost["routes"]
+    vhost = ingress_vhost(snap, "reviews.shop")
+    sticky, default = [r for r in vhost["routes"] if not r["name"].startswith("no-rule-matched")]
     assert sticky["name"] == AFFINITY_RULE and sticky["route"]["cluster"].endswith("|v2")
     name, value = affinity_cookie(i.of_kind(Rollout)[0], st)
     assert sticky["match"]["headers"] == [{"name": "cookie",

@@ -6,7 +6,6 @@ import yaml
 
 from mesh.render import render
 from mesh.topology import ClusterTopology, Gateway
-from mesh.xds.snapshot import ROUTE
 from reconciler.load import load
 from rollouts.advance import Decision, RolloutState
 from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, render_query
@@ -14,6 +13,7 @@ from rollouts.intent import Rollout
 from rollouts.routing import overlay
 from rollouts.writeback import commit_message, edit_rollout
 from tests.fixtures.intents import with_rollout
+from tests.fixtures.routes import ingress_vhost
 from tests.fixtures.topology import topology
 
 ROLLOUT = """\
@@ -120,9 +120,8 @@ def _ingress_routes(rollout: str, state: RolloutState) -> list[dict[str, object]
     assert loaded.intent is not None, loaded.problems
     shaped = overlay(loaded.intent, {("shop", "reviews"): state})
     snaps = render(intent=shaped, topology=_topology())
-    routes = snaps["east/ingress"].resources[ROUTE]["ingress"]
-    vhost = next(v for v in routes["virtual_hosts"] if v["name"] == "reviews.shop")
-    return list(vhost["routes"])
+    vhost = ingress_vhost(snaps["east/ingress"], "reviews.shop")
+    return [r for r in vhost["routes"] if not r.get("name", "").startswith("no-rule-matched")]
 
 
 def test_overlay_canary_weights_replace_the_default_rule() -> None:

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import pytest
 
-from mesh.xds.snapshot import ROUTE
 from reconciler.load import load
 from reconciler.pipeline import ephemeral_certificates, render_planned
 from reconciler.rollout.commands import format_summary, summary
@@ -28,6 +27,7 @@ from rollouts.intent import RolloutSpec
 from rollouts.routing import overlay
 from rollouts.writeback import commit_message, edit_rollout
 from tests.fixtures.intents import rollout_yaml, with_clusters
+from tests.fixtures.routes import ingress_vhost
 
 T0 = 1_000.0
 REV = "a" * 40
@@ -332,7 +332,7 @@ def test_render_gives_each_cluster_its_own_weights() -> None:
     for cluster in ("east", "west"):
         snaps = rendered[cluster].snapshots
         ingress = next(s for node, s in snaps.items() if node.endswith("ingress"))
-        vhost = next(v for v in ingress.resources[ROUTE]["ingress"]["virtual_hosts"] if v["name"] == "reviews.shop")
+        vhost = ingress_vhost(ingress, "reviews.shop")
         action = vhost["routes"][0]["route"]
         seen[cluster] = ([(c["name"], c["weight"]) for c in action["weighted_clusters"]["clusters"]]
                          if "weighted_clusters" in action else [(action["cluster"], 100)])
