@@ -31,6 +31,24 @@ def identity_of(intent: Intent, proxy: Sidecar | Gateway) -> str:
     return spiffe_id(td, proxy.namespace, sa)
 
 
+def every_service_identity(intent: Intent) -> dict[tuple[str, str, str | None], list[str]]:
+    """`service_identities` of every service and each of its versions (version None: any), from one pass
+    over the Workloads: asking per service and version scanned every Workload each time, quadratic in
+    the mesh (1000 services of 2 versions and 2000 Workloads: 6 million looks per render)."""
+    td = intent.mesh.spec.trust_domain
+    accounts: dict[tuple[str, str, str | None], set[str]] = {}
+    for (ns, _), w in intent.workloads.items():
+        sa = w.spec.service_account or w.spec.service
+        accounts.setdefault((ns, w.spec.service, None), set()).add(sa)
+        accounts.setdefault((ns, w.spec.service, w.spec.version), set()).add(sa)
+    out: dict[tuple[str, str, str | None], list[str]] = {}
+    for (ns, svc), service in intent.services.items():
+        for version in (None, *service.spec.versions):
+            names = accounts.get((ns, svc, version)) or {svc}
+            out[(ns, svc, version)] = [spiffe_id(td, ns, sa) for sa in sorted(names)]
+    return out
+
+
 def service_identities(intent: Intent, namespace: str, service: str, version: str | None = None) -> list[str]:
     """The SPIFFE ids a caller accepts from instances of a service (or of one version): one per
     service account its Workloads use, the service name when no Workload says otherwise."""

@@ -26,7 +26,7 @@ from typing import Any
 from mesh.intent import H2_PROTOCOLS, L4_PROTOCOLS, Intent
 from mesh.render import ADS, Extension, Proxy, cluster_name, sni
 from mesh.topology import Sidecar
-from policies.identity import IssuedCert, service_identities
+from policies.identity import IssuedCert, every_service_identity
 from policies.intent import AuthorizationPolicy, Mode, Operation, PeerAuthentication, RateLimit, Source
 from policies.l4 import network_filters, with_network_filters
 
@@ -238,11 +238,8 @@ class SecurityExtension(Extension):
     @cached_property
     def _upstream_sans(self) -> dict[str, list[str]]:
         """Outbound cluster name -> the SPIFFE ids its endpoints may present (exact SAN match)."""
-        out: dict[str, list[str]] = {}
-        for (ns, svc), service in self.intent.services.items():
-            for version in [None, *service.spec.versions]:
-                out[cluster_name(ns, svc, version)] = service_identities(self.intent, ns, svc, version)
-        return out
+        return {cluster_name(ns, svc, version): sans
+                for (ns, svc, version), sans in every_service_identity(self.intent).items()}
 
     @cached_property
     def _service_limits(self) -> dict[tuple[str, str], RateLimit]:
