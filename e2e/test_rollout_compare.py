@@ -360,7 +360,11 @@ def test_a_confirm_promotion_hook_answering_403_holds_the_last_step_until_it_ans
         start, status = result["run"]
         assert status["stable"] == "v1"
         promote = next(d for d in mesh.decisions(t0) if d["action"] == "promote" and d["canaryRevision"] == start)
-        assert promote["at"] - t_open <= INTERVAL + 1.5, promote
+        # Promoted by the first analysis that asked after the gate opened: at most the one already asking
+        # (answered 403) holds again. Counted in decisions, not seconds: a loaded machine delays a tick.
+        between = [d for d in mesh.decisions(t_open) if d["at"] < promote["at"]]
+        assert sum(1 for d in between if d["action"] == "hold") <= 1, between
+        assert promote["at"] - t_open <= 3 * INTERVAL, promote
         assert all(c["type"] == "confirm-promotion" and c["metadata"] == {"team": "shop"} and c["canary"] == "v1"
                    for c in calls), calls
         assert len(calls) >= 3
