@@ -46,3 +46,22 @@ def test_one_pass_equals_asking_each_service_and_version() -> None:
     assert every[("shop", "reviews", "v3")] == [sa + "reviews"]  # no Workload: the service's name
     assert every[("other", "reviews", None)] == ["spiffe://example.org/ns/other/sa/elsewhere"]
     assert every[("shop", "lonely", "v1")] == [sa + "lonely"]
+
+
+def test_the_expected_identities_are_kept_while_services_and_workloads_are_the_same_objects() -> None:
+    from policies.render import _expected_sans
+
+    base = MESH + doc("Service", "reviews", "shop", "{ports: [{name: http, port: 80}], versions: [v1]}")
+    first = load({"mesh.yaml": base.encode(), "w.yaml": workload("reviews-v1", "shop", "reviews", "v1").encode()})
+    route = doc("Route", "reviews", "shop", "{service: reviews, http: [{route: [{version: v1}]}]}")
+    again = load({"mesh.yaml": base.encode(), "w.yaml": workload("reviews-v1", "shop", "reviews", "v1").encode(),
+                  "r.yaml": route.encode()})
+    moved = load({"mesh.yaml": base.encode(),
+                  "w.yaml": workload("reviews-v1", "shop", "reviews", "v1", "moved").encode()})
+    assert first.intent is not None and again.intent is not None and moved.intent is not None
+    kept = _expected_sans(first.intent)
+    assert _expected_sans(again.intent)[0] is kept[0]  # a Route commit: the same Services and Workloads
+    changed = _expected_sans(moved.intent)
+    assert changed[0] is not kept[0] and changed[1] != kept[1]
+    assert changed[0]["outbound|reviews.shop|v1"] == ["spiffe://example.org/ns/shop/sa/moved"]
+    assert kept[0]["outbound|reviews.shop|v1"] == ["spiffe://example.org/ns/shop/sa/reviews"]
