@@ -127,7 +127,8 @@ class _OwnChecks:
     """The findings of checks that read only the objects they are keyed by (a Service's own, a Route's with
     its Service), kept from the last `validate` while those are the same objects: models are frozen, and the
     loader hands an unchanged document's model back as the same object, so a one-file commit to a mesh of
-    1000 services re-checks one Service and one Route instead of all (measured: validate 35 -> ~8 ms).
+    1000 services re-checks one Service and one Route instead of all (profiled: validate 68 -> 38 ms of
+    that load; the load, unprofiled, 54 -> 39-50 ms).
     Holds what the last call used only, so it is bounded by one revision; a call replaces it whole."""
 
     last: dict[tuple[int, ...], tuple[tuple[object, ...], int, tuple[Finding, ...]]] = {}

@@ -212,7 +212,7 @@ class Pygit2Source(GitReader, GitWriter):
         self._blobs: dict[pygit2.Oid, bytes] = {}
         """The files of the last tree read, by blob id (a blob's content is its id's, forever): the next read
         inflates only blobs it has not seen. Holds one revision's files (what the last read kept), so it is
-        bounded as that read was. Measured at 1000 files: a read after a one-file commit 60 ms -> ~20 ms."""
+        bounded as that read was. Measured at 1000 files: a read after a one-file commit 60 ms -> 9-15 ms."""
 
     # -- opening -------------------------------------------------------------------------------------
 
