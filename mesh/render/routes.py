@@ -135,7 +135,7 @@ def ingress_scoped(ctx: Ctx, vhosts: Sequence[dict[str, Any]]) -> tuple[list[Res
     configuration. Parts are buckets as on the sidecars (`BUCKET_SIZE`), so a one-rule commit rebuilds one."""
     by_host: dict[str, list[dict[str, Any]]] = {}
     for vh in vhosts:
-        keys = {d.split(":", 1)[0] for d in vh["domains"]}
+        keys = {scope_key(d) for d in vh["domains"]}
         if any(k.startswith("*") for k in keys):
             return None
         for key in sorted(keys):
@@ -146,7 +146,8 @@ def ingress_scoped(ctx: Ctx, vhosts: Sequence[dict[str, Any]]) -> tuple[list[Res
     buckets: dict[int, list[tuple[str, list[dict[str, Any]]]]] = {}
     for host, members in sorted(by_host.items()):
         buckets.setdefault(_bucket(host, count), []).append((host, members))
-    made = [_scoped_bucket(ctx, groups, prefix=INGRESS_PREFIX) for _, groups in sorted(buckets.items())]
+    made = [_scoped_bucket(ctx, groups, prefix=INGRESS_PREFIX, group_is_key=True)
+            for _, groups in sorted(buckets.items())]
     return [scopes for scopes, _ in made], [routes for _, routes in made]
 
 
@@ -263,11 +264,13 @@ def _layout(ctx: Ctx, mesh: tuple[tuple[str, str], ...]) -> tuple[tuple[str, tup
     return found
 
 
-def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *, prefix: str = OUTBOUND_PREFIX
-                   ) -> tuple[ResourceSet, ResourceSet]:
+def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *, prefix: str = OUTBOUND_PREFIX,
+                   group_is_key: bool = False) -> tuple[ResourceSet, ResourceSet]:
     """One bucket's scopes and route configurations (named `prefix` + group, and + key), reused (this
     render and the next) while its virtual hosts are the same objects: callers in every namespace but a
-    member's own (which adds the short name) share it."""
+    member's own (which adds the short name) share it. A group's scopes are its virtual hosts' domains'
+    keys, or (`group_is_key`: the ingress, where one virtual host may serve several hosts' groups) the
+    group itself."""
     flat = tuple(vh for _, vhosts in members for vh in vhosts)
     bkey = (prefix, tuple(group for group, _ in members), *map(id, flat))
     cache, now = ctx.shared.cache, ctx.shared.scoped_groups
@@ -288,7 +291,7 @@ def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *,
         groups.append((gkey, hit))
         config = hit[1]
         configs.append(config)
-        keys = {group} if prefix == INGRESS_PREFIX else {scope_key(d) for vh in vhosts for d in vh["domains"]}
+        keys = {group} if group_is_key else {scope_key(d) for vh in vhosts for d in vh["domains"]}
         scopes.extend(_scope(cache, key, config["name"], prefix=prefix) for key in sorted(keys))
     made = (flat, ResourceSet(scopes), ResourceSet(configs), tuple(groups))
     now[bkey] = made
@@ -321,8 +324,9 @@ def _scope(cache: RenderCache, key: str, config: str, *, prefix: str = OUTBOUND_
 
 def scope_key(domain: str) -> str:
     """The scope a virtual host domain belongs to: the host without its port (`reviews.shop:*` ->
-    `reviews.shop`), which is what the outbound listener's scope key builder extracts from `:authority`."""
-    return domain.rsplit(":", 1)[0] if ":" in domain else domain
+    `reviews.shop`), which is what the listeners' scope key builder extracts from `:authority` (what
+    comes before the first `:`)."""
+    return domain.split(":", 1)[0]
 
 
 def _closed(vhost: dict[str, Any]) -> dict[str, Any]:
