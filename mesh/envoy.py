@@ -57,6 +57,21 @@ clusters with traffic (the canary analysis: the inbound listener's and `inbound|
 outbound clusters that carried requests); a series that does not exist yet reads as no data."""
 
 
+_EAGER_CLUSTER_STATS = (
+    "assignment_[a-z_]+", r"circuit_breakers\..+", r"default\.total_match_count", "lb_[a-z_]+",
+    "max_host_weight", "membership_[a-z_]+", "update_[a-z_]+", "version", "warming_state",
+)
+STATS_MATCHER = {"exclusion_list": {"patterns": [{"safe_regex": {
+    "regex": r"^cluster\.outbound\|.+\.(?:" + "|".join(_EAGER_CLUSTER_STATS) + ")$"}}]}}
+"""The 41 stats Envoy creates with every cluster even under DEFERRED_STATS (membership, load-balancer,
+circuit-breaker and config-update gauges), left out for the mesh's outbound clusters, as Istio leaves out
+every cluster stat by default (`proxyStatsMatcher`). Nothing reads them for `outbound|` clusters; their
+traffic stats (upstream_rq_*, upstream_cx_*, outlier_detection.*) and every stat of `inbound|app`, the
+xDS and admin clusters stay. Measured on the 1000-service bench's configurations from static files
+(2000 clusters each, same run): the ingress ready in 527-580 ms instead of 1046-1179 ms, the sidecar in
+784-830 ms instead of 891-1071 ms."""
+
+
 def bootstrap(
     *, node_id: str, cluster: str, xds_host: str, xds_port: int, admin_socket: Path | None = None,
     admin_host: str | None = None, admin_port: int | None = None, stats_host: str | None = None,
@@ -116,6 +131,7 @@ def bootstrap(
         # so a rollout with a short interval can judge latency.
         "stats_flush_interval": "1s",
         "deferred_stat_options": dict(DEFERRED_STATS),
+        "stats_config": {"stats_matcher": dict(STATS_MATCHER)},
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "DELTA_GRPC" if delta else "GRPC",
@@ -279,7 +295,8 @@ def static_bootstrap(
         static_clusters.append(c)
     return {"static_resources": {"listeners": [inline(x) for x in listeners], "clusters": static_clusters,
                                  "secrets": [inline(s) for s in secrets]},
-            "deferred_stat_options": dict(DEFERRED_STATS)}  # as the proxies run (the bench's floor loads this)
+            # as the proxies run (the bench's floor loads this)
+            "deferred_stat_options": dict(DEFERRED_STATS), "stats_config": {"stats_matcher": dict(STATS_MATCHER)}}
 
 
 async def validate_config(config: dict[str, Any], *, workdir: Path, timeout: float = 30.0) -> str | None:

@@ -285,6 +285,33 @@ def test_a_clusters_traffic_stats_exist_once_it_carries_traffic(
     assert proxy.stats("cluster.v2.membership_total")["cluster.v2.membership_total"] == 1  # the cluster is there
 
 
+def test_an_outbound_cluster_has_its_traffic_stats_without_its_eager_gauges(
+    control_plane: ControlPlane, backend: Callable[[str], int], envoy: Callable[..., EnvoyProcess],
+) -> None:
+    """`mesh.envoy.STATS_MATCHER`: a mesh outbound cluster is created without the 41 gauges Envoy gives every
+    cluster (membership, lb, circuit breakers, config updates), and still counts the requests it carries;
+    any other cluster keeps them."""
+    cp = control_plane
+    v1, v2, other = "outbound|web.shop|v1", "outbound|web.shop|v2", "other"
+    ports = {v1: backend("v1"), v2: backend("v2"), other: backend("other")}
+    proxy = envoy(node_id=NODE, xds_port=cp.port, ready_timeout=5)
+    listen = free_port()
+    snap = snapshot(listen=listen, ports=ports, weights={v1: 100, v2: 0, other: 0}, revision="r1")
+    cp.set(NODE, snap)
+    assert cp.wait_converged(NODE, snap)
+    wait_for(listen, "200:v1")
+    before = proxy.stats("upstream_rq_total").get(f"cluster.{v1}.upstream_rq_total", 0)
+    assert sample(listen, 5) == Counter({"200:v1": 5})
+    stats = proxy.stats("cluster.")
+    assert stats[f"cluster.{v1}.upstream_rq_total"] == before + 5
+    assert stats[f"cluster.{other}.membership_total"] == 1  # not a mesh outbound cluster: every stat
+    for name in (v1, v2):
+        eager = sorted(k for k in stats if k.startswith(f"cluster.{name}.") and k.rsplit(".", 1)[1].startswith(
+            ("membership_", "lb_", "update_", "assignment_", "version", "warming_state", "max_host_weight")))
+        assert eager == [], eager
+        assert not any(k.startswith(f"cluster.{name}.circuit_breakers.") for k in stats)
+
+
 def test_wait_ready_names_the_address_when_it_gives_up() -> None:
     port = free_port()  # nothing listens there
     with pytest.raises(TimeoutError, match=rf"Envoy admin at 127\.0\.0\.1:{port} not ready after 0\.2s"):
