@@ -181,11 +181,15 @@ class ResourceSet(Mapping[str, Resource]):
         """(route configuration names, EDS service names, SDS secret names) these resources refer to."""
         if self._refs is None:
             values = self._items.values()
+            # Endpoints cannot name a secret, nor can a scope but through a route configuration inline: not
+            # walked (8000 of a 1000-service mesh's 11000 resources, 35 of the cold check's 170 ms).
+            no_secrets = self._type_url == ENDPOINT or (
+                self._type_url == SCOPED_ROUTE and not any("route_configuration" in r for r in values))
             self._refs = (
                 frozenset(_route_names(values)),
                 frozenset((c.get("eds_cluster_config") or {}).get("service_name") or c["name"]
                           for c in values if c.get("type") == "EDS"),
-                frozenset().union(*(resource_secrets(r) for r in values)),
+                _NONE if no_secrets else frozenset().union(*(resource_secrets(r) for r in values)),
             )
         return self._refs
 
@@ -516,16 +520,26 @@ class _SecretsMemo:
 resource_secrets = _SecretsMemo(maxsize=200_000)
 
 
-def _sds_names(value: Any) -> Iterator[str]:
-    """Names of secrets a resource asks for over SDS (`{name, sds_config}` anywhere inside it)."""
-    if isinstance(value, Mapping):
-        if "sds_config" in value and "name" in value:
-            yield str(value["name"])
-        for v in value.values():
-            yield from _sds_names(v)
-    elif isinstance(value, list | tuple):
-        for v in value:
-            yield from _sds_names(v)
+_SCALARS = (str, int, float, type(None), bytes)
+
+
+def _sds_names(value: Any) -> set[str]:
+    """Names of secrets a resource asks for over SDS (`{name, sds_config}` anywhere inside it).
+
+    A loop over an explicit stack that looks only into containers and checks plain dicts before the
+    Mapping ABC (never for a scalar), where a recursive generator made an ABC check per node: with the
+    types skipped in `refs()`, the cold 1000-service check (every resource walked once) 455-487 -> 277 ms."""
+    found: set[str] = set()
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict) or (not isinstance(v, list | tuple) and isinstance(v, Mapping)):
+            if "sds_config" in v and "name" in v:
+                found.add(str(v["name"]))
+            stack.extend([x for x in v.values() if not isinstance(x, _SCALARS)])
+        elif isinstance(v, list | tuple):
+            stack.extend([x for x in v if not isinstance(x, _SCALARS)])
+    return found
 
 
 def _route_names(listeners: Any) -> Iterator[str]:

@@ -113,3 +113,18 @@ def test_consistent_says_what_plain_set_algebra_says_over_random_shared_parts() 
         assert got == want
         seen[want is None] += 1
     assert seen[True] > 50 and seen[False] > 50, seen  # both verdicts were exercised
+
+
+def test_secret_names_are_found_at_any_depth_in_dicts_lists_tuples_and_read_only_mappings() -> None:
+    from types import MappingProxyType
+
+    from mesh.xds.snapshot import _sds_names
+
+    sds = {"ads": {}}
+    resource = {"name": "c", "n": 3, "none": None, "transport_socket": {"typed_config": {"common_tls_context": {
+        "tls_certificate_sds_secret_configs": [{"name": "cert", "sds_config": sds}],
+        "combined_validation_context": ({"validation_context_sds_secret_config": MappingProxyType(
+            {"name": "bundle", "sds_config": sds})},)}}},
+        "other": [["x", 1.5, {"name": "not-a-secret"}]]}
+    assert _sds_names(resource) == {"cert", "bundle"}
+    assert _sds_names({"name": "plain"}) == set()
