@@ -103,6 +103,10 @@ class SecurityExtension(Extension):
         """What `cluster()` depends on: the trust domain and each cluster's expected identities."""
         return _expected_sans(self.intent)[1]
 
+    def routes_fingerprint(self) -> object:
+        """What `route()` depends on: the RateLimits that name a rule."""
+        return tuple(sorted(self._rule_limits.items(), key=lambda item: item[0]))
+
     def cluster(self, proxy: Proxy, cluster: dict[str, Any]) -> dict[str, Any]:
         sans = self._upstream_sans.get(cluster["name"])
         if sans is None:

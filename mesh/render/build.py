@@ -10,12 +10,12 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mesh.intent import Intent
+from mesh.intent import Intent, Route, TrafficPolicy
 from mesh.render.clusters import cluster_versions, inbound_cluster, outbound_clusters
 from mesh.render.clusters import for_protocol as cluster_protocol
-from mesh.render.context import Ctx, Extension, GatewayResources, Proxy, RenderCache, Shared, shared_set
+from mesh.render.context import Ctx, Dirty, Extension, GatewayResources, Proxy, RenderCache, Shared, shared_set
 from mesh.render.egress import EgressRender, outbound_listener
-from mesh.render.listeners import any_fault, listener_config, scoped
+from mesh.render.listeners import any_fault, faulty, listener_config, scoped
 from mesh.render.listeners import for_protocol as listener_protocol
 from mesh.render.routes import (
     inbound_routes,
@@ -46,14 +46,19 @@ def render(
     own kinds; `cache` (from the previous render of the same cluster) makes unchanged parts free."""
     cache = cache if cache is not None else RenderCache()
     prints = tuple(ext.fingerprint() for ext in extensions)
+    route_prints = tuple(ext.routes_fingerprint() for ext in extensions)
     # Compared once here, then by identity per resource: a deep fingerprint (every service's identities)
     # compared for each of thousands of clusters cost most of a one-route render.
-    if prints == cache.prints:
+    same_prints = prints == cache.prints
+    if same_prints:
         prints = cache.prints
+    dirty = changed_services(cache, intent, topology, same=same_prints and route_prints == cache.route_prints
+                             and not any(ext.routes_per_proxy for ext in extensions))
     cache.prints = prints
-    shared = Shared(intent=intent, cache=cache, prints=prints)
+    cache.intent = None  # until this render has finished: one that fails leaves nothing to compare against
+    shared = Shared(intent=intent, cache=cache, prints=prints, dirty=dirty)
     leaving = EgressRender(intent=intent, cache=cache)  # ExternalServices and the outbound traffic policy
-    by_service = _with_endpoint_hooks(shared, extensions, outbound_clusters(intent, topology, cache))
+    by_service = _with_endpoint_hooks(shared, extensions, outbound_clusters(intent, topology, cache, dirty))
     base_inbound = inbound_routes()
     inbound_sets = {id(base_inbound): (base_inbound, ResourceSet([base_inbound]))}
 
@@ -101,6 +106,7 @@ def render(
         return hit[1]
 
     out: dict[str, Snapshot] = {}
+    views: dict[Any, Any] = {}  # Snapshot.memo
     for gw in topology.gateways:
         # A gateway of a kind render does not know: the extension that knows it renders it; none does, an
         # empty configuration (an unanswered proxy would stay un-ready for its initial fetch timeout).
@@ -168,12 +174,49 @@ def render(
             secrets=[kept((proxy.node_id, "secrets"), ctx.secrets())],
             scoped_routes=scopes,
             revision=revision,
+            previous=cache.snapshots.get(proxy.node_id),
+            memo=views,
         )
+    cache.faulty = faulty(shared)  # what the next render's changed services are applied to
+    cache.buckets, cache.layouts, cache.layout_of = shared.buckets, shared.layouts_now, dict(shared.layouts)
+    cache.snapshots = out
+    cache.route_prints, cache.intent, cache.topology = route_prints, intent, topology
     cache.hooked = shared.hooked  # only what this render used: the cache does not grow with history
     cache.own = own_now
     cache.scoped = shared.scoped_groups
     cache.group_configs = shared.group_configs
     return out
+
+
+DIRTY_SHARE = 8
+"""Past one service in this many changed, a render takes the whole path (`changed_services`)."""
+
+
+def changed_services(cache: RenderCache, intent: Intent, topology: ClusterTopology, *, same: bool) -> Dirty:
+    """Which services' route entries may differ from the last render's, when nothing else does: the same
+    Mesh, Services, Workloads, topology and other resources, Routes and TrafficPolicies for the same
+    services, and each changed Route exposing the same hosts. A commit (or a rollout step) that changes
+    a few Routes then costs those services' parts, not a walk of every service: at 1000 services that
+    walk was most of a one-route render. None (anything may differ) otherwise; `same`: the extensions'
+    fingerprints are equal to the last render's."""
+    before = cache.intent
+    if before is None or not same:
+        return None
+    if before is intent and cache.topology is topology:
+        return frozenset()
+    if not (before.mesh is intent.mesh and cache.topology == topology and before.services == intent.services
+            and before.workloads == intent.workloads and before.routes.keys() == intent.routes.keys()
+            and before.traffic_policies.keys() == intent.traffic_policies.keys()):
+        return None
+    if before.resources is not intent.resources and (len(before.resources) != len(intent.resources) or not all(
+            a is b or (isinstance(a, Route | TrafficPolicy) and type(a) is type(b))
+            for a, b in zip(before.resources, intent.resources, strict=True))):
+        return None  # another kind changed (a policy, an ExternalService, a Rollout), or one came or went
+    dirty = {k for k, r in intent.routes.items() if before.routes[k] is not r}
+    if any(before.routes[k].spec.hosts != intent.routes[k].spec.hosts for k in dirty):
+        return None
+    dirty.update(k for k, tp in intent.traffic_policies.items() if before.traffic_policies[k] is not tp)
+    return frozenset(dirty) if len(dirty) * DIRTY_SHARE <= len(intent.services) else None
 
 
 Services = dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]]

@@ -15,48 +15,62 @@ UNLIMITED = 4_294_967_295
 instances churn and retries are needed most."""
 
 
-def outbound_clusters(
-    intent: Intent, topology: ClusterTopology, cache: RenderCache
-) -> dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+Outbound = dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+
+
+def outbound_clusters(intent: Intent, topology: ClusterTopology, cache: RenderCache,
+                      dirty: frozenset[tuple[str, str]] | None = None) -> Outbound:
     """Per service: an EDS cluster for the service and one per version (in the order None, *versions),
     with this cluster's ready instances. Grouped so that a sidecar's egress list can pick whole services.
-    Extensions' endpoint hooks (instances elsewhere) apply afterwards, in `build`."""
-    out: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+    Extensions' endpoint hooks (instances elsewhere) apply afterwards, in `build`. With `dirty` (the
+    topology and every Service as last time: `build.changed_services`), only those services are looked at."""
     ready: dict[tuple[str, str], list[Sidecar]] = {}
-    for sc in topology.sidecars:
+    for sc in topology.sidecars if dirty is None or dirty else ():
         if sc.node_id in topology.ready:
             ready.setdefault((sc.namespace, sc.service), []).append(sc)
-    for (ns, svc), service in sorted(intent.services.items()):
-        members_all = tuple(sorted((sc.version, sc.address, sc.inbound_port) for sc in ready.get((ns, svc), ())))
-        inputs = (service, intent.traffic_policies.get((ns, svc)), members_all, all_versions_used(intent, ns, svc))
-        prev = cache.clusters.get((ns, svc))
-        if prev is not None and prev[0] == inputs:
-            out[(ns, svc)] = prev[1]
-            continue
-        clusters, endpoints = [], []
-        for version in cluster_versions(intent, ns, svc):
-            name = cluster_name(ns, svc, version)
-            cluster: dict[str, Any] = {
-                "name": name,
-                "type": "EDS",
-                "connect_timeout": "1s",
-                "eds_cluster_config": {"service_name": name, "eds_config": ADS},
-            }
-            settings = service_policy(intent, ns, svc, version)
-            cluster.update(cluster_policy(settings) if settings is not None else _unlimited())
-            if service.spec.protocol in H2_PROTOCOLS:
-                cluster = with_http2(cluster)
-            elif service.spec.protocol in L4_PROTOCOLS:  # tcp_proxy: HTTP protocol options mean nothing here
-                cluster.pop("typed_extension_protocol_options", None)
-            clusters.append(cluster)
-            members = sorted((sc.address, sc.inbound_port) for sc in ready.get((ns, svc), ())
-                             if version is None or sc.version == version)
-            lb = [{"endpoint": {"address": {"socket_address": {"address": a, "port_value": p}}}}
-                  for a, p in members]
-            endpoints.append({"cluster_name": name, "endpoints": [{"lb_endpoints": lb}] if lb else []})
-        out[(ns, svc)] = (clusters, endpoints)
-        cache.clusters[(ns, svc)] = (inputs, out[(ns, svc)])
+    if dirty is not None and cache.outbound:
+        out = dict(cache.outbound)
+        for key in dirty:
+            out[key] = _service_clusters(intent, key, intent.services[key], ready, cache)
+    else:
+        out = {key: _service_clusters(intent, key, service, ready, cache)
+               for key, service in sorted(intent.services.items())}
+    cache.outbound = out
     return out
+
+
+def _service_clusters(intent: Intent, key: tuple[str, str], service: Any, ready: dict[tuple[str, str], list[Sidecar]],
+                      cache: RenderCache) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    ns, svc = key
+    members_all = tuple(sorted((sc.version, sc.address, sc.inbound_port) for sc in ready.get(key, ())))
+    inputs = (service, intent.traffic_policies.get(key), members_all, all_versions_used(intent, ns, svc))
+    prev = cache.clusters.get(key)
+    if prev is not None and prev[0] == inputs:
+        return prev[1]
+    clusters, endpoints = [], []
+    for version in cluster_versions(intent, ns, svc):
+        name = cluster_name(ns, svc, version)
+        cluster: dict[str, Any] = {
+            "name": name,
+            "type": "EDS",
+            "connect_timeout": "1s",
+            "eds_cluster_config": {"service_name": name, "eds_config": ADS},
+        }
+        settings = service_policy(intent, ns, svc, version)
+        cluster.update(cluster_policy(settings) if settings is not None else _unlimited())
+        if service.spec.protocol in H2_PROTOCOLS:
+            cluster = with_http2(cluster)
+        elif service.spec.protocol in L4_PROTOCOLS:  # tcp_proxy: HTTP protocol options mean nothing here
+            cluster.pop("typed_extension_protocol_options", None)
+        clusters.append(cluster)
+        members = sorted((sc.address, sc.inbound_port) for sc in ready.get(key, ())
+                         if version is None or sc.version == version)
+        lb = [{"endpoint": {"address": {"socket_address": {"address": a, "port_value": p}}}}
+              for a, p in members]
+        endpoints.append({"cluster_name": name, "endpoints": [{"lb_endpoints": lb}] if lb else []})
+    found = (clusters, endpoints)
+    cache.clusters[key] = (inputs, found)
+    return found
 
 
 def all_versions_used(intent: Intent, ns: str, svc: str) -> bool:

@@ -45,6 +45,12 @@ class Extension:
     routes_per_proxy: bool = False
     """Set True if `route()` depends on the proxy; otherwise it runs once per route entry per render."""
 
+    def routes_fingerprint(self) -> object:
+        """Equal values across renders promise equal `route()` results for equal inputs, so a render may
+        keep the last one's route entries of every service whose Route did not change (`Dirty`). The
+        default promises that only for an extension that does not hook routes at all."""
+        return () if type(self).route is Extension.route else self
+
     def inbound_route(self, proxy: Sidecar, route_config: dict[str, Any]) -> dict[str, Any]:
         """A sidecar's inbound route configuration. What a hook puts here (per-route filter configuration,
         say) applies to the next request on connections already open, because Envoy swaps a route
@@ -103,6 +109,11 @@ ScopedGroup = tuple[tuple[object, ...], ResourceSet, ResourceSet, tuple[tuple[tu
 and its destinations' configurations (by key)."""
 
 
+Dirty = frozenset[tuple[str, str]] | None
+"""The services whose route entries may differ from the last render's (their Route or TrafficPolicy is a
+new object), everything else being the same; None: anything may differ (`build.changed_services`)."""
+
+
 @dataclass
 class Shared:
     """What every proxy of one render shares: route entries per service, virtual hosts and route
@@ -112,10 +123,18 @@ class Shared:
     intent: Intent
     cache: RenderCache
     prints: tuple[object, ...] = ()
+    dirty: Dirty = None
     hooked: dict[int, tuple[Any, tuple[object, ...], dict[str, Any]]] = field(default_factory=dict)
     routes: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = field(default_factory=dict)
     vhosts: dict[tuple[str, str, bool], dict[str, Any]] = field(default_factory=dict)
-    faults: dict[tuple[str, str], bool] = field(default_factory=dict)
+    faulty: frozenset[tuple[str, str]] | None = None
+    """This render's `listeners.faulty`."""
+    ingress_swaps: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """With `dirty`: the ingress virtual hosts that changed, new by the old one's id (`routes.ingress_vhosts`)."""
+    buckets: dict[tuple[bool, tuple[tuple[str, str], ...]], Any] = field(default_factory=dict)
+    """This render's `RenderCache.buckets`."""
+    layouts_now: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    """This render's `RenderCache.layouts`."""
     hooked_routes: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
     """This render's outbound route configurations, by (namespace, reach)."""
@@ -194,6 +213,28 @@ class RenderCache:
         """Per (node id, kind): a proxy's own resources of the last render and their set (build.render)."""
         self.prints: tuple[object, ...] = ()
         """The extensions' fingerprints of the last render (one object while they stay equal)."""
+        self.route_prints: tuple[object, ...] = ()
+        """The extensions' `routes_fingerprint()`s of the last render."""
+        self.intent: Intent | None = None
+        self.topology: ClusterTopology | None = None
+        """The last render's inputs, against which the next finds what changed (`build.changed_services`)."""
+        self.outbound: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
+        """The last render's `clusters.outbound_clusters` answer."""
+        self.ingress: tuple[list[dict[str, Any]], dict[tuple[str, str], int]] | None = None
+        """The last render's ingress virtual hosts, and the index of each service's."""
+        self.ingress_cut: Any = None
+        """The last render's `routes.ingress_scoped` layout (its buckets, and which host is in which)."""
+        self.buckets: dict[tuple[bool, tuple[tuple[str, str], ...]], Any] = {}
+        """A sidecar's bucket of per-destination scopes and route configurations, by (its own namespace's,
+        its services): what a render whose `Dirty` misses every member takes unchanged."""
+        self.layouts: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+        """`routes._http_reach` answers by reach, for a render whose Services are the last one's."""
+        self.layout_of: dict[int, tuple[object, Any]] = {}
+        """`routes._layout` answers by the identity of their (held) input, from the last render."""
+        self.faulty: frozenset[tuple[str, str]] = frozenset()
+        """Services with a rule that injects faults, at the last render."""
+        self.snapshots: dict[str, Any] = {}
+        """The last render's snapshot per proxy (`Snapshot.compose(previous=)`)."""
 
 
 def shared_set(cache: RenderCache, memo: Any, items: list[dict[str, Any]], *, key: str = "name") -> ResourceSet:

@@ -9,7 +9,7 @@ from typing import Any
 from envoy.extensions.filters.http.grpc_stats.v3 import config_pb2  # noqa: F401
 from envoy.extensions.filters.http.lua.v3 import lua_pb2  # noqa: F401
 
-from mesh.intent import L4_PROTOCOLS, Intent
+from mesh.intent import L4_PROTOCOLS, Intent, Route
 from mesh.render.context import ADS, FAULT, FAULT_FILTER, ROUTER, Shared
 from mesh.render.tcp import inbound_listener as tcp_inbound
 from mesh.topology import Sidecar
@@ -43,15 +43,28 @@ what the client sent otherwise; filters after this one (rate limits, faults) see
 
 
 def any_fault(shared: Shared, services: Sequence[tuple[str, str]]) -> bool:
-    """Does any rule of these services inject faults (memoised per service for the render)?"""
-    def has(key: tuple[str, str]) -> bool:
-        found = shared.faults.get(key)
-        if found is None:
-            r = shared.intent.routes.get(key)
-            found = shared.faults[key] = r is not None and any(rule.fault is not None for rule in r.spec.http)
-        return found
+    """Does any rule of these services inject faults?"""
+    found = faulty(shared)
+    return bool(found) and any(key in found for key in services)
 
-    return any(has(key) for key in services)
+
+def faulty(shared: Shared) -> frozenset[tuple[str, str]]:
+    """The services with a rule that injects faults: once per render, from the last render's answer and
+    the changed services (`Shared.dirty`) when there is one."""
+    found = shared.faulty
+    if found is None:
+        routes = shared.intent.routes
+        if shared.dirty is not None:
+            keep = {k for k in shared.cache.faulty if k not in shared.dirty}
+            keep.update(k for k in shared.dirty if _injects(routes.get(k)))
+        else:
+            keep = {k for k, r in routes.items() if _injects(r)}
+        found = shared.faulty = frozenset(keep)
+    return found
+
+
+def _injects(route: Route | None) -> bool:
+    return route is not None and any(rule.fault is not None for rule in route.spec.http)
 
 
 def listener_config(name: str, address: str, port: int, *, ingress: bool, proxy: bool = False, fault: bool = False,

@@ -52,6 +52,7 @@ from mesh.render.context import (
     Ctx,
     GroupConfig,
     RenderCache,
+    ScopedGroup,
     duration_field,
     fractional,
     same,
@@ -102,28 +103,50 @@ def inbound_routes() -> dict[str, Any]:
 
 def ingress_vhosts(ctx: Ctx) -> list[dict[str, Any]]:
     """One virtual host per Route with hosts, kept across renders while its hosts and entries are the same
-    (a new object per render cost a digest and a serialisation of every exposed service on each commit)."""
-    vhosts = []
-    cache = ctx.shared.cache.vhosts
+    (a new object per render cost a digest and a serialisation of every exposed service on each commit).
+    With `Shared.dirty`, only the changed services' are looked at (their hosts are as before)."""
+    cache, shared = ctx.shared.cache, ctx.shared
     per_proxy = any(ext.routes_per_proxy for ext in ctx.extensions)
-    for (ns, svc), route in sorted(ctx.intent.routes.items()):
-        if route.spec.hosts:
-            routes = _hooked_routes(ctx, ns, svc, per_proxy=per_proxy)  # the sidecars' entries, when shared
-            memo_key = ("ingress", ns, svc, *route.spec.hosts)
-            prev = cache.get(memo_key)
-            if prev is not None and same(prev[0], routes):
-                vhost = prev[1]
-            else:
-                domains = sorted({d for h in route.spec.hosts for d in (h, f"{h}:*")})
-                vhost = {"name": f"{svc}.{ns}", "domains": domains, "routes": routes,
-                         "retry_policy": VHOST_RETRIES}
-                cache[memo_key] = (tuple(routes), vhost)
-            vhosts.append(vhost)
+    if shared.dirty is not None and cache.ingress is not None and not per_proxy:
+        before, index = cache.ingress
+        vhosts = list(before)
+        for key in shared.dirty:
+            i = index.get(key)
+            if i is not None:
+                vhosts[i] = _ingress_vhost(ctx, key, ctx.intent.routes[key], per_proxy=False)
+                if vhosts[i] is not before[i]:
+                    shared.ingress_swaps[id(before[i])] = vhosts[i]
+    else:
+        vhosts, index = [], {}
+        for key, route in sorted(ctx.intent.routes.items()):
+            if route.spec.hosts:
+                index[key] = len(vhosts)
+                vhosts.append(_ingress_vhost(ctx, key, route, per_proxy=per_proxy))
+    cache.ingress = (vhosts, index) if not per_proxy else None
     return vhosts
+
+
+def _ingress_vhost(ctx: Ctx, key: tuple[str, str], route: Route, *, per_proxy: bool) -> dict[str, Any]:
+    ns, svc = key
+    cache = ctx.shared.cache.vhosts
+    routes = _hooked_routes(ctx, ns, svc, per_proxy=per_proxy)  # the sidecars' entries, when shared
+    memo_key = ("ingress", ns, svc, *route.spec.hosts)
+    prev = cache.get(memo_key)
+    if prev is not None and same(prev[0], routes):
+        return prev[1]
+    domains = sorted({d for h in route.spec.hosts for d in (h, f"{h}:*")})
+    vhost = {"name": f"{svc}.{ns}", "domains": domains, "routes": routes, "retry_policy": VHOST_RETRIES}
+    cache[memo_key] = (tuple(routes), vhost)
+    return vhost
 
 
 INGRESS_PREFIX = "ingress|"
 """The ingress's per-host route configurations and scopes: `ingress|shop.example.com`."""
+
+
+IngressCut = tuple[dict[int, list[tuple[str, list[dict[str, Any]]]]], dict[int, Any], dict[str, int]]
+"""The ingress's buckets (index -> its host groups), each bucket's `_scoped_bucket` entry, and each
+host's bucket: what a render with `Shared.dirty` rebuilds only where a changed virtual host is."""
 
 
 def ingress_scoped(ctx: Ctx, vhosts: Sequence[dict[str, Any]]) -> tuple[list[ResourceSet], list[ResourceSet]] | None:
@@ -133,22 +156,46 @@ def ingress_scoped(ctx: Ctx, vhosts: Sequence[dict[str, Any]]) -> tuple[list[Res
     A host's key is the host without its port, what the listener's key builder extracts from `:authority`:
     the virtual hosts whose domains share it (`shop.example.com` and `shop.example.com:8080`) share one
     configuration. Parts are buckets as on the sidecars (`BUCKET_SIZE`), so a one-rule commit rebuilds one."""
-    by_host: dict[str, list[dict[str, Any]]] = {}
-    for vh in vhosts:
-        keys = {scope_key(d) for d in vh["domains"]}
-        if any(k.startswith("*") for k in keys):
+    shared = ctx.shared
+    before = shared.cache.ingress_cut
+    if shared.dirty is not None and before is not None:
+        if before == ():
+            return None  # the hosts are as they were: still a wildcard, or none
+        buckets, made, bucket_of = before
+        swaps = shared.ingress_swaps
+        touched = {bucket_of[scope_key(d)] for new in swaps.values() for d in new["domains"]}
+        buckets = dict(buckets)
+        made = dict(made)
+        for b in touched:
+            buckets[b] = [(host, [swaps.get(id(vh), vh) for vh in members]) for host, members in buckets[b]]
+        for b in sorted(buckets):
+            if b in touched:
+                made[b] = _scoped_entry(ctx, buckets[b], prefix=INGRESS_PREFIX, group_is_key=True)
+            else:
+                _keep(ctx, made[b])
+    else:
+        by_host: dict[str, list[dict[str, Any]]] = {}
+        for vh in vhosts:
+            keys = {scope_key(d) for d in vh["domains"]}
+            if any(k.startswith("*") for k in keys):
+                shared.cache.ingress_cut = ()
+                return None
+            for key in sorted(keys):
+                by_host.setdefault(key, []).append(vh)
+        if not by_host:
+            shared.cache.ingress_cut = ()
             return None
-        for key in sorted(keys):
-            by_host.setdefault(key, []).append(vh)
-    if not by_host:
-        return None
-    count = _buckets_for(len(by_host))
-    buckets: dict[int, list[tuple[str, list[dict[str, Any]]]]] = {}
-    for host, members in sorted(by_host.items()):
-        buckets.setdefault(_bucket(host, count), []).append((host, members))
-    made = [_scoped_bucket(ctx, groups, prefix=INGRESS_PREFIX, group_is_key=True)
-            for _, groups in sorted(buckets.items())]
-    return [scopes for scopes, _ in made], [routes for _, routes in made]
+        count = _buckets_for(len(by_host))
+        buckets = {}
+        bucket_of = {}
+        for host, members in sorted(by_host.items()):
+            bucket_of[host] = b = _bucket(host, count)
+            buckets.setdefault(b, []).append((host, members))
+        made = {b: _scoped_entry(ctx, groups, prefix=INGRESS_PREFIX, group_is_key=True)
+                for b, groups in sorted(buckets.items())}
+    shared.cache.ingress_cut = (buckets, made, bucket_of)
+    order = sorted(made)
+    return [made[b][1][1] for b in order], [made[b][1][2] for b in order]
 
 
 def outbound_config(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
@@ -213,11 +260,24 @@ def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
         return found
     made: list[tuple[ResourceSet, ResourceSet]] = []
     remote = ctx.shared.remote_buckets
+    dirty, before, now = ctx.shared.dirty, ctx.shared.cache.buckets, ctx.shared.buckets
     for dest_ns, members in _layout(ctx, mesh):
-        shared = dest_ns != me.namespace and not per_proxy
+        local = dest_ns == me.namespace
+        shared = not local and not per_proxy
         hit = remote.get(members) if shared else None
         if hit is None:
-            hit = _scoped_bucket(ctx, [(vh["name"], [vh]) for vh in _mesh_vhosts(ctx, me, members)])
+            key = (local, members)
+            entry = None
+            if dirty is not None and not per_proxy and not any(k in members for k in dirty):
+                entry = before.get(key)  # no member changed: the last render's bucket, as it was
+                if entry is not None:
+                    _keep(ctx, entry)
+            if entry is None:
+                entry = _scoped_entry(ctx, [(vh["name"], [vh]) for vh in _mesh_vhosts(ctx, me, members)],
+                                      prefix=OUTBOUND_PREFIX, group_is_key=False)
+            if not per_proxy:
+                now[key] = entry
+            hit = (entry[1][1], entry[1][2])
             if shared:
                 remote[members] = hit
         made.append(hit)
@@ -249,9 +309,11 @@ def _buckets_for(services: int) -> int:
 def _layout(ctx: Ctx, mesh: tuple[tuple[str, str], ...]) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
     """`mesh`'s services in buckets: (destination namespace, its services), sorted by (namespace, bucket);
     once per distinct reach per render."""
-    hit = ctx.shared.layouts.get(id(mesh))
-    found = hit[1] if hit is not None and hit[0] is mesh else None
-    if found is None:
+    hit = ctx.shared.layouts.get(id(mesh)) or ctx.shared.cache.layout_of.get(id(mesh))
+    found = hit[1] if hit is not None and hit[0] is mesh else None  # a pure answer: the last render's is as good
+    if found is not None:
+        ctx.shared.layouts[id(mesh)] = (mesh, found)
+    else:
         per_ns: dict[str, int] = {}
         for ns, _ in mesh:
             per_ns[ns] = per_ns.get(ns, 0) + 1
@@ -271,14 +333,24 @@ def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *,
     member's own (which adds the short name) share it. A group's scopes are its virtual hosts' domains'
     keys, or (`group_is_key`: the ingress, where one virtual host may serve several hosts' groups) the
     group itself."""
+    _, (_, scopes, routes, _) = _scoped_entry(ctx, members, prefix=prefix, group_is_key=group_is_key)
+    return scopes, routes
+
+
+BucketEntry = tuple[tuple[Any, ...], ScopedGroup]
+"""A bucket's key in `Shared.scoped_groups` and what is kept there."""
+
+
+def _scoped_entry(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *, prefix: str,
+                  group_is_key: bool) -> BucketEntry:
     flat = tuple(vh for _, vhosts in members for vh in vhosts)
     bkey = (prefix, tuple(group for group, _ in members), *map(id, flat))
     cache, now = ctx.shared.cache, ctx.shared.scoped_groups
     prev = now.get(bkey) or cache.scoped.get(bkey)
     if prev is not None and same(prev[0], flat):
-        now[bkey] = prev
-        ctx.shared.group_configs.update(prev[3])  # so the next render finds them, should this bucket change
-        return prev[1], prev[2]
+        entry = (bkey, prev)
+        _keep(ctx, entry)
+        return entry
     configs: list[dict[str, Any]] = []
     scopes: list[dict[str, Any]] = []
     groups: list[tuple[tuple[Any, ...], GroupConfig]] = []
@@ -293,9 +365,19 @@ def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *,
         configs.append(config)
         keys = {group} if group_is_key else {scope_key(d) for vh in vhosts for d in vh["domains"]}
         scopes.extend(_scope(cache, key, config["name"], prefix=prefix) for key in sorted(keys))
-    made = (flat, ResourceSet(scopes), ResourceSet(configs), tuple(groups))
+    # A rebuilt bucket's scopes are mostly the very objects it had (`_scope`): then so is their set, and a
+    # snapshot holding it changes in its route configurations only.
+    scope_set = shared_set(cache, ("scopes", *(sc["name"] for sc in scopes)), scopes)
+    made: ScopedGroup = (flat, scope_set, ResourceSet(configs), tuple(groups))
     now[bkey] = made
-    return made[1], made[2]
+    return bkey, made
+
+
+def _keep(ctx: Ctx, entry: BucketEntry) -> None:
+    """A bucket taken unchanged: what it was made of stays in the caches the next render reads."""
+    bkey, made = entry
+    ctx.shared.scoped_groups[bkey] = made
+    ctx.shared.group_configs.update(made[3])  # so the next render finds them, should this bucket change
 
 
 def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -306,7 +388,12 @@ def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, 
     hit = memo.get(id(reach))  # by identity: every sidecar without an egress list holds the same reach object,
     if hit is not None and hit[0] is reach:  # and hashing a 1000-service tuple 5 times per sidecar added up
         return hit[1]
-    found = tuple(sorted(k for k in reach if not is_tcp(ctx.shared.intent, *k)))
+    # With `dirty`, the Services are as last time: so is the answer for the same reach (one hash of it).
+    kept = ctx.shared.cache.layouts if ctx.shared.dirty is not None else {}
+    found = kept.get(tuple(reach))
+    if found is None:
+        found = tuple(sorted(k for k in reach if not is_tcp(ctx.shared.intent, *k)))
+    ctx.shared.layouts_now[tuple(reach)] = found
     memo[id(reach)] = (reach, found)
     return found
 

@@ -612,6 +612,8 @@ def serialise_ahead(snapshots: Iterable[Snapshot]) -> int:
     epoch = str(xds.epoch()).encode()
     for snap in snapshots:
         for type_url, parts in snap.parts.items():
+            if snap.marks.get(type_url) == epoch:  # these very parts, carried from the proxy's last snapshot
+                continue
             for part in parts:
                 if id(part) in seen or part.wire.get(_SERIALISED) == epoch:
                     continue
@@ -619,6 +621,8 @@ def serialise_ahead(snapshots: Iterable[Snapshot]) -> int:
                 for name in part:
                     made += xds.serialise_once(type_url, part[name], part.digests[name])
                 part.wire[_SERIALISED] = str(xds.epoch()).encode()
+            if str(xds.epoch()).encode() == epoch:  # nothing was dropped from the cache meanwhile
+                snap.marks[type_url] = epoch
     return made
 
 

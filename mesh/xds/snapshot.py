@@ -11,7 +11,7 @@ import hashlib
 import json
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -391,22 +391,67 @@ class Snapshot:
     digests: Mapping[str, Mapping[str, str]] = field(init=False, repr=False)
     """Per resource: type URL -> name -> digest of its content (what the ADS server's caches key on)."""
 
-    def __post_init__(self) -> None:
-        parts = MappingProxyType({t: tuple(p for p in self.parts.get(t, ()) if len(p)) for t in PUSH_ORDER})
+    previous: InitVar[Snapshot | None] = None
+    """The same proxy's snapshot of the last render: a type whose parts are all the same objects keeps its
+    merged views and version, and a snapshot whose every changed part has the names and references of the
+    part it replaces keeps its consistency verdict. At 1000 services x 100 proxies a one-route render
+    replaced one route part per snapshot and composed and checked 101 snapshots anew (~20 ms)."""
+    memo: InitVar[dict[Any, Any] | None] = None
+    """One dict for every snapshot composed from one render: a type's merged views and version, shared by
+    the snapshots holding the same parts (a namespace's hundred sidecars hold the same route parts)."""
+    _checked: bool = field(init=False, default=False, repr=False)
+    """`consistent()` found nothing wrong (here or, carried over, in `previous`)."""
+    _given: Mapping[str, tuple[ResourceSet, ...]] = field(init=False, repr=False)
+    """The parts as given (empty ones too), which the next snapshot of the proxy is compared against."""
+    marks: dict[str, bytes] = field(init=False, default_factory=dict, repr=False)
+    """Per type, a mark the ADS server's `serialise_ahead` leaves on parts it has serialised (carried from
+    `previous` with the parts), so that a hundred snapshots' unchanged parts are not visited again."""
+
+    def __post_init__(self, previous: Snapshot | None, memo: dict[Any, Any] | None) -> None:
+        given = {t: tuple(self.parts.get(t, ())) for t in PUSH_ORDER}
+        object.__setattr__(self, "_given", given)
+        parts: dict[str, tuple[ResourceSet, ...]] = {}
+        resources: dict[str, Mapping[str, Resource]] = {}
+        digests: dict[str, Mapping[str, str]] = {}
+        versions: dict[str, str] = {}
+        checked = previous is not None and previous._checked
         for t in PUSH_ORDER:
-            for p in parts[t]:
-                p.bind(t)
-        object.__setattr__(self, "parts", parts)
-        object.__setattr__(self, "resources", MappingProxyType({t: _Merged(parts[t]) for t in PUSH_ORDER}))
-        object.__setattr__(self, "digests", MappingProxyType(
-            {t: _Merged([p.digests for p in parts[t]]) for t in PUSH_ORDER}))
-        # A type's version changes iff any of its resources (or names) does: one part -> that part's
-        # version; several -> the hash of theirs. Equal content split differently may get another
-        # version: that costs one needless push, never a missed one.
-        object.__setattr__(self, "versions", MappingProxyType({
-            t: (parts[t][0].version if len(parts[t]) == 1 else
-                hashlib.sha256("|".join(p.version for p in parts[t]).encode()).hexdigest()[:16])
-            for t in PUSH_ORDER}))
+            raw = given[t]
+            before = previous._given[t] if previous is not None else None
+            if before is not None and len(before) == len(raw) and all(a is b for a, b in zip(before, raw, strict=True)):
+                mine = previous.parts[t]  # type: ignore[union-attr]  # the same parts as given last time
+            else:
+                mine = tuple(p for p in raw if p.size)
+            parts[t] = mine
+            old = previous.parts[t] if previous is not None else None
+            if old is mine or (old is not None and len(old) == len(mine)
+                               and all(a is b for a, b in zip(old, mine, strict=True))):
+                parts[t] = old
+                resources[t], digests[t], versions[t] = previous.resources[t], previous.digests[t], previous.versions[t]  # type: ignore[union-attr]
+                if t in previous.marks:  # type: ignore[union-attr]
+                    self.marks[t] = previous.marks[t]  # type: ignore[union-attr]
+                continue
+            key = (t, *map(id, mine))
+            hit = memo.get(key) if memo is not None else None  # the memo holds the parts: ids are theirs
+            if hit is None:
+                for p in mine:
+                    p.bind(t)
+                # A type's version changes iff any of its resources (or names) does: one part -> that part's
+                # version; several -> the hash of theirs. Equal content split differently may get another
+                # version: that costs one needless push, never a missed one.
+                hit = (mine, _Merged(mine), _Merged([p.digests for p in mine]),
+                       mine[0].version if len(mine) == 1 else
+                       hashlib.sha256("|".join(p.version for p in mine).encode()).hexdigest()[:16])
+                if memo is not None:
+                    memo[key] = hit
+            parts[t], resources[t], digests[t], versions[t] = hit
+            checked = checked and old is not None and len(old) == len(mine) and all(
+                a is b or (a.names() == b.names() and a.refs() == b.refs()) for a, b in zip(old, mine, strict=True))
+        object.__setattr__(self, "parts", MappingProxyType(parts))
+        object.__setattr__(self, "resources", MappingProxyType(resources))
+        object.__setattr__(self, "digests", MappingProxyType(digests))
+        object.__setattr__(self, "versions", MappingProxyType(versions))
+        object.__setattr__(self, "_checked", checked)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Snapshot) and (self.versions, self.revision) == (other.versions, other.revision)
@@ -440,12 +485,16 @@ class Snapshot:
         secrets: Sequence[ResourceSet] = (),
         scoped_routes: Sequence[ResourceSet] = (),
         revision: str = "",
+        previous: Snapshot | None = None,
+        memo: dict[Any, Any] | None = None,
     ) -> Snapshot:
         """A snapshot from parts; names must not repeat across the parts of one type (`consistent()`
-        checks it)."""
+        checks it). `previous`: the same proxy's last snapshot (`Snapshot.previous`); `memo`: see
+        `Snapshot.memo`."""
         return Snapshot(parts={LISTENER: tuple(listeners), ROUTE: tuple(routes), CLUSTER: tuple(clusters),
                                ENDPOINT: tuple(endpoints), SECRET: tuple(secrets),
-                               SCOPED_ROUTE: tuple(scoped_routes)}, revision=revision)
+                               SCOPED_ROUTE: tuple(scoped_routes)}, revision=revision, previous=previous,
+                        memo=memo)
 
     def version(self, type_url: str) -> str:
         return self.versions[type_url]
@@ -461,6 +510,8 @@ class Snapshot:
     def consistent(self) -> None:
         """Raise InconsistentSnapshot unless every referenced RDS/EDS name is present and vice versa,
         every SDS secret referenced is present, and no name repeats within a type."""
+        if self._checked:
+            return
         problems = []
         names: dict[str, _Names] = {}
         splits = {t: _split(self.parts[t]) for t in PUSH_ORDER}
@@ -481,6 +532,7 @@ class Snapshot:
             problems.append(f"missing secret(s) {missing}")
         if problems:
             raise InconsistentSnapshot("; ".join(problems))
+        object.__setattr__(self, "_checked", True)
 
     def to_json(self) -> dict[str, list[Resource]]:
         """Readable form for golden files: short type names, resources sorted by name."""

@@ -7,7 +7,7 @@ import gc
 
 import pytest
 
-from mesh.xds.snapshot import InconsistentSnapshot, ResourceSet, Snapshot
+from mesh.xds.snapshot import ROUTE, InconsistentSnapshot, ResourceSet, Snapshot
 from tests.unit.mesh.test_ads_protocol import listener, route
 
 
@@ -128,3 +128,25 @@ def test_secret_names_are_found_at_any_depth_in_dicts_lists_tuples_and_read_only
         "other": [["x", 1.5, {"name": "not-a-secret"}]]}
     assert _sds_names(resource) == {"cert", "bundle"}
     assert _sds_names({"name": "plain"}) == set()
+
+
+def test_a_verdict_is_carried_only_past_parts_with_the_same_names_and_references() -> None:
+    """`Snapshot.compose(previous=)`: a checked snapshot's verdict holds for its successor only where each
+    changed part names and refers to what the part it replaces did."""
+    listeners = ResourceSet([listener("a", 1), listener("b", 2)])
+    good = Snapshot.compose(listeners=[listeners], routes=parts("a", "b"))
+    good.consistent()
+    same_names = Snapshot.compose(listeners=[listeners], routes=[*parts("a"), ResourceSet([route("b", {"v2": 100})])],
+                                  previous=good)
+    assert same_names._checked  # carried: nothing it is judged by changed
+    same_names.consistent()
+    renamed = Snapshot.compose(listeners=[listeners], routes=parts("a", "c"), previous=good)
+    with pytest.raises(InconsistentSnapshot, match=r"missing route configuration\(s\) \['b'\]"):
+        renamed.consistent()
+    rereferred = Snapshot.compose(listeners=[ResourceSet([listener("a", 1), listener("c", 2)])], routes=parts("a", "b"),
+                                  previous=good)
+    with pytest.raises(InconsistentSnapshot, match=r"missing route configuration\(s\) \['c'\]"):
+        rereferred.consistent()
+    unchecked = Snapshot.compose(listeners=[listeners], routes=parts("a", "b"))
+    after = Snapshot.compose(listeners=[listeners], routes=unchecked.parts[ROUTE], previous=unchecked)
+    assert not after._checked  # nothing to carry: the previous one was never checked
