@@ -140,3 +140,45 @@ def test_an_incremental_render_is_the_render_from_nothing(seed: int, monkeypatch
     used = [kind for kind, dirty in zip(kinds, answers[::2], strict=True) if dirty]
     assert len(used) >= 8, list(zip(kinds, answers[::2], strict=True))  # the incremental path was taken
     assert {"service", "host", "replicas"} & set(kinds) - set(used)  # and the whole path where it must be
+
+
+def test_a_render_that_fails_half_way_leaves_the_next_one_to_walk_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A render raises after rebuilding some buckets (an extension's bug, say): its half-made state must not
+    become what the next render starts from."""
+    from mesh.render import Extension, render
+    from mesh.topology import Sidecar
+
+    monkeypatch.setattr(__import__("mesh.render.routes", fromlist=["x"]), "BUCKET_SIZE", 2)
+
+    class Flaky(Extension):
+        """Fingerprints that never change; raises once, at the tenth sidecar listener of one render."""
+
+        def __init__(self) -> None:
+            self.calls, self.armed = 0, False
+
+        def fingerprint(self) -> object:
+            return "flaky"
+
+        def listener(self, proxy: object, listener: dict[str, Any]) -> dict[str, Any]:
+            if self.armed and isinstance(proxy, Sidecar):
+                self.calls += 1
+                if self.calls == 10:
+                    self.armed = False
+                    raise RuntimeError("a hook's bug")
+            return listener
+
+    flaky = Flaky()
+    state = initial()
+    first = intent_of(state)
+    topology = planned_topology(first, "east")
+    cache = RenderCache()
+    render(intent=first, topology=topology, extensions=[flaky], cache=cache, revision="r1")
+    state[3]["w"], state[9]["fault"] = 100, True
+    second = intent_of(state)
+    flaky.armed = True
+    with pytest.raises(RuntimeError, match="a hook's bug"):
+        render(intent=second, topology=topology, extensions=[flaky], cache=cache, revision="r2")
+    again = render(intent=second, topology=topology, extensions=[flaky], cache=cache, revision="r2")
+    fresh = render(intent=second, topology=topology, extensions=[flaky], cache=RenderCache(), revision="r2")
+    assert {n: s.to_json() for n, s in again.items()} == {n: s.to_json() for n, s in fresh.items()}
+    assert {n: dict(s.versions) for n, s in again.items()} == {n: dict(s.versions) for n, s in fresh.items()}
