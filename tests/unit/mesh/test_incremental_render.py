@@ -21,7 +21,7 @@ SERVICES = 24
 NAMESPACES = 3
 
 
-def service_files(i: int, state: dict[str, Any]) -> str:
+def service_files(i: int, state: dict[Any, Any]) -> str:
     ns = f"ns{i % NAMESPACES}"
     s = state[i]
     fault = ("      fault: {abort: {httpStatus: 503, percentage: 10}}\n" if s["fault"] else "")
