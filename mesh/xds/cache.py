@@ -88,7 +88,7 @@ class _Node:
         snap = self.snapshot
         if snap is None:
             return
-        if all(self.acked.get(t) == snap.version(t) for t in PUSH_ORDER if snap.items(t)):
+        if all(self.acked.get(t) == snap.version(t) for t in PUSH_ORDER if snap.parts[t]):  # non-empty parts only
             self.acked_version = snap.version_all
             self.acked_revision = snap.revision
 

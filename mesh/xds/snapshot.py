@@ -399,6 +399,7 @@ class Snapshot:
     memo: InitVar[dict[Any, Any] | None] = None
     """One dict for every snapshot composed from one render: a type's merged views and version, shared by
     the snapshots holding the same parts (a namespace's hundred sidecars hold the same route parts)."""
+    _version_all: str | None = field(init=False, default=None, repr=False)
     _checked: bool = field(init=False, default=False, repr=False)
     """`consistent()` found nothing wrong (here or, carried over, in `previous`)."""
     _given: Mapping[str, tuple[ResourceSet, ...]] = field(init=False, repr=False)
@@ -501,8 +502,13 @@ class Snapshot:
 
     @property
     def version_all(self) -> str:
-        """One version for the whole snapshot: changes iff any type's version changes."""
-        return digest([self.versions[t] for t in PUSH_ORDER])
+        """One version for the whole snapshot: changes iff any type's version changes (kept: the cache asks
+        on every ACK of every proxy)."""
+        found = self._version_all
+        if found is None:
+            found = digest([self.versions[t] for t in PUSH_ORDER])
+            object.__setattr__(self, "_version_all", found)
+        return found
 
     def items(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources[type_url]
