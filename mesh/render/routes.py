@@ -157,9 +157,9 @@ def ingress_scoped(ctx: Ctx, vhosts: Sequence[dict[str, Any]]) -> tuple[list[Res
     the virtual hosts whose domains share it (`shop.example.com` and `shop.example.com:8080`) share one
     configuration. Parts are buckets as on the sidecars (`BUCKET_SIZE`), so a one-rule commit rebuilds one."""
     shared = ctx.shared
-    before = shared.cache.ingress_cut
+    before: IngressCut | tuple[()] | None = shared.cache.ingress_cut  # () when the last render had no cut
     if shared.dirty is not None and before is not None:
-        if before == ():
+        if not before:
             return None  # the hosts are as they were: still a wildcard, or none
         buckets, made, bucket_of = before
         swaps = shared.ingress_swaps
