@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mesh.intent import Intent, Route, TrafficPolicy
-from mesh.render.clusters import cluster_versions, inbound_cluster, outbound_clusters
+from mesh.render.clusters import Outbound, cluster_versions, inbound_cluster, outbound_clusters
 from mesh.render.clusters import for_protocol as cluster_protocol
 from mesh.render.context import Ctx, Dirty, Extension, GatewayResources, Proxy, RenderCache, Shared, shared_set
 from mesh.render.egress import EgressRender, outbound_listener
@@ -178,7 +178,7 @@ def render(
             memo=views,
         )
     cache.faulty = faulty(shared)  # what the next render's changed services are applied to
-    cache.buckets, cache.layouts, cache.layout_of = shared.buckets, shared.layouts_now, dict(shared.layouts)
+    cache.buckets, cache.reaches, cache.layout_of = shared.buckets, shared.reaches, dict(shared.layouts)
     cache.snapshots = out
     cache.route_prints, cache.intent, cache.topology = route_prints, intent, topology
     cache.hooked = shared.hooked  # only what this render used: the cache does not grow with history
@@ -219,7 +219,7 @@ def changed_services(cache: RenderCache, intent: Intent, topology: ClusterTopolo
     return frozenset(dirty) if len(dirty) * DIRTY_SHARE <= len(intent.services) else None
 
 
-Services = dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]]
+Services = Outbound
 
 
 def _with_endpoint_hooks(shared: Shared, extensions: Sequence[Extension], by_service: Services) -> Services:

@@ -133,8 +133,8 @@ class Shared:
     """With `dirty`: the ingress virtual hosts that changed, new by the old one's id (`routes.ingress_vhosts`)."""
     buckets: dict[tuple[bool, tuple[tuple[str, str], ...]], Any] = field(default_factory=dict)
     """This render's `RenderCache.buckets`."""
-    layouts_now: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = field(default_factory=dict)
-    """This render's `RenderCache.layouts`."""
+    reaches: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    """This render's `RenderCache.reaches`."""
     hooked_routes: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     configs: dict[tuple[str, tuple[tuple[str, str], ...]], dict[str, Any]] = field(default_factory=dict)
     """This render's outbound route configurations, by (namespace, reach)."""
@@ -219,7 +219,7 @@ class RenderCache:
         self.topology: ClusterTopology | None = None
         """The last render's inputs, against which the next finds what changed (`build.changed_services`)."""
         self.outbound: dict[tuple[str, str], tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
-        """The last render's `clusters.outbound_clusters` answer."""
+        """The last render's `clusters.outbound_clusters` answer (a `clusters.Outbound`)."""
         self.ingress: tuple[list[dict[str, Any]], dict[tuple[str, str], int]] | None = None
         """The last render's ingress virtual hosts, and the index of each service's."""
         self.ingress_cut: Any = None
@@ -227,7 +227,7 @@ class RenderCache:
         self.buckets: dict[tuple[bool, tuple[tuple[str, str], ...]], Any] = {}
         """A sidecar's bucket of per-destination scopes and route configurations, by (its own namespace's,
         its services): what a render whose `Dirty` misses every member takes unchanged."""
-        self.layouts: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+        self.reaches: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
         """`routes._http_reach` answers by reach, for a render whose Services are the last one's."""
         self.layout_of: dict[int, tuple[object, Any]] = {}
         """`routes._layout` answers by the identity of their (held) input, from the last render."""

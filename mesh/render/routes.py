@@ -389,11 +389,11 @@ def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, 
     if hit is not None and hit[0] is reach:  # and hashing a 1000-service tuple 5 times per sidecar added up
         return hit[1]
     # With `dirty`, the Services are as last time: so is the answer for the same reach (one hash of it).
-    kept = ctx.shared.cache.layouts if ctx.shared.dirty is not None else {}
+    kept = ctx.shared.cache.reaches if ctx.shared.dirty is not None else {}
     found = kept.get(tuple(reach))
     if found is None:
         found = tuple(sorted(k for k in reach if not is_tcp(ctx.shared.intent, *k)))
-    ctx.shared.layouts_now[tuple(reach)] = found
+    ctx.shared.reaches[tuple(reach)] = found
     memo[id(reach)] = (reach, found)
     return found
 
