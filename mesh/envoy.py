@@ -58,18 +58,26 @@ outbound clusters that carried requests); a series that does not exist yet reads
 
 
 _EAGER_CLUSTER_STATS = (
-    "assignment_[a-z_]+", r"circuit_breakers\..+", r"default\.total_match_count", "lb_[a-z_]+",
-    "max_host_weight", "membership_[a-z_]+", "update_[a-z_]+", "version", "warming_state",
+    "assignment_[a-z_]+", r"circuit_breakers\..+", r"default\.total_match_count", "init_fetch_timeout",
+    "lb_[a-z_]+", "max_host_weight", "membership_[a-z_]+", "update_[a-z_]+", "version", "version_text",
+    "warming_state",
 )
-STATS_MATCHER = {"exclusion_list": {"patterns": [{"safe_regex": {
-    "regex": r"^cluster\.outbound\|.+\.(?:" + "|".join(_EAGER_CLUSTER_STATS) + ")$"}}]}}
-"""The 41 stats Envoy creates with every cluster even under DEFERRED_STATS (membership, load-balancer,
-circuit-breaker and config-update gauges), left out for the mesh's outbound clusters, as Istio leaves out
-every cluster stat by default (`proxyStatsMatcher`). Nothing reads them for `outbound|` clusters; their
-traffic stats (upstream_rq_*, upstream_cx_*, outlier_detection.*) and every stat of `inbound|app`, the
-xDS and admin clusters stay. Measured on the 1000-service bench's configurations from static files
-(2000 clusters each, same run): the ingress ready in 527-580 ms instead of 1046-1179 ms, the sidecar in
-784-830 ms instead of 891-1071 ms."""
+STATS_MATCHER = {"exclusion_list": {"patterns": [
+    {"safe_regex": {"regex": r"^cluster\.outbound\|.+\.(?:" + "|".join(_EAGER_CLUSTER_STATS) + ")$"}},
+    {"safe_regex": {"regex": r"^http\.[^.]+\.rds\..+$"}},
+]}}
+"""Stats Envoy creates with every cluster and every route configuration whatever the traffic, left out as
+Istio's default `proxyStatsMatcher` leaves them out:
+- the 43 a mesh outbound cluster gets even under DEFERRED_STATS (membership, load-balancer,
+  circuit-breaker and config-update gauges; its EDS version and init-fetch counter);
+- the 12 config-update stats of every RDS route configuration (`http.<prefix>.rds.<name>.*`): the ingress
+  and a sidecar of the 1000-service bench fetch 1000 of them (one per scope), 12,000 stats.
+Nothing reads them: the control plane learns of a rejected resource from the proxy's NACK, per resource.
+What stays: outbound clusters' traffic stats (upstream_rq_*, upstream_cx_*, outlier_detection.*), every
+stat of `inbound|app`, the xDS and admin clusters, the listeners' and HTTP connection managers' own stats
+and `scoped_rds`. Measured on the 1000-service bench, from static files (2000 clusters each, same run):
+the ingress ready in 527-580 ms instead of 1046-1179 ms with the cluster gauges out; then over delta ADS,
+16,460 stats down to 460 and 0.43-0.52 instead of 0.59-0.67 CPU s with the RDS and EDS stats out too."""
 
 
 def bootstrap(

@@ -288,9 +288,10 @@ def test_a_clusters_traffic_stats_exist_once_it_carries_traffic(
 def test_an_outbound_cluster_has_its_traffic_stats_without_its_eager_gauges(
     control_plane: ControlPlane, backend: Callable[[str], int], envoy: Callable[..., EnvoyProcess],
 ) -> None:
-    """`mesh.envoy.STATS_MATCHER`: a mesh outbound cluster is created without the 41 gauges Envoy gives every
+    """`mesh.envoy.STATS_MATCHER`: a mesh outbound cluster is created without the 43 stats Envoy gives every
     cluster (membership, lb, circuit breakers, config updates), and still counts the requests it carries;
-    any other cluster keeps them."""
+    any other cluster keeps them. The RDS route configuration has none of its 12 config-update stats, and
+    its HTTP connection manager still counts requests."""
     cp = control_plane
     v1, v2, other = "outbound|web.shop|v1", "outbound|web.shop|v2", "other"
     ports = {v1: backend("v1"), v2: backend("v2"), other: backend("other")}
@@ -307,9 +308,13 @@ def test_an_outbound_cluster_has_its_traffic_stats_without_its_eager_gauges(
     assert stats[f"cluster.{other}.membership_total"] == 1  # not a mesh outbound cluster: every stat
     for name in (v1, v2):
         eager = sorted(k for k in stats if k.startswith(f"cluster.{name}.") and k.rsplit(".", 1)[1].startswith(
-            ("membership_", "lb_", "update_", "assignment_", "version", "warming_state", "max_host_weight")))
+            ("membership_", "lb_", "update_", "assignment_", "version", "warming_state", "max_host_weight",
+             "init_fetch_timeout")))
         assert eager == [], eager
         assert not any(k.startswith(f"cluster.{name}.circuit_breakers.") for k in stats)
+    http = proxy.stats("http.web.")
+    assert http["http.web.downstream_rq_total"] >= 5
+    assert sorted(k for k in http if k.startswith("http.web.rds.")) == []
 
 
 def test_wait_ready_names_the_address_when_it_gives_up() -> None:
