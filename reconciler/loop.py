@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import functools
 import gc
@@ -794,15 +796,40 @@ GC_FULL_EVERY_S = 600.0
 
 
 def settle_gc() -> None:
-    """Collect the whole heap and freeze what is left (the applied configuration, long-lived)."""
+    """Collect the whole heap and freeze what is left (the applied configuration, long-lived), then give
+    the C heap's free pages back to the system (`release_free_memory`)."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    release_free_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None  # not glibc: nothing to call
+    return trim
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the system (glibc's `malloc_trim`); whether it could. A first push
+    builds ~2 MB of response per proxy, for a hundred proxies at once, and glibc keeps what they free as
+    holes in its heap: measured at 1000 services x 100 proxies, 40 MB of a 269 MB RSS after the push. Once
+    pushes settle, they are given back (a few ms). Pinning glibc's mmap threshold instead (every such block
+    mapped and unmapped) returned them too, but its page faults cost the push 0.25 CPU s."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
 
 
 class GcSettler:
     """What runs once pushes settle: a full `settle_gc` at most every GC_FULL_EVERY_S, otherwise a
-    collection of what was allocated since the last freeze, which is then frozen too.
+    collection of what was allocated since the last freeze, which is then frozen too. Both give the C
+    heap's free pages back (`release_free_memory`).
 
     The full pass scans every object the process holds: ~0.2 s on the event loop at 1000 services, after
     every commit. The light pass scans only the young objects (one render's survivors, the streams'
@@ -823,6 +850,7 @@ class GcSettler:
             return True
         gc.collect()
         gc.freeze()
+        release_free_memory()
         return False
 
 

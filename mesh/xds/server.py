@@ -10,9 +10,6 @@ subscribe/unsubscribe with wildcard for LDS/CDS, `removed_resources`, and a reco
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
-import functools
 import inspect
 import logging
 import sys
@@ -833,29 +830,6 @@ class _AdsServicer:
             state.close()
 
 
-MMAP_THRESHOLD = 256 * 1024
-"""Bytes from which glibc's malloc maps an allocation of its own (and unmaps it when freed), pinned by
-`pin_mmap_threshold`. glibc's default is 128 KiB but moves: once a mapped block is freed, the threshold
-rises to that block's size, so later responses of that size come from the heap. A first push builds ~2 MB
-per proxy (its response, then gRPC's copy) for a hundred proxies at once; from the heap, those blocks come
-back as free holes the process keeps (measured at 1000 services x 100 proxies: 40 MB of the 269 MB RSS
-after the push, given back by `malloc_trim`). Pinned, they are mapped and returned whole."""
-
-
-@functools.cache
-def pin_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold to MMAP_THRESHOLD (which also stops it moving); whether it was (False on a
-    C library without `mallopt`). Process-wide, so called once, by the first ADS server to start."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    m_mmap_threshold = -3  # malloc.h
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD))
-
-
 class AdsServer:
     """An ADS gRPC server over a SnapshotCache, bound to one address (plaintext: loopback only).
 
@@ -877,7 +851,6 @@ class AdsServer:
         if self._server is not None:
             raise RuntimeError("AdsServer already started")
         self._cache.bind(asyncio.get_running_loop())
-        pin_mmap_threshold()
         server = grpc.aio.server(
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
