@@ -797,7 +797,8 @@ def report(services: int, proxies: int, mode: str, base: dict[str, float] | None
         print(f"  one route, ACKed after the push began: the ingress Envoy (one route configuration of every exposed"
               f" host) {big['one_ack_ingress_ms']:.0f} ms, the sidecar Envoy {big['one_ack_sidecar_ms']:.0f} ms,"
               f" the simulated proxies p50 {big['one_ack_sims_p50_ms']:.0f} / max {big['one_ack_sims_max_ms']:.0f} ms")
-    print(f"  floor: the 2 real Envoys load the same final config from a static protobuf file in {big['floor_ms']:.0f} ms"
+    print(f"  floor: the 2 real Envoys load the same final config from a static protobuf file in"
+          f" {big['floor_ms']:.0f} ms"
           f" (ready after {big['floor_ms'] + big.get('floor_start_ms', 0):.0f} ms, less the"
           f" {big.get('floor_start_ms', 0):.0f} ms they take to start on an empty one);"
           f" lockgate full push / floor = {full / big['floor_ms']:.1f}x"
