@@ -58,7 +58,13 @@ def render(
     cache.intent = None  # until this render has finished: one that fails leaves nothing to compare against
     shared = Shared(intent=intent, cache=cache, prints=prints, dirty=dirty)
     leaving = EgressRender(intent=intent, cache=cache)  # ExternalServices and the outbound traffic policy
-    by_service = _with_endpoint_hooks(shared, extensions, outbound_clusters(intent, topology, cache, dirty))
+    before = cache.outbound
+    raw = outbound_clusters(intent, topology, cache, dirty)
+    by_service = _with_endpoint_hooks(shared, extensions, raw)
+    # The changed services' clusters are last render's objects (a weight moved, say) and nothing else may
+    # differ (`dirty`): every reach's cluster and endpoint sets are last render's too.
+    kept_reaches = cache.reach_sets if dirty is not None and before and all(
+        raw[k] is before.get(k) for k in dirty) else {}
     base_inbound = inbound_routes()
     inbound_sets = {id(base_inbound): (base_inbound, ResourceSet([base_inbound]))}
 
@@ -84,10 +90,14 @@ def render(
             return hit[1]
         found = per_reach.get(reach)
         if found is None:
-            clusters = shared_set(cache, ("clusters", reach),
-                                  [_hooked(shared, c, ctx.cluster) for key in reach for c in by_service[key][0]])
-            endpoints = shared_set(cache, ("endpoints", reach), [e for key in reach for e in by_service[key][1]],
-                                   key="cluster_name")
+            last = kept_reaches.get(reach)
+            if last is not None:
+                clusters, endpoints = last
+            else:
+                clusters = shared_set(cache, ("clusters", reach),
+                                      [_hooked(shared, c, ctx.cluster) for key in reach for c in by_service[key][0]])
+                endpoints = shared_set(cache, ("endpoints", reach),
+                                       [e for key in reach for e in by_service[key][1]], key="cluster_name")
             found = per_reach[reach] = (clusters, endpoints, any_fault(shared, reach))
         reach_ids[id(reach)] = (reach, found)
         return found
@@ -121,7 +131,9 @@ def render(
         if isinstance(proxy, Gateway):
             reach = everything  # the ingress may route to any service (hosts, and their mirrors)
             clusters, endpoints, _ = for_reach(ctx, reach)
-            exposed = [key for key, r in intent.routes.items() if r.spec.hosts]
+            exposed = cache.exposed if dirty is not None and cache.exposed is not None else [
+                key for key, r in intent.routes.items() if r.spec.hosts]  # `dirty`: every Route's hosts as before
+            cache.exposed = exposed
             vhosts = ingress_vhosts(ctx)
             cut = ingress_scoped(ctx, vhosts)  # one route configuration per host, unless a host is a wildcard
             listener = listener_config("ingress", proxy.address, proxy.port, ingress=True,
@@ -178,6 +190,7 @@ def render(
             memo=views,
         )
     cache.faulty = faulty(shared)  # what the next render's changed services are applied to
+    cache.reach_sets = {reach: (c, e) for reach, (c, e, _) in per_reach.items()}
     cache.buckets, cache.reaches, cache.layout_of = shared.buckets, shared.reaches, dict(shared.layouts)
     cache.snapshots = out
     cache.route_prints, cache.intent, cache.topology = route_prints, intent, topology

@@ -233,6 +233,11 @@ class RenderCache:
         """`routes._layout` answers by the identity of their (held) input, from the last render."""
         self.faulty: frozenset[tuple[str, str]] = frozenset()
         """Services with a rule that injects faults, at the last render."""
+        self.reach_sets: dict[tuple[tuple[str, str], ...], tuple[ResourceSet, ResourceSet]] = {}
+        """Each reach's (clusters, endpoints) sets: kept by a render whose changed services' clusters are
+        the same objects as last time (`build.render`)."""
+        self.exposed: list[tuple[str, str]] | None = None
+        """The services whose Routes have hosts (the ingress's): kept while every Route's hosts are."""
         self.snapshots: dict[str, Any] = {}
         """The last render's snapshot per proxy (`Snapshot.compose(previous=)`)."""
 

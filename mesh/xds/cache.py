@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mesh.xds.snapshot import PUSH_ORDER, Snapshot
+from mesh.xds.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,19 @@ class _Node:
             nack_resources=self.nack_resources,
         )
 
+    def stamp(self) -> tuple[object, ...]:
+        """What `status()` reports, without building it: equal stamps, equal statuses (the cache compares
+        them around every set and every ACK of every proxy)."""
+        return (bool(self.watches), dict(self.acked), self.acked_version, self.acked_revision, self.nack,
+                self.nack_type, self.nack_resources)
+
     def converge(self) -> None:
         """Adopt the current snapshot as converged once every non-empty type is ACKed at its version."""
         snap = self.snapshot
-        if snap is None:
+        if snap is None or (self.acked_version == snap.version_all and self.acked_revision == snap.revision):
             return
-        if all(self.acked.get(t) == snap.version(t) for t in PUSH_ORDER if snap.parts[t]):  # non-empty parts only
+        acked = self.acked
+        if all(acked.get(t) == v for t, v in snap.wanted):
             self.acked_version = snap.version_all
             self.acked_revision = snap.revision
 
@@ -110,7 +117,7 @@ class SnapshotCache:
     def set(self, node_id: str, snapshot: Snapshot) -> None:
         """Store `snapshot` for `node_id` and wake the streams of that node that have sent something else."""
         node = self._node(node_id)
-        before = node.status()
+        before = node.stamp()
         node.snapshot = snapshot
         if node.nack_type is not None and snapshot.version(node.nack_type) != node.nack_version:
             node.nack = node.nack_type = node.nack_version = None
@@ -150,7 +157,7 @@ class SnapshotCache:
         if not node.watches:
             del self._nodes[node_id]
             return
-        before = node.status()
+        before = node.stamp()
         self._nodes[node_id] = fresh = _Node(node_id, watches=node.watches)
         self._changed_if(fresh, before)
 
@@ -200,7 +207,7 @@ class SnapshotCache:
     def watch(self, node_id: str, watch: Watch) -> None:
         """Register an open stream of `node_id`; it is woken by `set` when it `wants` the new snapshot."""
         node = self._node(node_id)
-        before = node.status()
+        before = node.stamp()
         node.watches.append(watch)
         self._changed_if(node, before)
 
@@ -208,7 +215,7 @@ class SnapshotCache:
         node = self._nodes.get(node_id)
         if node is None or watch not in node.watches:
             return
-        before = node.status()
+        before = node.stamp()
         node.watches.remove(watch)
         if not node.watches and node.snapshot is None:
             del self._nodes[node_id]  # cleared earlier, and now gone: nothing left to report
@@ -217,7 +224,7 @@ class SnapshotCache:
     def applied(self, node_id: str, type_url: str, version: str) -> None:
         """The proxy holds `version` of `type_url`: an ACK, or the version a reconnecting proxy reports."""
         node = self._node(node_id)
-        before = node.status()
+        before = node.stamp()
         if version:
             node.acked[type_url] = version
         else:
@@ -242,7 +249,7 @@ class SnapshotCache:
         snap = node.snapshot
         if snap is None or snap.version(type_url) != version:
             return
-        before = node.status()
+        before = node.stamp()
         node.nack, node.nack_type, node.nack_version = message, type_url, version
         node.nack_resources = (tuple(sorted(resources)) if resources is not None
                                else _changed(node.accepted.get(type_url), snap, type_url))
@@ -256,12 +263,15 @@ class SnapshotCache:
             node = self._nodes[node_id] = _Node(node_id)
         return node
 
-    def _changed_if(self, node: _Node, before: ProxyStatus) -> None:
-        after = node.status()
-        if after == before:
+    def _changed_if(self, node: _Node, before: tuple[object, ...]) -> None:
+        """Tell waiters and subscribers if the node's status is no longer what `before` (its stamp) was."""
+        if node.stamp() == before:
             return
         for event in self._changed.get(node.node_id, ()):
             event.set()
+        if not self._subscribers:
+            return
+        after = node.status()
         for callback in list(self._subscribers):
             try:
                 callback(after)

@@ -12,6 +12,7 @@ import json
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import InitVar, dataclass, field
+from operator import is_
 from types import MappingProxyType
 from typing import Any
 
@@ -400,6 +401,7 @@ class Snapshot:
     """One dict for every snapshot composed from one render: a type's merged views and version, shared by
     the snapshots holding the same parts (a namespace's hundred sidecars hold the same route parts)."""
     _version_all: str | None = field(init=False, default=None, repr=False)
+    _wanted: tuple[tuple[str, str], ...] | None = field(init=False, default=None, repr=False)
     _checked: bool = field(init=False, default=False, repr=False)
     """`consistent()` found nothing wrong (here or, carried over, in `previous`)."""
     _given: Mapping[str, tuple[ResourceSet, ...]] = field(init=False, repr=False)
@@ -419,14 +421,13 @@ class Snapshot:
         for t in PUSH_ORDER:
             raw = given[t]
             before = previous._given[t] if previous is not None else None
-            if before is not None and len(before) == len(raw) and all(a is b for a, b in zip(before, raw, strict=True)):
+            if before is not None and (before is raw or (len(before) == len(raw) and all(map(is_, before, raw)))):
                 mine = previous.parts[t]  # type: ignore[union-attr]  # the same parts as given last time
             else:
                 mine = tuple(p for p in raw if p.size)
             parts[t] = mine
             old = previous.parts[t] if previous is not None else None
-            if old is mine or (old is not None and len(old) == len(mine)
-                               and all(a is b for a, b in zip(old, mine, strict=True))):
+            if old is mine or (old is not None and len(old) == len(mine) and all(map(is_, old, mine))):
                 parts[t] = old
                 resources[t], digests[t], versions[t] = previous.resources[t], previous.digests[t], previous.versions[t]  # type: ignore[union-attr]
                 if t in previous.marks:  # type: ignore[union-attr]
@@ -508,6 +509,16 @@ class Snapshot:
         if found is None:
             found = digest([self.versions[t] for t in PUSH_ORDER])
             object.__setattr__(self, "_version_all", found)
+        return found
+
+    @property
+    def wanted(self) -> tuple[tuple[str, str], ...]:
+        """(type, version) of every type that has resources: what a proxy must ACK to hold this snapshot
+        (kept, as `version_all`)."""
+        found = self._wanted
+        if found is None:
+            found = tuple((t, self.versions[t]) for t in PUSH_ORDER if self.parts[t])
+            object.__setattr__(self, "_wanted", found)
         return found
 
     def items(self, type_url: str) -> Mapping[str, Resource]:
