@@ -411,27 +411,34 @@ class Snapshot:
     `previous` with the parts), so that a hundred snapshots' unchanged parts are not visited again."""
 
     def __post_init__(self, previous: Snapshot | None, memo: dict[Any, Any] | None) -> None:
-        given = {t: tuple(self.parts.get(t, ())) for t in PUSH_ORDER}
+        src = self.parts
+        given = {t: tuple(src.get(t, ())) for t in PUSH_ORDER}
         object.__setattr__(self, "_given", given)
         parts: dict[str, tuple[ResourceSet, ...]] = {}
         resources: dict[str, Mapping[str, Resource]] = {}
         digests: dict[str, Mapping[str, str]] = {}
         versions: dict[str, str] = {}
         checked = previous is not None and previous._checked
+        if previous is not None:
+            was_given, was_parts, was_marks = previous._given, previous.parts, previous.marks
         for t in PUSH_ORDER:
             raw = given[t]
-            before = previous._given[t] if previous is not None else None
-            if before is not None and (before is raw or (len(before) == len(raw) and all(map(is_, before, raw)))):
-                mine = previous.parts[t]  # type: ignore[union-attr]  # the same parts as given last time
-            else:
-                mine = tuple(p for p in raw if p.size)
-            parts[t] = mine
-            old = previous.parts[t] if previous is not None else None
-            if old is mine or (old is not None and len(old) == len(mine) and all(map(is_, old, mine))):
-                parts[t] = old
-                resources[t], digests[t], versions[t] = previous.resources[t], previous.digests[t], previous.versions[t]  # type: ignore[union-attr]
-                if t in previous.marks:  # type: ignore[union-attr]
-                    self.marks[t] = previous.marks[t]  # type: ignore[union-attr]
+            old = was_parts[t] if previous is not None else None
+            if previous is not None:
+                before = was_given[t]
+                if before is raw or (len(before) == len(raw) and all(map(is_, before, raw))):
+                    # The same parts as given last time: last snapshot's views, version and mark.
+                    parts[t], resources[t] = old, previous.resources[t]  # type: ignore[assignment]
+                    digests[t], versions[t] = previous.digests[t], previous.versions[t]
+                    if t in was_marks:
+                        self.marks[t] = was_marks[t]
+                    continue
+            mine = tuple(p for p in raw if p.size)
+            if old is not None and (old is mine or (len(old) == len(mine) and all(map(is_, old, mine)))):
+                parts[t], resources[t] = old, previous.resources[t]  # type: ignore[union-attr]
+                digests[t], versions[t] = previous.digests[t], previous.versions[t]  # type: ignore[union-attr]
+                if t in was_marks:
+                    self.marks[t] = was_marks[t]
                 continue
             key = (t, *map(id, mine))
             hit = memo.get(key) if memo is not None else None  # the memo holds the parts: ids are theirs
