@@ -25,7 +25,7 @@ from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-__all__ = ["Unsupported", "encode", "encode_as", "forget_written", "shared_objects"]
+__all__ = ["Unsupported", "encode", "encode_as", "forget_written", "share_objects", "shared_objects"]
 
 
 class Unsupported(Exception):
@@ -128,6 +128,13 @@ _WRITTEN_MAX = 300_000
 def forget_written() -> None:
     """Drop what `shared_objects` remembered (wire.forget)."""
     _written.clear()
+
+
+def share_objects(on: bool) -> bool:
+    """Turn `shared_objects`' behaviour on or off for this thread; what it was (to restore in a `finally`)."""
+    before = _scope.shared
+    _scope.shared = on
+    return before
 
 
 @contextlib.contextmanager
