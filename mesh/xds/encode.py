@@ -142,12 +142,11 @@ def shared_objects() -> Iterator[None]:
     """Within it (this thread only), a nested object met again is not written again: for objects that are
     never mutated once written, as a snapshot's resources are (wire.typed_digest). Outside it, every call
     writes what it is given, so a caller that edits a dict between two calls gets what it edited."""
-    before = _scope.shared
-    _scope.shared = True
+    before = share_objects(True)
     try:
         yield
     finally:
-        _scope.shared = before
+        share_objects(before)
 
 
 # --- the wire format ----------------------------------------------------------------------------------

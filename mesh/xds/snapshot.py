@@ -424,22 +424,21 @@ class Snapshot:
         for t in PUSH_ORDER:
             raw = given[t]
             old = was_parts[t] if previous is not None else None
+            mine = raw
             if previous is not None:
                 before = was_given[t]
-                if before is raw or (len(before) == len(raw) and all(map(is_, before, raw))):
-                    # The same parts as given last time: last snapshot's views, version and mark.
+                kept = before is raw or (len(before) == len(raw) and all(map(is_, before, raw)))  # as given
+                if not kept:
+                    mine = tuple(p for p in raw if p.size)
+                    kept = old is mine or (len(old) == len(mine) and all(map(is_, old, mine)))  # type: ignore[arg-type]
+                if kept:  # the last snapshot's parts: its views, version and mark
                     parts[t], resources[t] = old, previous.resources[t]  # type: ignore[assignment]
                     digests[t], versions[t] = previous.digests[t], previous.versions[t]
                     if t in was_marks:
                         self.marks[t] = was_marks[t]
                     continue
-            mine = tuple(p for p in raw if p.size)
-            if old is not None and (old is mine or (len(old) == len(mine) and all(map(is_, old, mine)))):
-                parts[t], resources[t] = old, previous.resources[t]  # type: ignore[union-attr]
-                digests[t], versions[t] = previous.digests[t], previous.versions[t]  # type: ignore[union-attr]
-                if t in was_marks:
-                    self.marks[t] = was_marks[t]
-                continue
+            else:
+                mine = tuple(p for p in raw if p.size)
             key = (t, *map(id, mine))
             hit = memo.get(key) if memo is not None else None  # the memo holds the parts: ids are theirs
             if hit is None:
