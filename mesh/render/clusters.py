@@ -105,8 +105,14 @@ def cluster_versions(intent: Intent, ns: str, svc: str) -> list[str | None]:
 def _unlimited() -> dict[str, Any]:
     """Circuit breakers as Istio sets them without a connection pool: effectively none (track_remaining
     stays off: it adds gauges per cluster that nothing here reads)."""
-    return {"circuit_breakers": {"thresholds": [{key: UNLIMITED for key in (
-        "max_connections", "max_pending_requests", "max_requests", "max_retries")}]}}
+    return {"circuit_breakers": UNLIMITED_BREAKERS}
+
+
+_UNLIMITED_THRESHOLDS: dict[str, Any] = {key: UNLIMITED for key in (
+    "max_connections", "max_pending_requests", "max_requests", "max_retries")}
+UNLIMITED_BREAKERS: dict[str, Any] = {"thresholds": [_UNLIMITED_THRESHOLDS]}
+"""What every cluster without a connection pool holds: one object, never mutated (`cluster_policy` copies
+before it sets a threshold), so the encoder writes it once per render, not once per cluster."""
 
 
 def cluster_policy(p: PolicySettings) -> dict[str, Any]:
@@ -118,7 +124,8 @@ def cluster_policy(p: PolicySettings) -> dict[str, Any]:
         out["lb_policy"] = "RING_HASH" if lb.consistent_hash else lb.simple
     pool = p.connection_pool
     if pool is not None:
-        thresholds: dict[str, Any] = out["circuit_breakers"]["thresholds"][0]  # a value set wins for its field
+        thresholds: dict[str, Any] = dict(_UNLIMITED_THRESHOLDS)  # a value set wins for its field
+        out["circuit_breakers"] = {"thresholds": [thresholds]}
         if pool.tcp is not None:
             if pool.tcp.connect_timeout is not None:
                 out["connect_timeout"] = duration_field(pool.tcp.connect_timeout)

@@ -425,12 +425,19 @@ def _closed(vhost: dict[str, Any]) -> dict[str, Any]:
     routes = vhost.get("routes", [])
     tail: list[dict[str, Any]] = []
     if not routes or routes[-1].get("match") != {"prefix": "/"}:
-        tail.append({"name": "no-rule-matched", "match": {"prefix": "/"},
-                     "direct_response": {"status": 404, "body": {"inline_string": NO_RULE_BODY}}})
+        tail.append(NO_RULE_ROUTE)
     if not any("connect_matcher" in r.get("match", {}) for r in routes):
-        tail.append({"name": "no-rule-matched-connect", "match": {"connect_matcher": {}},
-                     "direct_response": {"status": 404, "body": {"inline_string": NO_RULE_BODY}}})
+        tail.append(NO_RULE_CONNECT_ROUTE)
     return {**vhost, "routes": [*routes, *tail]} if tail else vhost
+
+
+NO_RULE_ROUTE: dict[str, Any] = {"name": "no-rule-matched", "match": {"prefix": "/"},
+                                 "direct_response": {"status": 404, "body": {"inline_string": NO_RULE_BODY}}}
+NO_RULE_CONNECT_ROUTE: dict[str, Any] = {
+    "name": "no-rule-matched-connect", "match": {"connect_matcher": {}},
+    "direct_response": {"status": 404, "body": {"inline_string": NO_RULE_BODY}}}
+"""The tail routes of a closed virtual host: one object each, never mutated (as `VHOST_RETRIES`), so the
+encoder writes each once per render (`encode.shared_objects`) rather than once per virtual host."""
 
 
 def _mesh_vhosts(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
