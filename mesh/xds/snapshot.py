@@ -190,9 +190,20 @@ class ResourceSet(Mapping[str, Resource]):
                 frozenset(_route_names(values)),
                 frozenset((c.get("eds_cluster_config") or {}).get("service_name") or c["name"]
                           for c in values if c.get("type") == "EDS"),
-                _NONE if no_secrets else frozenset().union(*(resource_secrets(r) for r in values)),
+                _NONE if no_secrets else self._secrets(),
             )
         return self._refs
+
+    def _secrets(self) -> frozenset[str]:
+        """SDS names the resources ask for: a bound set walks only those whose serialised form may name
+        one (`wire.may_name_secrets`: it is serialised anyway, for its digest); an unbound set, all."""
+        if self._type_url is None:
+            return frozenset().union(*(resource_secrets(r) for r in self._items.values()))
+        from mesh.xds import wire  # wire imports this module
+
+        may, type_url, digests = wire.may_name_secrets, self._type_url, self.digests
+        return frozenset().union(*(resource_secrets(r) for name, r in self._items.items()
+                                   if may(type_url, digests[name])))
 
 
 @dataclass(frozen=True, eq=False)

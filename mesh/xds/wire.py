@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -253,6 +254,52 @@ def _vhost_bytes(vhost: Resource) -> bytes:
         msg = route_components_pb2.VirtualHost()
         json_format.ParseDict(_plain(vhost), msg)
         return bytes(msg.SerializeToString(deterministic=True))
+
+
+def may_name_secrets(type_url: str, content_digest: str) -> bool:
+    """Whether a resource may refer to an SDS secret, read off its serialised form (cached under its
+    digest) instead of walking its dicts: False only when those bytes hold neither the word `sds_config`
+    (a Struct's keys are written verbatim) nor the name of a message type that can reach a field called
+    `sds_config` without an Any between (an Any's contents are named by its own type URL, which is in the
+    bytes; the resource's own type is, in its Any head). Unknown bytes: True (the caller walks).
+
+    A secret reference is `{name, sds_config}` (`snapshot._sds_names`); at 1000 services the walk over
+    every cluster and route configuration was ~80 ms of a cold push's check, the scan is a few."""
+    packed = _cache.get((type_url, content_digest))
+    if packed is None or b"sds_config" in packed:
+        return True
+    return any(_carries_secrets(name) for name in set(_TYPE_NAMES.findall(packed)))
+
+
+_TYPE_NAMES = re.compile(rb"/([A-Za-z_][A-Za-z0-9_.]*)")
+"""What may follow a type URL's last `/` (a message's full name); other matches are names no message has."""
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: a route's path segments are looked up too, and found in no pool
+def _carries_secrets(full_name: bytes) -> bool:
+    """Whether a message of this type can hold a field named `sds_config` (through its fields' message
+    types, not through an Any or a Struct: those are covered by the bytes themselves)."""
+    pool = descriptor_pool.Default()
+    try:
+        root = pool.FindMessageTypeByName(full_name.decode("ascii"))
+    except (KeyError, UnicodeDecodeError):
+        return False  # no such message: nothing was encoded as one
+    seen = {root.full_name}
+    stack = [root]
+    while stack:
+        desc = stack.pop()
+        for f in desc.fields:
+            if f.name == "sds_config":
+                return True
+            sub = f.message_type
+            if sub is not None and sub.full_name not in seen and sub.full_name not in _OPAQUE:
+                seen.add(sub.full_name)
+                stack.append(sub)
+    return False
+
+
+_OPAQUE = frozenset({"google.protobuf.Any", "google.protobuf.Struct", "google.protobuf.Value",
+                     "google.protobuf.ListValue"})
 
 
 def forget() -> None:
