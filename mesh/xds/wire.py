@@ -272,7 +272,10 @@ def may_name_secrets(type_url: str, content_digest: str) -> bool:
 
 
 _TYPE_NAMES = re.compile(rb"/([A-Za-z_][A-Za-z0-9_.]*)")
-"""What may follow a type URL's last `/` (a message's full name); other matches are names no message has."""
+"""What may follow a type URL's last `/` (a message's full name); other matches are names no message has.
+A name ends where its string does: the bytes are written in field order, so an Any's type URL (field 1)
+is followed by its value's tag (0x12, not a name character). An Any with no value may run into the next
+tag's byte, and names no secret, having no fields."""
 
 
 @functools.lru_cache(maxsize=4096)  # bounded: a route's path segments are looked up too, and found in no pool
