@@ -40,6 +40,7 @@ from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # 
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
 from google.protobuf import any_pb2, descriptor_pool, json_format, message_factory
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from mesh.xds.encode import Unsupported, encode_as, forget_written, share_objects, varint
@@ -278,15 +279,26 @@ is followed by its value's tag (0x12, not a name character). An Any with no valu
 tag's byte, and names no secret, having no fields."""
 
 
-@functools.lru_cache(maxsize=4096)  # bounded: a route's path segments are looked up too, and found in no pool
 def _carries_secrets(full_name: bytes) -> bool:
     """Whether a message of this type can hold a field named `sds_config` (through its fields' message
-    types, not through an Any or a Struct: those are covered by the bytes themselves)."""
-    pool = descriptor_pool.Default()
-    try:
-        root = pool.FindMessageTypeByName(full_name.decode("ascii"))
-    except (KeyError, UnicodeDecodeError):
-        return False  # no such message: nothing was encoded as one
+    types, not through an Any or a Struct: those are covered by the bytes themselves). Remembered per type;
+    a name no message has is not (a route's path segments are looked up too, and a module imported later
+    may define it)."""
+    found = _carriers.get(full_name)
+    if found is None:
+        try:
+            root = descriptor_pool.Default().FindMessageTypeByName(full_name.decode("ascii"))
+        except (KeyError, UnicodeDecodeError):
+            return False  # no such message: nothing was encoded as one
+        found = _carriers[full_name] = _reaches_sds_config(root)
+    return found
+
+
+_carriers: dict[bytes, bool] = {}
+"""_carries_secrets' memo: one entry per message type met in a resource's bytes (bounded by the pool)."""
+
+
+def _reaches_sds_config(root: Descriptor) -> bool:
     seen = {root.full_name}
     stack = [root]
     while stack:

@@ -84,3 +84,18 @@ def test_bytes_the_cache_does_not_hold_are_walked() -> None:
     unbound = ResourceSet([_cluster("a", transport_socket={"name": "tls", "typed_config": {
         "@type": TLS, "common_tls_context": {"tls_certificate_sds_secret_configs": [SDS]}}})])
     assert unbound.refs()[2] == {SDS["name"]}  # never bound to a type: no bytes, the walk
+
+
+def test_a_type_defined_after_its_name_was_first_looked_up_is_still_recognised() -> None:
+    """A name no message has is not remembered as "no secrets": a module imported later may define it."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    name = b"lockgate_test_scan.Late"
+    assert not wire._carries_secrets(name)  # looked up before it exists (a route path could spell it)
+    proto = descriptor_pb2.FileDescriptorProto(name="lockgate_test_scan_late.proto", package="lockgate_test_scan",
+                                               syntax="proto3")
+    msg = proto.message_type.add(name="Late")
+    msg.field.add(name="sds_config", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+                  label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
+    descriptor_pool.Default().Add(proto)
+    assert wire._carries_secrets(name)
