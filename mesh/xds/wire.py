@@ -276,7 +276,8 @@ _TYPE_NAMES = re.compile(rb"/([A-Za-z_][A-Za-z0-9_.]*)")
 """What may follow a type URL's last `/` (a message's full name); other matches are names no message has.
 A name ends where its string does: the bytes are written in field order, so an Any's type URL (field 1)
 is followed by its value's tag (0x12, not a name character). An Any with no value may run into the next
-tag's byte, and names no secret, having no fields."""
+tag's byte, and names no secret, having no fields. Render writes every type URL with its prefix; one
+without a `/` is not an Any Envoy unpacks (protobuf's `Any::UnpackTo` requires the `/`)."""
 
 
 def _carries_secrets(full_name: bytes) -> bool:
