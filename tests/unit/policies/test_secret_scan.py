@@ -99,3 +99,14 @@ def test_a_type_defined_after_its_name_was_first_looked_up_is_still_recognised()
                   label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL)
     descriptor_pool.Default().Add(proto)
     assert wire._carries_secrets(name)
+
+
+def test_a_bound_set_whose_bytes_the_cache_dropped_is_walked() -> None:
+    tls = _cluster("a", transport_socket={"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": TLS, "common_tls_context": {"tls_certificate_sds_secret_configs": [SDS]}}})
+    part = ResourceSet([tls])
+    part.bind(CLUSTER)
+    digest = part.digests["a"]
+    wire._cache.clear()  # what an LRU eviction leaves: the digest, no bytes under it
+    assert wire.may_name_secrets(CLUSTER, digest)
+    assert part.refs()[2] == {SDS["name"]}
