@@ -56,6 +56,9 @@ def render(
                              and not any(ext.routes_per_proxy for ext in extensions))
     cache.prints = prints
     cache.intent = None  # until this render has finished: one that fails leaves nothing to compare against
+    memos = (cache.configs, cache.sets)
+    for memo in memos:  # a render of every service finds what the mesh still has: the rest is swept at its end
+        memo.track() if dirty is None else memo.sweep(drop=False)
     shared = Shared(intent=intent, cache=cache, prints=prints, dirty=dirty)
     leaving = EgressRender(intent=intent, cache=cache)  # ExternalServices and the outbound traffic policy
     before = cache.outbound
@@ -198,7 +201,28 @@ def render(
     cache.own = own_now
     cache.scoped = shared.scoped_groups
     cache.group_configs = shared.group_configs
+    for memo in memos:
+        memo.sweep(drop=dirty is None)
+    if dirty is None:
+        _prune(cache, intent)
     return out
+
+
+def _prune(cache: RenderCache, intent: Intent) -> None:
+    """Forget the per-service memos of services the intent no longer has, and the ingress virtual hosts of
+    hosts no Route still exposes (after a render of every service: one of the changed ones only cannot
+    have lost either)."""
+    services, routes = intent.services, intent.routes
+    cache.routes = {k: v for k, v in cache.routes.items() if k in services}
+    cache.clusters = {k: v for k, v in cache.clusters.items() if k in services}
+
+    def live(key: tuple[Any, ...]) -> bool:
+        if key[0] != "ingress":
+            return key[:2] in services
+        route = routes.get(key[1:3])
+        return route is not None and tuple(route.spec.hosts) == key[3:]
+
+    cache.vhosts = {k: v for k, v in cache.vhosts.items() if live(k)}
 
 
 DIRTY_SHARE = 8

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from mesh.intent import Intent, PolicySettings, parse_duration_ms
 from mesh.topology import ClusterTopology, Gateway, Sidecar
@@ -104,9 +104,11 @@ NOT_FOUND_BODY = "lockgate: no route for this host\n"
 
 GroupConfig = tuple[tuple[object, ...], dict[str, Any]]
 """One destination's outbound route configuration and the virtual hosts it was made of."""
-ScopedGroup = tuple[tuple[object, ...], ResourceSet, ResourceSet, tuple[tuple[tuple[Any, ...], GroupConfig], ...]]
+ScopedGroup = tuple[tuple[object, ...], ResourceSet, ResourceSet, tuple[tuple[tuple[Any, ...], GroupConfig], ...],
+                    tuple[tuple[Any, ...], tuple[object, ...]]]
 """A bucket of per-destination outbound routes: its virtual hosts, its scopes, its route configurations,
-and its destinations' configurations (by key)."""
+its destinations' configurations (by key), and the cache entries its scopes came from (its scope set's key
+in `RenderCache.sets`, its scopes' entries in `RenderCache.configs`)."""
 
 
 Dirty = frozenset[tuple[str, str]] | None
@@ -188,6 +190,73 @@ class Ctx:
         return [s for ext in self.extensions for s in ext.secrets(self.proxy)]
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+T = TypeVar("T")
+
+
+class Swept(dict[K, V]):
+    """A render cache's memo that can forget what a full render did not use.
+
+    Its keys name reaches, host lists and scopes, so without this it held every one the mesh ever had: a
+    commit adding a service made a new reach, and with it a set of every cluster, every endpoint and a
+    namespace's scopes (measured at 1000 services: 0.4 MB per such commit, for as long as the reconciler
+    ran). A render that walks every service (`Dirty` None) tracks which entries it read or wrote (by the
+    identity of the value, so no key is hashed twice) and drops the rest at its end (`sweep`); a render
+    that walks only the changed services neither tracks nor sweeps, since what it skipped is still what the
+    next render needs. The memos keyed by service alone are pruned by key instead (`build._prune`): a
+    method call per lookup cost a full render ~25 ms there."""
+
+    __slots__ = ("_used",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._used: set[int] | None = None
+
+    @overload
+    def get(self, key: K, default: None = None, /) -> V | None: ...
+
+    @overload
+    def get(self, key: K, default: V, /) -> V: ...
+
+    @overload
+    def get(self, key: K, default: T, /) -> V | T: ...
+
+    def get(self, key: K, default: object = None, /) -> object:
+        found = super().get(key, default)
+        if self._used is not None and found is not default:
+            self._used.add(id(found))
+        return found
+
+    def __setitem__(self, key: K, value: V) -> None:
+        super().__setitem__(key, value)
+        if self._used is not None:
+            self._used.add(id(value))
+
+    @property
+    def tracking(self) -> bool:
+        return self._used is not None
+
+    def track(self) -> None:
+        """From now on, remember which entries are used."""
+        self._used = set()
+
+    def keep(self, values: Sequence[object]) -> None:
+        """Count these entries (values held by this memo) as used, without looking each up."""
+        if self._used is not None:
+            self._used.update(map(id, values))
+
+    def sweep(self, *, drop: bool) -> int:
+        """Stop tracking; with `drop`, forget every entry not used since `track` (how many)."""
+        used, self._used = self._used, None
+        if not drop or used is None:
+            return 0
+        stale = [k for k, v in self.items() if id(v) not in used]
+        for k in stale:
+            del self[k]
+        return len(stale)
+
+
 class RenderCache:
     """What one render leaves for the next: per-service outputs with the inputs they came from.
 
@@ -203,8 +272,8 @@ class RenderCache:
         # object's id can be reused by a different one.
         self.vhosts: dict[tuple[Any, ...], tuple[tuple[object, ...], dict[str, Any]]] = {}
         """Virtual hosts by (ns, svc, local) for sidecars, ("ingress", ns, svc, *hosts) for the ingress."""
-        self.configs: dict[Any, tuple[tuple[object, ...], dict[str, Any]]] = {}
-        self.sets: dict[Any, tuple[tuple[object, ...], ResourceSet]] = {}
+        self.configs: Swept[Any, tuple[tuple[object, ...], dict[str, Any]]] = Swept()
+        self.sets: Swept[Any, tuple[tuple[object, ...], ResourceSet]] = Swept()
         self.scoped: dict[tuple[Any, ...], ScopedGroup] = {}
         self.group_configs: dict[tuple[Any, ...], GroupConfig] = {}
         """Per destination and its virtual host objects: those, its route configuration and its scopes."""

@@ -333,7 +333,7 @@ def _scoped_bucket(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *,
     member's own (which adds the short name) share it. A group's scopes are its virtual hosts' domains'
     keys, or (`group_is_key`: the ingress, where one virtual host may serve several hosts' groups) the
     group itself."""
-    _, (_, scopes, routes, _) = _scoped_entry(ctx, members, prefix=prefix, group_is_key=group_is_key)
+    _, (_, scopes, routes, _, _) = _scoped_entry(ctx, members, prefix=prefix, group_is_key=group_is_key)
     return scopes, routes
 
 
@@ -352,7 +352,7 @@ def _scoped_entry(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *, 
         _keep(ctx, entry)
         return entry
     configs: list[dict[str, Any]] = []
-    scopes: list[dict[str, Any]] = []
+    entries: list[tuple[tuple[()], dict[str, Any]]] = []
     groups: list[tuple[tuple[Any, ...], GroupConfig]] = []
     for group, vhosts in members:
         gkey = (prefix, group, *map(id, vhosts))
@@ -364,11 +364,13 @@ def _scoped_entry(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *, 
         config = hit[1]
         configs.append(config)
         keys = {group} if group_is_key else {scope_key(d) for vh in vhosts for d in vh["domains"]}
-        scopes.extend(_scope(cache, key, config["name"], prefix=prefix) for key in sorted(keys))
+        entries.extend(_scope(cache, key, config["name"], prefix=prefix) for key in sorted(keys))
+    scopes = [found for _, found in entries]
     # A rebuilt bucket's scopes are mostly the very objects it had (`_scope`): then so is their set, and a
     # snapshot holding it changes in its route configurations only.
-    scope_set = shared_set(cache, ("scopes", *(sc["name"] for sc in scopes)), scopes)
-    made: ScopedGroup = (flat, scope_set, ResourceSet(configs), tuple(groups))
+    set_key = ("scopes", *(sc["name"] for sc in scopes))
+    scope_set = shared_set(cache, set_key, scopes)
+    made: ScopedGroup = (flat, scope_set, ResourceSet(configs), tuple(groups), (set_key, tuple(entries)))
     now[bkey] = made
     return bkey, made
 
@@ -378,6 +380,11 @@ def _keep(ctx: Ctx, entry: BucketEntry) -> None:
     bkey, made = entry
     ctx.shared.scoped_groups[bkey] = made
     ctx.shared.group_configs.update(made[3])  # so the next render finds them, should this bucket change
+    cache = ctx.shared.cache
+    if cache.configs.tracking:  # a full render: the scopes `_scoped_entry` made it of stay in the caches too
+        scope_key_, scope_entries = made[4]
+        cache.configs.keep(scope_entries)
+        cache.sets.get(scope_key_)
 
 
 def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -398,15 +405,17 @@ def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, 
     return found
 
 
-def _scope(cache: RenderCache, key: str, config: str, *, prefix: str = OUTBOUND_PREFIX) -> dict[str, Any]:
-    """One scope object per (host, configuration) for as long as the cache lives: a destination whose rules
-    change keeps its scopes (their identity, so the scope set and its version stay as they were)."""
+def _scope(cache: RenderCache, key: str, config: str, *, prefix: str = OUTBOUND_PREFIX
+           ) -> tuple[tuple[()], dict[str, Any]]:
+    """One scope object per (host, configuration) for as long as the mesh has it: a destination whose rules
+    change keeps its scopes (their identity, so the scope set and its version stay as they were). The
+    cache's entry is returned, which the bucket holding it keeps (`_keep`)."""
     found = cache.configs.get(("scope", key, config))
     if found is None:
         found = cache.configs[("scope", key, config)] = ((), {
             "name": prefix + key, "route_configuration_name": config,
             "key": {"fragments": [{"string_key": key}]}})
-    return found[1]
+    return found  # type: ignore[return-value]
 
 
 def scope_key(domain: str) -> str:
