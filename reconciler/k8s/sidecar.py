@@ -119,6 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def exit_code(returncode: int | None, signum: int) -> int:
+    """The sidecar's exit code once `signum` was passed on to Envoy and Envoy ended with `returncode`
+    (Popen's: negative for a signal). Envoy's own code when it exited; 0 when the very signal passed on
+    ended it, which happens when it comes before Envoy has installed its handler (early in its start, seen
+    on a loaded machine): that is the stop that was asked for; 128 + n, the shell's convention, for any
+    other signal n (137: killed after the stop timeout), and 128 + `signum` when no Envoy ran."""
+    if returncode is None:
+        return 128 + signum
+    if returncode >= 0:
+        return returncode
+    return 0 if -returncode == signum else 128 - returncode
+
+
 @dataclass(frozen=True)
 class _Settings:
     """The environment, checked once."""
@@ -322,8 +335,7 @@ class _Envoys:
         log.info("received %s: passing it on to envoy", signal.Signals(signum).name)
         current = self.current
         self.stop_all(signum)
-        code = current.returncode if current is not None else None
-        return code if code is not None else 128 + signum
+        return exit_code(current.returncode if current is not None else None, signum)
 
     def stop_all(self, signum: int) -> None:
         """Signal every Envoy of ours, wait for them (kill after _STOP_TIMEOUT_S): no orphans."""

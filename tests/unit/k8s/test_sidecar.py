@@ -202,6 +202,22 @@ def write_token(path: Path, token: str) -> None:
     os.replace(tmp, path)
 
 
+@pytest.mark.parametrize(("returncode", "signum", "want"), [
+    (0, signal.SIGTERM, 0),  # Envoy's own clean exit after the SIGTERM passed on
+    (1, signal.SIGTERM, 1),  # Envoy's own error code
+    (-signal.SIGTERM, signal.SIGTERM, 0),  # the SIGTERM came before Envoy's handler: the stop asked for
+    (-signal.SIGINT, signal.SIGINT, 0),
+    (-signal.SIGKILL, signal.SIGTERM, 137),  # killed after the stop timeout
+    (-signal.SIGSEGV, signal.SIGTERM, 139),
+    (None, signal.SIGTERM, 143),  # no Envoy was running
+])
+def test_the_exit_code_after_a_signal_was_passed_on(returncode: int | None, signum: int, want: int) -> None:
+    from reconciler.k8s.sidecar import exit_code
+
+    assert exit_code(returncode, signum) == want
+    assert 0 <= exit_code(returncode, signum) < 256  # never a negative code (sys.exit(-15) exits with 241)
+
+
 class Launcher:
     """`run()` in its own process (it installs signal handlers, as in the container), stopped by PID."""
 
@@ -310,7 +326,7 @@ def stop_and_check_no_orphans(launcher: Launcher, env: dict[str, str]) -> None:
     pids = set(launcher.seen)
     assert pids
     launcher.proc.send_signal(signal.SIGTERM)
-    assert launcher.proc.wait(30) == 0  # Envoy's own code after SIGTERM
+    assert launcher.proc.wait(30) == 0  # Envoy's own code after SIGTERM, or the SIGTERM ended it (exit_code)
     for pid in pids:
         assert not psutil.pid_exists(pid), f"envoy pid {pid} outlived the launcher"
     assert list(Path(env["LOCKGATE_RUN_DIR"]).iterdir()) == []  # the bootstrap with the token is gone
