@@ -126,8 +126,8 @@ async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool 
         return ((TOKEN_METADATA, f"bench:{node_id}"),) if token else None
 
     async def one(node_id: str, channel: Any) -> None:
-        call = stream(channel, "StreamAggregatedResources", discovery_pb2.DiscoveryRequest)
-        out: asyncio.Queue[Any] = asyncio.Queue()
+        call = stream(channel, "StreamAggregatedResources", discovery_pb2.DiscoveryRequest)(
+            metadata=metadata(node_id))  # written to and read from directly: see one_delta
         eds, rds, sds = subs[node_id]
         names = {CLUSTER: [], LISTENER: [], SCOPED_ROUTE: [], eds_type: eds, rds_type: rds, SECRET: sds}
 
@@ -137,26 +137,25 @@ async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool 
             r.resource_names.extend(names[type_url])
             return r
 
-        async def requests() -> Any:
-            while True:
-                yield await out.get()
-
         for t in (SECRET, CLUSTER, LISTENER, SCOPED_ROUTE) if sds else (CLUSTER, LISTENER, SCOPED_ROUTE):
-            await out.put(req(t))
+            await call.write(req(t))
         subscribed: set[str] = set()
-        async for resp in call(requests(), metadata=metadata(node_id)):
+        while (resp := await call.read()) is not grpc.aio.EOF:
             t = resp.type_url
-            await out.put(req(t, resp.version_info, resp.nonce))  # ACK
+            await call.write(req(t, resp.version_info, resp.nonce))  # ACK
             follow = {CLUSTER: eds_type, LISTENER: rds_type}.get(t)
             if follow and resp.resource and follow not in subscribed and names[follow]:
                 subscribed.add(follow)
-                await out.put(req(follow))
+                await call.write(req(follow))
 
     async def one_delta(node_id: str, channel: Any) -> None:
         """The same subscriptions over delta xDS: LDS/CDS/SRDS wildcard, RDS/EDS names once the first answer
-        that refers to them arrived; every response ACKed by its nonce."""
-        call = stream(channel, "DeltaAggregatedResources", discovery_pb2.DeltaDiscoveryRequest)
-        out: asyncio.Queue[Any] = asyncio.Queue()
+        that refers to them arrived; every response ACKed by its nonce. The stream is written to and read
+        from directly (`call.write`, `call.read`) rather than through an async generator fed by a queue,
+        which cost this process a task switch or two per ACK: 98 streams share it, and it stands for
+        proxies on other machines (one-route change, same runs: its CPU 0.01-0.03 s instead of 0.04 s)."""
+        call = stream(channel, "DeltaAggregatedResources", discovery_pb2.DeltaDiscoveryRequest)(
+            metadata=metadata(node_id))
         eds, rds, sds = subs[node_id]
         first = True
 
@@ -169,22 +168,18 @@ async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool 
                 first = False
             return r
 
-        async def requests() -> Any:
-            while True:
-                yield await out.get()
-
         if sds:
-            await out.put(req(SECRET, subscribe=sds))
+            await call.write(req(SECRET, subscribe=sds))
         for t in (CLUSTER, LISTENER, SCOPED_ROUTE):
-            await out.put(req(t))
+            await call.write(req(t))
         subscribed: set[str] = set()
-        async for resp in call(requests(), metadata=metadata(node_id)):
+        while (resp := await call.read()) is not grpc.aio.EOF:
             t = resp.type_url
-            await out.put(req(t, resp.nonce))  # ACK
+            await call.write(req(t, resp.nonce))  # ACK
             follow = {CLUSTER: (eds_type, eds), LISTENER: (rds_type, rds)}.get(t)
             if follow and resp.resource and follow[0] not in subscribed and follow[1]:
                 subscribed.add(follow[0])
-                await out.put(req(follow[0], subscribe=follow[1]))
+                await call.write(req(follow[0], subscribe=follow[1]))
 
     channels = [grpc.aio.insecure_channel(f"{ADDR}:{port}", options=[("grpc.max_receive_message_length", 1 << 28)])
                 for _ in range(4)]
@@ -256,7 +251,7 @@ async def floor(snaps: dict[str, Any], nodes: list[str], tmp: Path, free: Any, c
     first, in the same run, and that start is subtracted: the proxies on xDS were started before the push
     began. Appends to `cpu_out` the CPU seconds they used loading (their empty start's taken off), and to
     `start_out` the empty start's milliseconds."""
-    empty = {node: {} for node in nodes}
+    empty: dict[str, dict[str, Any]] = {node: {} for node in nodes}
     start_ms, start_cpu = await _static_ready(empty, tmp, free, "empty")
     ms, cpu = await _static_ready({node: snaps[node].to_json() for node in nodes}, tmp, free, "static")
     cpu_out.append(max(0.0, cpu - start_cpu))
