@@ -200,6 +200,14 @@ def _retrieve(task: asyncio.Future[None]) -> None:
         task.exception()
 
 
+async def _finished(pending: asyncio.Future[None], deadline: float) -> None:
+    """Wait for `pending` for up to `deadline` seconds (TimeoutError then), leaving it running. Not
+    `wait_for`: on Python 3.11 it returns the result when a cancel lands as the future finishes, so the
+    stop was lost and the watch polled on (a test's teardown waited for it for 300 s)."""
+    async with asyncio.timeout(deadline):
+        await asyncio.shield(pending)
+
+
 async def remote_heads(
     *,
     fetch: Callable[[], None],
@@ -228,7 +236,7 @@ async def remote_heads(
                     wake.clear()  # this fetch answers every wake-up so far
                 pending = asyncio.ensure_future(asyncio.to_thread(fetch))
             try:
-                await asyncio.wait_for(asyncio.shield(pending), deadline)
+                await _finished(pending, deadline)
             except TimeoutError:
                 failures += 1
                 on_stall(deadline)

@@ -36,7 +36,8 @@ class GitWorker:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a stop (watch._finished)
+                return await asyncio.shield(future)
         except TimeoutError:
             name = getattr(fn, "__name__", repr(fn))
             raise GitTimeout(f"git {name} did not finish within {timeout:.0f}s (the remote may be unreachable); "

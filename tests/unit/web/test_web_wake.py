@@ -89,3 +89,35 @@ async def test_polling_goes_on_without_a_wake() -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("hops", range(8))
+async def test_a_stop_that_lands_as_a_fetch_finishes_is_not_lost(hops: int) -> None:
+    """The remote watch waits for a fetch (`watch._finished`); a stop (the task cancelled) that lands in any
+    of the loop's steps around the fetch finishing must still end it, at that wait or at the next. With
+    `asyncio.wait_for` on Python 3.11, a stop landing as the fetch finished was swallowed (the fetch's
+    result came back instead) and the watch polled on for ever."""
+    from reconciler.source.watch import _finished
+
+    loop = asyncio.get_running_loop()
+    fetch: asyncio.Future[None] = loop.create_future()
+
+    async def watch() -> None:
+        await _finished(fetch, 10.0)
+        await asyncio.sleep(30)  # the wait for the next poll, where a stop that came after the fetch lands
+
+    task = asyncio.create_task(watch())
+    await asyncio.sleep(0)  # the watch now waits for the fetch
+
+    def cancel_after(n: int) -> None:
+        if n:
+            loop.call_soon(cancel_after, n - 1)
+        else:
+            task.cancel()
+
+    fetch.set_result(None)
+    cancel_after(hops)
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    task.cancel()  # a lost stop leaves it sleeping: end it either way
+    assert done and task.cancelled(), "the stop was lost: the watch went on to wait for the next poll"
