@@ -58,7 +58,10 @@ def render(
     cache.intent = None  # until this render has finished: one that fails leaves nothing to compare against
     memos = (cache.configs, cache.sets)
     for memo in memos:  # a render of every service finds what the mesh still has: the rest is swept at its end
-        memo.track() if dirty is None else memo.sweep(drop=False)
+        if dirty is None:
+            memo.track()
+        else:
+            memo.sweep(drop=False)
     shared = Shared(intent=intent, cache=cache, prints=prints, dirty=dirty)
     leaving = EgressRender(intent=intent, cache=cache)  # ExternalServices and the outbound traffic policy
     before = cache.outbound

@@ -352,7 +352,7 @@ def _scoped_entry(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *, 
         _keep(ctx, entry)
         return entry
     configs: list[dict[str, Any]] = []
-    entries: list[tuple[tuple[()], dict[str, Any]]] = []
+    entries: list[GroupConfig] = []
     groups: list[tuple[tuple[Any, ...], GroupConfig]] = []
     for group, vhosts in members:
         gkey = (prefix, group, *map(id, vhosts))
@@ -405,8 +405,7 @@ def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, 
     return found
 
 
-def _scope(cache: RenderCache, key: str, config: str, *, prefix: str = OUTBOUND_PREFIX
-           ) -> tuple[tuple[()], dict[str, Any]]:
+def _scope(cache: RenderCache, key: str, config: str, *, prefix: str = OUTBOUND_PREFIX) -> GroupConfig:
     """One scope object per (host, configuration) for as long as the mesh has it: a destination whose rules
     change keeps its scopes (their identity, so the scope set and its version stay as they were). The
     cache's entry is returned, which the bucket holding it keeps (`_keep`)."""
@@ -415,7 +414,7 @@ def _scope(cache: RenderCache, key: str, config: str, *, prefix: str = OUTBOUND_
         found = cache.configs[("scope", key, config)] = ((), {
             "name": prefix + key, "route_configuration_name": config,
             "key": {"fragments": [{"string_key": key}]}})
-    return found  # type: ignore[return-value]
+    return found
 
 
 def scope_key(domain: str) -> str:

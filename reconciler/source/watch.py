@@ -16,6 +16,8 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
+from reconciler.source.worker import finished
+
 try:
     import inotify_simple
 except ImportError:  # no fcntl/termios (not a Unix): stat polling only
@@ -200,14 +202,6 @@ def _retrieve(task: asyncio.Future[None]) -> None:
         task.exception()
 
 
-async def _finished(pending: asyncio.Future[None], deadline: float) -> None:
-    """Wait for `pending` for up to `deadline` seconds (TimeoutError then), leaving it running. Not
-    `wait_for`: on Python 3.11 it returns the result when a cancel lands as the future finishes, so the
-    stop was lost and the watch polled on (a test's teardown waited for it for 300 s)."""
-    async with asyncio.timeout(deadline):
-        await asyncio.shield(pending)
-
-
 async def remote_heads(
     *,
     fetch: Callable[[], None],
@@ -236,7 +230,7 @@ async def remote_heads(
                     wake.clear()  # this fetch answers every wake-up so far
                 pending = asyncio.ensure_future(asyncio.to_thread(fetch))
             try:
-                await _finished(pending, deadline)
+                await finished(pending, deadline)
             except TimeoutError:
                 failures += 1
                 on_stall(deadline)

@@ -22,6 +22,14 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 60.0
 
 
+async def finished(future: asyncio.Future[T], timeout: float) -> T:
+    """`future`'s result, waited for up to `timeout` seconds (TimeoutError then), leaving it running. Not
+    `wait_for`: on Python 3.11 it returns the result when a cancel lands as the future finishes, so a stop
+    was lost (the remote watch polled on; a test's teardown waited for it for 300 s)."""
+    async with asyncio.timeout(timeout):
+        return await asyncio.shield(future)
+
+
 class GitTimeout(GitError):
     """A Git operation did not finish within its deadline (it may still finish in the background)."""
 
@@ -36,8 +44,7 @@ class GitWorker:
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
         try:
-            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can swallow a stop (watch._finished)
-                return await asyncio.shield(future)
+            return await finished(future, timeout)
         except TimeoutError:
             name = getattr(fn, "__name__", repr(fn))
             raise GitTimeout(f"git {name} did not finish within {timeout:.0f}s (the remote may be unreachable); "

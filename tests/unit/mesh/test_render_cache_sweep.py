@@ -105,7 +105,7 @@ def test_a_changed_host_leaves_no_virtual_host_of_the_old_one_behind() -> None:
     assert not any("s4.example.com" in key for key in cache.vhosts)
 
 
-def test_a_render_of_the_changed_services_only_sweeps_nothing() -> None:
+def test_a_render_of_the_changed_services_only_sweeps_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     cache = RenderCache()
     rendered(intent(12), cache, "a")
     before = keys(cache)
@@ -116,11 +116,8 @@ def test_a_render_of_the_changed_services_only_sweeps_nothing() -> None:
         answers.append(real(*args, **kwargs))
         return answers[-1]
 
-    build.changed_services = recorded  # type: ignore[assignment]
-    try:
-        rendered(intent(12, weights={5: 30}), cache, "b")
-    finally:
-        build.changed_services = real  # type: ignore[assignment]
+    monkeypatch.setattr(build, "changed_services", recorded)
+    rendered(intent(12, weights={5: 30}), cache, "b")
     assert answers == [frozenset({("ns2", "s5")})]
     assert keys(cache) == before
     assert not cache.configs.tracking and not cache.sets.tracking

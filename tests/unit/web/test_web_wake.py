@@ -94,17 +94,17 @@ async def test_polling_goes_on_without_a_wake() -> None:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("hops", range(8))
 async def test_a_stop_that_lands_as_a_fetch_finishes_is_not_lost(hops: int) -> None:
-    """The remote watch waits for a fetch (`watch._finished`); a stop (the task cancelled) that lands in any
-    of the loop's steps around the fetch finishing must still end it, at that wait or at the next. With
-    `asyncio.wait_for` on Python 3.11, a stop landing as the fetch finished was swallowed (the fetch's
-    result came back instead) and the watch polled on for ever."""
-    from reconciler.source.watch import _finished
+    """The remote watch waits for a fetch with `worker.finished` (GitWorker.call too); a stop (the task
+    cancelled) that lands in any of the loop's steps around the fetch finishing must still end it, at that
+    wait or at the next. With `asyncio.wait_for` on Python 3.11, a stop landing as the fetch finished was
+    swallowed (the fetch's result came back instead) and the watch polled on for ever."""
+    from reconciler.source.worker import finished
 
     loop = asyncio.get_running_loop()
     fetch: asyncio.Future[None] = loop.create_future()
 
     async def watch() -> None:
-        await _finished(fetch, 10.0)
+        await finished(fetch, 10.0)
         await asyncio.sleep(30)  # the wait for the next poll, where a stop that came after the fetch lands
 
     task = asyncio.create_task(watch())
