@@ -105,10 +105,11 @@ NOT_FOUND_BODY = "lockgate: no route for this host\n"
 GroupConfig = tuple[tuple[object, ...], dict[str, Any]]
 """One destination's outbound route configuration and the virtual hosts it was made of."""
 ScopedGroup = tuple[tuple[object, ...], ResourceSet, ResourceSet, tuple[tuple[tuple[Any, ...], GroupConfig], ...],
-                    tuple[tuple[Any, ...], tuple[object, ...]]]
+                    tuple[tuple[Any, ...], tuple[object, ...], tuple[Any, ...]]]
 """A bucket of per-destination outbound routes: its virtual hosts, its scopes, its route configurations,
-its destinations' configurations (by key), and the cache entries its scopes came from (its scope set's key
-in `RenderCache.sets`, its scopes' entries in `RenderCache.configs`)."""
+its destinations' configurations (by key), and the cache entries it came from (its scope set's key in
+`RenderCache.sets`, its scopes' entries in `RenderCache.configs`, its route configuration set's key in
+`RenderCache.sets`)."""
 
 
 Dirty = frozenset[tuple[str, str]] | None

@@ -272,9 +272,10 @@ def outbound_scoped(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
                 entry = before.get(key)  # no member changed: the last render's bucket, as it was
                 if entry is not None:
                     _keep(ctx, entry)
-            if entry is None:
-                entry = _scoped_entry(ctx, [(vh["name"], [vh]) for vh in _mesh_vhosts(ctx, me, members)],
-                                      prefix=OUTBOUND_PREFIX, group_is_key=False)
+            if entry is None:  # virtual hosts with every name (`svc` too): the scopes decide who may use which
+                entry = _scoped_entry(ctx, [(vh["name"], [vh]) for vh in _mesh_vhosts(ctx, me, members,
+                                                                                     every_name=True)],
+                                      prefix=OUTBOUND_PREFIX, group_is_key=False, short_names=local)
             if not per_proxy:
                 now[key] = entry
             hit = (entry[1][1], entry[1][2])
@@ -342,9 +343,13 @@ BucketEntry = tuple[tuple[Any, ...], ScopedGroup]
 
 
 def _scoped_entry(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *, prefix: str,
-                  group_is_key: bool) -> BucketEntry:
+                  group_is_key: bool, short_names: bool = True) -> BucketEntry:
+    """`short_names` False: a mesh bucket seen from another namespace, whose virtual hosts' short names
+    (`svc`) get no scope; its route configurations are the very set callers in the bucket's own namespace
+    hold (one object and one encoding per destination, not one per caller namespace too)."""
     flat = tuple(vh for _, vhosts in members for vh in vhosts)
-    bkey = (prefix, tuple(group for group, _ in members), *map(id, flat))
+    groups_key = tuple(group for group, _ in members)
+    bkey = (prefix, short_names, groups_key, *map(id, flat))
     cache, now = ctx.shared.cache, ctx.shared.scoped_groups
     prev = now.get(bkey) or cache.scoped.get(bkey)
     if prev is not None and same(prev[0], flat):
@@ -363,14 +368,17 @@ def _scoped_entry(ctx: Ctx, members: list[tuple[str, list[dict[str, Any]]]], *, 
         groups.append((gkey, hit))
         config = hit[1]
         configs.append(config)
-        keys = {group} if group_is_key else {scope_key(d) for vh in vhosts for d in vh["domains"]}
+        keys = {group} if group_is_key else {scope_key(d) for vh in vhosts for d in vh["domains"]} if short_names \
+            else {vh["name"] for vh in vhosts}
         entries.extend(_scope(cache, key, config["name"], prefix=prefix) for key in sorted(keys))
     scopes = [found for _, found in entries]
     # A rebuilt bucket's scopes are mostly the very objects it had (`_scope`): then so is their set, and a
     # snapshot holding it changes in its route configurations only.
     set_key = ("scopes", *(sc["name"] for sc in scopes))
     scope_set = shared_set(cache, set_key, scopes)
-    made: ScopedGroup = (flat, scope_set, ResourceSet(configs), tuple(groups), (set_key, tuple(entries)))
+    routes_key = ("routes", prefix, groups_key)
+    routes = shared_set(cache, routes_key, configs)  # one set for a mesh bucket's both views (`short_names`)
+    made: ScopedGroup = (flat, scope_set, routes, tuple(groups), (set_key, tuple(entries), routes_key))
     now[bkey] = made
     return bkey, made
 
@@ -382,9 +390,10 @@ def _keep(ctx: Ctx, entry: BucketEntry) -> None:
     ctx.shared.group_configs.update(made[3])  # so the next render finds them, should this bucket change
     cache = ctx.shared.cache
     if cache.configs.tracking:  # a full render: the scopes `_scoped_entry` made it of stay in the caches too
-        scope_key_, scope_entries = made[4]
+        scope_key_, scope_entries, routes_key = made[4]
         cache.configs.keep(scope_entries)
         cache.sets.get(scope_key_)
+        cache.sets.get(routes_key)
 
 
 def _http_reach(ctx: Ctx, reach: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
@@ -448,8 +457,11 @@ NO_RULE_CONNECT_ROUTE: dict[str, Any] = {
 encoder writes each once per render (`encode.shared_objects`) rather than once per virtual host."""
 
 
-def _mesh_vhosts(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
-    """One virtual host per Service it may call, addressed as `svc.ns` (and `svc` inside its own namespace).
+def _mesh_vhosts(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]], *,
+                 every_name: bool = False) -> list[dict[str, Any]]:
+    """One virtual host per Service it may call, addressed as `svc.ns` (and `svc` inside its own namespace,
+    or for every caller with `every_name`: where scopes pick the configuration, a caller elsewhere has no
+    scope for the short name, so its virtual host may carry it).
 
     Route entries after the extensions' hooks are computed once per service per render (per proxy only
     when a hook says it depends on the proxy); a virtual host is reused across renders while its entries
@@ -457,7 +469,7 @@ def _mesh_vhosts(ctx: Ctx, me: Sidecar, reach: Sequence[tuple[str, str]]) -> lis
     per_proxy = any(ext.routes_per_proxy for ext in ctx.extensions)
     vhosts = []
     for ns, svc in reach:
-        local = ns == me.namespace
+        local = every_name or ns == me.namespace
         routes = _hooked_routes(ctx, ns, svc, per_proxy=per_proxy)
         memo_key = (ns, svc, local)
         vhost = None if per_proxy else ctx.shared.vhosts.get(memo_key)
