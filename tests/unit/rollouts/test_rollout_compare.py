@@ -144,6 +144,19 @@ def test_inconclusive_follows_the_no_data_policy(policy: str, action: str) -> No
                         f"[n=3 vs 3 stable] (noData: {policy})")
 
 
+def test_a_canary_that_looks_slower_but_is_not_yet_shown_so_is_never_stepped_up() -> None:
+    # Four canary scrapes against five stable ones, one above them all: +131%, p 12/126 (as in the e2e).
+    lean = CompareData(canary=SLOW[:4], baseline=(*STABLE[:4], SLOW[4] + 1))
+    at_first_step = running().model_copy(update={"step": 0, "weight": 10})
+    d = advance(spec(), at_first_step, obs(lean), now=T)
+    assert d.action == "hold", d.reasons
+    c = d.checks[-1]
+    assert (c.result, c.effective) == ("inconclusive", "hold")
+    assert c.comparison is not None and c.comparison.p_value == pytest.approx(12 / 126)
+    assert "+131% > +20% but not yet significant (p 0.0952 >= 0.02)" in c.detail, c.detail
+    assert "Mann-Whitney U=16" in c.detail, c.detail
+
+
 def test_no_compared_data_and_too_few_requests_are_no_data() -> None:
     d = advance(spec(), running(), obs(None), now=T)
     assert d.action == "hold" and d.checks[-1].result == "no-data"
