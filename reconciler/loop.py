@@ -116,6 +116,13 @@ class Reconciler:
     render and its landing in the caches, after any push in flight): the `applied` log line's breakdown,
     and what bench/scale.py --churn reports of a commit's cycle."""
     _push_pending: bool = False
+    _asked: int = 0
+    """Pushes asked for (`schedule_push`: a workload became ready, a weight, a rotation)."""
+    _served: int = 0
+    """`_asked` as it stood when the last push that landed began: below `_asked`, the caches hold an older
+    render than the mesh wants, and no cluster is converged (the revision label alone cannot tell: a
+    workload that became ready re-renders the same revision, and a proxy that ACKed the render before
+    it still carries that label; `lockgate demo` counted a 503 on its first request in that window)."""
     _gc_handle: asyncio.TimerHandle | None = None
     _settle_gc: GcSettler = field(default_factory=lambda: GcSettler())  # defined below
     _status_handle: asyncio.TimerHandle | None = None
@@ -400,6 +407,7 @@ class Reconciler:
     def schedule_push(self) -> None:
         """Coalesce bursts of topology and weight changes into one render: every request made before that
         render starts is served by it (one waits, at most, behind the render in flight)."""
+        self._asked += 1
         if not self._push_pending:
             self._push_pending = True
             task = asyncio.get_running_loop().create_task(self._pending_push(), name="push")
@@ -431,10 +439,11 @@ class Reconciler:
         self._push_pending = False
         if self.intent is None or self.applied is None:
             return
-        revision = self.applied
+        revision, asked = self.applied, self._asked
         try:
             self._landing = await self._render()
             self._push()
+            self._served = asked
             self.push_error = None
         except Exception as exc:
             log.exception("push of %s failed; every proxy keeps what it has", revision[:12])
@@ -607,8 +616,12 @@ class Reconciler:
                     **where.to_json(),
                 })
             # Proxies on their way out (cleared, still connected while they drain) do not hold convergence back.
-            desired = [p for p in proxies if plane.cache.get(p["id"]) is not None]
-            converged = bool(desired) and all(p["ackedRevision"] == plane.applied for p in desired)
+            wanted = {p["id"]: snap for p in proxies if (snap := plane.cache.get(p["id"])) is not None}
+            # Every proxy holds what the mesh wants now: the last render's snapshot (not only its revision),
+            # and no render asked for since is still to land.
+            converged = bool(wanted) and self._served == self._asked and all(
+                p["ackedRevision"] == plane.applied and p["ackedVersion"] == wanted[p["id"]].version_all
+                for p in proxies if p["id"] in wanted)
             topo = self.runtime.topology(plane.name)
             metrics = self.runtime.metrics(plane.name)
             clusters.append({
