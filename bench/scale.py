@@ -789,7 +789,7 @@ def report(services: int, proxies: int, mode: str, base: dict[str, float] | None
               f" the sidecar Envoy {big['full_ack_sidecar_ms']:.0f} ms, the simulated proxies p50"
               f" {big['full_ack_sims_p50_ms']:.0f} / max {big['full_ack_sims_max_ms']:.0f} ms")
     if big["one_ack_ingress_ms"]:
-        print(f"  one route, ACKed after the push began: the ingress Envoy (one route configuration of every exposed"
+        print(f"  one route, ACKed after the push began: the ingress Envoy (scoped: one route configuration per exposed"
               f" host) {big['one_ack_ingress_ms']:.0f} ms, the sidecar Envoy {big['one_ack_sidecar_ms']:.0f} ms,"
               f" the simulated proxies p50 {big['one_ack_sims_p50_ms']:.0f} / max {big['one_ack_sims_max_ms']:.0f} ms")
     print(f"  floor: the 2 real Envoys load the same final config from a static protobuf file in"
