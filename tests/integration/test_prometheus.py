@@ -364,8 +364,10 @@ def test_compare_reads_canary_and_stable_series_at_the_scrape_step(
         assert obs.online and obs.errors == {} and obs.partial == {}, obs
         data = obs.compared["latency"]["east"]
         assert 4 <= len(data.canary) <= 6 and 4 <= len(data.baseline) <= 6, data  # one a scrape (1 s) of 6 s
-        # ms: the slow app shows in the samples (medians: one scrape of a busy machine may spike)
-        assert statistics.median(data.canary) > 5.0 > statistics.median(data.baseline), data
+        # ms: the slow app shows in the samples as a gap between the versions (medians: one scrape of a busy
+        # machine may spike). Not an absolute bound: a loaded CI machine put the stable's p99 at 9-22 ms
+        # (the canary's at 24), and whatever it adds, it adds to both.
+        assert statistics.median(data.canary) > statistics.median(data.baseline) + 2.0, data
         counts = obs.compared["errors"]["east"].counts
         assert counts is not None and counts[0] == 0 and counts[2] == 0 and counts[1] > 20 and counts[3] > 20
         state = RolloutState(phase="progressing", stable="v1", canary="v2", observed_canary="v2", step=3,
