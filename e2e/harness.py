@@ -105,9 +105,31 @@ class Up:
         return st if ok else None
 
     def wait_converged(self, revision: str, timeout: float = 60.0) -> dict[str, Any]:
-        result: dict[str, Any] = wait_for(f"revision {revision[:12]} converged", lambda: self.converged(revision),
-                                          timeout=timeout, interval=0.05)
+        try:
+            result: dict[str, Any] = wait_for(f"revision {revision[:12]} converged",
+                                              lambda: self.converged(revision), timeout=timeout, interval=0.05)
+        except TimeoutError as exc:
+            tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no log)"
+            exited = self.proc.poll()
+            state = "running" if exited is None else f"exited {exited}"
+            raise TimeoutError(f"{exc}; {self.unconverged()}; lockgate up {state}; the end of {self.log}:\n{tail}"
+                               ) from None
         return result
+
+    def unconverged(self) -> str:
+        """What keeps the last status from converging: a timeout names it (a CI log is all there is)."""
+        try:
+            st = self.status()
+        except Exception as exc:  # no status yet, or another lockgate's
+            return f"no status: {exc!r}"
+        proxies = [f"{p['id']} acked {str(p.get('ackedRevision'))[:12]} v{str(p.get('ackedVersion'))[:8]}"
+                   f"{' nack' if p.get('nack') else ''}{'' if p.get('connected') else ' disconnected'}"
+                   for c in st["clusters"] for p in c["proxies"]]
+        return (f"applied {str(st['revision']['applied'])[:12]}, pushError {st['lockgate'].get('pushError')}, "
+                f"pushesPending {st['lockgate'].get('pushesPending')}, "
+                f"clusters {[(c['name'], c['convergedRevision']) for c in st['clusters']]}, "
+                f"unready {[w.get('name') or w.get('id') for w in st['workloads'] if not w['ready']]}, "
+                f"proxies {proxies}")
 
     def ingress(self, cluster: int = 0) -> tuple[str, int]:
         host, port = self.status()["clusters"][cluster]["ingress"].rsplit(":", 1)

@@ -645,7 +645,8 @@ class Reconciler:
                          "stateDir": str(self.config.state_dir.resolve()), "updatedAt": time.time(),
                          "loopLagMs": round(self.lag.current * 1000, 1),
                          "loopLagMaxMs": round(self.lag.worst * 1000, 1), "pushError": self.push_error,
-                         "dashboard": self.dashboard, "suspended": self.suspended},
+                         "dashboard": self.dashboard, "suspended": self.suspended,
+                         "pushesPending": self._asked - self._served},
             "source": self.source.health().to_json(),
         }
 
