@@ -128,7 +128,7 @@ class Up:
         return (f"applied {str(st['revision']['applied'])[:12]}, pushError {st['lockgate'].get('pushError')}, "
                 f"pushesPending {st['lockgate'].get('pushesPending')}, "
                 f"clusters {[(c['name'], c['convergedRevision']) for c in st['clusters']]}, "
-                f"unready {[w.get('name') or w.get('id') for w in st['workloads'] if not w['ready']]}, "
+                f"unready {[w['id'] for w in st['workloads'] if not w['ready']]}, "
                 f"proxies {proxies}")
 
     def ingress(self, cluster: int = 0) -> tuple[str, int]:
