@@ -38,6 +38,7 @@ from mesh.envoy import bootstrap, envoy_argv, static_bootstrap, wait_ready
 from mesh.intent import Intent
 from mesh.render import RenderCache, render
 from mesh.topology import ClusterTopology, Gateway, Sidecar
+from mesh.xds import wire
 from mesh.xds.cache import SnapshotCache
 from mesh.xds.server import TOKEN_METADATA, AdsServer, forget_serialised, serialise_ahead
 from mesh.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SCOPED_ROUTE, SECRET
@@ -190,6 +191,93 @@ async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool 
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _echo_clients_main(port: int, streams: int, ready: Any, stop: Any) -> None:
+    asyncio.run(_echo_clients(port, streams, ready, stop))
+
+
+async def _echo_clients(port: int, streams: int, ready: Any, stop: Any) -> None:
+    """`grpc_floor`'s clients: each stream answers every message with a short one, as an ACK does."""
+    import grpc
+
+    def same(b: bytes) -> bytes:
+        return b
+
+    channels = [grpc.aio.insecure_channel(f"{ADDR}:{port}") for _ in range(4)]  # as the simulated proxies
+
+    async def one(channel: Any) -> None:
+        call = channel.stream_stream("/bench.Echo/Stream", request_serializer=same, response_deserializer=same)()
+        await call.write(b"hello")
+        while (msg := await call.read()) is not grpc.aio.EOF:
+            await call.write(b"ack:" + msg[:8])
+
+    tasks = [asyncio.create_task(one(channels[i % 4])) for i in range(streams)]
+    ready.set()
+    while not stop.is_set():
+        await asyncio.sleep(0.1)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def grpc_floor(streams: int, size: int, *, rounds: int = 15) -> tuple[float, float, int]:
+    """What a one-route push costs with nothing computed: `streams` gRPC aio streams (this process serving,
+    another one answering, as in the bench) are each sent one `size`-byte message and read one answer.
+    Median wall ms and server CPU s over `rounds`, and the answers read (every stream's, every round).
+    Measured in the same run as the push it is the floor of (the machine's speed moves by a third within
+    minutes): lockgate's own work is the difference."""
+    import grpc
+
+    def same(b: bytes) -> bytes:
+        return b
+
+    payload = b"x" * size
+    go = [asyncio.Event() for _ in range(rounds)]  # one per round, so a stream never polls between rounds
+    done = [asyncio.Event() for _ in range(rounds)]
+    answered = [0] * rounds
+
+    async def handler(requests: Any, context: Any) -> None:
+        it = requests.__aiter__()
+        await it.__anext__()
+        for i, event in enumerate(go):
+            await event.wait()
+            await context.write(payload)
+            await it.__anext__()
+            answered[i] += 1
+            if answered[i] == streams:
+                done[i].set()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {
+        "Stream": grpc.stream_stream_rpc_method_handler(handler, request_deserializer=same,
+                                                        response_serializer=same)}),))
+    port = server.add_insecure_port(f"{ADDR}:0")
+    await server.start()
+    ctx = multiprocessing.get_context("spawn")
+    ready, stop = ctx.Event(), ctx.Event()
+    clients = ctx.Process(target=_echo_clients_main, args=(port, streams, ready, stop), daemon=True)
+    clients.start()
+    walls: list[float] = []
+    cpus: list[float] = []
+    try:
+        while not ready.is_set():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # every stream has sent its first message
+        for i in range(rounds):
+            cpu, t = time.process_time(), time.perf_counter()
+            go[i].set()
+            await asyncio.wait_for(done[i].wait(), 30)
+            walls.append((time.perf_counter() - t) * 1000)
+            cpus.append(time.process_time() - cpu)
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        clients.join(10)
+        if clients.is_alive():
+            clients.kill()
+        await server.stop(0)
+    return pct(walls, 50), pct(cpus, 50), sum(answered)
 
 
 def _envelope_class() -> Any:
@@ -410,12 +498,17 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
         route_kb = len(json.dumps(dict(snaps2[topo.sidecars[0].node_id].items(
             "type.googleapis.com/envoy.config.route.v3.RouteConfiguration")))) / 1024
         rss = rss_mb()
+        changed_route = snaps2[topo.sidecars[0].node_id]
+        one_size = len(wire.to_any_bytes(ROUTE, changed_route.items(ROUTE)["outbound|s0.ns0"],
+                                         content_digest=changed_route.digests[ROUTE]["outbound|s0.ns0"]))
+        echo_ms, echo_cpu, _ = await grpc_floor(len(snaps2), one_size + 100)  # + the response's own fields
         floor_cpu: list[float] = []
         floor_start: list[float] = []
         floor_ms = await floor(snaps2, real, Path(tmp.name), free, floor_cpu, floor_start) if real else 0.0
         return {"render_full_ms": render_full, "push_full_ms": full, "render_one_ms": render_one,
                 "push_one_ms": one, "rss_mb": rss, "rss_before_mb": rss0, "route_kb": route_kb,
                 "floor_ms": floor_ms, "cpu_full_s": cpu_full, "cpu_one_s": cpu_one,
+                "grpc_floor_ms": echo_ms, "grpc_floor_cpu_s": echo_cpu, "one_size_b": float(one_size),
                 "sim_cpu_full_s": spent_full["sim"], "envoy_cpu_full_s": spent_full["envoys"],
                 "sim_cpu_one_s": spent_one["sim"], "envoy_cpu_one_s": spent_one["envoys"],
                 "floor_cpu_s": sum(floor_cpu), "floor_start_ms": sum(floor_start),
@@ -784,6 +877,12 @@ def report(services: int, proxies: int, mode: str, base: dict[str, float] | None
     print(f"  this machine's own floor: every process's CPU over {cores} cores, full {busy_full:.2f} s ="
           f" {busy_full / cores * 1000:.0f} ms, one route {busy_one:.2f} s = {busy_one / cores * 1000:.0f} ms"
           f" (wall time can be no less; the render, {big['render_full_ms']:.0f} ms full, runs on one core)")
+    clients = big["sim_cpu_full_s"] + big["envoy_cpu_full_s"]
+    least = big["sim_cpu_full_s"] + big["floor_cpu_s"] if big["floor_cpu_s"] else clients
+    print(f"  the clients' own share of a full push: the simulated proxies and the Envoys {clients:.2f} CPU s ="
+          f" {clients / cores * 1000:.0f} ms of {cores} cores ({least / cores * 1000:.0f} ms with the Envoys at"
+          f" their from-a-file CPU); a 1000 ms full push on this machine leaves the control plane"
+          f" {max(0.0, cores - clients):.2f} CPU s for render and push (it used {big['cpu_full_s']:.2f})")
     if big.get("full_ack_ingress_ms"):
         print(f"  full push, ACKed after the push began: the ingress Envoy {big['full_ack_ingress_ms']:.0f} ms,"
               f" the sidecar Envoy {big['full_ack_sidecar_ms']:.0f} ms, the simulated proxies p50"
@@ -798,6 +897,12 @@ def report(services: int, proxies: int, mode: str, base: dict[str, float] | None
           f" {big.get('floor_start_ms', 0):.0f} ms they take to start on an empty one);"
           f" lockgate full push / floor = {full / big['floor_ms']:.1f}x"
           f" (their CPU: {big['floor_cpu_s']:.2f} s from a file, {big['envoy_cpu_full_s']:.2f} s over xDS)")
+    if big.get("grpc_floor_ms"):
+        print(f"  one route's floor: the same {proxies + 1} streams each sent one {big['one_size_b'] + 100:.0f}-byte"
+              f" message and read its answer through bare gRPC aio, nothing computed: {big['grpc_floor_ms']:.0f} ms"
+              f" ({big['grpc_floor_cpu_s'] * 1000:.0f} ms of this process's CPU); lockgate's push/ACK / floor ="
+              f" {big['push_one_ms'] / big['grpc_floor_ms']:.1f}x, render + push / floor ="
+              f" {one / big['grpc_floor_ms']:.1f}x")
     print(f"  targets: full <= 1000 ms: {full:.0f} ms {'met' if full <= 1000 else 'NOT met'};"
           f" one route <= 50 ms: {one:.0f} ms {'met' if one <= 50 else 'NOT met'};"
           f" RSS <= 300 MB: {big['rss_mb']:.0f} MB {'met' if big['rss_mb'] <= 300 else 'NOT met'}")

@@ -89,3 +89,15 @@ def test_rounds_combine_into_medians_and_the_totals_median_is_taken_over_totals(
     skew = combine([one(100, 1000, 0, 0, 0), one(500, 500, 0, 0, 0), one(600, 2000, 0, 0, 0)])
     assert skew["full_ms"] == 1100  # totals 1100, 1000, 2600; the components' medians would say 500 + 1000
     assert skew["rounds"] == 3
+
+
+def test_the_grpc_floor_waits_for_every_stream_to_answer_each_round() -> None:
+    """The one-route floor is real round trips: 7 streams in another process, 3 rounds. A round that did
+    not wait for every answer would measure only the writes (a fraction of a millisecond)."""
+    import asyncio
+
+    from bench.scale import grpc_floor
+
+    wall_ms, cpu_s, answers = asyncio.run(grpc_floor(7, 1000, rounds=3))
+    assert answers == 7 * 3
+    assert 0 < wall_ms < 30_000 and cpu_s > 0
