@@ -9,7 +9,11 @@ name) and ACK every response. Two real Envoys (an ingress and a sidecar) join th
 - render time alone for both, and control-plane RSS;
 - a same-run baseline with 10 proxies, as ratios;
 - the floor: the same two real Envoys started on a static file holding the same final configuration
-  (`mesh.envoy.static_bootstrap`), time to ready, in the same run; printed as lockgate / floor.
+  (`mesh.envoy.static_bootstrap`), time to ready, in the same run; printed as lockgate / floor;
+- the clients' own share of a full push (the simulated proxies' and Envoys' CPU over the cores): what a
+  1 s full push leaves the control plane on this machine;
+- the one route's floor: the same streams through bare gRPC aio, one message and one answer each, with
+  nothing computed (`grpc_floor`), in the same run; printed as lockgate / floor.
 
 `--xds sotw|delta|both` picks the protocol every client (simulated and real) speaks; `both` runs each in
 the same invocation, so their figures share one machine state.
@@ -184,13 +188,22 @@ async def _clients(port: int, subs: Subs, ready: Any, stop: Any, *, delta: bool 
 
     channels = [grpc.aio.insecure_channel(f"{ADDR}:{port}", options=[("grpc.max_receive_message_length", 1 << 28)])
                 for _ in range(4)]
-    tasks = [asyncio.create_task((one_delta if delta else one)(n, channels[i % 4])) for i, n in enumerate(subs)]
+    await _until_stopped([asyncio.create_task((one_delta if delta else one)(n, channels[i % 4]))
+                          for i, n in enumerate(subs)], ready, stop)
+
+
+async def _until_stopped(tasks: list[asyncio.Task[None]], ready: Any, stop: Any) -> None:
+    """Say the client streams are up, run them until the bench sets `stop`, then end them."""
     ready.set()
     while not stop.is_set():
         await asyncio.sleep(0.1)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _raw(b: bytes) -> bytes:
+    return b
 
 
 def _echo_clients_main(port: int, streams: int, ready: Any, stop: Any) -> None:
@@ -201,24 +214,15 @@ async def _echo_clients(port: int, streams: int, ready: Any, stop: Any) -> None:
     """`grpc_floor`'s clients: each stream answers every message with a short one, as an ACK does."""
     import grpc
 
-    def same(b: bytes) -> bytes:
-        return b
-
     channels = [grpc.aio.insecure_channel(f"{ADDR}:{port}") for _ in range(4)]  # as the simulated proxies
 
     async def one(channel: Any) -> None:
-        call = channel.stream_stream("/bench.Echo/Stream", request_serializer=same, response_deserializer=same)()
+        call = channel.stream_stream("/bench.Echo/Stream", request_serializer=_raw, response_deserializer=_raw)()
         await call.write(b"hello")
         while (msg := await call.read()) is not grpc.aio.EOF:
             await call.write(b"ack:" + msg[:8])
 
-    tasks = [asyncio.create_task(one(channels[i % 4])) for i in range(streams)]
-    ready.set()
-    while not stop.is_set():
-        await asyncio.sleep(0.1)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await _until_stopped([asyncio.create_task(one(channels[i % 4])) for i in range(streams)], ready, stop)
 
 
 async def grpc_floor(streams: int, size: int, *, rounds: int = 15) -> tuple[float, float, int]:
@@ -228,9 +232,6 @@ async def grpc_floor(streams: int, size: int, *, rounds: int = 15) -> tuple[floa
     Measured in the same run as the push it is the floor of (the machine's speed moves by a third within
     minutes): lockgate's own work is the difference."""
     import grpc
-
-    def same(b: bytes) -> bytes:
-        return b
 
     payload = b"x" * size
     go = [asyncio.Event() for _ in range(rounds)]  # one per round, so a stream never polls between rounds
@@ -250,8 +251,8 @@ async def grpc_floor(streams: int, size: int, *, rounds: int = 15) -> tuple[floa
 
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Echo", {
-        "Stream": grpc.stream_stream_rpc_method_handler(handler, request_deserializer=same,
-                                                        response_serializer=same)}),))
+        "Stream": grpc.stream_stream_rpc_method_handler(handler, request_deserializer=_raw,
+                                                        response_serializer=_raw)}),))
     port = server.add_insecure_port(f"{ADDR}:0")
     await server.start()
     ctx = multiprocessing.get_context("spawn")
