@@ -91,10 +91,12 @@ class Load:
             t.start()
         return self
 
-    def stop(self) -> None:
-        if self._stop.is_set():
-            return
+    def stop(self, *, wait: bool = True) -> None:
+        """No request falls due after this; with `wait`, return once every one that did is answered.
+        `wait=False` lets a scenario go on while a slow machine drains the queue (call `stop()` later)."""
         self._stop.set()
+        if not wait or self.stopped:
+            return
         for t in self._threads:
             t.join(self.timeout + 30)
         self.stopped = time.monotonic()
