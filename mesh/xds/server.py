@@ -526,24 +526,7 @@ class _DeltaStreamState(_Bound):
                 if not st.wildcard:
                     st.known.pop(name, None)
                     st.refused.discard(name)
-        return [] if self._settled() else self.pending()
-
-    def _settled(self) -> bool:
-        """Nothing to answer: every type is reconciled with the snapshot's version and no removal waits. Most
-        requests are the ACK of the last push, and `pending` walking every type to find nothing was a fifth
-        of the control plane's time per stream in a one-route push. Adopts the newer part objects of equal
-        content, as `pending` does."""
-        snapshot = self._cache.get(self.node_id) if self.node_id is not None else None
-        if snapshot is None:
-            return False  # `pending` decides: the empty snapshot, or nothing while holding
-        types = self._types
-        for type_url, st in types.items():
-            if st.synced != snapshot.version(type_url) or st.withheld:
-                return False
-        for type_url, st in types.items():
-            if st.basis is not None and not st.touched:
-                st.basis = snapshot.parts[type_url]
-        return True
+        return self.pending()
 
     def _routing_unsettled(self, snapshot: Snapshot) -> bool:
         """Whether a routing type is not yet ACKed at the snapshot's version (sent and unanswered, NACKed,
