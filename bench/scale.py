@@ -202,6 +202,16 @@ async def _until_stopped(tasks: list[asyncio.Task[None]], ready: Any, stop: Any)
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+RESPONSE_FIELDS_B = 100
+"""About what a DeltaDiscoveryResponse adds around its one resource (version, type URL, nonce, framing)."""
+
+
+def changed_route_size(snapshot: Any) -> int:
+    """Bytes of the route configuration a one-route change replaces (s0's), serialised as it is sent."""
+    name = "outbound|s0.ns0"
+    return len(wire.to_any_bytes(ROUTE, snapshot.items(ROUTE)[name], content_digest=snapshot.digests[ROUTE][name]))
+
+
 def _raw(b: bytes) -> bytes:
     return b
 
@@ -499,10 +509,8 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
         route_kb = len(json.dumps(dict(snaps2[topo.sidecars[0].node_id].items(
             "type.googleapis.com/envoy.config.route.v3.RouteConfiguration")))) / 1024
         rss = rss_mb()
-        changed_route = snaps2[topo.sidecars[0].node_id]
-        one_size = len(wire.to_any_bytes(ROUTE, changed_route.items(ROUTE)["outbound|s0.ns0"],
-                                         content_digest=changed_route.digests[ROUTE]["outbound|s0.ns0"]))
-        echo_ms, echo_cpu, _ = await grpc_floor(len(snaps2), one_size + 100)  # + the response's own fields
+        one_size = changed_route_size(snaps2[topo.sidecars[0].node_id])
+        echo_ms, echo_cpu, _ = await grpc_floor(len(snaps2), one_size + RESPONSE_FIELDS_B)
         floor_cpu: list[float] = []
         floor_start: list[float] = []
         floor_ms = await floor(snaps2, real, Path(tmp.name), free, floor_cpu, floor_start) if real else 0.0
@@ -899,7 +907,8 @@ def report(services: int, proxies: int, mode: str, base: dict[str, float] | None
           f" lockgate full push / floor = {full / big['floor_ms']:.1f}x"
           f" (their CPU: {big['floor_cpu_s']:.2f} s from a file, {big['envoy_cpu_full_s']:.2f} s over xDS)")
     if big.get("grpc_floor_ms"):
-        print(f"  one route's floor: the same {proxies + 1} streams each sent one {big['one_size_b'] + 100:.0f}-byte"
+        print(f"  one route's floor: the same {proxies + 1} streams each sent one"
+              f" {big['one_size_b'] + RESPONSE_FIELDS_B:.0f}-byte"
               f" message and read its answer through bare gRPC aio, nothing computed: {big['grpc_floor_ms']:.0f} ms"
               f" ({big['grpc_floor_cpu_s'] * 1000:.0f} ms of this process's CPU); lockgate's push/ACK / floor ="
               f" {big['push_one_ms'] / big['grpc_floor_ms']:.1f}x, render + push / floor ="
