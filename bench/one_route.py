@@ -28,6 +28,7 @@ from bench.scale import (
     big_intent,
     changed_route_size,
     converge,
+    end_clients,
     free_port,
     grpc_floor,
     pct,
@@ -78,10 +79,7 @@ async def run(services: int, proxies: int, changes: int, profile: Any = None) ->
             figures["push_cpu_ms"].append((time.process_time() - cpu1) * 1000)
             await asyncio.sleep(0.2)  # the ACKs' status settles; each change starts from a quiet loop
     finally:
-        stop.set()
-        clients.join(10)
-        if clients.is_alive():
-            clients.kill()
+        end_clients(clients, stop)
         await server.stop(0.1)
     size = changed_route_size(snaps[topo.sidecars[0].node_id]) + RESPONSE_FIELDS_B
     floor_ms, floor_cpu, _ = await grpc_floor(len(snaps), size)

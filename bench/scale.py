@@ -212,6 +212,14 @@ def changed_route_size(snapshot: Any) -> int:
     return len(wire.to_any_bytes(ROUTE, snapshot.items(ROUTE)[name], content_digest=snapshot.digests[ROUTE][name]))
 
 
+def end_clients(clients: Any, stop: Any) -> None:
+    """Tell a client process to end (its `stop` event), then kill it if it has not within 10 s."""
+    stop.set()
+    clients.join(10)
+    if clients.is_alive():
+        clients.kill()
+
+
 def _raw(b: bytes) -> bytes:
     return b
 
@@ -283,10 +291,7 @@ async def grpc_floor(streams: int, size: int, *, rounds: int = 15) -> tuple[floa
             cpus.append(time.process_time() - cpu)
             await asyncio.sleep(0.05)
     finally:
-        stop.set()
-        clients.join(10)
-        if clients.is_alive():
-            clients.kill()
+        end_clients(clients, stop)
         await server.stop(0)
     return pct(walls, 50), pct(cpus, 50), sum(answered)
 
@@ -530,10 +535,7 @@ async def run(services: int, proxies: int, envoys: bool, *, delta: bool = False,
                 "full_ack_sims_p50_ms": pct([acked_full[n] for n in simulated], 50) if simulated else 0.0,
                 "full_ack_sims_max_ms": max((acked_full[n] for n in simulated), default=0.0)}
     finally:
-        stop.set()
-        clients.join(10)
-        if clients.is_alive():
-            clients.kill()
+        end_clients(clients, stop)
         for p in procs:
             p.terminate()
             await p.wait()
