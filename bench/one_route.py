@@ -33,6 +33,7 @@ from bench.scale import (
     grpc_floor,
     pct,
     rendered,
+    report_profile,
     subscriptions,
     topology,
 )
@@ -111,9 +112,8 @@ def main() -> int:
           f" ({r['floor_cpu_ms']:.1f} ms CPU); push/ACK / floor = {r['push_ms'] / r['floor_ms']:.1f}x,"
           f" push CPU / floor CPU = {r['push_cpu_ms'] / max(r['floor_cpu_ms'], 0.1):.1f}x")
     if prof is not None:
-        import pstats
-
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        report_profile("delta", prof, what=f"{args.changes} one-route pushes, {args.services} x {args.proxies}",
+                       top=25)
     return 0
 
 
