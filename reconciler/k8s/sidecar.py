@@ -338,21 +338,29 @@ class _Envoys:
         return exit_code(current.returncode if current is not None else None, signum)
 
     def stop_all(self, signum: int) -> None:
-        """Signal every Envoy of ours, wait for them (kill after _STOP_TIMEOUT_S): no orphans."""
-        procs = [p for p in (self.current, *self.parents) if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
+        """Signal every Envoy of ours, wait for them (kill after _STOP_TIMEOUT_S): no orphans.
+
+        The new Envoy of a hot restart first, its parents once it has exited: a child still in the restart
+        handshake blocks on its parent's answers, before its dispatcher (which handles the signal) runs, so
+        a parent that left first would leave it deaf to the signal until it is killed."""
         deadline = time.monotonic() + _STOP_TIMEOUT_S
-        for p in procs:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("envoy pid %d did not exit within %.0f s: killing it", p.pid, _STOP_TIMEOUT_S)
-                p.kill()
-                p.wait()
+        if self.current is not None:
+            self._stop(self.current, signum, deadline=deadline)
+        for p in self.parents:
+            self._stop(p, signum, deadline=deadline)
         self.parents = []
         self._remove_shared_memory()
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[bytes], signum: int, *, deadline: float) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("envoy pid %d did not exit within %.0f s: killing it", proc.pid, _STOP_TIMEOUT_S)
+            proc.kill()
+            proc.wait()
 
     def _remove_shared_memory(self) -> None:
         """Envoy leaves its hot-restart shared memory behind when it exits (`envoy_shared_memory_<10 x base
