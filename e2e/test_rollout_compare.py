@@ -1,9 +1,11 @@
 """Canary judged against the stable, and its notifications, on real processes: Envoys, demo apps,
 Prometheus, `lockgate up`, Git, and HTTP sinks on 127.0.0.1.
 
-(a) A canary whose app is 6 ms slower than the stable's (`LATENCY_MS`), far under the absolute bound
+(a) A canary whose app is 10 ms slower than the stable's (`LATENCY_MS`), far under the absolute bound
 `max: 500`, is rolled back by a `compare` metric (Mann-Whitney U on one p99 per scrape of each version),
-while a canary identical to the stable is promoted. One mesh, the identical canary first.
+while a canary identical to the stable is promoted. One mesh, the identical canary first. `minIncrease:
+4` (ms): on a loaded machine an identical canary's p99 once sat above the stable's in every scrape of an
+interval, +506% and p 0.006, which was 2.6 ms of scheduling noise.
 (c) A JSON webhook and a Slack-compatible sink receive every decision (start, step, promote; start,
 hold, rollback) in order. The Slack one is Mesh-wide (`Mesh.spec.notifications`); the JSON one is in both
 the Mesh and the Rollout, and gets each decision once.
@@ -59,7 +61,7 @@ apiVersion: lockgate.io/v1alpha1
 kind: Workload
 metadata: {{name: reviews-{v}, namespace: shop}}
 spec: {{service: reviews, version: {v}, clusters: [east], command: [lockgate, demo-app], env: {{LATENCY_MS: "{ms}"}}}}
-""" for v, ms in (("v1", 0), ("v2", 0), ("v3", 6)))
+""" for v, ms in (("v1", 0), ("v2", 0), ("v3", 10)))
 
 
 SINKS: dict[str, str] = {}
@@ -94,7 +96,7 @@ spec:
       - {{name: latency, builtin: request-duration-p99, max: 500}}
       - name: latency-vs-stable
         builtin: request-duration-p99
-        compare: {{baseline: stable, maxIncrease: 20%, confidence: 0.98}}
+        compare: {{baseline: stable, maxIncrease: 20%, minIncrease: 4, confidence: 0.98}}
   notifications:
 {"".join(f"    - {_sink(n)}" + chr(10) for n in SINKS if n != "chat")}"""
 

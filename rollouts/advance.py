@@ -645,12 +645,13 @@ def _compare_check(m: MetricSpec, cluster: str, where: str, req: float | None, d
     if data.counts is not None:
         ec, nc, eb, nb = data.counts
         result = compare_counts(canary_errors=ec, canary_total=nc, baseline_errors=eb, baseline_total=nb,
-                                max_increase=margin, confidence=confidence)
+                                max_increase=margin, confidence=confidence, min_increase=m.compare.min_increase)
         if result.verdict != "inconclusive" and nb < min_requests:
             result = _inconclusive(result, f"{baseline} requests {format_requests(nb, minimum=min_requests)} "
                                            f"< minRequests {min_requests:g}")
     else:
-        result = compare_series(data.canary, data.baseline, max_increase=margin, confidence=confidence)
+        result = compare_series(data.canary, data.baseline, max_increase=margin, confidence=confidence,
+                                min_increase=m.compare.min_increase)
     numbers = CheckComparison(baseline=baseline, test=result.test, statistic=result.statistic,
                               p_value=result.p_value, effect=result.effect,
                               relative=None if result.relative is None or math.isinf(result.relative)

@@ -34,6 +34,11 @@ class CompareSpec(Model):
     median (values) or error rate (request-success-rate)."""
     confidence: float = 0.98
     """1 - the p-value below which a difference counts as real (Kayenta's default: 0.98)."""
+    min_increase: float = 0.0
+    """The smallest increase that counts, in the metric's own unit (ms for `request-duration-p99`; error-rate
+    points for `request-success-rate`, 0.01 = one point): a shift below it neither fails nor holds. At
+    sub-millisecond latencies, scheduling noise alone moves one version's p99 by several times over a
+    few scrapes, which `maxIncrease` (relative) would call a regression."""
 
     @property
     def max_increase_fraction(self) -> float:

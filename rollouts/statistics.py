@@ -140,9 +140,10 @@ def _log_comb(n: int, k: int) -> float:
 
 
 def compare_series(canary: Sequence[float], baseline: Sequence[float], *, max_increase: float,
-                   confidence: float) -> Comparison:
+                   confidence: float, min_increase: float = 0.0) -> Comparison:
     """Is the canary's series worse (greater) than the baseline's by more than `max_increase` (a fraction
-    of the baseline's median), at `confidence`? NaNs are dropped (idle steps)."""
+    of the baseline's median) and by more than `min_increase` (absolute), at `confidence`? NaNs are
+    dropped (idle steps)."""
     c = [v for v in canary if not math.isnan(v)]
     b = [v for v in baseline if not math.isnan(v)]
     alpha = 1.0 - confidence
@@ -159,8 +160,12 @@ def compare_series(canary: Sequence[float], baseline: Sequence[float], *, max_in
     centre = abs(statistics.median(b))
     relative = shift / centre if centre > 0 else (math.inf if shift > 0 else 0.0)
     significant = mw.p_greater < alpha
-    if significant and relative > max_increase:
-        verdict: Verdict = "fail"
+    if relative > max_increase and shift <= min_increase:
+        verdict: Verdict = "pass"
+        why = (f"+{_pct(relative)} > +{_pct(max_increase)} but a shift of {signed(shift)} <= minIncrease "
+               f"{min_increase:g}")
+    elif significant and relative > max_increase:
+        verdict = "fail"
         why = f"significantly higher, +{_pct(relative)} > +{_pct(max_increase)}"
     elif significant:
         verdict, why = "pass", f"significantly higher but +{_pct(relative)} <= +{_pct(max_increase)}"
@@ -177,9 +182,10 @@ def compare_series(canary: Sequence[float], baseline: Sequence[float], *, max_in
 
 
 def compare_counts(*, canary_errors: float, canary_total: float, baseline_errors: float, baseline_total: float,
-                   max_increase: float, confidence: float) -> Comparison:
-    """Is the canary's error rate greater than the baseline's by more than `max_increase` (relative), at
-    `confidence`? Counts from `increase()` are extrapolated, so they are rounded to whole requests."""
+                   max_increase: float, confidence: float, min_increase: float = 0.0) -> Comparison:
+    """Is the canary's error rate greater than the baseline's by more than `max_increase` (relative) and by
+    more than `min_increase` (a difference of rates: 0.01 is one point), at `confidence`? Counts from
+    `increase()` are extrapolated, so they are rounded to whole requests."""
     ec, nc = round(max(0.0, canary_errors)), round(max(0.0, canary_total))
     eb, nb = round(max(0.0, baseline_errors)), round(max(0.0, baseline_total))
     ec, eb = min(ec, nc), min(eb, nb)
@@ -192,8 +198,12 @@ def compare_counts(*, canary_errors: float, canary_total: float, baseline_errors
     relative = rate_c / rate_b - 1 if rate_b > 0 else (math.inf if rate_c > 0 else 0.0)
     alpha = 1.0 - confidence
     significant = p < alpha
-    if significant and relative > max_increase:
-        verdict: Verdict = "fail"
+    if significant and relative > max_increase and rate_c - rate_b <= min_increase:
+        verdict: Verdict = "pass"
+        why = (f"error rate significantly higher, +{_pct(relative)} > +{_pct(max_increase)}, but by "
+               f"{signed(rate_c - rate_b)} <= minIncrease {min_increase:g}")
+    elif significant and relative > max_increase:
+        verdict = "fail"
         why = f"error rate significantly higher, +{_pct(relative)} > +{_pct(max_increase)}"
     elif significant:
         verdict, why = "pass", f"error rate significantly higher but +{_pct(relative)} <= +{_pct(max_increase)}"

@@ -7,6 +7,7 @@ Pure, like mesh.validate: findings point at a resource index and a field path; t
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import urllib.parse
 from collections.abc import Sequence
@@ -122,6 +123,9 @@ def validate(resources: Sequence[ResourceBase]) -> list[Finding]:
                 if parse_percent(c.max_increase) is None:
                     out.append(Finding(i, (*at, "maxIncrease"), f"maxIncrease {c.max_increase!r} is not a "
                                        "percentage such as 20% (0% or more)"))
+                if not (math.isfinite(c.min_increase) and c.min_increase >= 0):
+                    out.append(Finding(i, (*at, "minIncrease"), f"minIncrease {c.min_increase:g} is not a "
+                                       "finite amount of 0 or more, in the metric's unit (e.g. 2 for 2 ms)"))
                 if not 0.5 < c.confidence < 1:
                     out.append(Finding(i, (*at, "confidence"), f"confidence {c.confidence:g} is not between "
                                        "0.5 and 1 (exclusive), e.g. 0.98"))

@@ -68,6 +68,12 @@ def test_a_compare_metric_loads() -> None:
     ("confidence: 0.98", "confidence: 0.5",
      "rollout.yaml:15: spec.analysis.metrics[0].compare.confidence: confidence 0.5 is not between 0.5 and 1 "
      "(exclusive), e.g. 0.98"),
+    ("confidence: 0.98", "confidence: 0.98, minIncrease: -1",
+     "rollout.yaml:15: spec.analysis.metrics[0].compare.minIncrease: minIncrease -1 is not a finite amount of 0 "
+     "or more, in the metric's unit (e.g. 2 for 2 ms)"),
+    ("confidence: 0.98", "confidence: 0.98, minIncrease: .inf",
+     "rollout.yaml:15: spec.analysis.metrics[0].compare.minIncrease: minIncrease inf is not a finite amount of 0 "
+     "or more, in the metric's unit (e.g. 2 for 2 ms)"),
     ("builtin: request-duration-p99", "query: 'sum(rate(x[1m]))'",
      "rollout.yaml:14: spec.analysis.metrics[0].query: a compared query must select `{{ version }}`: otherwise "
      "canary and stable read the same series"),
@@ -131,6 +137,17 @@ def test_an_identical_canary_passes_and_promotes() -> None:
     assert d.action == "promote", d.reasons
     assert d.checks[-1].result == "pass" and d.checks[-1].comparison is not None
     assert "not significantly higher (p " in d.reasons[0]
+
+
+def test_min_increase_in_the_spec_is_the_floor_a_shift_must_clear() -> None:
+    def action(floor: float) -> str:  # SLOW is about +4 (ms) over the stable
+        compare = {"baseline": "stable", "maxIncrease": "20%", "confidence": 0.98, "minIncrease": floor}
+        return advance(spec(compare=compare), running(), obs(CompareData(canary=SLOW, baseline=STABLE)), now=T).action
+
+    assert (action(0), action(3), action(5)) == ("rollback", "rollback", "promote")
+    d = advance(spec(compare={"baseline": "stable", "maxIncrease": "20%", "minIncrease": 5}), running(),
+                obs(CompareData(canary=SLOW, baseline=STABLE)), now=T)
+    assert "<= minIncrease 5" in d.reasons[0], d.reasons
 
 
 @pytest.mark.parametrize(("policy", "action"), [("hold", "hold"), ("fail", "rollback"), ("pass", "promote")])

@@ -125,6 +125,32 @@ def test_the_confidence_decides_what_is_significant() -> None:
     assert compare_series(canary, baseline, max_increase=0.5, confidence=0.999).verdict == "pass"
 
 
+def test_a_shift_under_min_increase_neither_fails_nor_holds() -> None:
+    # The e2e's identical canary on a loaded machine: every scrape of its p99 above the stable's, +506%,
+    # p 0.006, which is 2.6 ms. With minIncrease 4 (ms) that is noise; a canary 8 ms slower still fails.
+    canary, stable = [3.1, 3.3, 2.9, 3.4, 3.0], [0.5, 0.6, 0.4, 0.5, 0.7]
+    plain = compare_series(canary, stable, max_increase=0.2, confidence=0.98)
+    floored = compare_series(canary, stable, max_increase=0.2, confidence=0.98, min_increase=4)
+    assert plain.verdict == "fail", plain
+    assert floored.verdict == "pass" and "<= minIncrease 4" in floored.why, floored
+    assert floored.p_value == plain.p_value and floored.effect == plain.effect  # the numbers are still shown
+    slow = [x + 8 for x in stable]
+    assert compare_series(slow, stable, max_increase=0.2, confidence=0.98, min_increase=4).verdict == "fail"
+    # Not significant and above the margin (would hold), but under the floor: passes, never waits.
+    few = compare_series([9.6, 10.1, 9.8, 9.7], [3.0, 3.4, 2.9, 3.1, 9.9], max_increase=0.2, confidence=0.98)
+    assert few.verdict == "inconclusive"
+    assert compare_series([9.6, 10.1, 9.8, 9.7], [3.0, 3.4, 2.9, 3.1, 9.9], max_increase=0.2, confidence=0.98,
+                          min_increase=7).verdict == "pass"
+
+
+def test_an_error_rate_rise_under_min_increase_passes() -> None:
+    def verdict(floor: float) -> str:  # 0.1% -> 0.9%: significant, +0.8 points
+        return compare_counts(canary_errors=9, canary_total=1000, baseline_errors=4, baseline_total=4000,
+                              max_increase=0.2, confidence=0.98, min_increase=floor).verdict
+
+    assert (verdict(0), verdict(0.005), verdict(0.01)) == ("fail", "fail", "pass")
+
+
 COUNTS = [
     # (name, canary errors/requests, baseline errors/requests, verdict)
     ("same-rate", (2, 1000), (8, 4000), "pass"),
