@@ -25,7 +25,7 @@ lint: install
 
 # The fault suite runs after everything else, on its own (it writes docs/reliability.md).
 test: install lint
-	$(BIN)/pytest -q -p no:cacheprovider -m "not faults"
+	$(BIN)/pytest -q -p no:cacheprovider --durations=15 -m "not faults"
 	$(BIN)/pytest -q -p no:cacheprovider -m faults e2e/test_faults.py
 
 demo: install
