@@ -20,6 +20,7 @@ import contextlib
 import http.client
 import itertools
 import json
+import math
 import socket
 import threading
 import time
@@ -256,7 +257,10 @@ def test_a_canary_identical_to_the_stable_is_promoted(mesh: Mesh) -> None:
     promote = next(d for d in runs if d["action"] == "promote")
     (compare,) = _compare_checks(promote)
     assert compare["result"] == "pass" and compare["comparison"]["test"] == "mann-whitney", compare
-    assert compare["comparison"]["nCanary"] >= 4 and compare["comparison"]["nBaseline"] >= 4, compare
+    # Judged on samples that could have shown a difference at 0.98 (a scrape or two of a side may be
+    # missing on a loaded machine: 5 vs 3 is as able as 4 vs 4), not passed for want of them.
+    n_c, n_b = int(compare["comparison"]["nCanary"]), int(compare["comparison"]["nBaseline"])
+    assert compare["comparison"]["pValue"] is not None and 1 / math.comb(n_c + n_b, n_c) <= 0.02, compare
     body = git(mesh.repo, "log", "-1", "--format=%B")
     assert "Lockgate-Decision: promote" in body and "latency-vs-stable@east: vs stable: Mann-Whitney U=" in body, body
 
