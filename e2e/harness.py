@@ -21,6 +21,7 @@ from typing import Any
 
 from mesh.envoy import admin_request
 from reconciler.state import read_status
+from tests.fixtures import waiting
 
 SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
@@ -54,15 +55,9 @@ def commit_file(repo: Path, path: str, text: str, message: str) -> str:
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            last = check()
-            if last:
-                return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    """`tests.fixtures.waiting.wait_for` where any exception of `check` is "not yet": a CLI or a process
+    that is still starting."""
+    return waiting.wait_for(what, check, timeout=timeout, interval=interval, tolerate=(Exception,))
 
 
 class Up:

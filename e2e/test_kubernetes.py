@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import random
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ import pytest_asyncio
 
 from e2e.harness import Client, commit_file
 from multicluster import ca as ca_mod
+from tests.fixtures import waiting
 from tests.fixtures.git import new_repo
 from tests.fixtures.kube import Kube, kube, slice_body
 from tests.fixtures.processes import reap
@@ -97,14 +99,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def until(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check() if asyncio.iscoroutinefunction(check) else check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
+until = functools.partial(waiting.until, timeout=60.0, interval=0.1)
 
 
 class Pods:

@@ -5,11 +5,11 @@ request-rate panel returns one series per service and version."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -24,6 +24,7 @@ from reconciler.observe import WEIGHT_METRIC, dashboard, expressions, read_expos
 from reconciler.observe.grafana import request_rate
 from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus
 from reconciler.state import write_json
+from tests.fixtures import waiting
 
 if TYPE_CHECKING:
     from conftest import ControlPlane
@@ -79,14 +80,7 @@ def query(prom_url: str, expr: str) -> dict[str, Any]:
     return answer
 
 
-def wait_for(what: str, check: Any, timeout: float = 40.0) -> Any:
-    deadline, last = time.monotonic() + timeout, None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.25)
-    raise TimeoutError(f"{what}: last {last!r}")
+wait_for = functools.partial(waiting.wait_for, timeout=40.0, interval=0.25)
 
 
 def test_every_query_answers_from_a_prometheus_scraping_real_envoys(

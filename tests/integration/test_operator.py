@@ -5,8 +5,9 @@ reaches the snapshots of the proxies that call that service only; a deleted pod 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest_asyncio
 from mesh.xds.snapshot import ENDPOINT
 from reconciler.cli.operator import Operator, OperatorConfig
 from reconciler.runtime.base import Bind
+from tests.fixtures import waiting
 from tests.fixtures.git import commit_all, new_repo, write
 from tests.fixtures.kube import Kube, OperatorThread, kube, slice_body
 
@@ -101,15 +103,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[Kube, Operator]]:
             await asyncio.to_thread(thread.stop)
 
 
-async def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.05)
+until = functools.partial(waiting.until, timeout=20.0, interval=0.05)
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -127,7 +121,7 @@ async def test_gitsource_ready_then_a_broken_commit_stalls_and_changes_nothing(c
     k, op = cluster
     root = repo(tmp_path)
     await gitsource(k, root)
-    await until(lambda: op.session and op.session.reconciler.applied, what="first revision applied")
+    await until("first revision applied", lambda: op.session and op.session.reconciler.applied)
     first = op.session.reconciler.applied if op.session else None
     assert first is not None
 
@@ -162,7 +156,7 @@ async def test_endpoint_churn_reaches_only_the_callers_and_a_deleted_pod_leaves(
                                                                                tmp_path: Path) -> None:
     k, op = cluster
     await gitsource(k, repo(tmp_path))
-    await until(lambda: op.session and op.session.reconciler.applied, what="first revision applied")
+    await until("first revision applied", lambda: op.session and op.session.reconciler.applied)
     pods = "/api/v1/namespaces/shop/pods"
     for body in (pod("frontend-a", "frontend", "v1", "10.0.0.1"), pod("reviews-v1-a", "reviews", "v1", "10.0.0.2"),
                  pod("reviews-v1-b", "reviews", "v1", "10.0.0.3"), pod("ratings-v1-a", "ratings", "v1", "10.0.0.4")):
@@ -184,21 +178,21 @@ async def test_endpoint_churn_reaches_only_the_callers_and_a_deleted_pod_leaves(
         text = str([r for name, r in snap.items(ENDPOINT).items() if "reviews" in name])
         return {ip for ip in ("10.0.0.2", "10.0.0.3") if ip in text}
 
-    await until(lambda: reviews_endpoints() == {"10.0.0.2"}, what="frontend sees reviews-v1-a")
+    await until("frontend sees reviews-v1-a", lambda: reviews_endpoints() == {"10.0.0.2"})
     before = {n: plane.cache.get(n).version(ENDPOINT) for n in (frontend, reviews, ratings)}  # type: ignore[union-attr]
 
     # The kubelet reports reviews-v1-b ready: one slice update.
     await k.patch(f"{slices}/reviews-1", {"endpoints": slice_body(
         namespace="shop", name="reviews-1", service="reviews", port=9080,
         endpoints=[("reviews-v1-a", "10.0.0.2", True), ("reviews-v1-b", "10.0.0.3", True)])["endpoints"]})
-    await until(lambda: reviews_endpoints() == {"10.0.0.2", "10.0.0.3"}, what="frontend sees reviews-v1-b")
+    await until("frontend sees reviews-v1-b", lambda: reviews_endpoints() == {"10.0.0.2", "10.0.0.3"})
     after = {n: plane.cache.get(n).version(ENDPOINT) for n in (frontend, reviews, ratings)}  # type: ignore[union-attr]
     assert after[frontend] != before[frontend]
     assert after[reviews] == before[reviews] and after[ratings] == before[ratings]  # they do not call reviews
 
     # The pod is deleted (its slice entry lingers until the endpoints controller runs: the pod decides).
     await k.delete(f"{pods}/reviews-v1-b")
-    await until(lambda: reviews_endpoints() == {"10.0.0.2"}, what="reviews-v1-b gone from frontend's endpoints")
+    await until("reviews-v1-b gone from frontend's endpoints", lambda: reviews_endpoints() == {"10.0.0.2"})
     assert "east/shop/reviews-v1-b" not in set(plane.cache.nodes())
 
 
@@ -213,22 +207,22 @@ async def test_resources_applied_with_kubectl_join_the_intent_and_a_bad_one_chan
         cluster: tuple[Kube, Operator], tmp_path: Path) -> None:
     k, op = cluster
     await gitsource(k, repo(tmp_path))
-    await until(lambda: op.session and op.session.reconciler.applied, what="first revision applied")
+    await until("first revision applied", lambda: op.session and op.session.reconciler.applied)
     rec = op.session.reconciler  # type: ignore[union-attr]
     routes_api = "/apis/lockgate.io/v1alpha1/namespaces/shop/routes"
     await k.create(routes_api, frontend_route(50, 50))
-    await until(lambda: rec.intent is not None and ("shop", "frontend") in rec.intent.routes,
-                what="the kubectl Route in the applied intent")
+    await until("the kubectl Route in the applied intent",
+                lambda: rec.intent is not None and ("shop", "frontend") in rec.intent.routes)
     plane = rec.planes["east"]
     served = {n: plane.cache.get(n) for n in plane.cache.nodes()}
     await k.patch(f"{routes_api}/frontend", {"spec": frontend_route(70, 50)["spec"]})  # 120: invalid
-    await until(lambda: rec.failed is not None, what="the bad resource refused")
+    await until("the bad resource refused", lambda: rec.failed is not None)
     assert any(e.startswith("@cluster/Route/shop/frontend.yaml:") and "weights must sum to 100" in e
                for e in rec.last_error), rec.last_error
     assert {n: plane.cache.get(n) for n in plane.cache.nodes()} == served  # nothing served changed
     await k.delete(f"{routes_api}/frontend")
-    await until(lambda: rec.failed is None and rec.intent is not None and ("shop", "frontend") not in rec.intent.routes,
-                what="the deleted Route gone from the intent")
+    await until("the deleted Route gone from the intent", lambda: rec.failed is None and rec.intent is not None
+                and ("shop", "frontend") not in rec.intent.routes)
 
 
 def kubeconfig(server: str, **user: str) -> str:
@@ -265,7 +259,7 @@ async def test_remote_clusters_come_from_sanitised_remote_secrets(tmp_path: Path
         await east.watched("pods", "endpointslices", "gitsources", "secrets")
         try:
             await gitsource(east, root)
-            await until(lambda: op.session and op.session.reconciler.applied, what="first revision applied")
+            await until("first revision applied", lambda: op.session and op.session.reconciler.applied)
             await east.create("/api/v1/namespaces/shop/pods", pod("frontend-a", "frontend", "v1", "10.0.0.1"))
             await east.create(f"/api/v1/namespaces/{NS}/secrets", {
                 "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
@@ -278,7 +272,7 @@ async def test_remote_clusters_come_from_sanitised_remote_secrets(tmp_path: Path
                 snap = plane.cache.get("east/shop/frontend-a")
                 return snap is not None and "192.0.2.10" in str(dict(snap.items(ENDPOINT)))
 
-            await until(west_endpoint, what="west's reviews-v2 through west's east-west gateway")
+            await until("west's reviews-v2 through west's east-west gateway", west_endpoint)
             assert "10.1.0.5" not in str(dict(plane.cache.get("east/shop/frontend-a").items(ENDPOINT)))  # type: ignore[union-attr]
 
             # A kubeconfig that would run a program on the operator's pod is refused, and says why.
@@ -288,7 +282,7 @@ async def test_remote_clusters_come_from_sanitised_remote_secrets(tmp_path: Path
                 "metadata": {"name": "remote-central", "namespace": NS,
                              "labels": {"lockgate.io/remote-cluster": "true"}},
                 "data": {"central": base64.b64encode(evil.encode()).decode()}})
-            await until(lambda: "central" in op.remote_errors, what="the exec kubeconfig refused")
+            await until("the exec kubeconfig refused", lambda: "central" in op.remote_errors)
             assert "exec" in op.remote_errors["central"] and "central" not in op.remotes
         finally:
             await asyncio.to_thread(thread.stop)
@@ -317,5 +311,5 @@ async def test_a_gitsource_with_a_secret_ref_fetches_with_its_credentials(cluste
                                     "metadata": {"name": "mesh", "namespace": NS},
                                     "spec": {"url": f"{base}/mesh.git", "interval": "1s",
                                              "secretRef": {"name": "mesh-git"}}})
-        applied = await until(lambda: op.session and op.session.reconciler.applied, what="fetched with the token")
+        applied = await until("fetched with the token", lambda: op.session and op.session.reconciler.applied)
         assert applied == git(work, "rev-parse", "HEAD")

@@ -4,6 +4,7 @@ through lockgate's HTTP service discovery: the built-in metrics, "no values foun
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import os
 import shutil
@@ -25,6 +26,7 @@ from rollouts.advance import Decision, Observations, RolloutState, advance
 from rollouts.analysis import BUILTIN_QUERIES, REQUESTS_QUERY, WINDOW_SELECTOR, observe, render_query
 from rollouts.intent import RolloutSpec
 from rollouts.provider import NoValuesFound, PrometheusProvider, ProviderError
+from tests.fixtures import waiting
 
 if TYPE_CHECKING:
     from conftest import ControlPlane, EnvoyProcess
@@ -78,6 +80,10 @@ def app() -> Iterator[Any]:
         s.server_close()
 
 
+wait_for = functools.partial(waiting.wait_for, interval=0.2, tolerate=(NoValuesFound, ProviderError, OSError))
+"""A query's answer: no series yet, or Prometheus still starting, is "not yet"."""
+
+
 def inbound(listen: int, app_port: int) -> Snapshot:
     """What a sidecar's inbound side looks like: listener `inbound` -> the app."""
     hcm = {"@type": HCM, "stat_prefix": "inbound", "rds": {"route_config_name": "inbound", "config_source": ADS},
@@ -100,20 +106,6 @@ def send(port: int, n: int) -> None:
         conn.request("GET", "/")
         conn.getresponse().read()
     conn.close()
-
-
-def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (NoValuesFound, ProviderError, OSError) as exc:
-            last = exc
-        time.sleep(0.2)
-    raise TimeoutError(f"{what}: last {last!r}")
 
 
 def test_builtin_metrics_from_real_envoys_through_real_prometheus(

@@ -4,6 +4,7 @@ render builds it), healthy, closing half its connections unanswered (FAIL_RATE 0
 
 from __future__ import annotations
 
+import functools
 import random
 import shutil
 import socket
@@ -23,6 +24,7 @@ from reconciler.runtime.local.prometheus import DiscoveryServer, LocalPrometheus
 from rollouts.analysis import TCP_QUERIES, compare_data, observe
 from rollouts.intent import RolloutSpec
 from rollouts.provider import NoValuesFound, PrometheusProvider, ProviderError
+from tests.fixtures import waiting
 
 if TYPE_CHECKING:
     from conftest import EnvoyProcess
@@ -55,6 +57,10 @@ def echo() -> Iterator[Any]:
         s.server_close()
 
 
+wait_for = functools.partial(waiting.wait_for, interval=0.2, tolerate=(NoValuesFound, ProviderError, OSError))
+"""A query's answer: no series yet, or Prometheus still starting, is "not yet"."""
+
+
 def inbound(listen: int, app_port: int) -> Snapshot:
     """A TCP service's sidecar inbound side: render's tcp_proxy listener -> the `inbound|app` cluster."""
     listener = inbound_listener({"name": "inbound", "address": {"socket_address": {
@@ -77,20 +83,6 @@ def talk(port: int) -> bool:
         except (ConnectionResetError, BrokenPipeError):
             return False
         return reply.endswith(b" hello\n")
-
-
-def wait_for(what: str, check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (NoValuesFound, ProviderError, OSError) as exc:
-            last = exc
-        time.sleep(0.2)
-    raise TimeoutError(f"{what}: last {last!r}")
 
 
 def test_tcp_success_rate_from_real_envoys_through_real_prometheus(

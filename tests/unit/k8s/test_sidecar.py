@@ -26,6 +26,7 @@ from mesh.xds.server import TOKEN_METADATA, AdsServer
 from reconciler.k8s import inject
 from reconciler.k8s.sidecar import run, sidecar_bootstrap
 from tests.fixtures.envoy import envoy_validate
+from tests.fixtures.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[3]
 LOOPBACK = "127.0.0.1"
@@ -186,15 +187,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def until(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what}")
-
-
 def write_token(path: Path, token: str) -> None:
     """As the kubelet does: a new file renamed over the old one."""
     tmp = path.with_suffix(".new")
@@ -340,21 +332,21 @@ def test_run_serves_the_token_and_rotates_it_by_hot_restart(
     stats_port = free_port()
     env = run_env(tmp_path, plane.port, stats_port)
     launcher = launch(env)
-    until("the ADS stream carries the first token", lambda: "token-one" in plane.auth.tokens)
-    until(f"{NODE} is connected (the node id the token was bound to)", plane.connected)
-    until("envoy is live", lambda: ready(env))
+    wait_for("the ADS stream carries the first token", lambda: "token-one" in plane.auth.tokens)
+    wait_for(f"{NODE} is connected (the node id the token was bound to)", plane.connected)
+    wait_for("envoy is live", lambda: ready(env))
     (first,) = launcher.envoys()
     assert stats_status(stats_port) == 200
     assert restart_epoch(env) == 0
 
     write_token(tmp_path / "token", "token-two")
-    until("a new ADS stream carries the new token", lambda: "token-two" in plane.auth.tokens)
+    wait_for("a new ADS stream carries the new token", lambda: "token-two" in plane.auth.tokens)
     assert plane.auth.tokens[-1] == "token-two"
-    second = until("a second envoy", lambda: [p for p in launcher.envoys() if p.pid != first.pid])[0]
+    second = wait_for("a second envoy", lambda: [p for p in launcher.envoys() if p.pid != first.pid])[0]
     assert "--restart-epoch" in (cmd := second.cmdline()) and cmd[cmd.index("--restart-epoch") + 1] == "1"
-    until("the old envoy exits after draining (parent shutdown: 3 s)", lambda: not psutil.pid_exists(first.pid),
+    wait_for("the old envoy exits after draining (parent shutdown: 3 s)", lambda: not psutil.pid_exists(first.pid),
           timeout=10)
-    until("the new envoy is live", lambda: ready(env))
+    wait_for("the new envoy is live", lambda: ready(env))
     assert restart_epoch(env) == 1  # a hot restart: the new Envoy took over the stats listener's socket
     assert stats_status(stats_port) == 200
     assert plane.connected()
@@ -369,14 +361,14 @@ def test_run_restarts_an_envoy_that_never_got_config(
     token still reaches a new Envoy (epoch 0), and the old one is gone."""
     env = run_env(tmp_path, free_port(), free_port())
     launcher = launch(env)
-    (first,) = until("envoy started", launcher.envoys)
+    (first,) = wait_for("envoy started", launcher.envoys)
     time.sleep(0.5)
     assert not ready(env)
     write_token(tmp_path / "token", "token-two")
-    second = until("a replacement envoy", lambda: [p for p in launcher.envoys() if p.pid != first.pid])[0]
+    second = wait_for("a replacement envoy", lambda: [p for p in launcher.envoys() if p.pid != first.pid])[0]
     cmd = second.cmdline()
     assert cmd[cmd.index("--restart-epoch") + 1] == "0"
-    until("the first envoy is gone", lambda: not psutil.pid_exists(first.pid), timeout=10)
+    wait_for("the first envoy is gone", lambda: not psutil.pid_exists(first.pid), timeout=10)
     (workdir,) = Path(env["LOCKGATE_RUN_DIR"]).iterdir()
     config = json.loads((workdir / "envoy.json").read_text())
     assert config["dynamic_resources"]["ads_config"]["grpc_services"][0]["initial_metadata"][0]["value"] == "token-two"
@@ -390,9 +382,9 @@ def test_sigterm_during_a_hot_restart_ends_both_envoys(
 ) -> None:
     env = run_env(tmp_path, plane.port, free_port())
     launcher = launch(env)
-    until("envoy is live", lambda: ready(env))
+    wait_for("envoy is live", lambda: ready(env))
     (first,) = launcher.envoys()
     write_token(tmp_path / "token", "token-two")
-    until("the new envoy runs beside the draining one", lambda: len(launcher.envoys()) == 2)
+    wait_for("the new envoy runs beside the draining one", lambda: len(launcher.envoys()) == 2)
     assert psutil.pid_exists(first.pid)
     stop_and_check_no_orphans(launcher, env)

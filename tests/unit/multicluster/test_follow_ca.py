@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import shutil
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -21,6 +18,7 @@ from reconciler.loop import Reconciler, UpConfig
 from reconciler.source.git import Pygit2Source, init_repo
 from tests.fixtures.intents import TEMPLATE
 from tests.fixtures.runtime import FakeRuntime
+from tests.fixtures.waiting import until
 
 NOW = dt.datetime.now(dt.UTC)
 FRONTEND = "east/shop/frontend-v1-0"
@@ -65,15 +63,6 @@ def bundle(snap: Snapshot | None) -> list[x509.Certificate]:
     assert snap is not None
     pem = snap.items(SECRET)[TRUST_BUNDLE]["validation_context"]["trusted_ca"]["inline_string"]
     return x509.load_pem_x509_certificates(pem.encode())
-
-
-async def until(what: str, check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if got := check():
-            return got
-        await asyncio.sleep(0.01)
-    raise TimeoutError(what)
 
 
 def test_serves_without_the_root_key_and_refuses_a_cluster_without_intermediate(

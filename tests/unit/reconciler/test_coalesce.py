@@ -18,6 +18,7 @@ from reconciler.loop import Reconciler, UpConfig
 from reconciler.source.git import Pygit2Source, init_repo
 from tests.fixtures.intents import TEMPLATE
 from tests.fixtures.runtime import FakeRuntime
+from tests.fixtures.waiting import until
 
 USER = ("dev", "dev@example.org")
 FRONTEND = "east/shop/frontend-v1-0"
@@ -56,13 +57,6 @@ def commit(source: Pygit2Source, n: int) -> str:
                          parent=source.head() or "", author=USER)
 
 
-async def until(check: object, *, timeout: float = 20.0) -> None:
-    assert callable(check)
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
-
-
 def test_commits_during_an_apply_are_coalesced_into_one_apply_of_the_newest(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     first = init_repo(repo, template=TEMPLATE)
@@ -74,15 +68,15 @@ def test_commits_during_an_apply_are_coalesced_into_one_apply_of_the_newest(tmp_
         stop = asyncio.Event()
         task = asyncio.create_task(rec.run(stop))
         try:
-            await until(lambda: rec.pushed == [first])
+            await until("the first revision pushed", lambda: rec.pushed == [first], timeout=20.0)
             writer = Pygit2Source.open(str(repo))
             runtime.gate = asyncio.Event()
             held = commit(writer, 0)
-            await until(runtime.entered.is_set)  # the loop is inside the apply of `held`
+            await until("the loop inside the apply of `held`", runtime.entered.is_set, timeout=20.0)
             burst = [commit(writer, n) for n in range(1, 6)]
             await asyncio.sleep(0.3)  # the watch has seen the burst (inotify: ~1 ms) while the apply is held
             runtime.gate.set()
-            await until(lambda: rec.pushed[-1:] == [burst[-1]])
+            await until("the newest of the burst pushed", lambda: rec.pushed[-1:] == [burst[-1]], timeout=20.0)
             await asyncio.sleep(0.3)  # nothing else follows
             assert rec.pushed == [first, held, burst[-1]]
             assert len(runtime.applied) == 3  # the four commits in between were never loaded or applied
@@ -105,12 +99,12 @@ def test_a_commit_after_a_quiet_spell_is_applied_at_once_not_after_a_debounce(tm
         stop = asyncio.Event()
         task = asyncio.create_task(rec.run(stop))
         try:
-            await until(lambda: rec.pushed == [first])
+            await until("the first revision pushed", lambda: rec.pushed == [first], timeout=20.0)
             await asyncio.sleep(0.5)
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             sha = commit(Pygit2Source.open(str(repo)), 1)
-            await until(lambda: rec.pushed[-1:] == [sha])
+            await until("the newest commit pushed", lambda: rec.pushed[-1:] == [sha], timeout=20.0)
             took = loop.time() - t0
             assert rec.pushed == [first, sha]
             return took

@@ -15,7 +15,7 @@ from reconciler.loop import Reconciler, UpConfig
 from reconciler.source.git import Pygit2Source, init_repo
 from tests.fixtures.intents import TEMPLATE
 from tests.fixtures.runtime import FakeRuntime
-from tests.unit.reconciler.test_coalesce import until
+from tests.fixtures.waiting import until
 
 REVIEWS = "east/shop/reviews-v1-0"
 
@@ -48,8 +48,8 @@ def test_a_workload_that_became_ready_holds_convergence_until_its_render_is_acke
         stop = asyncio.Event()
         task = asyncio.create_task(rec.run(stop))
         try:
-            await until(lambda: rec.applied == first and bool(rec.planes) and bool(next(iter(
-                rec.planes.values())).cache.nodes()))
+            await until("the first revision applied with its proxies", lambda: rec.applied == first
+                        and bool(rec.planes) and bool(next(iter(rec.planes.values())).cache.nodes()), timeout=20.0)
             await rec.settled()
             ack_all(rec)
             assert converged(rec) == first  # every proxy ACKed the render with reviews unready

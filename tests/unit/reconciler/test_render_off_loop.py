@@ -12,7 +12,7 @@ import dataclasses
 import gc
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from reconciler.pipeline import render_mesh
 from reconciler.source.git import Pygit2Source, init_repo
 from tests.fixtures.intents import TEMPLATE
 from tests.fixtures.runtime import FakeRuntime
+from tests.fixtures.waiting import until
 
 USER = ("dev", "dev@example.org")
 FRONTEND = "east/shop/frontend-v1-0"
@@ -154,7 +155,7 @@ def test_two_revisions_applied_back_to_back_land_in_order(repo: Path, tmp_path: 
             slow.sleep[older] = 0.4
             applying = [asyncio.create_task(rec.apply_revision(older)),
                         asyncio.create_task(rec.apply_revision(newer))]
-            await until(lambda: slow.threads[1:] != [])  # the older one is rendering
+            await until("the older revision rendering", lambda: slow.threads[1:] != [])  # the older one is rendering
             rec.runtime.set_ready("east/shop/reviews-v2-0", False)  # type: ignore[attr-defined]
             await asyncio.gather(*applying)
             await rec.settled()
@@ -244,12 +245,6 @@ def test_certificates_are_issued_on_the_loop_while_the_pipeline_runs_in_a_thread
             await rec.close()
 
     asyncio.run(scenario())
-
-
-async def until(check: Callable[[], bool], *, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.005)
 
 
 def test_gc_paused_pauses_the_collector_for_the_call_only() -> None:

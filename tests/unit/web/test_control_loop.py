@@ -16,6 +16,7 @@ from reconciler.state import SUSPENDED_FILE
 from tests.fixtures.intents import TEMPLATE
 from tests.fixtures.routes import outbound_vhost
 from tests.fixtures.runtime import FakeRuntime
+from tests.fixtures.waiting import until
 
 USER = ("dev", "dev@example.org")
 FRONTEND = "east/shop/frontend-v1-0"
@@ -37,14 +38,6 @@ def commit(repo: Path, files: dict[str, str], message: str) -> str:
     source = Pygit2Source.open(str(repo))
     return source.commit(files={k: v.encode() for k, v in files.items()}, message=message,
                          parent=source.head() or "", author=USER)
-
-
-async def until(what: str, check: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

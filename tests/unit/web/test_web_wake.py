@@ -7,11 +7,11 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
 
 import pytest
 
 from reconciler.source.watch import remote_heads
+from tests.fixtures.waiting import until
 
 
 class Remote:
@@ -40,25 +40,18 @@ async def heads(remote: Remote, wake: asyncio.Event | None, *, poll: float) -> t
     return asyncio.create_task(run()), seen
 
 
-async def until(check: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
-
-
 @pytest.mark.asyncio
 async def test_a_wake_fetches_now_not_at_the_next_poll() -> None:
     remote, wake = Remote(), asyncio.Event()
     task, seen = await heads(remote, wake, poll=30.0)
     try:
-        await until(lambda: len(remote.fetches) == 1)  # the first fetch, at once
+        await until("the first fetch", lambda: len(remote.fetches) == 1)  # the first fetch, at once
         await asyncio.sleep(0.1)
         assert len(remote.fetches) == 1  # then it waits for the poll (30 s)
         remote.head = "b"
         t = time.monotonic()
         wake.set()
-        await until(lambda: seen[-1] == "b")
+        await until("the woken fetch's head", lambda: seen[-1] == "b")
         assert time.monotonic() - t < 0.5 and len(remote.fetches) == 2
     finally:
         task.cancel()
@@ -70,9 +63,9 @@ async def test_a_wake_during_a_fetch_brings_another_fetch_after_it() -> None:
     remote, wake = Remote(slow=0.3), asyncio.Event()
     task, _ = await heads(remote, wake, poll=30.0)
     try:
-        await until(lambda: len(remote.fetches) == 1)
+        await until("the first fetch", lambda: len(remote.fetches) == 1)
         wake.set()  # the push may have landed after this fetch began
-        await until(lambda: len(remote.fetches) == 2, timeout=2.0)
+        await until("a second fetch", lambda: len(remote.fetches) == 2, timeout=2.0)
         await asyncio.sleep(0.5)
         assert len(remote.fetches) == 2  # one wake, one more fetch: not a loop
     finally:
@@ -85,7 +78,7 @@ async def test_polling_goes_on_without_a_wake() -> None:
     remote = Remote()
     task, _ = await heads(remote, asyncio.Event(), poll=0.1)
     try:
-        await until(lambda: len(remote.fetches) >= 4)
+        await until("four polls", lambda: len(remote.fetches) >= 4)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
