@@ -9,7 +9,11 @@ at the ingress recorded request by request. Scenarios, in order:
 (d) Prometheus stopped (SIGSTOP) mid-rollout: the rollout holds and never promotes;
 (e) `lockgate up` SIGKILLed mid-rollout: restarted, it resumes at the same step;
 (f) session affinity at a 20% canary: a client that got the canary's cookie stays on the canary, one
-    without it sees the split; after the run the cookie routes nowhere special.
+    without it sees the split; after the run the cookie routes nowhere special;
+(g) mirror to the canary that fails 30%: it is judged on the copies and rolled back, and no client ever
+    got an answer from it;
+(h) blue/green: the canary previewed through a header while every other request stays on the stable,
+    then all traffic switched at once after its analyses passed.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +98,8 @@ class Load:
     """A steady keep-alive client at the ingress; every request is recorded (time, status, version)."""
 
     address: tuple[str, int]
+    headers: dict[str, str] = field(default_factory=dict)
+    """Sent with every request besides the Host (a preview header, say)."""
     records: list[tuple[float, int, str | None]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
@@ -106,7 +113,7 @@ class Load:
         while not self.stop.is_set():
             t = time.time()
             try:
-                conn.request("GET", "/", headers={"Host": HOST})
+                conn.request("GET", "/", headers={"Host": HOST, **self.headers})
                 resp = conn.getresponse()
                 body = resp.read()
                 version = json.loads(body).get("version") if resp.status == 200 else None
@@ -476,3 +483,58 @@ def test_session_affinity_keeps_a_client_on_the_canary_for_the_run(mesh: Mesh) -
     wait_for("the affinity rule gone", lambda: _answers(address, 20, cookie=pair) == [(stable, None)] * 20,
              timeout=10)
     assert all(c is None for _, c in _answers(address, 100))
+
+
+def test_mirror_judges_a_failing_canary_on_copies_nobody_is_answered_from(mesh: Mesh) -> None:
+    stable = mesh.rollout()["stable"]
+    before, t_commit = mesh.rollout(), time.time()
+    start = mesh.commit_rollout(rollout(stable=stable, canary="v3", strategy="mirror", extra="  iterations: 3\n"),
+                                "reviews: mirror the traffic to v3 (fails 30%)")
+    _watch(mesh, _written_back("rolled-back", before), timeout=60)
+    decisions = [d for d in mesh.decisions(t_commit) if d["canaryRevision"] == start]
+    began = next(d for d in decisions if d["action"] == "start")
+    assert began["reasons"][-1].endswith("traffic mirrored to v3"), began
+    rollback = next(d for d in decisions if d["action"] == "rollback")
+    # Judged from the canary sidecar's inbound stats: the copies reached it and failed there.
+    rate = next(c for c in rollback["checks"] if c["metric"] == "success-rate")
+    assert rate["result"] == "fail" and rate["value"] < 99 and rate["requests"] >= 20, rate
+    # Every client answer of the run came from the stable, and none failed: the copies' answers are dropped.
+    run = mesh.load.between(began["at"], rollback["at"])
+    assert len(run) > 100 and {(status, v) for _, status, v in run} == {(200, stable)}, Counter(
+        (status, v) for _, status, v in run)
+    assert git(mesh.repo, "log", "-1", "--format=%an|%s") == (
+        f"lockgate|rollout shop/reviews: roll back v3 (100% to {stable})")
+
+
+def test_bluegreen_previews_by_header_then_switches_all_traffic_at_once(mesh: Mesh) -> None:
+    stable = mesh.rollout()["stable"]
+    canary = "v2" if stable == "v1" else "v1"
+    preview = Load(mesh.up.ingress(), headers={"x-preview": "yes"})  # what the analyses judge: the preview
+    preview.start()
+    try:
+        before, t_commit = mesh.rollout(), time.time()
+        start = mesh.commit_rollout(rollout(stable=stable, canary=canary, strategy="bluegreen", extra=(
+            "  iterations: 2\n  match:\n    - headers: {x-preview: {exact: \"yes\"}}\n")),
+            f"reviews: blue/green {canary}, previewed with x-preview: yes")
+        seen = _watch(mesh, _written_back("promoted", before), timeout=60)
+    finally:
+        preview.close()
+    assert seen[-1]["stable"] == canary, seen[-1]
+    assert all(s["weight"] == 0 for s in seen if s["phase"] == "progressing"), seen  # no split on the way
+    decisions = [d for d in mesh.decisions(t_commit) if d["canaryRevision"] == start]
+    began = next(d for d in decisions if d["action"] == "start")
+    assert began["reasons"][-1].endswith(f"{canary} deployed beside {stable} (preview via spec.match), 0% of traffic")
+    promote = next(d for d in decisions if d["action"] == "promote")
+
+    # The preview reached the canary once its rule was pushed; the rest stayed on the stable until the
+    # promotion, then moved in one switch, never back.
+    previewed = [v for t, status, v in preview.records if began["at"] + 1.0 <= t <= promote["at"]]
+    assert previewed and set(previewed) == {canary}, Counter(previewed)
+    wait_for(f"traffic all on {canary}", lambda: {v for _, _, v in mesh.load.between(
+        promote["at"] + 0.5, time.time())} == {canary}, timeout=10)
+    default = [v for _, status, v in mesh.load.between(began["at"], time.time())]
+    assert set(default) == {stable, canary}, Counter(default)
+    switch = default.index(canary)
+    assert set(default[:switch]) == {stable} and set(default[switch:]) == {canary}, Counter(default)
+    first_on_canary = next(t for t, _, v in mesh.load.between(began["at"], time.time()) if v == canary)
+    assert first_on_canary >= promote["at"], (first_on_canary, promote["at"])
