@@ -640,6 +640,9 @@ class BenchRuntime:
     async def add_cluster(self, *, name: str, xds: Bind) -> None:
         pass
 
+    async def remove_cluster(self, name: str) -> None:
+        pass
+
     async def apply(self, intent: Intent) -> None:
         pass
 

@@ -1,15 +1,17 @@
 """Two clusters sharing one root CA: a service version that runs only in the other cluster is reached
-through that cluster's east-west gateway (TLS passed through by SNI, mTLS end to end), and a version
-whose local instances go away fails over to the other cluster."""
+through that cluster's east-west gateway (TLS passed through by SNI, mTLS end to end), a version whose
+local instances go away fails over to the other cluster, and a cluster dropped from the Mesh takes its
+gateways and its Prometheus with it while the other serves on."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from e2e.harness import Client, commit_file, envoy_stats, git, lockgate, running
+from e2e.harness import Client, alive, commit_file, envoy_stats, git, lockgate, running
 
 pytestmark = pytest.mark.e2e
 
@@ -105,4 +107,28 @@ def test_cross_cluster_calls_and_failover(tmp_path: Path) -> None:
         assert gone != WORKLOADS
         up.wait_converged(commit_file(repo, "workloads.yaml", gone, "reviews-v1 leaves east"), timeout=20)
         assert answered_by(client, 30) == {"v1@west": 30}
+
+        # West leaves the Mesh, its workloads with it (one commit): its gateways and Prometheus stop once
+        # east's proxies route around it, and east's own v1 answers throughout.
+        up.wait_converged(commit_file(repo, "workloads.yaml", WORKLOADS, "reviews-v1 back in east"), timeout=20)
+        assert answered_by(client, 20) == {"v1@east": 20}
+        west = next(c for c in up.status()["clusters"] if c["name"] == "west")
+        west_pids = {p["pid"] for p in west["proxies"] if p["kind"] in ("ingress", "eastwest")}
+        west_pids.add(west["prometheus"]["pid"])
+        assert None not in west_pids and len(west_pids) == 3 and alive(west_pids) == west_pids, west
+        (repo / "mesh.yaml").write_text(MESH.replace("[{name: east}, {name: west}]", "[{name: east}]"))
+        (repo / "workloads.yaml").write_text("---\n".join(
+            doc for doc in WORKLOADS.split("---\n") if "clusters: [west]" not in doc))
+        git(repo, "commit", "-qam", "west leaves the mesh")
+        dropped = git(repo, "rev-parse", "HEAD")
+        seen: Counter[str] = Counter()
+        deadline = time.monotonic() + 30
+        while alive(west_pids) and time.monotonic() < deadline:
+            seen += answered_by(client, 5)
+        assert not alive(west_pids), f"still running: {alive(west_pids)}"
+        st = up.wait_converged(dropped, timeout=20)
+        assert [c["name"] for c in st["clusters"]] == ["east"]
+        assert not any(w["cluster"] == "west" for w in st["workloads"]), st["workloads"]
+        seen += answered_by(client, 20)
+        assert set(seen) == {"v1@east"} and seen.total() >= 20, seen
         client.close()

@@ -261,6 +261,9 @@ class Reconciler:
         lap("apply")
         await self.push()  # under the apply lock: the next revision's render starts after this one landed
         lap("push")
+        wanted = {c.name for c in intent.mesh.spec.clusters}
+        for name in [n for n in self.planes if n not in wanted]:
+            await self._remove_plane(name, revision=sha)
         self.rollouts.note_applied(sha, sorted(self.planes))
         self.stages = stages
         log.info("applied %s in %.1f ms (%s)", sha[:12], (time.monotonic() - t0) * 1000,
@@ -401,6 +404,21 @@ class Reconciler:
         cache.subscribe(lambda _status: self.write_status())
         self.issuer.add_authority(name, authority[name])
         await self.runtime.add_cluster(name=name, xds=Bind(address=bind.address, port=port))
+
+    async def _remove_plane(self, name: str, *, revision: str) -> None:
+        """A cluster the Mesh dropped: once the other clusters' proxies hold this revision (no route of
+        theirs leads through its east-west gateway any more), its gateways and control plane go. Bounded:
+        a proxy that never ACKs does not keep a removed cluster running."""
+        waits = [plane.cache.wait_converged(node, snap.version_all, timeout=REMOVE_CLUSTER_WAIT_S)
+                 for other, plane in self.planes.items() if other != name
+                 for node in plane.cache.nodes() if (snap := plane.cache.get(node)) is not None]
+        if not all(await asyncio.gather(*waits)):
+            log.warning("cluster %s left the Mesh; not every proxy of the others ACKed %s within %g s: removing "
+                        "it anyway", name, revision[:12], REMOVE_CLUSTER_WAIT_S)
+        plane = self.planes.pop(name)
+        await self.runtime.remove_cluster(name)
+        await plane.server.stop(0.2)
+        log.info("cluster %s left the Mesh at %s: its gateways and control plane are stopped", name, revision[:12])
 
     # --- pushing -----------------------------------------------------------------------------------
 
@@ -800,6 +818,10 @@ class LoopLag:
             if self.current >= self.warn_at:
                 log.warning("the event loop ran %.0f ms late: something blocked it", self.current * 1000)
 
+
+REMOVE_CLUSTER_WAIT_S = 10.0
+"""How long a cluster that left the Mesh keeps its gateways for the other clusters' proxies to ACK the
+revision that routes around it."""
 
 GC_SETTLE_S = 2.0
 """Seconds without a push before the garbage collector is run and the survivors frozen."""

@@ -120,6 +120,10 @@ class Runtime(Protocol):
         """Bring up a cluster's gateways (and what else the runtime runs per cluster), pointed at its
         control plane at `xds`. Idempotent."""
 
+    async def remove_cluster(self, name: str) -> None:
+        """Take down what `add_cluster` brought up for a cluster the Mesh no longer has (its workloads went
+        with the revision that dropped it, through `apply`). Idempotent."""
+
     async def apply(self, intent: Intent) -> None:
         """Make the running workloads match a valid revision's intent."""
 

@@ -136,6 +136,11 @@ class KubernetesRuntime:
         self.xds = xds
         self._added = True
 
+    async def remove_cluster(self, name: str) -> None:
+        """Nothing to stop: the gateways are pods, whose Deployments are the cluster's owner's."""
+        if name == self.cluster:
+            self._added = False
+
     async def apply(self, intent: Intent) -> None:
         self._intent = intent
         self._refresh()

@@ -433,6 +433,30 @@ class LocalRuntime:
                 await sup.start()
         self._save()
 
+    async def remove_cluster(self, name: str) -> None:
+        """Stop the cluster's gateways, its service discovery and its Prometheus; instances of it still
+        draining stop now (the loop removes a cluster once the others route around it). Isolated, its
+        network namespace stays until the explicit stop (`close`), which tears down every namespace."""
+        c = self._clusters.get(name)
+        if c is None:
+            return
+        leaving = [inst for inst in self._leaving if inst.cluster == name]
+        for inst in leaving:
+            await self._stop_instance(inst)
+        await stop_all([c.envoy, c.eastwest_envoy])
+        for sup, gw, stats in ((c.envoy, c.ingress, c.stats_port), (c.eastwest_envoy, c.eastwest, c.eastwest_stats)):
+            self._tokens.revoke(gw.node_id, sup)
+            self._admin_socket(gw.node_id).unlink(missing_ok=True)  # Envoy leaves its socket file behind
+            self._ports.difference_update((gw.port, stats))
+        await c.discovery.stop()
+        if c.prometheus is not None:
+            await c.prometheus.stop()
+            self._ports.discard(c.prometheus.port)
+        self._leaving = [inst for inst in self._leaving if inst.cluster != name]  # their drain finds them gone
+        del self._clusters[name]
+        self._save()
+        self._changed()
+
     def metrics(self, cluster: str) -> Metrics | None:
         c = self._clusters.get(cluster)
         if c is None:
@@ -599,8 +623,9 @@ class LocalRuntime:
     async def _drain(self, leaving: list[_Instance]) -> None:
         await asyncio.sleep(DRAIN_S)
         for inst in leaving:
-            await self._stop_instance(inst)
-            self._leaving.remove(inst)
+            if inst in self._leaving:  # else its cluster was removed, and it with it
+                await self._stop_instance(inst)
+                self._leaving.remove(inst)
         self._save()
 
     async def _stop_instance(self, inst: _Instance) -> None:
