@@ -137,9 +137,13 @@ class KubernetesRuntime:
         self._added = True
 
     async def remove_cluster(self, name: str) -> None:
-        """Nothing to stop: the gateways are pods, whose Deployments are the cluster's owner's."""
+        """Nothing to stop: the gateways are pods, whose Deployments are the cluster's owner's. The loop
+        stops this operator's control plane after it: the cluster's proxies keep their last configuration
+        (Envoy's own behaviour without a control plane), and pods started later get none."""
         if name == self.cluster:
             self._added = False
+            log.warning("cluster %s left the Mesh: this operator stops serving its proxies; they keep their last "
+                        "configuration", name)
 
     async def apply(self, intent: Intent) -> None:
         self._intent = intent
