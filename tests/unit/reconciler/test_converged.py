@@ -14,20 +14,10 @@ from pathlib import Path
 from reconciler.loop import Reconciler, UpConfig
 from reconciler.source.git import Pygit2Source, init_repo
 from tests.fixtures.intents import TEMPLATE
-from tests.fixtures.runtime import FakeRuntime
+from tests.fixtures.runtime import FakeRuntime, ack_all
 from tests.fixtures.waiting import until
 
 REVIEWS = "east/shop/reviews-v1-0"
-
-
-def ack_all(rec: Reconciler) -> None:
-    """Every proxy ACKs every type of its current snapshot."""
-    for plane in rec.planes.values():
-        for node in plane.cache.nodes():
-            snap = plane.cache.get(node)
-            if snap is not None:
-                for type_url, version in snap.wanted:
-                    plane.cache.applied(node, type_url, version)
 
 
 def converged(rec: Reconciler) -> str | None:

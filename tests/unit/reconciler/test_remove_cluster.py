@@ -17,9 +17,8 @@ from reconciler.loop import Reconciler, UpConfig
 from reconciler.source.git import Pygit2Source
 from tests.fixtures.git import commit_all, new_repo, write
 from tests.fixtures.intents import with_clusters
-from tests.fixtures.runtime import FakeRuntime
+from tests.fixtures.runtime import FakeRuntime, ack_all
 from tests.fixtures.waiting import until
-from tests.unit.reconciler.test_converged import ack_all
 
 
 def files(clusters: list[str]) -> dict[str, str]:
